@@ -1,0 +1,61 @@
+"""Pure-torch RL math for PPO on language models.
+
+Masked reductions, GAE, KL estimators and controllers, reward shaping, token
+log-probabilities and the PPO losses. Everything here is a function of tensors
+and named scalars; this package imports only the standard library and torch
+(``tests/unit/test_algorithms_pure.py`` enforces it).
+
+Vocabulary: B sequences, R response tokens, V vocab. Masks are bool, True = counts.
+"""
+
+from .gae import GAEOutput, check_right_padded, compute_gae
+from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate
+from .logprobs import entropy_from_logits, logprobs_from_logits
+from .losses import (
+    PolicyLossOutput,
+    ValueLossOutput,
+    ppo_policy_loss,
+    token_mean_loss,
+    value_loss,
+)
+from .masked import (
+    explained_variance,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
+from .rewards import (
+    RunningMoments,
+    apply_missing_eos_penalty,
+    clip_scores,
+    normalize_scores,
+    shape_token_rewards,
+)
+
+__all__ = [
+    "KL_ESTIMATORS",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "GAEOutput",
+    "PolicyLossOutput",
+    "RunningMoments",
+    "ValueLossOutput",
+    "apply_missing_eos_penalty",
+    "check_right_padded",
+    "clip_scores",
+    "compute_gae",
+    "entropy_from_logits",
+    "explained_variance",
+    "kl_estimate",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "normalize_scores",
+    "ppo_policy_loss",
+    "shape_token_rewards",
+    "token_mean_loss",
+    "value_loss",
+]

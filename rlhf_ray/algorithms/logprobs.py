@@ -1,0 +1,84 @@
+"""Token log-probabilities and entropies from language-model logits.
+
+Both functions compute in float32 whatever the logits dtype: bf16 has 8
+mantissa bits, and a log-softmax over a 100k-token vocabulary in bf16 is off by
+far more than the PPO ratio tolerates (the rollout engine and the learner must
+agree on log pi to ~1e-3 for the ratio to start near 1).
+
+Temperature: the rollout engine samples from softmax(logits / T), so the
+learner must score tokens under the same tempered distribution, or the PPO
+ratio is not 1 at the first step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _tempered_float32(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` as a new-or-unchanged float32 tensor (never in place)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    scaled = logits.float()
+    if temperature != 1.0:
+        scaled = scaled / temperature  # out of place: the caller's logits stay intact
+    return scaled
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-probability of each given token under ``softmax(logits / temperature)``.
+
+    ``log_softmax(z)[tok] = z[tok] - logsumexp(z)``: we gather the one logit we
+    need and subtract the logsumexp, instead of building the full (B, R, V)
+    log-softmax and gathering from it. That saves one (B, R, V) float32 output
+    (and, under autograd, it is not kept for backward). A float32 copy of bf16
+    logits is still made.
+
+    Args:
+        logits: float (B, R, V) logits (any float dtype, e.g. bf16); the logits
+            that predict ``tokens`` (already shifted by one position).
+        tokens: integer (B, R) token ids in [0, V).
+        temperature: sampling temperature, > 0.
+
+    Returns:
+        float32 (B, R) log pi_T(token). ``logits`` is not modified.
+    """
+    if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits (B, R, V) and tokens (B, R), got {tuple(logits.shape)} "
+            f"and {tuple(tokens.shape)}"
+        )
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+    scaled = _tempered_float32(logits, temperature)
+    picked = scaled.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(scaled, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of ``softmax(logits / temperature)`` at each position.
+
+    ``H = logsumexp(z) - sum_v p_v z_v`` with ``z`` shifted so its max is 0:
+    after the shift both terms are small (0 <= logsumexp <= log V), so the
+    subtraction does not cancel large numbers. Logits of -inf (banned tokens)
+    contribute 0, not NaN.
+
+    Args:
+        logits: float (B, R, V) logits, any float dtype.
+        temperature: sampling temperature, > 0.
+
+    Returns:
+        float32 (B, R) entropies in nats. ``logits`` is not modified.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"expected logits (B, R, V), got shape {tuple(logits.shape)}")
+    scaled = _tempered_float32(logits, temperature)
+    # The shift cancels exactly in H, so detaching it changes no gradient.
+    shifted = scaled - scaled.amax(dim=-1, keepdim=True).detach()
+    probs = torch.softmax(shifted, dim=-1)
+    # p * z is 0 * -inf = NaN for banned tokens; their probability is 0, so
+    # replace z by 0 there (also keeps the backward pass NaN-free).
+    finite = torch.where(torch.isneginf(shifted), torch.zeros_like(shifted), shifted)
+    return torch.logsumexp(shifted, dim=-1) - (probs * finite).sum(dim=-1)

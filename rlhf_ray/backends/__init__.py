@@ -1,0 +1,1 @@
+"""Framework specifics: DeepSpeed (learner) and vLLM (rollout)."""

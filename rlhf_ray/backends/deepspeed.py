@@ -1,0 +1,113 @@
+"""DeepSpeed specifics for the learner: process-group set-up, the ZeRO config, the optimiser,
+ZeRO-3 model loading and parameter gathering.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Sequence
+
+import torch
+
+from rlhf_ray.config import Config, Sizes
+
+
+def dist_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(master_addr: str, master_port: int, rank: int, world_size: int) -> None:
+    """Join the learner group. Every rank must call this concurrently."""
+    import deepspeed
+
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory allreduce (~70 s on a 2-core
+        # machine) and keys its segments by local rank, which every Ray actor reports as 0.
+        # gloo alone is correct and fast enough for CPU learners, so the op is skipped.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=dist_backend(), auto_mpi_discovery=False)
+
+
+def ds_config(cfg: Config, sizes: Sizes) -> dict:
+    """The DeepSpeed config dict for the learner group."""
+    lrn = cfg.learner
+    zero: dict = {"stage": lrn.zero_stage}
+    if lrn.zero_stage == 3:
+        # Gather whole layers on use, release right after: the memory profile ZeRO-3 is for.
+        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=int(5e7))
+    if lrn.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": lrn.micro_batch_size,
+        "gradient_accumulation_steps": sizes.grad_accum_steps,
+        "train_batch_size": lrn.micro_batch_size * sizes.grad_accum_steps * lrn.num_ranks,
+        "gradient_clipping": lrn.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW or SGD over two groups: body/policy at learner.lr, value head at value_head_lr."""
+    lrn = cfg.learner
+    head, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (head if name.startswith("value_head.") else rest).append(p)
+    groups = [{"params": rest, "lr": lrn.lr, "name": "policy"},
+              {"params": head, "lr": lrn.value_head_lr or lrn.lr, "name": "value_head"}]
+    groups = [g for g in groups if g["params"]]
+    if lrn.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lrn.lr, weight_decay=lrn.weight_decay)
+    return torch.optim.AdamW(groups, lr=lrn.lr, betas=lrn.adam_betas, weight_decay=lrn.weight_decay)
+
+
+def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
+
+
+@contextlib.contextmanager
+def zero3_loading(ds_conf: dict) -> Iterator[None]:
+    """While active, ``from_pretrained`` shards weights over ranks as it loads (ZeRO-3).
+
+    transformers consults a live ``HfDeepSpeedConfig``; wrapping ``from_pretrained`` in
+    ``deepspeed.zero.Init`` fails on transformers 5. Afterwards the global is cleared on every
+    rank, since while it lives every ``from_pretrained`` runs collectives."""
+    if ds_conf["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(ds_conf)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep_alive
+
+
+@contextlib.contextmanager
+def gathered(params: Sequence[torch.nn.Parameter], zero_stage: int) -> Iterator[None]:
+    """Full values of ``params`` inside the block. Under ZeRO-3 every rank must enter it."""
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def param_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
+    """Full shape, also for a ZeRO-3 partitioned parameter (whose local tensor is empty)."""
+    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)

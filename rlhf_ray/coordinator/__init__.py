@@ -1,0 +1,1 @@
+"""The PPO loop as timed phases, the role groups it drives, placement and metrics."""

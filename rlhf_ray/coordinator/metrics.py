@@ -1,0 +1,66 @@
+"""Where per-iteration metrics go: metrics.jsonl, TensorBoard, Ray custom metrics (dashboard /
+Prometheus) and the terminal."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any
+
+
+class MetricsSink:
+    def __init__(self, run_dir: str, tensorboard: bool = True, ray_metrics: bool = True) -> None:
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._fh = open(self.path, "a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            except ImportError:  # tensorboard not installed: JSONL still has everything
+                self._tb = None
+        self._gauges: dict[str, Any] | None = {} if ray_metrics else None
+
+    def _gauge(self, key: str):
+        from ray.util.metrics import Gauge
+
+        assert self._gauges is not None
+        if key not in self._gauges:
+            name = "rlhf_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+            self._gauges[key] = Gauge(name, description=f"rlhf_ray per-iteration metric {key}")
+        return self._gauges[key]
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(metrics, default=float) + "\n")
+        step = int(metrics["iteration"])
+        for key, value in metrics.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                continue
+            if self._tb is not None:
+                self._tb.add_scalar(key, value, step)
+            if self._gauges is not None:
+                try:
+                    self._gauge(key).set(float(value))
+                except Exception:  # Ray not initialised (e.g. in-process tests): skip the gauge
+                    self._gauges = None
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def format_line(m: dict[str, Any]) -> str:
+    keys = [("reward_mean", "reward"), ("kl_mean", "kl"), ("policy_loss", "pg"), ("value_loss", "vf"),
+            ("clip_fraction", "clip"), ("response_length", "len"), ("time/iteration", "s/it")]
+    parts = [f"it {m['iteration']}"]
+    for k, short in keys:
+        if k in m:
+            parts.append(f"{short} {m[k]:.4g}")
+    return "  ".join(parts)

@@ -1,0 +1,135 @@
+"""A whole run: pre-flight checks, Ray start-up, roles, the PPO loop, metrics and the summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from rlhf_ray.config import Config, config_to_dict
+from rlhf_ray.coordinator.metrics import MetricsSink, format_line
+from rlhf_ray.coordinator.placement import check_fits, placement_plan
+from rlhf_ray.data.prompts import PromptSet, load_prompt_texts, tokenize_prompts
+
+
+@dataclass
+class Inputs:
+    prompts: PromptSet
+    pad_id: int
+    eos_ids: list[int]
+
+
+def _check_model_dir(path: str, what: str, flag: str) -> None:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{what} {path!r} is not a Hugging Face checkpoint (no config.json); "
+                                f"point {flag} at a saved model directory.")
+
+
+def prepare_inputs(cfg: Config) -> Inputs:
+    """Everything that can be checked before Ray starts: models exist (building tiny ones if
+    asked), the tokenizer has pad/EOS, the reward function loads, prompts tokenize."""
+    from transformers import AutoTokenizer
+
+    if cfg.model.build_tiny and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
+        from rlhf_ray.tiny_models import ensure_tiny_model
+
+        ensure_tiny_model(cfg.model.path, arch=cfg.model.build_tiny, seed=cfg.seed)
+    _check_model_dir(cfg.model.path, "policy model", "--model.path")
+    if cfg.reference.path:
+        _check_model_dir(cfg.reference.path, "reference model", "--reference.path")
+    if cfg.reward.kind == "model":
+        _check_model_dir(cfg.reward.model_path or "", "reward model", "--reward.model_path")
+    else:
+        from rlhf_ray.rewards import load_reward_function
+
+        load_reward_function(cfg.reward.function or "")
+    tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    if tok.eos_token_id is None:
+        raise ValueError(f"the tokenizer at {cfg.model.path!r} has no EOS token; responses could never end. "
+                         "Set eos_token in its tokenizer_config.json.")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    texts = load_prompt_texts(cfg.data, cfg.seed)
+    prompts = tokenize_prompts(texts, tok, cfg.data.max_prompt_tokens, cfg.data.too_long)
+    if len(prompts.token_ids) < cfg.rollout.prompts_per_iteration:
+        raise ValueError(f"only {len(prompts.token_ids)} usable prompts but --rollout.prompts_per_iteration is "
+                         f"{cfg.rollout.prompts_per_iteration}; add prompts or lower it.")
+    return Inputs(prompts, int(pad_id), [int(tok.eos_token_id), *cfg.rollout.stop_token_ids])
+
+
+def start_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env,
+                 log_to_driver=True)
+    print(f"Ray dashboard: {ray.get_runtime_context().dashboard_url or 'not available'}")
+
+
+def summarize(history: list[dict], head: int = 5) -> dict:
+    """Mean reward and KL over the first and last ``head`` iterations."""
+    if not history:
+        return {"iterations": 0}
+    first, last = history[:head], history[-head:]
+
+    def mean(rows, key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    return {"iterations": len(history), "reward_start": mean(first, "reward_mean"),
+            "reward_end": mean(last, "reward_mean"), "kl_start": mean(first, "kl_mean"),
+            "kl_end": mean(last, "kl_mean"),
+            "seconds_per_iteration": mean(history, "time/iteration")}
+
+
+def run(cfg: Config, run_dir: str, ray_address: str | None = None) -> dict:
+    """Run PPO to completion; returns the summary (also written to <run_dir>/summary.json)."""
+    import ray
+    from tqdm import tqdm
+
+    from rlhf_ray.coordinator.groups import Roles
+    from rlhf_ray.coordinator.loop import PPOCoordinator
+
+    inputs = prepare_inputs(cfg)
+    os.makedirs(run_dir, exist_ok=True)
+    print(f"run directory: {os.path.abspath(run_dir)}")
+    with open(os.path.join(run_dir, "config.json"), "w") as fh:
+        json.dump(config_to_dict(cfg), fh, indent=2)
+    start_ray(ray_address)
+    check_fits(placement_plan(cfg), ray.cluster_resources())
+    t0 = time.perf_counter()
+    roles = Roles(cfg)
+    print(f"roles up in {time.perf_counter() - t0:.1f} s: {cfg.rollout.num_engines} rollout engine(s), reference, "
+          f"reward, {cfg.learner.num_ranks} learner rank(s) (ZeRO-{cfg.learner.zero_stage})")
+    coord = PPOCoordinator(cfg, inputs.prompts, inputs.pad_id, inputs.eos_ids, roles.rollout, roles.reference,
+                           roles.reward, roles.learners, roles.weight_sync, put=ray.put)
+    sink = MetricsSink(run_dir, tensorboard=cfg.logging.tensorboard)
+    history: list[dict] = []
+    bar = tqdm(total=cfg.ppo.iterations, disable=not cfg.logging.progress_bar, dynamic_ncols=True)
+    completed = False
+    try:
+        for _ in range(cfg.ppo.iterations):
+            metrics = coord.step()
+            history.append(metrics)
+            sink.write(metrics)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl_mean']:.3f}",
+                            s_it=f"{metrics['time/iteration']:.2f}")
+            if metrics["iteration"] % cfg.logging.log_every == 0:
+                bar.write(format_line(metrics))
+        completed = True
+    finally:
+        bar.close()
+        sink.close()
+        summary = {**summarize(history), "completed": completed, "run_dir": os.path.abspath(run_dir)}
+        with open(os.path.join(run_dir, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=2)
+        roles.shutdown()
+    print(f"done: {summary['iterations']} iterations, reward {summary.get('reward_start', float('nan')):.3f} -> "
+          f"{summary.get('reward_end', float('nan')):.3f}, KL {summary.get('kl_start', float('nan')):.3f} -> "
+          f"{summary.get('kl_end', float('nan')):.3f} (means of the first and last 5 iterations)")
+    return summary

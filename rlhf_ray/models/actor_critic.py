@@ -1,0 +1,297 @@
+"""Actor-critic over a Hugging Face causal LM: one body pass gives logits and values.
+
+Shapes: B sequences, T tokens, V vocab, H hidden size.
+
+The policy is a plain ``AutoModelForCausalLM`` kept as ``self.policy`` so that its
+weights (``policy.*`` names) are exactly an HF checkpoint: vLLM and transformers load
+what ``save_pretrained`` writes without conversion. The critic is a float32
+``ValueHead`` on the policy's final hidden states (shared body), or on the hidden
+states of a separate body (``critic_body``) for A/B comparisons.
+
+State-dict layout of an ``ActorCritic`` (what DeepSpeed gathers under ZeRO-3):
+``policy.<hf name>``, ``value_head.linear.{weight,bias}``, ``critic_body.<hf name>``.
+``split_state_dict`` takes such a dict apart; ``save_pretrained(..., state_dict=...)``
+writes a gathered one without needing materialised module parameters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from rlhf_ray.models.value_head import ValueHead
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+CRITIC_SUBDIR = "critic"
+POLICY_PREFIX = "policy."
+VALUE_HEAD_PREFIX = "value_head."
+CRITIC_PREFIX = "critic_body."
+
+
+class ActorCriticOutput(NamedTuple):
+    """logits (B, T, V) in the body's dtype; values (B, T) float32."""
+
+    logits: torch.Tensor
+    values: torch.Tensor
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, T) int64 that count only real tokens: left padding gets 0.
+
+    attention_mask (B, T), 1/True = real token. Matches what an inference engine sees
+    for an unpadded sequence, e.g. mask [0, 0, 1, 1, 1] -> [0, 0, 0, 1, 2].
+    """
+    mask = attention_mask.long()
+    return (mask.cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def _is_dropout_name(name: str) -> bool:
+    # Llama/Qwen2: attention_dropout; BERT: hidden_dropout_prob; T5: dropout_rate;
+    # GPT-2: attn_pdrop / resid_pdrop / embd_pdrop; GPT-2 heads: summary_first_dropout.
+    return "dropout" in name or name.endswith("_pdrop")
+
+
+def _is_rate(value: object) -> bool:
+    return isinstance(value, (float, int)) and not isinstance(value, bool)
+
+
+def _zero_config_dropout(config: PretrainedConfig, seen: set[int]) -> None:
+    if id(config) in seen:
+        return
+    seen.add(id(config))
+    for name, value in list(vars(config).items()):
+        if isinstance(value, PretrainedConfig):
+            _zero_config_dropout(value, seen)
+        elif _is_dropout_name(name) and _is_rate(value):
+            setattr(config, name, 0.0)
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Make train() and eval() forwards identical; returns ``model`` (changed in place).
+
+    Three places hold dropout rates in HF models: ``nn.Dropout*`` modules (p -> 0);
+    configs (``attention_dropout``, ``*_pdrop`` ... on ``model.config`` and nested
+    sub-configs, -> 0.0); and float attributes copied from the config at construction
+    (Llama/Qwen2 attention keep ``self.attention_dropout`` and pass it to SDPA only in
+    training mode), so zeroing the config alone would not be enough.
+    PPO needs this: at the first epoch the new/old probability ratio must be exactly 1.
+    """
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig):
+            _zero_config_dropout(config, seen)
+        for name, value in list(vars(module).items()):
+            if _is_dropout_name(name) and isinstance(value, float) and value != 0.0:
+                setattr(module, name, 0.0)
+    return model
+
+
+def _body_of(model: PreTrainedModel) -> nn.Module:
+    """The transformer body of a ``*ForCausalLM`` (``model.model`` for Llama/Qwen2)."""
+    body = model.base_model
+    if body is model:
+        raise TypeError(f"{type(model).__name__} has no separate body (base_model is itself)")
+    return body
+
+
+def _hidden_size(config: PretrainedConfig) -> int:
+    return int(config.get_text_config().hidden_size)
+
+
+def save_value_head(state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
+    """Write a value head's state dict to ``out_dir/value_head.safetensors`` (float32).
+
+    Accepts the head's own keys (``linear.weight``) or ActorCritic keys
+    (``value_head.linear.weight``); other keys are an error.
+    """
+    clean: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        short = key[len(VALUE_HEAD_PREFIX):] if key.startswith(VALUE_HEAD_PREFIX) else key
+        if not short.startswith("linear."):
+            raise KeyError(f"unexpected key {key!r} in value head state dict")
+        clean[short] = tensor.detach().to("cpu", torch.float32).contiguous()
+    path = Path(out_dir) / VALUE_HEAD_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(clean, str(path))
+    return path
+
+
+def load_value_head(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The value head state dict saved in directory ``path``, or None if there is none."""
+    file = Path(path) / VALUE_HEAD_FILE
+    return load_file(str(file)) if file.is_file() else None
+
+
+class ActorCritic(nn.Module):
+    """Causal-LM policy plus a value head; see the module docstring for the layout.
+
+    Args:
+        policy: an ``AutoModelForCausalLM`` model (Llama, Qwen2, ...).
+        value_head_init_std: std of the value head's initial weight (0: zeros).
+        value_grad_to_body: if False, values are computed from detached hidden states,
+            so a value loss trains only the head (the body gets no value gradient).
+            With a separate critic this applies to the critic body.
+        critic_body: optional separate body (``AutoModel``) whose last hidden state
+            feeds the value head instead of the policy's.
+
+    Dropout is always disabled (see ``disable_dropout``).
+    """
+
+    def __init__(
+        self,
+        policy: PreTrainedModel,
+        *,
+        value_head_init_std: float = 0.0,
+        value_grad_to_body: bool = True,
+        critic_body: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if policy.get_output_embeddings() is None:
+            name = type(policy).__name__
+            raise TypeError(f"{name} has no output embeddings; pass a *ForCausalLM model")
+        self.policy = policy
+        self.critic_body = critic_body
+        self.value_grad_to_body = value_grad_to_body
+        value_config = critic_body.config if critic_body is not None else policy.config
+        self.value_head = ValueHead(_hidden_size(value_config), init_std=value_head_init_std)
+        disable_dropout(self)
+
+    @property
+    def separate_critic(self) -> bool:
+        return self.critic_body is not None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> ActorCriticOutput:
+        """input_ids (B, T), attention_mask (B, T) 1 = real, position_ids (B, T) or None.
+
+        position_ids default to ``positions_from_mask(attention_mask)`` (correct for
+        left padding, unlike transformers' default 0..T-1). Returns logits (B, T, V)
+        and values (B, T) float32 for every position, padding included.
+
+        Logits come from ``policy.get_output_embeddings()`` applied to the body's
+        ``last_hidden_state`` (after the final norm): for Llama/Qwen2 that is exactly
+        the computation inside ``*ForCausalLM.forward``, so the logits are bitwise the
+        plain model's. (``output_hidden_states`` would also work, but its last entry's
+        pre/post-norm convention has changed between transformers versions.)
+        """
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)
+        hidden = self._last_hidden(_body_of(self.policy), input_ids, attention_mask, position_ids)
+        logits = self.policy.get_output_embeddings()(hidden)
+        value_hidden = hidden
+        if self.critic_body is not None:
+            value_hidden = self._last_hidden(
+                self.critic_body, input_ids, attention_mask, position_ids
+            )
+        if not self.value_grad_to_body:
+            value_hidden = value_hidden.detach()
+        return ActorCriticOutput(logits=logits, values=self.value_head(value_hidden))
+
+    @staticmethod
+    def _last_hidden(
+        body: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """Final hidden states (B, T, H) of a transformer body, without a KV cache."""
+        out = body(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        value_head_init_std: float = 0.0,
+        value_grad_to_body: bool = True,
+        separate_critic: bool = False,
+        critic_path: str | Path | None = None,
+        torch_dtype: torch.dtype = torch.float32,
+    ) -> ActorCritic:
+        """Load the policy from ``path``; the value head from ``path/value_head.safetensors``
+        if present (else a fresh head); a separate critic body from ``critic_path``, else
+        ``path/critic/`` if saved there, else ``path`` itself (policy weights, body only).
+        """
+        path = Path(path)
+        policy = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+        critic_body = None
+        if separate_critic or critic_path is not None:
+            if critic_path is None:
+                saved = path / CRITIC_SUBDIR
+                critic_path = saved if (saved / "config.json").is_file() else path
+            critic_body = AutoModel.from_pretrained(str(critic_path), dtype=torch_dtype)
+        model = cls(
+            policy,
+            value_head_init_std=value_head_init_std,
+            value_grad_to_body=value_grad_to_body,
+            critic_body=critic_body,
+        )
+        head_sd = load_value_head(path)
+        if head_sd is not None:
+            model.value_head.load_state_dict(head_sd, strict=True)
+        return model
+
+    @staticmethod
+    def split_state_dict(
+        full_state_dict: dict[str, torch.Tensor],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Split an ActorCritic state dict into (policy, value_head, critic_body) dicts,
+        each with its prefix removed (policy keys become HF checkpoint names)."""
+        parts: tuple[dict[str, torch.Tensor], ...] = ({}, {}, {})
+        prefixes = (POLICY_PREFIX, VALUE_HEAD_PREFIX, CRITIC_PREFIX)
+        for key, tensor in full_state_dict.items():
+            for part, prefix in zip(parts, prefixes):
+                if key.startswith(prefix):
+                    part[key[len(prefix):]] = tensor
+                    break
+            else:
+                raise KeyError(f"key {key!r} belongs to none of {prefixes}")
+        return parts  # type: ignore[return-value]
+
+    def save_pretrained(
+        self,
+        out_dir: str | Path,
+        tokenizer=None,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        """Write the policy as a standard HF checkpoint in ``out_dir``, the value head as
+        ``out_dir/value_head.safetensors`` and a separate critic body in ``out_dir/critic/``.
+
+        ``state_dict``: a full ActorCritic state dict to save instead of this module's
+        own tensors, e.g. one gathered on rank 0 under ZeRO-3 (where the module's own
+        parameters are empty partitions). ``tokenizer`` is saved beside the policy (and
+        the critic) when given.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if state_dict is None:
+            state_dict = self.state_dict()
+        policy_sd, head_sd, critic_sd = self.split_state_dict(state_dict)
+        self.policy.save_pretrained(str(out), state_dict=policy_sd)
+        save_value_head(head_sd, out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+        if self.critic_body is not None:
+            critic_dir = out / CRITIC_SUBDIR
+            self.critic_body.save_pretrained(str(critic_dir), state_dict=critic_sd)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(critic_dir))
+        return out

@@ -1,0 +1,56 @@
+"""Reward functions: the built-in demo tasks and the loader for user functions.
+
+A reward function has the signature ``fn(prompts: list[str], responses: list[str]) -> list[float]``
+and returns one score per response. Users point ``reward.function`` at
+``path/to/file.py:function_name`` or ``package.module:function_name``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import Callable
+
+RewardFn = Callable[[list[str], list[str]], list[float]]
+
+
+def digit_fraction(prompts: list[str], responses: list[str]) -> list[float]:
+    """Demo task "answer in digits": the fraction of a response's non-space characters that are
+    digits (0 for an empty response). A random tiny model scores ~0.1; the best answer is all
+    digits (1.0)."""
+    scores = []
+    for text in responses:
+        chars = [c for c in text if not c.isspace()]
+        scores.append(sum(c.isdigit() for c in chars) / len(chars) if chars else 0.0)
+    return scores
+
+
+def word_count_target(prompts: list[str], responses: list[str], target: int = 4) -> list[float]:
+    """Demo task "answer in four words": -|words - target| / target."""
+    return [-abs(len(r.split()) - target) / target for r in responses]
+
+
+def load_reward_function(spec: str) -> RewardFn:
+    """Resolve ``path/to/file.py:name`` or ``package.module:name`` to a callable, with an error
+    that says what is wrong and how to fix it."""
+    if ":" not in spec:
+        raise ValueError(f"reward function {spec!r} must look like path/to/file.py:name or module:name.")
+    where, name = spec.rsplit(":", 1)
+    if where.endswith(".py"):
+        if not os.path.isfile(where):
+            raise FileNotFoundError(f"reward function file {where!r} does not exist (from --reward.function "
+                                    f"{spec!r}); give a path relative to the working directory or absolute.")
+        mod_spec = importlib.util.spec_from_file_location(f"rlhf_user_reward_{abs(hash(where))}", where)
+        assert mod_spec is not None and mod_spec.loader is not None
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise ImportError(f"cannot import module {where!r} for --reward.function {spec!r}: {exc}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise AttributeError(f"{where!r} has no function {name!r} (from --reward.function {spec!r}).")
+    return fn

@@ -1,0 +1,1 @@
+"""Weight sync learner -> rollout engines: a pure plan plus two transports."""

@@ -1,0 +1,1 @@
+"""One module per Ray role: a plain class plus a thin ``ray.remote`` shell."""

@@ -1,0 +1,134 @@
+"""Frozen-model roles: the reference policy and the reward model/function.
+
+Both load a Hugging Face checkpoint once, never train, and run no-grad forward passes over
+an ExperienceBatch in micro-batches. What differs is the head and the output, so the shared
+loading/batching lives in ``FrozenModelRole`` and each role adds only its own call.
+"""
+
+from __future__ import annotations
+
+
+import ray
+import torch
+
+from rlhf_ray.algorithms import logprobs_from_logits
+from rlhf_ray.batch import ExperienceBatch
+from rlhf_ray.config import Config
+from rlhf_ray.rewards import load_reward_function
+from rlhf_ray.workers.base import RoleBase
+
+
+def response_positions(x: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Outputs at positions that predict response tokens: (B, P+R, ...) -> (B, R, ...).
+    Position P-1+t has seen the prompt and response[:t], so it predicts response token t."""
+    return x[:, prompt_len - 1: -1]
+
+
+class FrozenModelRole(RoleBase):
+    """Loads a model for inference only and runs it over batches in micro-batches."""
+
+    micro_batch_size = 16
+
+    def _load(self, auto_cls, path: str) -> torch.nn.Module:
+        model = auto_cls.from_pretrained(path, dtype=torch.float32)
+        model.eval().requires_grad_(False)
+        return model
+
+    def _micro_batches(self, batch: ExperienceBatch) -> list[ExperienceBatch]:
+        return [mb.trim() for mb in batch.chunks(self.micro_batch_size)]
+
+
+class ReferenceModel(FrozenModelRole):
+    """The frozen SFT policy; gives per-token logprobs of sampled responses."""
+
+    role = "reference"
+
+    def __init__(self, cfg: Config, index: int = 0) -> None:
+        super().__init__(cfg, index, cfg.resources.reference.threads)
+        from transformers import AutoModelForCausalLM
+
+        self.micro_batch_size = cfg.reference.micro_batch_size
+        self.model = self._load(AutoModelForCausalLM, cfg.reference.path or cfg.model.path)
+
+    @torch.no_grad()
+    def logprobs(self, batch: ExperienceBatch, temperature: float) -> torch.Tensor:
+        """(B, R) float32 logprobs of the response tokens at ``temperature``; 0 at padding."""
+        R = batch.response_mask.shape[1]
+        out = torch.zeros(len(batch), R, dtype=torch.float32)
+        row = 0
+        for mb in self._micro_batches(batch):
+            logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask.long(),
+                                position_ids=mb.position_ids).logits
+            lp = logprobs_from_logits(response_positions(logits, mb.prompt_len), mb.response_ids, temperature)
+            r = lp.shape[1]
+            out[row: row + len(mb), :r] = lp * mb.response_mask[:, :r]
+            row += len(mb)
+        return out
+
+
+class RewardScorer(FrozenModelRole):
+    """One scalar per sample, from a sequence-classification reward model or a Python function."""
+
+    role = "reward"
+
+    def __init__(self, cfg: Config, index: int = 0) -> None:
+        super().__init__(cfg, index, cfg.resources.reward.threads)
+        from transformers import AutoTokenizer
+
+        self.micro_batch_size = cfg.reward.micro_batch_size
+        self.policy_tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+        self.fn = None
+        if cfg.reward.kind == "function":
+            self.fn = load_reward_function(cfg.reward.function or "")
+        else:
+            from transformers import AutoModelForSequenceClassification
+
+            self.model = self._load(AutoModelForSequenceClassification, cfg.reward.model_path or "")
+            self.rm_tokenizer = AutoTokenizer.from_pretrained(cfg.reward.model_path)
+
+    def decode(self, batch: ExperienceBatch) -> tuple[list[str], list[str]]:
+        """Prompt and response texts (padding and special tokens removed)."""
+        P = batch.prompt_len
+        prompts, responses = [], []
+        for ids, mask in zip(batch.input_ids, batch.attention_mask):
+            prompts.append(self.policy_tokenizer.decode(ids[:P][mask[:P]].tolist(), skip_special_tokens=True))
+            responses.append(self.policy_tokenizer.decode(ids[P:][mask[P:]].tolist(), skip_special_tokens=True))
+        return prompts, responses
+
+    @torch.no_grad()
+    def score(self, batch: ExperienceBatch) -> torch.Tensor:
+        """(B,) float32 scores."""
+        prompts, responses = self.decode(batch)
+        if self.fn is not None:
+            scores = self._call_function(prompts, responses)
+        else:
+            scores = self._run_model(prompts, responses)
+        return scores
+
+    def _call_function(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        name = self.cfg.reward.function
+        try:
+            values = list(self.fn(prompts, responses))  # type: ignore[misc]
+        except Exception as exc:
+            raise RuntimeError(f"reward function {name} raised {type(exc).__name__}: {exc}") from exc
+        if len(values) != len(responses):
+            raise ValueError(f"reward function {name} returned {len(values)} scores for {len(responses)} "
+                             "responses; it must return one float per response.")
+        try:
+            out = torch.tensor([float(v) for v in values], dtype=torch.float32)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"reward function {name} returned a non-number: {exc}") from None
+        return out
+
+    def _run_model(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        tok = self.rm_tokenizer
+        texts = [p + r for p, r in zip(prompts, responses)]
+        out = []
+        for i in range(0, len(texts), self.micro_batch_size):
+            enc = tok(texts[i: i + self.micro_batch_size], return_tensors="pt", padding=True)
+            out.append(self.model(**enc).logits[:, 0].float())
+        return torch.cat(out)
+
+
+ReferenceActor = ray.remote(ReferenceModel)
+RewardActor = ray.remote(RewardScorer)

@@ -1,0 +1,97 @@
+"""Rollout role: one vLLM engine that samples responses and receives new policy weights.
+
+``RolloutEngine`` is a plain class (usable without Ray, e.g. in benchmarks);
+``RolloutActor`` is its thin Ray shell.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import ray
+
+from rlhf_ray.backends.vllm import engine_kwargs
+from rlhf_ray.batch import Generation
+from rlhf_ray.config import Config
+from rlhf_ray.weight_sync.plan import Bucket, to_wire
+from rlhf_ray.workers.base import RoleBase
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Sampling settings of one generate call."""
+
+    n: int
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop_token_ids: tuple[int, ...] = ()
+
+    @staticmethod
+    def from_config(cfg: Config) -> "SamplingSpec":
+        r = cfg.rollout
+        return SamplingSpec(r.samples_per_prompt, r.max_new_tokens, r.temperature, r.top_p, r.top_k,
+                            tuple(r.stop_token_ids))
+
+
+class RolloutEngine(RoleBase):
+    role = "rollout"
+
+    def __init__(self, cfg: Config, index: int = 0, model_path: str | None = None) -> None:
+        super().__init__(cfg, index, cfg.resources.rollout.threads)
+        from vllm import LLM
+
+        self.model_path = model_path or cfg.model.path
+        self.llm = LLM(**engine_kwargs(cfg, self.model_path, seed=cfg.seed + 1000 * index))
+
+    def generate(self, prompt_ids: list[list[int]], prompt_index: list[int], spec: SamplingSpec) -> Generation:
+        """Sample ``spec.n`` responses per prompt; logprobs are at the sampling temperature."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            n=spec.n, max_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
+            top_k=spec.top_k, stop_token_ids=list(spec.stop_token_ids) or None, logprobs=0,
+            detokenize=False,
+        )
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params,
+                                    use_tqdm=False)
+        gen = Generation([], [], [], [], [])
+        for p_ids, p_idx, out in zip(prompt_ids, prompt_index, outputs):
+            for completion in out.outputs:
+                tokens = list(completion.token_ids)
+                gen.prompt_ids.append(list(p_ids))
+                gen.response_ids.append(tokens)
+                gen.logprobs.append([step[tok].logprob for step, tok in zip(completion.logprobs, tokens)])
+                gen.finish_reasons.append("length" if completion.finish_reason == "length" else "stop")
+                gen.prompt_index.append(p_idx)
+        return gen
+
+    # ------------------------------------------------------------------ weight sync
+    def init_sync_group(self, master_addr: str, master_port: int, rank: int, world_size: int,
+                        backend: str, timeout_s: float) -> None:
+        self.llm.collective_rpc("rlhf_init_sync_group",
+                                args=(master_addr, master_port, rank, world_size, backend, timeout_s))
+
+    def receive_broadcast(self, buckets: list[Bucket]) -> dict[str, float]:
+        """Receive one sync's buckets over the collective group and load them in place."""
+        t0 = time.perf_counter()
+        nbytes = self.llm.collective_rpc("rlhf_receive_buckets", args=(to_wire(buckets),))[0]
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        return {"bytes": float(nbytes), "seconds": time.perf_counter() - t0}
+
+    def load_blobs(self, blob_refs: list) -> dict[str, float]:
+        """Load one sync's weights from safetensors blobs in the object store."""
+        t0 = time.perf_counter()
+        blobs = ray.get(blob_refs) if blob_refs and isinstance(blob_refs[0], ray.ObjectRef) else blob_refs
+        nbytes = self.llm.collective_rpc("rlhf_load_blobs", args=(blobs,))[0]
+        self.llm.reset_prefix_cache()
+        return {"bytes": float(nbytes), "seconds": time.perf_counter() - t0}
+
+    def weight_checksum(self) -> float:
+        return float(self.llm.collective_rpc("rlhf_weight_checksum")[0])
+
+
+RolloutActor = ray.remote(RolloutEngine)

@@ -1,0 +1,147 @@
+"""Token log-probabilities and entropies from logits."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf_ray.algorithms import entropy_from_logits, logprobs_from_logits
+
+LOG3 = math.log(3.0)
+
+
+def _random_logits(seed: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(3, 5, 7, generator=g) * 3).to(dtype)
+    tokens = torch.randint(0, 7, (3, 5), generator=g)
+    return logits, tokens
+
+
+def _loop_logprob_entropy(logits, tokens, temperature):
+    logp, ent = [], []
+    for row_z, row_tok in zip(logits.double().tolist(), tokens.tolist()):
+        lp_row, h_row = [], []
+        for z, tok in zip(row_z, row_tok):
+            z = [v / temperature for v in z]
+            top = max(z)
+            lse = top + math.log(sum(math.exp(v - top) for v in z))
+            probs = [math.exp(v - lse) for v in z]
+            lp_row.append(z[tok] - lse)
+            h_row.append(-sum(p * (v - lse) for p, v in zip(probs, z)))
+        logp.append(lp_row)
+        ent.append(h_row)
+    return logp, ent
+
+
+# ---- hand-computed examples -------------------------------------------------
+
+
+def test_logprobs_hand_example():
+    logits = torch.tensor([[[0.0, LOG3], [0.0, LOG3]]])  # softmax = [0.25, 0.75]
+    tokens = torch.tensor([[1, 0]])
+    out = logprobs_from_logits(logits, tokens)
+    torch.testing.assert_close(out, torch.tensor([[-0.28768207, -1.38629436]]))
+    # T = 2: softmax([0, log3 / 2]) = [1, sqrt 3] / (1 + sqrt 3).
+    tempered = logprobs_from_logits(logits, tokens, temperature=2.0)
+    torch.testing.assert_close(tempered, torch.tensor([[-0.45574639, -1.00505254]]))
+
+
+def test_entropy_hand_example():
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, LOG3, -math.inf, -math.inf]]])
+    out = entropy_from_logits(logits)
+    # Uniform over 4: log 4; [0.25, 0.75] (banned tokens add 0): 0.5623351.
+    torch.testing.assert_close(out, torch.tensor([[1.38629436, 0.56233514]]))
+    tempered = entropy_from_logits(logits[:, 1:], temperature=2.0)
+    torch.testing.assert_close(tempered, torch.tensor([[0.65680640]]))
+
+
+# ---- float64 loop reference -------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
+def test_matches_loop_reference(temperature):
+    logits, tokens = _random_logits(0)
+    logp_ref, ent_ref = _loop_logprob_entropy(logits, tokens, temperature)
+    logp = logprobs_from_logits(logits, tokens, temperature)
+    ent = entropy_from_logits(logits, temperature)
+    assert logp.dtype == ent.dtype == torch.float32 and logp.shape == (3, 5)
+    torch.testing.assert_close(logp.double().tolist(), logp_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double().tolist(), ent_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_match_log_softmax_reference():
+    logits, tokens = _random_logits(1)
+    ours = logits.clone().requires_grad_(True)
+    ref = logits.clone().requires_grad_(True)
+    weights = torch.randn(3, 5)
+    (logprobs_from_logits(ours, tokens, 0.8) * weights).sum().backward()
+    ref_logp = torch.log_softmax(ref / 0.8, -1).gather(-1, tokens[..., None])[..., 0]
+    (ref_logp * weights).sum().backward()
+    torch.testing.assert_close(ours.grad, ref.grad)
+    ent_ours = logits.clone().requires_grad_(True)
+    ent_ref = logits.clone().requires_grad_(True)
+    (entropy_from_logits(ent_ours, 0.8) * weights).sum().backward()
+    p = torch.softmax(ent_ref / 0.8, -1)
+    (-(p * torch.log_softmax(ent_ref / 0.8, -1)).sum(-1) * weights).sum().backward()
+    torch.testing.assert_close(ent_ours.grad, ent_ref.grad)
+
+
+# ---- invariances and robustness ----------------------------------------------
+
+
+def test_logits_are_never_mutated():
+    for dtype in (torch.float32, torch.bfloat16):
+        logits, tokens = _random_logits(2, dtype)
+        before = logits.clone()
+        for temperature in (1.0, 0.5):
+            logprobs_from_logits(logits, tokens, temperature)
+            entropy_from_logits(logits, temperature)
+        assert torch.equal(logits, before)
+
+
+def test_bf16_logits_are_computed_in_float32():
+    logits, tokens = _random_logits(3, torch.bfloat16)
+    logp = logprobs_from_logits(logits, tokens)
+    ent = entropy_from_logits(logits)
+    assert logp.dtype == ent.dtype == torch.float32
+    ref_logp, ref_ent = _loop_logprob_entropy(logits.float(), tokens, 1.0)
+    torch.testing.assert_close(logp.double().tolist(), ref_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double().tolist(), ref_ent, rtol=1e-5, atol=1e-5)
+
+
+def test_shift_invariance_and_large_logits():
+    logits, tokens = _random_logits(4)
+    shifted = logits + 1e4  # softmax is shift invariant; naive exp would overflow
+    # Tolerance: float32 spacing at 1e4 is ~1e-3.
+    base = logprobs_from_logits(logits, tokens)
+    torch.testing.assert_close(logprobs_from_logits(shifted, tokens), base, atol=2e-3, rtol=0)
+    torch.testing.assert_close(
+        entropy_from_logits(shifted), entropy_from_logits(logits), atol=2e-3, rtol=0
+    )
+    peaked = torch.tensor([[[100.0, 0.0, 0.0]]])
+    assert entropy_from_logits(peaked).item() == pytest.approx(0.0, abs=1e-30)
+
+
+def test_banned_tokens_give_finite_entropy_and_gradient():
+    logits, _ = _random_logits(5)
+    logits = logits.clone()
+    logits[..., :3] = -math.inf
+    logits.requires_grad_(True)
+    ent = entropy_from_logits(logits)
+    assert torch.isfinite(ent).all()
+    ent.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    kept = logits.detach()[..., 3:]
+    torch.testing.assert_close(ent, entropy_from_logits(kept))
+
+
+def test_bad_arguments_raise():
+    logits, tokens = _random_logits(6)
+    with pytest.raises(ValueError, match="temperature"):
+        logprobs_from_logits(logits, tokens, 0.0)
+    with pytest.raises(ValueError, match="integer"):
+        logprobs_from_logits(logits, tokens.float())
+    with pytest.raises(ValueError, match="tokens"):
+        logprobs_from_logits(logits, tokens[:, :4])
+    with pytest.raises(ValueError, match="temperature"):
+        entropy_from_logits(logits, -1.0)
