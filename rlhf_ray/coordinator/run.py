@@ -64,11 +64,11 @@ def start_ray(address: str | None) -> None:
         return
     env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ctx = ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env,
-                 log_to_driver=True)
-    print(f"Ray dashboard: {ray.get_runtime_context().dashboard_url or 'not available'}")
+        ctx = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env,
+                       log_to_driver=True)
+    print(f"Ray dashboard: http://{ctx.dashboard_url}" if ctx.dashboard_url else "Ray dashboard: not available")
 
 
 def summarize(history: list[dict], head: int = 5) -> dict:

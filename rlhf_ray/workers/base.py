@@ -42,4 +42,13 @@ class RoleBase:
 
     def ping(self) -> dict:
         """Liveness and placement facts (pid, node) for the dashboard and tests."""
-        return {"role": self.role, "index": self.index, "pid": os.getpid(), "node_ip": self.node_ip()}
+        node_id = None
+        try:
+            import ray
+
+            if ray.is_initialized():
+                node_id = ray.get_runtime_context().get_node_id()
+        except ImportError:
+            pass
+        return {"role": self.role, "index": self.index, "pid": os.getpid(), "node_ip": self.node_ip(),
+                "node_id": node_id}
