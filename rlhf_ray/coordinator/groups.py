@@ -165,8 +165,9 @@ class Roles:
         self.learner_info = self.learners.setup().result()
         # Engines, reference and reward load in their constructors; make sure they are up.
         labelled = self.labelled_actors()
-        RayPending([a.ping.remote() for _, a in labelled], [label for label, _ in labelled],
-                   "role start-up", timeout).result()
+        pings = RayPending([a.ping.remote() for _, a in labelled], [label for label, _ in labelled],
+                           "role start-up", timeout).result()
+        self.placement = {label: ping for (label, _), ping in zip(labelled, pings)}
         self.weight_sync = WeightSync(cfg, self.learners, self.engines)
 
     def labelled_actors(self) -> list[tuple[str, object]]:

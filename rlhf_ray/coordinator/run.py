@@ -105,6 +105,8 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None) -> dict:
     roles = Roles(cfg)
     print(f"roles up in {time.perf_counter() - t0:.1f} s: {cfg.rollout.num_engines} rollout engine(s), reference, "
           f"reward, {cfg.learner.num_ranks} learner rank(s) (ZeRO-{cfg.learner.zero_stage})")
+    with open(os.path.join(run_dir, "placement.json"), "w") as fh:
+        json.dump(roles.placement, fh, indent=2)
     coord = PPOCoordinator(cfg, inputs.prompts, inputs.pad_id, inputs.eos_ids, roles.rollout, roles.reference,
                            roles.reward, roles.learners, roles.weight_sync, put=ray.put)
     sink = MetricsSink(run_dir, tensorboard=cfg.logging.tensorboard)
@@ -125,7 +127,8 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None) -> dict:
     finally:
         bar.close()
         sink.close()
-        summary = {**summarize(history), "completed": completed, "run_dir": os.path.abspath(run_dir)}
+        summary = {**summarize(history), "completed": completed, "run_dir": os.path.abspath(run_dir),
+                   "placement": roles.placement}
         with open(os.path.join(run_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
         roles.shutdown()

@@ -1,0 +1,258 @@
+"""Typed batches: packing a Generation by hand, and the row/column transforms.
+
+The hand example has B=3 samples, P=3 prompt tokens and R=4 response tokens (B != R),
+pad id 0 and EOS id 2.
+"""
+
+import pytest
+import torch
+
+from rlhf_ray.batch import ExperienceBatch, Generation, pack_generation
+
+PAD, EOS = 0, 2
+
+
+def _generation() -> Generation:
+    return Generation(
+        prompt_ids=[[5, 6, 7], [8], [9, 10]],
+        response_ids=[[11, 12, EOS], [13, 14, 15, 16], [17, EOS]],
+        logprobs=[[-0.1, -0.2, -0.3], [-1.0, -1.5, -2.0, -2.5], [-0.5, -0.25]],
+        # sample 1 hit the limit without EOS; sample 2 hit it exactly with EOS
+        finish_reasons=["stop", "length", "length"],
+        prompt_index=[0, 1, 1],
+    )
+
+
+def _packed() -> ExperienceBatch:
+    return pack_generation(_generation(), PAD, [EOS])
+
+
+def _filled(batch: ExperienceBatch) -> ExperienceBatch:
+    """The batch with every optional field set to distinct values."""
+    B, R = batch.response_mask.shape
+    grid = torch.arange(B * R, dtype=torch.float32).reshape(B, R)
+    return batch.replace(
+        ref_logprobs=-grid, scores=torch.tensor([1.0, 2.0, 3.0]), old_logprobs=-grid - 0.5,
+        old_values=grid / 10, advantages=grid + 100, returns=grid + 200, meta={"step": 7},
+    )
+
+
+def _assert_same(a: ExperienceBatch, b: ExperienceBatch) -> None:
+    assert a._tensor_fields() == b._tensor_fields()
+    for name in a._tensor_fields():
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype, name
+        assert torch.equal(x, y), name
+    assert a.meta == b.meta
+
+
+# ---- pack_generation -----------------------------------------------------------
+
+
+def test_pack_hand_example():
+    b = _packed()
+    assert b.input_ids.tolist() == [
+        [5, 6, 7, 11, 12, EOS, PAD],
+        [PAD, PAD, 8, 13, 14, 15, 16],
+        [PAD, 9, 10, 17, EOS, PAD, PAD],
+    ]
+    assert b.attention_mask.tolist() == [
+        [True, True, True, True, True, True, False],
+        [False, False, True, True, True, True, True],
+        [False, True, True, True, True, False, False],
+    ]
+    # Real tokens count 0, 1, 2, ...; padding never advances the position.
+    assert b.position_ids.tolist() == [
+        [0, 1, 2, 3, 4, 5, 5],
+        [0, 0, 0, 1, 2, 3, 4],
+        [0, 0, 1, 2, 3, 3, 3],
+    ]
+    assert b.response_mask.tolist() == [
+        [True, True, True, False],
+        [True, True, True, True],
+        [True, True, False, False],
+    ]
+    torch.testing.assert_close(b.rollout_logprobs, torch.tensor([
+        [-0.1, -0.2, -0.3, 0.0],
+        [-1.0, -1.5, -2.0, -2.5],
+        [-0.5, -0.25, 0.0, 0.0],
+    ]))
+    assert b.truncated.tolist() == [False, True, False]
+    assert b.prompt_index.tolist() == [0, 1, 1]
+
+
+def test_pack_dtypes_shapes_and_helpers():
+    b = _packed()
+    assert (b.input_ids.dtype, b.attention_mask.dtype, b.position_ids.dtype) == (torch.long, torch.bool, torch.long)
+    assert (b.response_mask.dtype, b.rollout_logprobs.dtype) == (torch.bool, torch.float32)
+    assert (b.truncated.dtype, b.prompt_index.dtype) == (torch.bool, torch.long)
+    assert b.input_ids.shape == (3, 7) and b.response_mask.shape == (3, 4)
+    assert len(b) == 3 and b.prompt_len == 3
+    assert b.response_ids.tolist() == [[11, 12, EOS, PAD], [13, 14, 15, 16], [17, EOS, PAD, PAD]]
+    assert b.num_response_tokens() == 9
+    assert b.ref_logprobs is None and b.advantages is None and b.meta == {}
+
+
+@pytest.mark.parametrize(
+    "response, reason, eos_ids, truncated",
+    [
+        ([3, 4], "length", [EOS], True),  # cut off mid-sentence
+        ([3, EOS], "length", [EOS], False),  # ended exactly at the limit
+        ([3, 9], "length", [EOS, 9], False),  # an extra stop token counts as an end
+        ([3, 4], "stop", [EOS], False),  # stopped (e.g. a stop string): complete
+        ([3, EOS], "length", [], True),  # no EOS ids given: "length" alone decides
+        ([], "length", [EOS], True),
+    ],
+)
+def test_truncated_only_when_length_and_no_eos_at_the_end(response, reason, eos_ids, truncated):
+    gen = Generation([[5]], [response], [[-1.0] * len(response)], [reason], [0])
+    assert pack_generation(gen, PAD, eos_ids).truncated.tolist() == [truncated]
+
+
+def test_all_empty_responses_keep_one_masked_column():
+    gen = Generation([[5, 6], [7]], [[], []], [[], []], ["stop", "stop"], [0, 1])
+    b = pack_generation(gen, PAD, [EOS])
+    assert b.response_mask.shape == (2, 1)
+    assert not b.response_mask.any()
+    assert b.input_ids.tolist() == [[5, 6, PAD], [PAD, 7, PAD]]
+    assert b.num_response_tokens() == 0
+
+
+def test_pad_id_fills_padding():
+    b = pack_generation(_generation(), 99, [EOS])
+    assert b.input_ids[1, :2].tolist() == [99, 99]
+    assert b.input_ids[2, -2:].tolist() == [99, 99]
+    assert torch.equal(b.attention_mask, _packed().attention_mask)
+
+
+def test_pack_does_not_modify_the_generation():
+    gen = _generation()
+    before = [list(map(list, gen.prompt_ids)), list(map(list, gen.response_ids))]
+    pack_generation(gen, PAD, [EOS])
+    assert [gen.prompt_ids, gen.response_ids] == before
+
+
+def test_empty_generation_raises():
+    with pytest.raises(ValueError, match="cannot pack an empty generation"):
+        pack_generation(Generation([], [], [], [], []), PAD, [EOS])
+
+
+def test_mismatched_logprob_length_names_the_sample():
+    gen = _generation()
+    gen.logprobs[1] = [-1.0, -1.5, -2.0]
+    with pytest.raises(ValueError, match="sample 1: 4 response tokens but 3 logprobs"):
+        pack_generation(gen, PAD, [EOS])
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: pack_generation does not check that a Generation's lists have one "
+                                        "entry per sample: 3 responses with 2 prompts/prompt_index pack silently "
+                                        "into a batch whose 3rd row has no prompt and whose prompt_index has 2 rows")
+def test_ragged_generation_is_rejected():
+    gen = _generation()
+    gen.prompt_ids.pop()
+    gen.prompt_index.pop()
+    with pytest.raises(ValueError):
+        pack_generation(gen, PAD, [EOS])
+
+
+def test_generation_concat_keeps_order():
+    a, b = _generation(), _generation()
+    b.prompt_index = [2, 2, 3]
+    out = Generation.concat([a, b])
+    assert len(out) == 6
+    assert out.prompt_index == [0, 1, 1, 2, 2, 3]
+    assert out.response_ids == a.response_ids + b.response_ids
+    assert out.finish_reasons == ["stop", "length", "length"] * 2
+    assert len(a) == 3  # inputs untouched
+
+
+# ---- transforms -----------------------------------------------------------------
+
+
+def test_select_rows_by_index_tensor():
+    b = _filled(_packed())
+    out = b.select(torch.tensor([2, 0]))
+    assert len(out) == 2
+    assert out.input_ids.tolist() == [b.input_ids[2].tolist(), b.input_ids[0].tolist()]
+    assert out.scores.tolist() == [3.0, 1.0]
+    assert out.advantages.tolist() == [b.advantages[2].tolist(), b.advantages[0].tolist()]
+    assert out.meta == {"step": 7} and out.meta is not b.meta
+
+
+def test_select_leaves_unset_fields_unset():
+    out = _packed().select(slice(0, 2))
+    assert out.ref_logprobs is None and out.returns is None
+    assert len(out) == 2
+
+
+def test_split_then_concat_round_trips():
+    b = _filled(_packed())
+    parts = b.split(3)
+    assert [len(p) for p in parts] == [1, 1, 1]
+    assert parts[1].scores.tolist() == [2.0]
+    assert parts[1].input_ids.tolist() == [[PAD, PAD, 8, 13, 14, 15, 16]]
+    _assert_same(ExperienceBatch.concat(parts), b)
+
+
+def test_split_of_a_batch_of_six_into_two():
+    b = _filled(_packed())
+    six = ExperienceBatch.concat([b, b])
+    first, second = six.split(2)
+    _assert_same(first, b)
+    _assert_same(second, b)
+
+
+def test_split_needs_exact_division():
+    with pytest.raises(ValueError, match="cannot split a batch of 3 into 2 equal parts"):
+        _packed().split(2)
+
+
+def test_chunks_cover_rows_in_order():
+    b = _filled(_packed())
+    chunks = b.chunks(2)
+    assert [len(c) for c in chunks] == [2, 1]
+    _assert_same(ExperienceBatch.concat(chunks), b)
+    assert [len(c) for c in b.chunks(5)] == [3]
+
+
+def test_concat_rejects_different_prompt_or_response_lengths():
+    b = _packed()
+    other = pack_generation(Generation([[5]], [[3]], [[-1.0]], ["stop"], [0]), PAD, [EOS])
+    with pytest.raises(ValueError, match=r"cannot concat batches with different \(P, R\)"):
+        ExperienceBatch.concat([b, other])
+
+
+def test_trim_drops_all_padding_columns():
+    b = _filled(_packed())
+    row = b.select(slice(2, 3))  # prompt [9, 10] (one pad column), response [17, EOS] (two pad columns)
+    out = row.trim()
+    assert out.input_ids.tolist() == [[9, 10, 17, EOS]]
+    assert out.attention_mask.all()
+    assert out.position_ids.tolist() == [[0, 1, 2, 3]]
+    assert out.prompt_len == 2
+    assert out.response_mask.tolist() == [[True, True]]
+    assert out.rollout_logprobs.tolist() == [[-0.5, -0.25]]
+    # every (B, R) field is trimmed the same way; (B,) fields are untouched
+    assert out.advantages.tolist() == row.advantages[:, :2].tolist()
+    assert out.old_values.tolist() == row.old_values[:, :2].tolist()
+    assert out.scores.tolist() == [3.0]
+    assert out.truncated.tolist() == [False]
+
+
+def test_trim_of_one_row_equals_packing_it_alone():
+    gen = _generation()
+    alone = pack_generation(Generation([gen.prompt_ids[2]], [gen.response_ids[2]], [gen.logprobs[2]],
+                                       [gen.finish_reasons[2]], [gen.prompt_index[2]]), PAD, [EOS])
+    _assert_same(_packed().select(slice(2, 3)).trim(), alone)
+
+
+def test_trim_of_a_tight_batch_changes_nothing():
+    b = _filled(_packed())  # row 0 has a full prompt, row 1 a full response
+    _assert_same(b.trim(), b)
+
+
+def test_trim_keeps_one_response_column_when_all_are_empty():
+    gen = Generation([[5, 6]], [[]], [[]], ["stop"], [0])
+    out = pack_generation(gen, PAD, [EOS]).trim()
+    assert out.response_mask.shape == (1, 1)
+    assert out.input_ids.tolist() == [[5, 6, PAD]]
