@@ -238,6 +238,18 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0
+    """Save a checkpoint every this many iterations (0: only at the end and on a clean stop)."""
+    keep_last: int = 2
+    """Complete checkpoints to keep; older ones are deleted after a new one is written."""
+    save_on_stop: bool = True
+    """Save a checkpoint when the run ends or is stopped with Ctrl-C / SIGTERM."""
+    save_hf_policy: bool = True
+    """Also write the policy as a standard Hugging Face model inside each checkpoint (for export)."""
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "ppo"
     """Run name, used in the run directory and actor names."""
@@ -253,6 +265,7 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 # --------------------------------------------------------------------------- derived sizes
@@ -325,6 +338,7 @@ _POSITIVE = [
     "learner.micro_batch_size", "learner.forward_batch_size", "learner.lr",
     "reward.micro_batch_size", "reference.micro_batch_size", "data.max_prompt_tokens",
     "sync.bucket_mb", "sync.timeout_s", "resources.call_timeout_s", "ppo.kl_horizon",
+    "checkpoint.keep_last",
 ]
 
 
@@ -343,6 +357,8 @@ def validate(cfg: Config) -> Sizes:
     for key in _POSITIVE:
         if not get_path(cfg, key) > 0:
             errors.append(f"--{key} must be > 0 (got {get_path(cfg, key)!r}).")
+    if cfg.checkpoint.every < 0:
+        errors.append("--checkpoint.every must be >= 0 (0 saves only at the end / on stop).")
     if not 0 < cfg.rollout.top_p <= 1:
         errors.append(f"--rollout.top_p must be in (0, 1] (got {cfg.rollout.top_p}).")
     if not (0 <= cfg.ppo.gamma <= 1 and 0 <= cfg.ppo.lam <= 1):

@@ -8,7 +8,7 @@ TensorBoard; the run ends with a summary of reward and KL at start and end.
 
 Works unchanged under ``ray job submit --working-dir . -- python -m rlhf_ray.launch ...``.
 ``--dry-run`` prints the resolved config and the placement plan and exits.
-Leaves out: checkpoint/resume (see README).
+Checkpoints: every ``--checkpoint.every`` iterations and on Ctrl-C/SIGTERM; ``--resume PATH|auto``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--dry-run", action="store_true", help="print resolved config and placement plan, then exit")
     parser.add_argument("--ray-address", default=None, help="attach to this Ray cluster (default: RAY_ADDRESS or a new local one)")
+    parser.add_argument("--resume", default=None, metavar="PATH|auto",
+                        help="continue from a checkpoint, a run directory's latest checkpoint, or auto (newest run of this name)")
     return parser
 
 
@@ -62,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from rlhf_ray.coordinator.run import run
 
-    summary = run(cfg, run_dir_for(cfg), ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"))
-    return 0 if summary.get("completed") else 1
+    summary = run(cfg, run_dir_for(cfg), ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"),
+                  resume=args.resume)
+    return 0 if summary.get("completed") or summary.get("stopped") else 1
 
 
 if __name__ == "__main__":

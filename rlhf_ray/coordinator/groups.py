@@ -95,6 +95,12 @@ class LearnerGroup:
 
         return self._all("PPO update", refs, mean)
 
+    def save_checkpoint(self, path: str, tokenizer_path: str | None) -> Pending[list]:
+        return self._all("save checkpoint", [a.save_checkpoint.remote(path, tokenizer_path) for a in self.actors])
+
+    def load_checkpoint(self, path: str) -> Pending[list]:
+        return self._all("load checkpoint", [a.load_checkpoint.remote(path) for a in self.actors])
+
     def policy_state_dict(self) -> Pending[dict]:
         return self._all("gather policy weights", [a.policy_state_dict.remote() for a in self.actors],
                          lambda xs: xs[0])

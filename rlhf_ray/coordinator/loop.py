@@ -73,6 +73,7 @@ class PPOCoordinator:
         self.score_moments = RunningMoments()
         self.iteration = 0
         self._times: dict[str, float] = {}
+        self._prompt_indices: list[int] = []
 
     @contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -96,7 +97,7 @@ class PPOCoordinator:
         with self._phase("sync"):
             sync_metrics = self.weight_sync.sync()
         self._times["time/iteration"] = time.perf_counter() - t_start
-        metrics = {"iteration": self.iteration, **self._batch_metrics(batch), **adv_metrics, **train_metrics,
+        metrics = {"iteration": self.iteration, "prompt_indices": self._prompt_indices, **self._batch_metrics(batch), **adv_metrics, **train_metrics,
                    **sync_metrics, **self._times}
         metrics["tokens_per_second"] = metrics["response_tokens"] / self._times["time/iteration"]
         metrics["samples_per_second"] = len(batch) / self._times["time/iteration"]
@@ -106,6 +107,7 @@ class PPOCoordinator:
 
     def _generate(self) -> ExperienceBatch:
         idx = self.sampler.next(self.cfg.rollout.prompts_per_iteration)
+        self._prompt_indices = idx
         gen = self.rollout.generate([self.prompts.token_ids[i] for i in idx], self.spec).result()
         return pack_generation(gen, self.pad_id, self.eos_ids)
 

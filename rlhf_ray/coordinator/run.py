@@ -86,15 +86,47 @@ def summarize(history: list[dict], head: int = 5) -> dict:
             "seconds_per_iteration": mean(history, "time/iteration")}
 
 
-def run(cfg: Config, run_dir: str, ray_address: str | None = None) -> dict:
-    """Run PPO to completion; returns the summary (also written to <run_dir>/summary.json)."""
+class StopFlag:
+    """Ctrl-C / SIGTERM ask the loop to stop after the current iteration (and checkpoint);
+    a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            if self.requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.requested = True
+            print(f"\nreceived signal {signum}: stopping after this iteration (Ctrl-C again to abort)", flush=True)
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str | None = None) -> dict:
+    """Run PPO to ``ppo.iterations``; returns the summary (also written to <run_dir>/summary.json).
+
+    ``resume``: a checkpoint, a run directory, or "auto" (see ``checkpoint.resolve_resume``);
+    the run then continues in the checkpoint's run directory."""
     import ray
     from tqdm import tqdm
 
+    from rlhf_ray.coordinator import checkpoint as ckpt
     from rlhf_ray.coordinator.groups import Roles
     from rlhf_ray.coordinator.loop import PPOCoordinator
+    from rlhf_ray.coordinator.plot import write_plot
 
     inputs = prepare_inputs(cfg)
+    resume_from = ckpt.resolve_resume(resume, cfg) if resume else None
+    if resume_from:
+        run_dir = ckpt.run_dir_of(resume_from)
     os.makedirs(run_dir, exist_ok=True)
     print(f"run directory: {os.path.abspath(run_dir)}")
     with open(os.path.join(run_dir, "config.json"), "w") as fh:
@@ -109,12 +141,29 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None) -> dict:
         json.dump(roles.placement, fh, indent=2)
     coord = PPOCoordinator(cfg, inputs.prompts, inputs.pad_id, inputs.eos_ids, roles.rollout, roles.reference,
                            roles.reward, roles.learners, roles.weight_sync, put=ray.put)
+    if resume_from:
+        roles.learners.load_checkpoint(resume_from).result()
+        coord.load_state_dict(ckpt.load_coordinator_state(resume_from))
+        roles.weight_sync.sync()  # engines start from the checkpoint's policy, not model.path
+        print(f"resumed from {resume_from} at iteration {coord.iteration}")
     sink = MetricsSink(run_dir, tensorboard=cfg.logging.tensorboard)
     history: list[dict] = []
-    bar = tqdm(total=cfg.ppo.iterations, disable=not cfg.logging.progress_bar, dynamic_ncols=True)
-    completed = False
+    stop = StopFlag()
+    stop.install()
+    bar = tqdm(total=cfg.ppo.iterations, initial=coord.iteration, disable=not cfg.logging.progress_bar,
+               dynamic_ncols=True)
+    completed, saved_at = False, coord.iteration if resume_from else -1
+
+    def save() -> None:
+        nonlocal saved_at
+        if saved_at != coord.iteration:
+            path = ckpt.save_checkpoint(run_dir, coord.iteration, coord.state_dict(), cfg, roles.learners,
+                                        cfg.model.path)
+            saved_at = coord.iteration
+            bar.write(f"checkpoint: {path}")
+
     try:
-        for _ in range(cfg.ppo.iterations):
+        while coord.iteration < cfg.ppo.iterations and not stop.requested:
             metrics = coord.step()
             history.append(metrics)
             sink.write(metrics)
@@ -123,16 +172,24 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None) -> dict:
                             s_it=f"{metrics['time/iteration']:.2f}")
             if metrics["iteration"] % cfg.logging.log_every == 0:
                 bar.write(format_line(metrics))
-        completed = True
+            if cfg.checkpoint.every and coord.iteration % cfg.checkpoint.every == 0:
+                save()
+        completed = coord.iteration >= cfg.ppo.iterations
+        if cfg.checkpoint.save_on_stop:
+            save()
     finally:
         bar.close()
         sink.close()
-        summary = {**summarize(history), "completed": completed, "run_dir": os.path.abspath(run_dir),
+        summary = {**summarize(history), "completed": completed, "stopped": stop.requested,
+                   "final_iteration": coord.iteration, "run_dir": os.path.abspath(run_dir),
                    "placement": roles.placement}
+        if os.path.getsize(sink.path) > 0:
+            summary["plot"] = write_plot(sink.path, os.path.join(run_dir, "curves.png"))
         with open(os.path.join(run_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
         roles.shutdown()
     print(f"done: {summary['iterations']} iterations, reward {summary.get('reward_start', float('nan')):.3f} -> "
           f"{summary.get('reward_end', float('nan')):.3f}, KL {summary.get('kl_start', float('nan')):.3f} -> "
-          f"{summary.get('kl_end', float('nan')):.3f} (means of the first and last 5 iterations)")
+          f"{summary.get('kl_end', float('nan')):.3f} (means of the first and last 5 iterations); "
+          f"plot: {summary.get('plot', 'none')}")
     return summary

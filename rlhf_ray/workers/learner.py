@@ -215,6 +215,36 @@ class Learner(RoleBase):
                     refs.append(ray.put(encode_blob(named)))
         return refs
 
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path: str, tokenizer_path: str | None = None) -> bool:
+        """All ranks: DeepSpeed state (model, optimiser, scheduler; ZeRO shards) under
+        ``path/learner``; rank 0 also writes the full actor-critic as a Hugging Face policy plus
+        value head under ``path/policy`` when checkpoint.save_hf_policy is set."""
+        self.engine.save_checkpoint(f"{path}/learner", tag="state")
+        if self.cfg.checkpoint.save_hf_policy:
+            full = {}
+            for name, p in self.engine.module.named_parameters():
+                with ds.gathered([p], self.cfg.learner.zero_stage):
+                    if self.rank == 0:
+                        full[name] = p.data.detach().clone().cpu()
+            if self.rank == 0:
+                tokenizer = None
+                if tokenizer_path:
+                    from transformers import AutoTokenizer
+
+                    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+                self.engine.module.save_pretrained(f"{path}/policy", tokenizer=tokenizer, state_dict=full)
+        dist.barrier()
+        return True
+
+    def load_checkpoint(self, path: str) -> bool:
+        """All ranks: restore model, optimiser and scheduler state saved by ``save_checkpoint``."""
+        load_path, _ = self.engine.load_checkpoint(f"{path}/learner", tag="state", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed state under {path}/learner (rank {self.rank})")
+        return True
+
     def policy_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full policy weights under HF names on rank 0 (None elsewhere); all ranks must call."""
         out = {}

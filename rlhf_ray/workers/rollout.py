@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -36,6 +37,15 @@ class SamplingSpec:
                             tuple(r.stop_token_ids))
 
 
+class _QuietBenignReload(logging.Filter):
+    """vLLM's in-place reload warns "RotaryEmbedding: Failed to load weights" on every sync: the
+    rotary cache is a derived buffer with no checkpoint tensor, and vLLM restores it itself
+    (checked: logprobs match the learner to ~1e-7 after a sync). Drop just that line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
+
+
 class RolloutEngine(RoleBase):
     role = "rollout"
 
@@ -43,6 +53,7 @@ class RolloutEngine(RoleBase):
         super().__init__(cfg, index, cfg.resources.rollout.threads)
         from vllm import LLM
 
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietBenignReload())
         self.model_path = model_path or cfg.model.path
         self.llm = LLM(**engine_kwargs(cfg, self.model_path, seed=cfg.seed + 1000 * index))
 

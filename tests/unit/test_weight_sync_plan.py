@@ -1,8 +1,8 @@
 """Weight-sync planning (pure) and the transports' building blocks.
 
-The collective test runs a real 2-member gloo group in two subprocesses on 127.0.0.1:
-rank 0 broadcasts the buckets of a plan, rank 1 receives them, and the received tensors
-must be bit-identical (NaN, -0.0, inf and subnormals included).
+The collective test runs a real 2-member gloo group on 127.0.0.1 (this process and one
+subprocess): rank 0 broadcasts the buckets of a plan, rank 1 receives them, and the
+received tensors must be bit-identical (NaN, -0.0, inf and subnormals included).
 """
 
 import json
@@ -27,7 +27,7 @@ from rlhf_ray.weight_sync.plan import (
     to_wire,
     unflatten,
 )
-from rlhf_ray.weight_sync.transport import decode_blob, encode_blob, free_port, new_sync_group
+from rlhf_ray.weight_sync.transport import broadcast_bucket, decode_blob, encode_blob, free_port, new_sync_group
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -211,57 +211,53 @@ def test_unknown_backend_is_an_error():
         new_sync_group("127.0.0.1", free_port(), 0, 1, "tcp", 5.0)
 
 
-MEMBER = textwrap.dedent(
+RECEIVER = textwrap.dedent(
     """
     import json, sys
     import torch
     from rlhf_ray.weight_sync.plan import from_wire
-    from rlhf_ray.weight_sync.transport import broadcast_bucket, new_sync_group, receive_bucket
+    from rlhf_ray.weight_sync.transport import new_sync_group, receive_bucket
 
-    rank, port, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    port, workdir = int(sys.argv[1]), sys.argv[2]
     with open(workdir + "/plan.json") as fh:
         buckets = from_wire(json.load(fh))
-    group = new_sync_group("127.0.0.1", port, rank, 2, "gloo", 20.0)
-    if rank == 0:
-        sent = torch.load(workdir + "/sent.pt")
-        nbytes = [broadcast_bucket(group, [sent[s.name] for s in b.specs], 20.0) for b in buckets]
-        with open(workdir + "/nbytes.json", "w") as fh:
-            json.dump(nbytes, fh)
-    else:
-        received = {}
-        for b in buckets:
-            for name, t in receive_bucket(group, b, torch.device("cpu"), 20.0):
-                received[name] = t.clone()
-        torch.save(received, workdir + "/received.pt")
-    print("rank", rank, "done")
+    group = new_sync_group("127.0.0.1", port, 1, 2, "gloo", 30.0)
+    received = {}
+    for b in buckets:
+        for name, t in receive_bucket(group, b, torch.device("cpu"), 30.0):
+            received[name] = t.clone()
+    torch.save(received, workdir + "/received.pt")
+    # Destroy the group before interpreter shutdown: left to exit-time teardown, gloo
+    # sometimes aborts the process ("terminate called without an active exception").
+    del group
     """
 )
 
 
 def test_gloo_broadcast_delivers_bit_identical_tensors(tmp_path):
+    """This process is group rank 0 (the learner side); a subprocess is rank 1 (an engine)."""
     sent = _special_values()
     sent["model.big"] = torch.randn(40, generator=torch.Generator().manual_seed(1))  # 160 B: own bucket
     specs = [TensorSpec(n, tuple(t.shape), dtype_name(t.dtype)) for n, t in sent.items()]
     buckets = plan_buckets(specs, bucket_bytes=64)
     assert len(buckets) >= 4  # several buckets, several dtypes
-    torch.save(sent, tmp_path / "sent.pt")
     (tmp_path / "plan.json").write_text(json.dumps(to_wire(buckets)))
 
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", MEMBER, str(rank), str(port), str(tmp_path)], cwd=REPO_ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in (0, 1)]
-    outputs = []
+    child = subprocess.Popen([sys.executable, "-c", RECEIVER, str(port), str(tmp_path)], cwd=REPO_ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    group = None
     try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=60)[0])
+        group = new_sync_group("127.0.0.1", port, 0, 2, "gloo", 30.0)
+        nbytes = [broadcast_bucket(group, [sent[s.name] for s in b.specs], 30.0) for b in buckets]
+        output = child.communicate(timeout=60)[0]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
-
-    assert json.loads((tmp_path / "nbytes.json").read_text()) == [b.nbytes for b in buckets]
+        group = None
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, output
+    assert nbytes == [b.nbytes for b in buckets]
     received = torch.load(tmp_path / "received.pt")
     assert sorted(received) == sorted(sent)
     for name, t in sent.items():

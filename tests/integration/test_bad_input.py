@@ -1,0 +1,66 @@
+"""Bad input fails fast with a message that says what, why and how to fix; never a hang."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.conftest import small_config
+
+pytestmark = pytest.mark.integration
+
+
+def test_reward_function_with_wrong_length_fails_with_role_named(ray_cluster, tiny_llama, tmp_path):
+    from rlhf_ray.coordinator.pending import RemoteCallError
+    from rlhf_ray.coordinator.run import run
+
+    fn = tmp_path / "bad_reward.py"
+    fn.write_text("def score(prompts, responses):\n    return [1.0]\n")
+    cfg = small_config(tiny_llama, **{"reward.function": f"{fn}:score", "ppo.iterations": 1,
+                                      "resources.call_timeout_s": 120})
+    with pytest.raises(RemoteCallError) as info:
+        run(cfg, str(tmp_path / "run"))
+    msg = str(info.value)
+    assert "reward" in msg and "returned 1 scores for 16 responses" in msg
+
+
+def test_roles_that_do_not_fit_fail_before_any_actor_starts(ray_cluster, tiny_llama, tmp_path):
+    from rlhf_ray.coordinator.placement import PlacementError
+    from rlhf_ray.coordinator.run import run
+
+    cfg = small_config(tiny_llama, **{"resources.learner.num_cpus": 3})
+    with pytest.raises(PlacementError, match=r"CPU: plan needs 7, cluster has 4"):
+        run(cfg, str(tmp_path / "run"))
+    assert not ray_cluster.util.placement_group_table()  or all(
+        pg["state"] == "REMOVED" for pg in ray_cluster.util.placement_group_table().values())
+
+
+def test_missing_reward_function_file_fails_before_ray(tiny_llama, tmp_path):
+    from rlhf_ray.coordinator.run import prepare_inputs
+
+    cfg = small_config(tiny_llama, **{"reward.function": str(tmp_path / "nope.py") + ":score"})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare_inputs(cfg)
+
+
+def test_prompts_longer_than_the_limit(tiny_llama, tmp_path):
+    from rlhf_ray.coordinator.run import prepare_inputs
+
+    long_prompts = tmp_path / "p.jsonl"
+    long_prompts.write_text('{"prompt": "' + "one two three " * 40 + '"}\n{"prompt": "short"}\n')
+    cfg = small_config(tiny_llama, **{"data.prompts": str(long_prompts), "data.max_prompt_tokens": 16,
+                                      "data.too_long": "error"})
+    with pytest.raises(ValueError, match="more than --data.max_prompt_tokens 16"):
+        prepare_inputs(cfg)
+    cfg = small_config(tiny_llama, **{"data.prompts": str(long_prompts), "data.max_prompt_tokens": 16,
+                                      "data.too_long": "drop", "rollout.prompts_per_iteration": 1,
+                                      "learner.num_ranks": 1, "learner.micro_batch_size": 1})
+    inputs = prepare_inputs(cfg)
+    assert inputs.prompts.dropped == 1 and len(inputs.prompts.token_ids) == 1
+
+
+def test_missing_model_directory(tmp_path):
+    from rlhf_ray.coordinator.run import prepare_inputs
+
+    cfg = small_config(str(tmp_path / "no-model"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        prepare_inputs(cfg)

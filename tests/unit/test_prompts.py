@@ -1,0 +1,280 @@
+"""Prompt loading, tokenising with the length policy, and the resumable sampler."""
+
+import json
+import re
+
+import pytest
+
+from rlhf_ray.config import DataConfig
+from rlhf_ray.data.prompts import PromptSampler, PromptSet, builtin_prompts, load_prompt_texts, tokenize_prompts
+
+
+class WordTokenizer:
+    """Stand-in for a HF tokenizer: one token per word (id = 3 + word length), BOS id 1 first.
+
+    Records every call so tests can check what was asked of it."""
+
+    def __init__(self, bos: int | None = 1) -> None:
+        self.bos = bos
+        self.calls: list[tuple[str, bool]] = []
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        self.calls.append((text, add_special_tokens))
+        ids = [self.bos] if (add_special_tokens and self.bos is not None) else []
+        return {"input_ids": ids + [3 + len(w) for w in text.split()]}
+
+
+def _jsonl(tmp_path, lines: list[str], name: str = "prompts.jsonl") -> str:
+    path = tmp_path / name
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+# ---- builtin prompts ------------------------------------------------------------------
+
+
+def test_builtin_digits_hand_values():
+    assert builtin_prompts("digits", 3, seed=0) == [
+        "the cat finds 49 coins. How many?",
+        "the robot finds 26 coins. How many?",
+        "Q: what is 33 plus 9? A:",
+    ]
+
+
+def test_builtin_prompts_are_deterministic_per_seed():
+    assert builtin_prompts("digits", 50, seed=3) == builtin_prompts("digits", 50, seed=3)
+    assert builtin_prompts("digits", 50, seed=3) != builtin_prompts("digits", 50, seed=4)
+    # A longer set starts with the shorter one (same random stream).
+    assert builtin_prompts("digits", 80, seed=3)[:50] == builtin_prompts("digits", 50, seed=3)
+
+
+def test_builtin_prompts_follow_the_three_templates():
+    templates = [
+        r"Q: what is \d+ plus \d+\? A:",
+        r"[a-z ]+ [a-z]+ \d+ [a-z]+\. How many\?",
+        r"Write the number after \d+:",
+    ]
+    prompts = builtin_prompts("digits", 200, seed=0)
+    assert len(prompts) == 200
+    kinds = [next(i for i, t in enumerate(templates) if re.fullmatch(t, p)) for p in prompts]
+    assert set(kinds) == {0, 1, 2}
+
+
+def test_unknown_builtin_set_names_the_available_ones():
+    with pytest.raises(ValueError, match=r"unknown builtin prompt set 'poems'; available: builtin:digits"):
+        builtin_prompts("poems", 3, seed=0)
+    with pytest.raises(ValueError, match="available: builtin:digits"):
+        load_prompt_texts(DataConfig(prompts="builtin:poems"), seed=0)
+
+
+def test_load_builtin_through_the_config():
+    cfg = DataConfig(prompts="builtin:digits", num_builtin_prompts=7)
+    assert load_prompt_texts(cfg, seed=5) == builtin_prompts("digits", 7, seed=5)
+
+
+def test_zero_builtin_prompts_is_an_error():
+    with pytest.raises(ValueError, match="prompt source 'builtin:digits' holds no prompts"):
+        load_prompt_texts(DataConfig(num_builtin_prompts=0), seed=0)
+
+
+# ---- JSONL ------------------------------------------------------------------------
+
+
+def test_jsonl_prompts_in_file_order(tmp_path):
+    path = _jsonl(tmp_path, [
+        '{"prompt": "first", "id": 1}',
+        "",  # blank lines are skipped
+        '{"prompt": "second", "extra": [1, 2]}',
+        "   ",
+        '{"prompt": 42}',  # non-string values become text
+    ])
+    assert load_prompt_texts(DataConfig(prompts=path), seed=0) == ["first", "second", "42"]
+
+
+def test_jsonl_custom_field(tmp_path):
+    path = _jsonl(tmp_path, ['{"question": "a?", "prompt": "not this"}', '{"question": "b?"}'])
+    assert load_prompt_texts(DataConfig(prompts=path, prompt_field="question"), seed=0) == ["a?", "b?"]
+
+
+def test_jsonl_ignores_the_seed(tmp_path):
+    path = _jsonl(tmp_path, ['{"prompt": "x"}', '{"prompt": "y"}'])
+    assert load_prompt_texts(DataConfig(prompts=path), seed=0) == load_prompt_texts(DataConfig(prompts=path), seed=9)
+
+
+def test_missing_file_names_the_flag(tmp_path):
+    missing = str(tmp_path / "nope.jsonl")
+    with pytest.raises(FileNotFoundError) as err:
+        load_prompt_texts(DataConfig(prompts=missing), seed=0)
+    assert f"prompt file {missing!r} does not exist; set --data.prompts to a JSONL file or builtin:digits." \
+        == str(err.value)
+
+
+def test_directory_is_not_a_prompt_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="set --data.prompts"):
+        load_prompt_texts(DataConfig(prompts=str(tmp_path)), seed=0)
+
+
+def test_invalid_json_names_file_and_line(tmp_path):
+    path = _jsonl(tmp_path, ['{"prompt": "ok"}', '{"prompt": "broken"', '{"prompt": "never read"}'])
+    with pytest.raises(ValueError, match=rf"^{re.escape(path)}:2 is not valid JSON: "):
+        load_prompt_texts(DataConfig(prompts=path), seed=0)
+
+
+@pytest.mark.parametrize("record", ['{"text": "no prompt field"}', '["a", "list"]', '"just a string"'])
+def test_missing_field_names_line_and_the_flag_to_fix_it(tmp_path, record):
+    path = _jsonl(tmp_path, ['{"prompt": "ok"}', "", record])
+    with pytest.raises(ValueError) as err:
+        load_prompt_texts(DataConfig(prompts=path), seed=0)
+    assert str(err.value) == (f"{path}:3 has no field 'prompt'; set --data.prompt_field "
+                              "to the field that holds the prompt.")
+
+
+@pytest.mark.parametrize("lines", [[], ["", "  "]])
+def test_empty_file_is_an_error(tmp_path, lines):
+    path = _jsonl(tmp_path, lines)
+    with pytest.raises(ValueError, match=rf"prompt source {re.escape(repr(path))} holds no prompts"):
+        load_prompt_texts(DataConfig(prompts=path), seed=0)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the empty-prompt-file error says what is wrong but not how to fix "
+                                        "it (no --data.prompts / file hint), unlike the other prompt errors")
+def test_empty_file_error_names_the_fix(tmp_path):
+    path = _jsonl(tmp_path, [])
+    with pytest.raises(ValueError, match="--data.prompts"):
+        load_prompt_texts(DataConfig(prompts=path), seed=0)
+
+
+@pytest.mark.xfail(strict=True, reason='BUG: a record {"prompt": null} is silently turned into the prompt text '
+                                        '"None" instead of being reported')
+def test_null_prompt_is_an_error(tmp_path):
+    path = _jsonl(tmp_path, ['{"prompt": "ok"}', '{"prompt": null}'])
+    with pytest.raises(ValueError, match=":2"):
+        load_prompt_texts(DataConfig(prompts=path), seed=0)
+
+
+# ---- tokenize_prompts -------------------------------------------------------------------
+
+# With BOS these are 3, 6 and 2 tokens long.
+TEXTS = ["a bb", "a bb ccc dddd eeeee", "z"]
+
+
+def test_drop_policy_counts_drops():
+    tok = WordTokenizer()
+    out = tokenize_prompts(TEXTS, tok, max_tokens=3, too_long="drop")
+    assert out == PromptSet(texts=["a bb", "z"], token_ids=[[1, 4, 5], [1, 4]], dropped=1, truncated=0)
+    assert tok.calls == [(t, True) for t in TEXTS]  # special tokens (BOS) are added
+
+
+def test_truncate_policy_keeps_the_last_tokens():
+    out = tokenize_prompts(TEXTS, WordTokenizer(), max_tokens=3, too_long="truncate")
+    assert out.token_ids == [[1, 4, 5], [6, 7, 8], [1, 4]]  # "ccc dddd eeeee": BOS and the start are cut
+    assert out.texts == TEXTS
+    assert (out.dropped, out.truncated) == (0, 1)
+
+
+def test_error_policy_names_the_prompt_and_the_flags():
+    with pytest.raises(ValueError) as err:
+        tokenize_prompts(TEXTS, WordTokenizer(), max_tokens=3, too_long="error")
+    assert str(err.value) == ("prompt 1 has 6 tokens, more than --data.max_prompt_tokens 3; raise the limit or "
+                              "set --data.too_long drop/truncate.")
+
+
+@pytest.mark.parametrize("policy", ["drop", "truncate", "error"])
+def test_prompt_of_exactly_max_tokens_is_kept(policy):
+    out = tokenize_prompts(["a bb ccc"], WordTokenizer(), max_tokens=4, too_long=policy)
+    assert out.token_ids == [[1, 4, 5, 6]]
+    assert (out.dropped, out.truncated) == (0, 0)
+
+
+def test_empty_token_lists_are_dropped_and_counted():
+    out = tokenize_prompts(["", "a", "  "], WordTokenizer(bos=None), max_tokens=3, too_long="error")
+    assert out.token_ids == [[4]] and out.texts == ["a"]
+    assert out.dropped == 2
+
+
+def test_all_dropped_is_an_error_naming_the_fix():
+    with pytest.raises(ValueError) as err:
+        tokenize_prompts(["a bb ccc", "dddd eeeee ffffff"], WordTokenizer(), max_tokens=2, too_long="drop")
+    assert str(err.value) == ("all 2 prompts were dropped as longer than --data.max_prompt_tokens 2; raise the "
+                              "limit or set --data.too_long truncate.")
+
+
+def test_tokenize_accepts_a_tuple_of_ids_and_returns_lists():
+    out = tokenize_prompts(["x"], lambda text, add_special_tokens: {"input_ids": (7, 8)}, 4, "drop")
+    assert out.token_ids == [[7, 8]]
+    assert isinstance(out.token_ids[0], list)
+
+
+# ---- PromptSampler ---------------------------------------------------------------------
+
+
+def test_sampler_hand_values():
+    s = PromptSampler(5, seed=0)
+    assert s.next(3) == [2, 1, 0]
+    assert s.next(3) == [4, 3, 2]  # 2 left in epoch 0, then the first of epoch 1
+    assert s.state_dict() == {"epoch": 1, "position": 1, "size": 5, "seed": 0}
+
+
+def test_sampler_without_shuffle_cycles_in_order():
+    s = PromptSampler(5, seed=0, shuffle=False)
+    assert s.next(7) == [0, 1, 2, 3, 4, 0, 1]
+    assert s.state_dict()["epoch"] == 1 and s.state_dict()["position"] == 2
+
+
+def test_sampler_is_deterministic_per_seed():
+    draws = [PromptSampler(10, seed=7).next(25) for _ in range(2)]
+    assert draws[0] == draws[1]
+    assert PromptSampler(10, seed=8).next(25) != draws[0]
+
+
+def test_each_epoch_is_a_fresh_permutation():
+    s = PromptSampler(10, seed=0)
+    epochs = [s.next(10) for _ in range(3)]
+    for order in epochs:
+        assert sorted(order) == list(range(10))
+    assert epochs[0] != epochs[1] != epochs[2]
+    # One call spanning epochs gives the same indices as separate calls.
+    assert PromptSampler(10, seed=0).next(30) == epochs[0] + epochs[1] + epochs[2]
+
+
+def test_epoch_rolls_over_lazily():
+    s = PromptSampler(4, seed=1)
+    s.next(4)
+    assert s.state_dict()["epoch"] == 0 and s.state_dict()["position"] == 4
+    s.next(1)
+    assert s.state_dict()["epoch"] == 1 and s.state_dict()["position"] == 1
+
+
+def test_next_zero_is_empty():
+    s = PromptSampler(4, seed=1)
+    assert s.next(0) == []
+    assert s.state_dict()["position"] == 0
+
+
+@pytest.mark.parametrize("consumed", [[3, 4], [5], [2, 3], [12]])
+def test_resume_gives_the_same_next_batch(consumed):
+    uninterrupted = PromptSampler(5, seed=11)
+    for k in consumed:
+        uninterrupted.next(k)
+    interrupted = PromptSampler(5, seed=11)
+    for k in consumed:
+        interrupted.next(k)
+    state = json.loads(json.dumps(interrupted.state_dict()))  # as if written to a checkpoint
+    resumed = PromptSampler(5, seed=11)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == interrupted.state_dict()
+    assert [resumed.next(3) for _ in range(4)] == [uninterrupted.next(3) for _ in range(4)]
+
+
+def test_loading_a_checkpoint_of_another_size_raises():
+    state = PromptSampler(5, seed=0).state_dict()
+    with pytest.raises(ValueError) as err:
+        PromptSampler(6, seed=0).load_state_dict(state)
+    assert str(err.value) == "checkpoint's prompt set had 5 prompts, this one has 6; resume with the same data."
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: PromptSampler accepts size 0, and then next(k>0) loops forever "
+                                        "(position >= size rolls the epoch, takes 0, repeats)")
+def test_empty_sampler_is_rejected():
+    with pytest.raises(ValueError):
+        PromptSampler(0, seed=0)
