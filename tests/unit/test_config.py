@@ -5,6 +5,7 @@ launch tests run ``python -m rlhf_ray.launch`` in a subprocess to check exactly 
 """
 
 import dataclasses
+import json
 import subprocess
 import sys
 import textwrap
@@ -29,12 +30,26 @@ from rlhf_ray.config import (
     resolve,
     validate,
 )
+from rlhf_ray.coordinator.placement import placement_plan
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(REPO_ROOT / "configs" / "demo_cpu.yaml")
 
 
-def _load(overrides: list[str], path: str | None = DEMO) -> Config:
+# The sizes the expected messages below are computed from, pinned so that edits to the
+# demo config do not change them: 8 prompts x 8 samples = 64 samples, 2 ranks, 2 mini-batches.
+PINNED = {
+    "data.max_prompt_tokens": "48", "rollout.max_new_tokens": "16", "rollout.max_model_len": "128",
+    "rollout.prompts_per_iteration": "8", "rollout.samples_per_prompt": "8", "rollout.num_engines": "1",
+    "ppo.mini_batches": "2", "ppo.epochs": "1", "learner.num_ranks": "2", "learner.micro_batch_size": "16",
+    "resources.rollout.num_cpus": "0.5",
+}
+
+
+def _load(overrides: list[str], path: str | None = None) -> Config:
+    """The demo YAML with the pinned sizes and ``overrides``; or only ``overrides`` on ``path``."""
+    if path is None:
+        return load_config(DEMO, {**PINNED, **parse_overrides(overrides)})
     return load_config(path, parse_overrides(overrides))
 
 
@@ -80,20 +95,36 @@ def test_parse_overrides_errors(args, message):
 # ---- loading: YAML + overrides --------------------------------------------------
 
 
-def test_demo_yaml_loads_with_its_values_and_defaults_elsewhere():
-    cfg = load_config(DEMO)
-    assert cfg.name == "demo_cpu"
+def test_yaml_values_and_defaults_elsewhere(tmp_path):
+    path = _write_yaml(
+        tmp_path,
+        """
+        name: demo
+        model: {path: artifacts/tiny, build_tiny: llama}
+        data: {max_prompt_tokens: 48}
+        learner: {micro_batch_size: 16, lr: 0.0005}
+        resources:
+          learner: {num_cpus: 0.5, threads: 1}
+        """,
+    )
+    cfg = load_config(path)
+    assert cfg.name == "demo"
     assert cfg.model.build_tiny == "llama"
     assert cfg.data.max_prompt_tokens == 48
-    assert cfg.rollout.max_model_len == 128
     assert cfg.learner.micro_batch_size == 16
     assert cfg.learner.lr == 0.0005
     assert cfg.resources.learner == RoleResources(num_cpus=0.5, num_gpus=0.0, threads=1, custom={})
-    assert cfg.resources.reward.num_cpus == 0.25
     # Not in the file: the dataclass defaults.
+    assert cfg.model.dtype == "float32"
     assert cfg.ppo.clip_ratio == 0.2
-    assert cfg.ppo.lam == 0.95
+    assert cfg.resources.reward == RoleResources()
     assert cfg.resources.strategy == "PACK"
+
+
+def test_demo_config_is_valid():
+    cfg = load_config(DEMO)
+    assert cfg.name == "demo_cpu"
+    validate(cfg)
 
 
 def test_no_file_gives_the_default_config():
@@ -129,7 +160,7 @@ def test_custom_resources_dict_override():
     cfg = _load(["--resources.rollout.custom", "{node_a: 1}"])
     assert cfg.resources.rollout.custom == {"node_a": 1.0}
     assert isinstance(cfg.resources.rollout.custom["node_a"], float)
-    assert cfg.resources.rollout.num_cpus == 0.5  # from the YAML, untouched
+    assert cfg.resources.rollout.num_cpus == 0.5  # set before, untouched
     assert cfg.resources.learner.custom == {}
 
 
@@ -303,7 +334,7 @@ def test_out_of_range_values_name_the_flag(overrides, message):
 
 def test_max_model_len_too_small_says_how_much_is_needed():
     with pytest.raises(ConfigError) as err:
-        _load(["--rollout.max_model_len", "63"])  # demo: 48 prompt + 16 new tokens
+        _load(["--rollout.max_model_len", "63"])  # 48 prompt + 16 new tokens
     assert (
         "--rollout.max_model_len 63 cannot hold --data.max_prompt_tokens 48 + --rollout.max_new_tokens 16; "
         "raise it to at least 64" in str(err.value)
@@ -414,7 +445,7 @@ def _leaf_names(cls: type, prefix: str = "") -> list[str]:
 def test_iter_fields_yields_every_leaf_once_in_order():
     names = [name for name, _, _, _ in iter_fields()]
     assert names == _leaf_names(Config)
-    assert len(names) == len(set(names)) == 94
+    assert len(names) == len(set(names))
     assert "resources.rollout.custom" in names and "resources.rollout" not in names
 
 
@@ -511,17 +542,20 @@ def _launch(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_launch_dry_run_prints_the_plan_and_exits_0():
-    result = _launch("--config", "configs/demo_cpu.yaml", "--dry-run", "--ppo.clip_ratio=0.3")
+    result = _launch("--config", "configs/demo_cpu.yaml", "--dry-run", "--ppo.clip_ratio=0.3",
+                     "--resources.rollout.custom", "{node_a: 1}")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert '"clip_ratio": 0.3' in out
-    assert ('sizes: {"samples_per_iteration": 64, "samples_per_rank": 32, "mini_batch_size": 32, '
-            '"mini_batch_per_rank": 16, "grad_accum_steps": 1, "optimizer_steps_per_iteration": 2, '
-            '"prompts_per_engine": 8}') in out
+    cfg = load_config(DEMO, {"ppo.clip_ratio": "0.3", "resources.rollout.custom": "{node_a: 1}"})
+    printed_config = json.loads(out.split("\n\nsizes:")[0])
+    assert printed_config == config_to_dict(cfg)
+    assert printed_config["ppo"]["clip_ratio"] == 0.3
+    assert f"sizes: {json.dumps(resolve(cfg).__dict__)}\n" in out
     assert "placement plan (one placement group per role):" in out
-    for line in ["rollout    x1  {CPU=0.5}  PACK", "reference  x1  {CPU=0.25}  PACK",
-                 "reward     x1  {CPU=0.25}  PACK", "learner    x2  {CPU=0.5}  PACK"]:
-        assert f"  {line}\n" in out
+    plan_lines = out.split("placement plan (one placement group per role):\n")[1].splitlines()
+    assert plan_lines == ["  " + p.describe() for p in placement_plan(cfg)]
+    assert [line.split()[0] for line in plan_lines] == ["rollout", "reference", "reward", "learner"]
+    assert "node_a=1" in plan_lines[0]
     assert "Ray dashboard" not in out + result.stderr
 
 
@@ -533,9 +567,13 @@ def test_launch_bad_override_exits_2_with_the_message():
 
 
 def test_launch_invalid_config_exits_2_naming_the_flags():
-    result = _launch("--config", "configs/demo_cpu.yaml", "--dry-run", "--learner.num_ranks", "3")
+    result = _launch("--config", "configs/demo_cpu.yaml", "--dry-run", "--rollout.prompts_per_iteration", "8",
+                     "--rollout.samples_per_prompt", "8", "--learner.num_ranks", "3")
     assert result.returncode == 2
-    assert "--learner.num_ranks" in result.stderr and "not divisible by 3" in result.stderr
+    assert result.stderr.startswith("error: invalid config:")
+    assert ("samples per iteration / learner ranks: 64 is not divisible by 3; change "
+            "--rollout.prompts_per_iteration, --rollout.samples_per_prompt or --learner.num_ranks.") in result.stderr
+    assert result.stdout == ""
 
 
 def test_launch_dry_run_imports_no_heavy_package():
