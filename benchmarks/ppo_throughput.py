@@ -325,13 +325,18 @@ def main() -> None:
              "s/it": r["iteration_s"], "samples/s": r["samples_per_s"], "tok/s": r["tokens_per_s"],
              **{p: r["phases_s"][p] for p in PHASES}, "overhead": r["coordinator_overhead_s"]} for r in results]
     _env.print_table(rows, title="\nPPO iteration (means over timed iterations; seconds)")
-    inner = [{"size": f"{int(r['samples'])}x{r['max_new_tokens']}", **r["inside_phases_s"]} for r in results]
-    cols = list(inner[0].keys())
-    _env.print_table([{c: row[c] for c in cols} for row in inner], cols, title="\ninside the phases (seconds)")
-    cpu_rows = [{"size": f"{int(r['samples'])}x{r['max_new_tokens']}", **r["cpu_seconds_per_iteration"],
-                 "roles busy share": r["roles_cpu_share_of_machine"], "machine busy": r["machine_busy_share"]}
-                for r in results]
-    _env.print_table(cpu_rows, title="\nCPU seconds per iteration by process; share of all cores busy")
+    labels = [f"{int(r['samples'])}x{r['max_new_tokens']}" for r in results]
+    inner = [{"inside the phases (s)": k, **{lab: r["inside_phases_s"][k] for lab, r in zip(labels, results)}}
+             for k in results[0]["inside_phases_s"]]
+    _env.print_table(inner, title="")
+    procs = list(results[0]["cpu_seconds_per_iteration"])
+    cpu_rows = [{"CPU s per iteration": k, **{lab: r["cpu_seconds_per_iteration"][k] for lab, r in zip(labels, results)}}
+                for k in procs]
+    cpu_rows.append({"CPU s per iteration": "share of cores busy (roles+driver)",
+                     **{lab: r["roles_cpu_share_of_machine"] for lab, r in zip(labels, results)}})
+    cpu_rows.append({"CPU s per iteration": "share of cores busy (whole machine)",
+                     **{lab: r["machine_busy_share"] for lab, r in zip(labels, results)}})
+    _env.print_table(cpu_rows, title="")
     for r in results:
         if "dissection" in r:
             d = r["dissection"]

@@ -151,6 +151,8 @@ class PPOConfig:
     """Horizon (in samples) of the adaptive KL controller."""
     whiten_advantages: bool = True
     """Normalise advantages to zero mean, unit variance over the iteration's valid tokens."""
+    max_bad_iterations: int = 3
+    """Stop with an explanation after this many consecutive iterations with no usable sample (NaN/inf)."""
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,12 @@ class ResourcesConfig:
     """Give up with an error if a role's placement group is not ready by then."""
     call_timeout_s: float = 900.0
     """Timeout of any single remote call (generation, scoring, update)."""
+    startup_timeout_s: float = 600.0
+    """Timeout for an actor to start and load its model (vLLM, DeepSpeed set-up)."""
+    max_actor_restarts: int = 5
+    """Rollout/reference/reward actors that died or hung are replaced at most this many times per run."""
+    max_learner_restarts: int = 2
+    """The learner group is restarted from the last checkpoint at most this many times per run."""
 
 
 @dataclass(frozen=True)
@@ -337,8 +345,8 @@ _POSITIVE = [
     "ppo.epochs", "ppo.mini_batches", "ppo.clip_ratio", "learner.num_ranks",
     "learner.micro_batch_size", "learner.forward_batch_size", "learner.lr",
     "reward.micro_batch_size", "reference.micro_batch_size", "data.max_prompt_tokens",
-    "sync.bucket_mb", "sync.timeout_s", "resources.call_timeout_s", "ppo.kl_horizon",
-    "checkpoint.keep_last",
+    "sync.bucket_mb", "sync.timeout_s", "resources.call_timeout_s", "resources.startup_timeout_s", "ppo.kl_horizon",
+    "checkpoint.keep_last", "ppo.max_bad_iterations", "logging.log_every",
 ]
 
 
@@ -357,6 +365,8 @@ def validate(cfg: Config) -> Sizes:
     for key in _POSITIVE:
         if not get_path(cfg, key) > 0:
             errors.append(f"--{key} must be > 0 (got {get_path(cfg, key)!r}).")
+    if cfg.resources.max_actor_restarts < 0 or cfg.resources.max_learner_restarts < 0:
+        errors.append("--resources.max_actor_restarts and --resources.max_learner_restarts must be >= 0.")
     if cfg.checkpoint.every < 0:
         errors.append("--checkpoint.every must be >= 0 (0 saves only at the end / on stop).")
     if not 0 < cfg.rollout.top_p <= 1:
@@ -469,9 +479,10 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def config_from_dict(data: Mapping[str, Any]) -> Config:
-    """Build a Config from nested dicts (as read from YAML); unknown keys and wrong types raise."""
-    return _build(Config, data)
+def config_from_dict(data: Mapping[str, Any], cls: type = Config) -> Any:
+    """Build a config (``Config`` or another root dataclass, e.g. the SFT/RM trainers') from
+    nested dicts as read from YAML; unknown keys and wrong types raise."""
+    return _build(cls, data)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -520,8 +531,12 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
-def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Read a YAML file (optional) and apply dotted overrides; returns a validated Config."""
+def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = None, cls: type = Config,
+                validator=None) -> Any:
+    """Read a YAML file (optional) and apply dotted overrides; returns a validated config.
+
+    ``cls`` is the root dataclass (default ``Config``, the PPO run); ``validator`` checks it
+    (default ``validate`` for ``Config``; other roots pass their own)."""
     tree: dict[str, Any] = {}
     if path is not None:
         import yaml
@@ -537,8 +552,8 @@ def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = N
             raise ConfigError(f"config file {path!r} must hold a mapping of sections, got {type(tree).__name__}.")
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
-    cfg = config_from_dict(tree)
-    validate(cfg)
+    cfg = config_from_dict(tree, cls)
+    (validator or (validate if cls is Config else (lambda c: None)))(cfg)
     return cfg
 
 

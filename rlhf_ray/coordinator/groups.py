@@ -1,8 +1,10 @@
 """Handles on the running roles, as the coordinator sees them.
 
-Each class wraps the Ray actors of one role and turns a logical call ("generate these
+Each client wraps the Ray actors of one role and turns a logical call ("generate these
 prompts", "train on this batch") into per-actor calls on pre-sliced inputs, returning a
 ``Pending``. Experience goes to learner ranks through the object store, one slice each.
+``Roles`` creates every actor in its placement group, named by role and rank, and replaces
+actors that died.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import ray
 import torch
 
+from rlhf_ray.backends.deepspeed import dist_backend
 from rlhf_ray.backends.vllm import engine_env
 from rlhf_ray.batch import ExperienceBatch, Generation
 from rlhf_ray.config import Config
-from rlhf_ray.coordinator.pending import Pending, RayPending
+from rlhf_ray.coordinator.pending import Pending, RayPending, Source, describe
 from rlhf_ray.coordinator.placement import actor_options, create_groups, placement_plan
 from rlhf_ray.weight_sync.plan import Bucket, plan_buckets
 from rlhf_ray.workers.frozen import ReferenceActor, RewardActor
@@ -34,45 +37,46 @@ class RolloutGroup:
         """Split prompts evenly over engines; results come back in prompt order."""
         k = len(self.actors)
         per = -(-len(prompt_ids) // k)
-        refs, labels = [], []
+        refs, sources = [], []
         for i, actor in enumerate(self.actors):
             idx = list(range(i * per, min(len(prompt_ids), (i + 1) * per)))
             if idx:
                 refs.append(actor.generate.remote([prompt_ids[j] for j in idx], idx, spec))
-                labels.append(f"rollout engine {i}")
-        return RayPending(refs, labels, "generate", self.timeout_s, Generation.concat)
+                sources.append(("rollout", i))
+        return RayPending(refs, sources, "generate", self.timeout_s, Generation.concat)
 
 
 class ReferenceClient:
-    def __init__(self, actor, timeout_s: float) -> None:
-        self.actor, self.timeout_s = actor, timeout_s
+    def __init__(self, actors: list, timeout_s: float) -> None:
+        self.actors, self.timeout_s = actors, timeout_s
 
     def logprobs(self, batch_ref, temperature: float) -> Pending[torch.Tensor]:
-        return RayPending([self.actor.logprobs.remote(batch_ref, temperature)], ["reference"],
+        return RayPending([self.actors[0].logprobs.remote(batch_ref, temperature)], [("reference", 0)],
                           "reference logprobs", self.timeout_s, lambda xs: xs[0])
 
 
 class RewardClient:
-    def __init__(self, actor, timeout_s: float) -> None:
-        self.actor, self.timeout_s = actor, timeout_s
+    def __init__(self, actors: list, timeout_s: float) -> None:
+        self.actors, self.timeout_s = actors, timeout_s
 
     def score(self, batch_ref) -> Pending[torch.Tensor]:
-        return RayPending([self.actor.score.remote(batch_ref)], ["reward"], "reward scoring", self.timeout_s,
-                          lambda xs: xs[0])
+        return RayPending([self.actors[0].score.remote(batch_ref)], [("reward", 0)], "reward scoring",
+                          self.timeout_s, lambda xs: xs[0])
 
 
 class LearnerGroup:
     def __init__(self, actors: list, timeout_s: float) -> None:
         self.actors, self.timeout_s = actors, timeout_s
 
-    def _labels(self) -> list[str]:
-        return [f"learner rank {i}" for i in range(len(self.actors))]
+    def sources(self) -> list[Source]:
+        return [("learner", i) for i in range(len(self.actors))]
 
     def _all(self, what: str, refs: list, combine=lambda xs: xs) -> Pending:
-        return RayPending(refs, self._labels(), what, self.timeout_s, combine)
+        return RayPending(refs, self.sources(), what, self.timeout_s, combine)
 
     def setup(self) -> Pending[list[dict]]:
-        addr, port = ray.get(self.actors[0].master_address.remote(), timeout=self.timeout_s)
+        addr, port = RayPending([self.actors[0].master_address.remote()], [("learner", 0)], "learner address",
+                                self.timeout_s, lambda xs: xs[0]).result()
         return self._all("learner set-up", [a.setup.remote(addr, port) for a in self.actors])
 
     def _slices(self, batch: ExperienceBatch) -> list:
@@ -111,37 +115,41 @@ class WeightSync:
 
     def __init__(self, cfg: Config, learners: LearnerGroup, engines: list) -> None:
         self.cfg, self.learners, self.engines = cfg, learners, engines
-        specs = ray.get(learners.actors[0].weight_specs.remote(), timeout=learners.timeout_s)
+        specs = RayPending([learners.actors[0].weight_specs.remote()], [("learner", 0)], "weight specs",
+                           learners.timeout_s, lambda xs: xs[0]).result()
         self.buckets: list[Bucket] = plan_buckets(specs, int(cfg.sync.bucket_mb * 2**20))
         self.nbytes = sum(b.nbytes for b in self.buckets)
-        if cfg.sync.transport == "collective":
-            self._init_group()
+        self.rebuild()
 
-    def _init_group(self) -> None:
+    def _engine_sources(self) -> list[Source]:
+        return [("rollout", i) for i in range(len(self.engines))]
+
+    def rebuild(self) -> None:
+        """(Re)create the broadcast group: at start, and after an engine or learner was replaced."""
+        if self.cfg.sync.transport != "collective":
+            return
         timeout = self.cfg.sync.timeout_s
-        addr, port = ray.get(self.learners.actors[0].sync_address.remote(), timeout=timeout)
+        addr, port = RayPending([self.learners.actors[0].sync_address.remote()], [("learner", 0)],
+                                "sync address", timeout, lambda xs: xs[0]).result()
         world = 1 + len(self.engines)
-        from rlhf_ray.backends.deepspeed import dist_backend
-
         refs = [a.init_sync_group.remote(addr, port, world, timeout) for a in self.learners.actors]
         refs += [e.init_sync_group.remote(addr, port, i + 1, world, dist_backend(), timeout)
                  for i, e in enumerate(self.engines)]
-        labels = self.learners._labels() + [f"rollout engine {i}" for i in range(len(self.engines))]
-        RayPending(refs, labels, "weight-sync group set-up", timeout).result()
+        RayPending(refs, self.learners.sources() + self._engine_sources(), "weight-sync group set-up",
+                   timeout).result()
 
     def sync(self) -> dict[str, float]:
         """Send the current policy to every engine; returns bytes moved."""
         timeout = self.cfg.sync.timeout_s
-        engine_labels = [f"rollout engine {i}" for i in range(len(self.engines))]
         if self.cfg.sync.transport == "collective":
             refs = [a.broadcast_weights.remote(self.buckets) for a in self.learners.actors]
             refs += [e.receive_broadcast.remote(self.buckets) for e in self.engines]
-            RayPending(refs, self.learners._labels() + engine_labels, "weight sync", timeout).result()
+            RayPending(refs, self.learners.sources() + self._engine_sources(), "weight sync", timeout).result()
         else:
             blob_lists = RayPending([a.export_blobs.remote(self.buckets) for a in self.learners.actors],
-                                    self.learners._labels(), "weight sync (export)", timeout).result()
+                                    self.learners.sources(), "weight sync (export)", timeout).result()
             refs = [e.load_blobs.remote(blob_lists[0]) for e in self.engines]
-            RayPending(refs, engine_labels, "weight sync (load)", timeout).result()
+            RayPending(refs, self._engine_sources(), "weight sync (load)", timeout).result()
         return {"sync_bytes": float(self.nbytes)}
 
 
@@ -150,41 +158,88 @@ class Roles:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        res, timeout = cfg.resources, cfg.resources.call_timeout_s
-        self.pgs = create_groups(placement_plan(cfg), res.placement_timeout_s)
-        engine_env_vars = {**base_env(res.rollout.threads), **engine_env(cfg)}
-        self.engines = [RolloutActor.options(**actor_options(self.pgs["rollout"], i, res.rollout, f"rollout-{i}",
-                                                             engine_env_vars)).remote(cfg, i)
-                        for i in range(cfg.rollout.num_engines)]
-        self.reference_actor = ReferenceActor.options(**actor_options(
-            self.pgs["reference"], 0, res.reference, "reference-0", base_env(res.reference.threads))).remote(cfg, 0)
-        self.reward_actor = RewardActor.options(**actor_options(
-            self.pgs["reward"], 0, res.reward, "reward-0", base_env(res.reward.threads))).remote(cfg, 0)
-        n = cfg.learner.num_ranks
-        learner_actors = [LearnerActor.options(**actor_options(self.pgs["learner"], i, res.learner, f"learner-{i}",
-                                                               base_env(res.learner.threads))).remote(cfg, i, n)
-                          for i in range(n)]
+        timeout = cfg.resources.call_timeout_s
+        self.pgs = create_groups(placement_plan(cfg), cfg.resources.placement_timeout_s)
+        self.generation: dict[Source, int] = {}  # restarts per actor, for unique names
+        self.engines: list = []
         self.rollout = RolloutGroup(self.engines, timeout)
-        self.reference = ReferenceClient(self.reference_actor, timeout)
-        self.reward = RewardClient(self.reward_actor, timeout)
-        self.learners = LearnerGroup(learner_actors, timeout)
-        self.learner_info = self.learners.setup().result()
-        # Engines, reference and reward load in their constructors; make sure they are up.
-        labelled = self.labelled_actors()
-        pings = RayPending([a.ping.remote() for _, a in labelled], [label for label, _ in labelled],
-                           "role start-up", timeout).result()
-        self.placement = {label: ping for (label, _), ping in zip(labelled, pings)}
-        self.weight_sync = WeightSync(cfg, self.learners, self.engines)
+        self.reference = ReferenceClient([], timeout)
+        self.reward = RewardClient([], timeout)
+        self.learners = LearnerGroup([], timeout)
+        self.placement: dict[str, dict] = {}
+        try:
+            self.engines += [self._spawn(("rollout", i)) for i in range(cfg.rollout.num_engines)]
+            self.reference.actors.append(self._spawn(("reference", 0)))
+            self.reward.actors.append(self._spawn(("reward", 0)))
+            self._start_learners()
+            self._ping(self.labelled_actors())
+            self.weight_sync = WeightSync(cfg, self.learners, self.engines)
+        except BaseException:
+            self.shutdown()  # never leave half a system holding the cluster's resources
+            raise
 
-    def labelled_actors(self) -> list[tuple[str, object]]:
-        return ([(f"rollout engine {i}", e) for i, e in enumerate(self.engines)]
-                + [("reference", self.reference_actor), ("reward", self.reward_actor)]
-                + [(f"learner rank {i}", a) for i, a in enumerate(self.learners.actors)])
+    # ------------------------------------------------------------------ creating actors
+    def _spawn(self, source: Source):
+        role, i = source
+        res = getattr(self.cfg.resources, role)
+        gen = self.generation.get(source, 0)
+        name = f"{role}-{i}" + (f"-r{gen}" if gen else "")
+        env = base_env(res.threads)
+        if role == "rollout":
+            env.update(engine_env(self.cfg))
+        opts = actor_options(self.pgs[role], i, res, name, env)
+        if role == "rollout":
+            return RolloutActor.options(**opts).remote(self.cfg, i)
+        if role == "reference":
+            return ReferenceActor.options(**opts).remote(self.cfg, i)
+        if role == "reward":
+            return RewardActor.options(**opts).remote(self.cfg, i)
+        return LearnerActor.options(**opts).remote(self.cfg, i, self.cfg.learner.num_ranks)
+
+    def _start_learners(self) -> None:
+        self.learners.actors[:] = [self._spawn(("learner", i)) for i in range(self.cfg.learner.num_ranks)]
+        starting = LearnerGroup(self.learners.actors, self.cfg.resources.startup_timeout_s)
+        self.learner_info = starting.setup().result()
+
+    def _ping(self, labelled: list[tuple[Source, object]]) -> None:
+        """Wait until the actors are up (engines and frozen models load in their constructors)
+        and record where each runs."""
+        pings = RayPending([a.ping.remote() for _, a in labelled], [s for s, _ in labelled], "role start-up",
+                           self.cfg.resources.startup_timeout_s).result()
+        self.placement.update({describe(s): p for (s, _), p in zip(labelled, pings)})
+
+    def labelled_actors(self) -> list[tuple[Source, object]]:
+        return ([(("rollout", i), e) for i, e in enumerate(self.engines)]
+                + [(("reference", 0), self.reference.actors[0]), (("reward", 0), self.reward.actors[0])]
+                + [(("learner", i), a) for i, a in enumerate(self.learners.actors)])
+
+    # ------------------------------------------------------------------ replacing actors
+    def replace(self, source: Source) -> None:
+        """Kill and re-create one rollout/reference/reward actor in its placement bundle. A new
+        engine joins a rebuilt sync group; the next weight sync brings it the current policy."""
+        role, i = source
+        holder = {"rollout": self.engines, "reference": self.reference.actors, "reward": self.reward.actors}[role]
+        ray.kill(holder[i], no_restart=True)
+        self.generation[source] = self.generation.get(source, 0) + 1
+        holder[i] = self._spawn(source)
+        self._ping([(source, holder[i])])
+        if role == "rollout":
+            self.weight_sync.rebuild()  # the caller marks weights stale: every engine is re-synced
+
+    def restart_learners(self) -> None:
+        """Kill every learner rank and start a fresh group (the caller loads a checkpoint)."""
+        for a in self.learners.actors:
+            ray.kill(a, no_restart=True)
+        for i in range(self.cfg.learner.num_ranks):
+            self.generation[("learner", i)] = self.generation.get(("learner", i), 0) + 1
+        self._start_learners()
+        self._ping([(("learner", i), a) for i, a in enumerate(self.learners.actors)])
+        self.weight_sync.rebuild()
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
-        for _, actor in self.labelled_actors():
+        for actor in [*self.engines, *self.reference.actors, *self.reward.actors, *self.learners.actors]:
             ray.kill(actor, no_restart=True)
         for pg in self.pgs.values():
             remove_placement_group(pg)

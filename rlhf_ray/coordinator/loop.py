@@ -26,7 +26,7 @@ from rlhf_ray.algorithms import (AdaptiveKLController, FixedKLController, Runnin
                                  masked_whiten, normalize_scores, shape_token_rewards)
 from rlhf_ray.batch import ExperienceBatch, pack_generation
 from rlhf_ray.config import Config, resolve
-from rlhf_ray.coordinator.pending import Pending
+from rlhf_ray.coordinator.pending import Pending, RemoteCallError
 from rlhf_ray.data.prompts import PromptSampler, PromptSet
 from rlhf_ray.workers.rollout import SamplingSpec
 
@@ -53,7 +53,11 @@ class Sync(Protocol):
 
 
 class NonFiniteError(RuntimeError):
-    pass
+    """Every sample of several consecutive iterations was unusable (NaN/inf)."""
+
+
+class SyncMismatchError(RuntimeError):
+    """Rollout and learner logprobs disagree beyond sync.max_logprob_mismatch."""
 
 
 class PPOCoordinator:
@@ -72,38 +76,79 @@ class PPOCoordinator:
                        else FixedKLController(p.kl_coef))
         self.score_moments = RunningMoments()
         self.iteration = 0
+        self.bad_iterations = 0
+        self.weights_stale = False
+        self.last_batch: ExperienceBatch | None = None
         self._times: dict[str, float] = {}
         self._prompt_indices: list[int] = []
 
     @contextmanager
     def _phase(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
-        yield
+        try:
+            yield
+        except RemoteCallError as exc:
+            exc.phase = exc.phase or name
+            raise
         self._times[f"time/{name}"] = time.perf_counter() - t0
+
+    def mark_weights_stale(self) -> None:
+        """The engines must receive the learner's weights before the next generation (after a
+        resume, or after the learner group was restarted from a checkpoint)."""
+        self.weights_stale = True
 
     # ------------------------------------------------------------------ one iteration
     def step(self) -> dict[str, float]:
-        """Run one PPO iteration; returns its metrics."""
+        """Run one PPO iteration; returns its metrics.
+
+        The weight sync that follows an update runs at the start of the next step (before its
+        generation), so every step is all-or-nothing: if any role fails, the coordinator's state
+        is rolled back and the same step can be retried with the same prompts."""
+        snapshot = self.state_dict()
+        try:
+            return self._step()
+        except BaseException:
+            self.load_state_dict(snapshot)
+            raise
+
+    def _step(self) -> dict[str, float]:
         self._times = {}
         t_start = time.perf_counter()
+        sync_metrics: dict[str, float] = {}
+        with self._phase("sync"):
+            if self.weights_stale:
+                sync_metrics = self.weight_sync.sync()
+                self.weights_stale = False
         with self._phase("generate"):
             batch = self._generate()
         with self._phase("score"):
             batch = self._score(batch)
         with self._phase("advantages"):
             batch, adv_metrics = self._advantages(batch)
-        with self._phase("update"):
-            train_metrics = self.learners.train(batch, self.iteration).result()
-        with self._phase("sync"):
-            sync_metrics = self.weight_sync.sync()
+        if adv_metrics["skipped_samples"] == len(batch):
+            train_metrics = {"skipped_update": 1.0}
+        else:
+            with self._phase("update"):
+                train_metrics = self.learners.train(batch, self.iteration).result()
+            self.weights_stale = True
         self._times["time/iteration"] = time.perf_counter() - t_start
-        metrics = {"iteration": self.iteration, "prompt_indices": self._prompt_indices, **self._batch_metrics(batch), **adv_metrics, **train_metrics,
-                   **sync_metrics, **self._times}
+        metrics = {"iteration": self.iteration, "prompt_indices": self._prompt_indices,
+                   **self._batch_metrics(batch), **adv_metrics, **train_metrics, **sync_metrics, **self._times}
+        self._check_sync(metrics)
         metrics["tokens_per_second"] = metrics["response_tokens"] / self._times["time/iteration"]
         metrics["samples_per_second"] = len(batch) / self._times["time/iteration"]
         metrics["generate_tokens_per_second"] = metrics["response_tokens"] / max(self._times["time/generate"], 1e-9)
+        self.last_batch = batch
         self.iteration += 1
         return metrics
+
+    def _check_sync(self, metrics: dict) -> None:
+        limit = self.cfg.sync.max_logprob_mismatch
+        if limit is not None and metrics["logprob_mismatch_mean"] > limit:
+            raise SyncMismatchError(
+                f"iteration {self.iteration}: mean |rollout - learner| logprob {metrics['logprob_mismatch_mean']:.3g} "
+                f"exceeds --sync.max_logprob_mismatch {limit}: the engines are not running the learner's weights "
+                "(or sample at a different temperature). Check the sync transport, or unset the limit to only report.")
 
     def _generate(self) -> ExperienceBatch:
         idx = self.sampler.next(self.cfg.rollout.prompts_per_iteration)
@@ -121,12 +166,38 @@ class PPOCoordinator:
         return batch.replace(ref_logprobs=ref.result(), scores=rew.result(), old_logprobs=old_logprobs,
                              old_values=old_values)
 
+    def _quarantine(self, batch: ExperienceBatch) -> tuple[ExperienceBatch, int]:
+        """Samples with NaN/inf in their score, reference/old logprobs or values are kept in the
+        batch (shapes stay divisible over ranks) but neutralised: their inputs are zeroed and their
+        response mask cleared after advantages are computed, so they contribute nothing."""
+        mask = batch.response_mask
+        bad = ~torch.isfinite(batch.scores)
+        for name in ("ref_logprobs", "old_logprobs", "old_values"):
+            bad |= (~torch.isfinite(getattr(batch, name)) & mask).any(-1)
+        n_bad = int(bad.sum())
+        if n_bad == len(batch):
+            self.bad_iterations += 1
+            if self.bad_iterations >= self.cfg.ppo.max_bad_iterations:
+                raise NonFiniteError(
+                    f"{self.bad_iterations} consecutive iterations had no usable sample (NaN/inf in rewards, "
+                    "logprobs or values); stopping instead of training on garbage. Check the reward function "
+                    "and the learning rate; --ppo.max_bad_iterations sets how many are tolerated.")
+        else:
+            self.bad_iterations = 0
+        if n_bad:
+            fix = {name: torch.where(bad.view(-1, *[1] * (getattr(batch, name).dim() - 1)),
+                                     torch.zeros_like(getattr(batch, name)), getattr(batch, name)).nan_to_num(0.0)
+                   for name in ("scores", "ref_logprobs", "old_logprobs", "old_values")}
+            fix["ref_logprobs"] = torch.where(bad[:, None], fix["old_logprobs"], fix["ref_logprobs"])
+            batch = batch.replace(**fix)
+        batch.meta["bad_rows"] = bad
+        return batch, n_bad
+
     def _advantages(self, batch: ExperienceBatch) -> tuple[ExperienceBatch, dict[str, float]]:
         p, r = self.cfg.ppo, self.cfg.reward
+        batch, n_bad = self._quarantine(batch)
+        bad = batch.meta["bad_rows"]
         mask = batch.response_mask
-        for name in ("scores", "ref_logprobs", "old_logprobs", "old_values"):
-            if not torch.isfinite(getattr(batch, name)).all():
-                raise NonFiniteError(f"non-finite values in {name} at iteration {self.iteration}")
         scores = apply_missing_eos_penalty(batch.scores, batch.truncated, r.missing_eos_penalty)
         scores = clip_scores(scores, r.clip)
         if r.normalize:
@@ -136,9 +207,11 @@ class PPOCoordinator:
         kl_coef = self.kl_ctl.value
         rewards = shape_token_rewards(scores, kl, mask, kl_coef)
         gae = compute_gae(rewards, batch.old_values, mask, p.gamma, p.lam)
-        advantages = masked_whiten(gae.advantages, mask) if p.whiten_advantages else gae.advantages
-        kl_per_seq = kl.sum(-1)
-        self.kl_ctl.update(float(kl_per_seq.mean()), len(batch))
+        good = mask & ~bad[:, None]
+        advantages = masked_whiten(gae.advantages, good) if p.whiten_advantages else gae.advantages * good
+        kl_per_seq = kl.sum(-1)[~bad] if n_bad < len(batch) else kl.sum(-1)
+        if n_bad < len(batch):
+            self.kl_ctl.update(float(kl_per_seq.mean()), len(batch) - n_bad)
         metrics = {
             "kl_mean": float(kl_per_seq.mean()),
             "kl_coef": float(kl_coef),
@@ -146,19 +219,26 @@ class PPOCoordinator:
             "advantage_mean_raw": float(masked_mean(gae.advantages, mask)),
             "return_mean": float(masked_mean(gae.returns, mask)),
             "value_mean": float(masked_mean(batch.old_values, mask)),
-            "explained_variance": float(explained_variance(batch.old_values, gae.returns, mask)),
+            "explained_variance": float(explained_variance(batch.old_values, gae.returns, good)),
+            "skipped_samples": float(n_bad),
         }
-        return batch.replace(advantages=advantages, returns=gae.returns), metrics
+        return batch.replace(advantages=advantages, returns=gae.returns * good, response_mask=good), metrics
 
     def _batch_metrics(self, batch: ExperienceBatch) -> dict[str, float]:
+        """Metrics over the usable samples (quarantined NaN/inf samples are counted separately)."""
         mask = batch.response_mask
-        lengths = mask.sum(-1).float()
+        good = ~batch.meta.get("bad_rows", torch.zeros(len(batch), dtype=torch.bool))
+        if not good.any():
+            return {"samples": float(len(batch)), "response_tokens": 0.0, "reward_mean": float("nan"),
+                    "logprob_mismatch_mean": 0.0, "logprob_mismatch_max": 0.0}
+        scores = batch.scores[good]
+        lengths = mask[good].sum(-1).float()
         diff = (batch.rollout_logprobs - batch.old_logprobs).abs().masked_fill(~mask, 0)
         return {
-            "reward_mean": float(batch.scores.mean()),
-            "reward_std": float(batch.scores.std()) if len(batch) > 1 else 0.0,
+            "reward_mean": float(scores.mean()),
+            "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
             "response_length": float(lengths.mean()),
-            "truncation_rate": float(batch.truncated.float().mean()),
+            "truncation_rate": float(batch.truncated[good].float().mean()),
             "response_tokens": float(mask.sum()),
             "samples": float(len(batch)),
             # Same tokens, same weights: rollout and learner must agree (sync verification).
@@ -169,10 +249,12 @@ class PPOCoordinator:
     # ------------------------------------------------------------------ state for checkpoints
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "sampler": self.sampler.state_dict(),
-                "kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict()}
+                "kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict(),
+                "bad_iterations": self.bad_iterations}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
         self.sampler.load_state_dict(state["sampler"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.score_moments.load_state_dict(state["score_moments"])
+        self.bad_iterations = int(state.get("bad_iterations", 0))

@@ -50,6 +50,18 @@ class MetricsSink:
         if self._tb is not None:
             self._tb.flush()
 
+    def truncate_from(self, iteration: int) -> None:
+        """Drop records of ``iteration`` and later (they will be redone after a restart from a
+        checkpoint), so the file keeps exactly one record per iteration."""
+        self._fh.close()
+        with open(self.path) as fh:
+            keep = [line for line in fh if line.strip() and json.loads(line)["iteration"] < iteration]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.writelines(keep)
+        os.replace(tmp, self.path)
+        self._fh = open(self.path, "a", buffering=1)
+
     def close(self) -> None:
         self._fh.close()
         if self._tb is not None:

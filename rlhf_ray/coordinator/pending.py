@@ -6,13 +6,31 @@ in-process fakes that return ``Done`` values, without Ray.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
 
 T = TypeVar("T")
 
+Source = tuple[str, int]  # (role, rank/index): ("rollout", 0), ("learner", 1), ("reward", 0)
+
+
+def describe(source: Source) -> str:
+    role, index = source
+    return {"rollout": f"rollout engine {index}", "learner": f"learner rank {index}"}.get(role, role)
+
 
 class RemoteCallError(RuntimeError):
-    """A remote role failed or timed out; the message names role, rank and phase."""
+    """A remote role failed. ``kind`` is "died" (actor process gone), "timeout" (no answer in
+    time) or "error" (the role raised); ``source`` names role and rank; ``what`` the call."""
+
+    def __init__(self, message: str, kind: str, source: Source, what: str) -> None:
+        super().__init__(message)
+        self.kind, self.source, self.what = kind, source, what
+        self.phase: str | None = None  # set by the coordinator
+
+    def __str__(self) -> str:
+        base = super().__str__()
+        return f"[phase {self.phase}] {base}" if self.phase else base
 
 
 class Pending(Protocol[T]):
@@ -30,29 +48,40 @@ class Done(Generic[T]):
 
 
 class RayPending(Generic[T]):
-    """ObjectRefs from one or more actors; ``result`` waits at most ``timeout_s`` and combines.
+    """ObjectRefs from one or more actors; ``result`` waits at most ``timeout_s`` in total and
+    combines the values. ``sources[i]`` is the (role, rank) that produced ``refs[i]``.
 
-    ``labels[i]`` names the role and rank that produced ``refs[i]`` (e.g. "learner rank 1")."""
+    Fails fast: the first actor death or remote exception raises at once, without waiting
+    for the other calls (which may be blocked on the dead peer)."""
 
-    def __init__(self, refs: Sequence[Any], labels: Sequence[str], what: str, timeout_s: float,
+    def __init__(self, refs: Sequence[Any], sources: Sequence[Source], what: str, timeout_s: float,
                  combine: Callable[[list[Any]], T] = lambda xs: xs) -> None:  # type: ignore[assignment,return-value]
-        self.refs, self.labels, self.what = list(refs), list(labels), what
+        self.refs, self.sources, self.what = list(refs), list(sources), what
         self.timeout_s, self.combine = timeout_s, combine
 
     def result(self) -> T:
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+        from ray.exceptions import RayActorError, RayTaskError
 
-        ready, not_ready = ray.wait(self.refs, num_returns=len(self.refs), timeout=self.timeout_s)
-        if not_ready:
-            late = [self.labels[self.refs.index(r)] for r in not_ready]
-            raise RemoteCallError(
-                f"{self.what}: no answer from {', '.join(late)} within {self.timeout_s:.0f} s "
-                "(raise --resources.call_timeout_s or --sync.timeout_s if the work is just slow).")
-        values = []
-        for ref, label in zip(self.refs, self.labels):
+        values: dict[int, Any] = {}
+        index = {ref: i for i, ref in enumerate(self.refs)}
+        waiting = list(self.refs)
+        deadline = time.monotonic() + self.timeout_s
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                late = ", ".join(describe(self.sources[index[r]]) for r in waiting)
+                raise RemoteCallError(
+                    f"{self.what}: no answer from {late} within {self.timeout_s:.0f} s (raise "
+                    "--resources.call_timeout_s or --sync.timeout_s if the work is just slow).",
+                    "timeout", self.sources[index[waiting[0]]], self.what)
+            i = index[ready[0]]
             try:
-                values.append(ray.get(ref))
-            except (RayActorError, RayTaskError, GetTimeoutError) as exc:
-                raise RemoteCallError(f"{self.what}: {label} failed: {exc}") from exc
-        return self.combine(values)
+                values[i] = ray.get(ready[0])
+            except RayActorError as exc:
+                raise RemoteCallError(f"{self.what}: {describe(self.sources[i])} died: {exc}", "died",
+                                      self.sources[i], self.what) from exc
+            except RayTaskError as exc:
+                raise RemoteCallError(f"{self.what}: {describe(self.sources[i])} failed: {exc}", "error",
+                                      self.sources[i], self.what) from exc
+        return self.combine([values[i] for i in range(len(self.refs))])

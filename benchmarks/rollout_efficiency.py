@@ -1,0 +1,146 @@
+"""Generate phase through the system vs the same vLLM engine called directly in this process.
+
+What it measures, for each size (prompts x samples per prompt x max new tokens), median over
+``--repeats`` after ``--warmup`` calls, the two paths alternating call by call so that load from
+other processes hits both alike:
+  * system: ``RolloutGroup.generate(...).result()`` on one ``RolloutActor`` (Ray actor, its
+    runtime_env as ``Roles`` sets it: 1 thread, in-process vLLM engine) followed by
+    ``pack_generation`` in the driver, i.e. the coordinator's generate phase;
+  * direct: ``vllm.LLM(**rlhf_ray.backends.vllm.engine_kwargs(cfg, ...))`` in this process (same
+    engine arguments, env and seed, 1 thread), ``llm.generate`` with the same token prompts and
+    the same ``SamplingParams`` as ``RolloutEngine.generate`` builds;
+  * in between: ``RolloutEngine.generate`` (the same plain class, no Ray) + ``pack_generation``
+    in this process, which adds only our output conversion and packing to ``direct``.
+Reported: seconds of each path, system / direct, and the split of the difference into output
+conversion + packing (in-process) and Ray (call, pickling the ragged ``Generation``, transfer);
+plus the pickled size of a ``Generation`` and the response tokens each path produced (sampling
+is random and the engines' random streams diverge, so counts differ a little between paths).
+
+What it leaves out: engine start-up, weight sync, prefix-cache effects across iterations
+(every call here reuses the same prompts, in both paths alike).
+
+Threads: this process and the actor both run vLLM with 1 OpenMP/torch thread
+(VLLM_CPU_OMP_THREADS_BIND=nobind), as the demo config's rollout role does.
+
+Run (repository root, ~2 minutes on 2 cores):
+    .venv/bin/python -m benchmarks.rollout_efficiency
+    .venv/bin/python -m benchmarks.rollout_efficiency --sizes 8x8x32,32x8x64 --repeats 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import time
+from typing import Any
+
+from benchmarks import _env
+from benchmarks.ppo_throughput import parse_size
+
+
+def make_config(model: str, prompts: int, samples: int, tokens: int):
+    return _env.bench_config(model, **{"rollout.prompts_per_iteration": prompts, "rollout.samples_per_prompt": samples,
+                                       "rollout.max_new_tokens": tokens, "learner.micro_batch_size": 1})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="8x8x32,16x8x32", help="PROMPTSxSAMPLESxTOKENS list (64x32, 128x32)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--quiet-wait", type=float, default=60.0)
+    ap.add_argument("--name", default="rollout_efficiency")
+    args = ap.parse_args()
+
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    model = _env.tiny_model()
+    # One engine config serves every size: max_model_len is the demo's 128 (prompts <= 48 tokens).
+    cfg = make_config(model, *sizes[0])
+    from rlhf_ray.backends.vllm import engine_env
+
+    os.environ.update(engine_env(cfg))  # before vllm is imported, as the actor's runtime_env does
+    threads = _env.set_threads(cfg.resources.rollout.threads)
+    quiet = _env.wait_for_quiet(args.quiet_wait)
+
+    import ray
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from rlhf_ray.batch import pack_generation
+    from rlhf_ray.coordinator.groups import RolloutGroup, base_env
+    from rlhf_ray.coordinator.run import prepare_inputs
+    from rlhf_ray.workers.rollout import RolloutActor, RolloutEngine, SamplingSpec
+
+    inputs = prepare_inputs(cfg)
+    _env.start_ray(num_cpus=4)
+    res = cfg.resources.rollout
+    actor = RolloutActor.options(num_cpus=res.num_cpus, max_concurrency=1, name="bench-rollout",
+                                 runtime_env={"env_vars": {**base_env(res.threads), **engine_env(cfg)}}).remote(cfg, 0)
+    group = RolloutGroup([actor], cfg.resources.call_timeout_s)
+    ray.get(actor.ping.remote())
+    local = RolloutEngine(cfg, 0)  # the same plain class, in this process; its LLM is the "direct" engine
+    _env.set_threads(cfg.resources.rollout.threads)
+
+    results = []
+    for size in sizes:
+        prompts_n, samples, tokens = size
+        spec = SamplingSpec.from_config(make_config(model, *size))
+        prompt_ids = [inputs.prompts.token_ids[i] for i in range(prompts_n)]
+        params = SamplingParams(n=spec.n, max_tokens=spec.max_new_tokens, temperature=spec.temperature,
+                                top_p=spec.top_p, top_k=spec.top_k, stop_token_ids=list(spec.stop_token_ids) or None,
+                                logprobs=0, detokenize=False)
+        token_prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
+        times: dict[str, list[float]] = {"system": [], "direct": [], "in_process_engine_and_pack": []}
+        tokens_per_call, direct_tokens, gen_bytes = [], [], 0
+        for rep in range(args.warmup + args.repeats):
+            t0 = time.perf_counter()
+            gen = group.generate(prompt_ids, spec).result()
+            pack_generation(gen, inputs.pad_id, inputs.eos_ids)
+            t_sys = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            outs = local.llm.generate(token_prompts, params, use_tqdm=False)
+            t_direct = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            gen_local = local.generate(prompt_ids, list(range(len(prompt_ids))), spec)
+            pack_generation(gen_local, inputs.pad_id, inputs.eos_ids)
+            t_local = time.perf_counter() - t0
+            if rep >= args.warmup:
+                times["system"].append(t_sys)
+                times["direct"].append(t_direct)
+                times["in_process_engine_and_pack"].append(t_local)
+                direct_tokens.append(sum(len(c.token_ids) for o in outs for c in o.outputs))
+                tokens_per_call.append(sum(len(r) for r in gen.response_ids))
+                gen_bytes = len(pickle.dumps(gen))
+        med = {k: _env.median(v) for k, v in times.items()}
+        results.append({
+            "size": f"{prompts_n}x{samples}x{tokens}", "samples": prompts_n * samples, "max_new_tokens": tokens,
+            "response_tokens_mean": _env.mean(tokens_per_call),
+            "median_s": med, "all_s": times,
+            "system_over_direct": med["system"] / med["direct"],
+            "conversion_and_pack_s": med["in_process_engine_and_pack"] - med["direct"],
+            "ray_s": med["system"] - med["in_process_engine_and_pack"],
+            "generation_pickle_bytes": gen_bytes,
+            "direct_response_tokens_mean": _env.mean(direct_tokens),
+            "direct_tokens_per_s": _env.mean(direct_tokens) / med["direct"],
+        })
+    ray.kill(actor)
+
+    rows = [{"samples x tok": f"{r['samples']}x{r['max_new_tokens']}", "tok system": r["response_tokens_mean"],
+             "tok direct": r["direct_response_tokens_mean"],
+             "direct s": r["median_s"]["direct"], "in-proc+pack s": r["median_s"]["in_process_engine_and_pack"],
+             "system s": r["median_s"]["system"], "system/direct": r["system_over_direct"],
+             "convert+pack s": r["conversion_and_pack_s"], "ray s": r["ray_s"],
+             "pickle KiB": r["generation_pickle_bytes"] / 1024}
+            for r in results]
+    _env.print_table(rows, title=f"\ngenerate: medians over {args.repeats} calls after {args.warmup} warm-up (seconds)")
+    key = {r["size"]: {"system_over_direct": round(r["system_over_direct"], 3),
+                       "direct_s": round(r["median_s"]["direct"], 4)} for r in results}
+    _env.save_results(args.name, {"args": vars(args), "threads": threads, "load": quiet, "loadavg_end": _env.loadavg(),
+                                  "engine_env": engine_env(cfg), "sizes": results}, key)
+
+
+if __name__ == "__main__":
+    main()

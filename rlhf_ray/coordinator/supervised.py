@@ -1,0 +1,206 @@
+"""Driver side of the SFT and reward-model stages, shared by ``train_sft``, ``train_rm`` and the
+pipeline: the CLI generated from a config tree, the trainer ranks as one group in a placement
+group, and the epoch loop (evaluate, train, evaluate, ..., save) with metrics.
+
+Per epoch one row goes to ``<train.output_dir>/metrics.jsonl`` (and TensorBoard if asked) and one
+line to the terminal; row 0 is the evaluation before any training. At the end the model is saved
+as a Hugging Face checkpoint in ``train.output_dir`` with ``train_summary.json`` beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+from rlhf_ray.config import ConfigError, RoleResources, config_to_dict, iter_fields, load_config, parse_overrides
+from rlhf_ray.coordinator.metrics import MetricsSink
+from rlhf_ray.coordinator.pending import RayPending
+from rlhf_ray.coordinator.placement import RolePlacement, actor_options, check_fits, create_groups
+
+
+def parse_cli(prog: str, description: str, cls: type, validator: Callable, argv: Sequence[str],
+              extra: Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[argparse.Namespace, Any]:
+    """``--config FILE [--section.field VALUE ...] [--dry-run] [--ray-address A]`` for the root
+    dataclass ``cls``; the help lists every field with its documentation."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Config fields (any of them as --section.field VALUE):\n" + "\n".join(
+            f"  --{name:<38} {doc} (default: {default!r})" for name, _, default, doc in iter_fields(cls)))
+    parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--ray-address", default=None,
+                        help="attach to this Ray cluster (default: RAY_ADDRESS or a new local one)")
+    if extra:
+        extra(parser)
+    args, rest = parser.parse_known_args(list(argv))
+    try:
+        cfg = load_config(args.config, parse_overrides(rest), cls=cls, validator=validator)
+    except ConfigError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    return args, cfg
+
+
+def _bundle(res: RoleResources) -> dict[str, float]:
+    out = {"CPU": float(res.num_cpus), "GPU": float(res.num_gpus), **{k: float(v) for k, v in res.custom.items()}}
+    return {k: v for k, v in out.items() if v > 0} or {"CPU": 0.01}
+
+
+class TrainerGroup:
+    """The ranks of one supervised trainer: one placement group (a bundle per rank), actors
+    named ``<name>-<role>-<rank>``, and calls that wait with a timeout and name a failing rank."""
+
+    def __init__(self, cfg, actor_cls, role: str, pad_id: int) -> None:
+        import ray
+
+        from rlhf_ray.coordinator.groups import base_env
+
+        self.cfg, self.role = cfg, role
+        self.timeout_s = cfg.train.call_timeout_s
+        n, res = cfg.learner.num_ranks, cfg.resources
+        plan = [RolePlacement(f"{cfg.name}-{role}", n, _bundle(res), "PACK")]
+        check_fits(plan, ray.cluster_resources())
+        self.pg = create_groups(plan, cfg.train.placement_timeout_s)[plan[0].role]
+        self.actors = [actor_cls.options(**actor_options(self.pg, i, res, f"{cfg.name}-{role}-{i}",
+                                                         base_env(res.threads))).remote(cfg, i, n, pad_id)
+                       for i in range(n)]
+
+    def _all(self, what: str, refs: list) -> list:
+        labels = [f"{self.role} rank {i}" for i in range(len(self.actors))]
+        return RayPending(refs, labels, f"{self.role} {what}", self.timeout_s).result()
+
+    def setup(self) -> list[dict]:
+        import ray
+
+        addr, port = ray.get(self.actors[0].master_address.remote(), timeout=self.timeout_s)
+        return self._all("set-up", [a.setup.remote(addr, port) for a in self.actors])
+
+    def set_data(self, train, eval_set) -> None:
+        import ray
+
+        train_ref, eval_ref = ray.put(train), ray.put(eval_set)  # one copy in the object store for all ranks
+        self._all("data loading", [a.set_data.remote(train_ref, eval_ref) for a in self.actors])
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        return self._all(f"epoch {epoch}", [a.train_epoch.remote(epoch) for a in self.actors])[0]
+
+    def evaluate(self) -> dict[str, float]:
+        return self._all("evaluation", [a.evaluate.remote() for a in self.actors])[0]
+
+    def save(self, out_dir: str, tokenizer_path: str) -> None:
+        self._all("save", [a.save.remote(out_dir, tokenizer_path) for a in self.actors])
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.pg)
+
+
+def format_row(row: dict[str, Any], keys: Sequence[str]) -> str:
+    parts = [f"epoch {row['epoch']}"]
+    parts += [f"{k} {row[k]:.4g}" for k in keys if k in row]
+    return "  ".join(parts)
+
+
+def fit(group: TrainerGroup, cfg, tokenizer_path: str, keys: Sequence[str],
+        log: Callable[[str], None] = print) -> list[dict]:
+    """Evaluate, then train and evaluate every epoch, then save; returns the rows written."""
+    out_dir = cfg.train.output_dir
+    os.makedirs(out_dir, exist_ok=True)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(metrics_path):
+        os.remove(metrics_path)  # the rows of this run only
+    sink = MetricsSink(out_dir, tensorboard=cfg.train.tensorboard, ray_metrics=False)
+    history = []
+    try:
+        for epoch in range(cfg.train.epochs + 1):
+            row: dict[str, Any] = {"epoch": epoch, "iteration": epoch}
+            if epoch > 0:
+                row.update(group.train_epoch(epoch))
+            row.update(group.evaluate())
+            history.append(row)
+            sink.write(row)
+            log(format_row(row, keys))
+            if epoch > 0 and row["train/steps"] == 0:  # train.max_steps reached
+                break
+    finally:
+        sink.close()
+    group.save(out_dir, tokenizer_path)
+    return history
+
+
+def summarize(history: list[dict], out_dir: str, seconds: float) -> dict[str, Any]:
+    """First/last training loss and the held-out metrics before and after training."""
+    trained = [r for r in history[1:] if r.get("train/steps")]
+    evals = lambda row: {k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")}  # noqa: E731
+    return {
+        "output_dir": os.path.abspath(out_dir),
+        "epochs": len(trained),
+        "steps": int(history[-1].get("step", 0)),
+        "train_loss_first_step": trained[0]["train/first_step_loss"] if trained else None,
+        "train_loss_first_epoch": trained[0]["train/loss"] if trained else None,
+        "train_loss_last_epoch": trained[-1]["train/loss"] if trained else None,
+        "eval_before": evals(history[0]),
+        "eval_after": evals(history[-1]),
+        "seconds": seconds,
+    }
+
+
+def run_supervised(cfg, actor_cls, role: str, train, eval_set, pad_id: int, tokenizer_path: str,
+                   keys: Sequence[str], ray_address: str | None = None) -> dict[str, Any]:
+    """Start (or attach to) Ray, run the trainer ranks through ``fit``, shut them down; returns
+    the summary, also written to ``<train.output_dir>/train_summary.json``."""
+    from rlhf_ray.coordinator.run import start_ray
+
+    start_ray(ray_address)
+    t0 = time.perf_counter()
+    group = TrainerGroup(cfg, actor_cls, role, pad_id)
+    try:
+        info = group.setup()
+        print(f"{role}: {len(info)} rank(s) up (ZeRO-{cfg.learner.zero_stage}, {info[0]['parameters']} parameters) "
+              f"in {time.perf_counter() - t0:.1f} s")
+        group.set_data(train, eval_set)
+        history = fit(group, cfg, tokenizer_path, keys)
+    finally:
+        group.shutdown()
+    summary = {"stage": role, **summarize(history, cfg.train.output_dir, time.perf_counter() - t0)}
+    with open(os.path.join(cfg.train.output_dir, "train_summary.json"), "w") as fh:
+        json.dump({**summary, "config": config_to_dict(cfg)}, fh, indent=2)
+    return summary
+
+
+# --------------------------------------------------------------------------- pre-flight (before Ray starts)
+
+
+def prepare_model(cfg) -> None:
+    """Build the tiny model if asked and missing; fail if ``model.path`` is no HF checkpoint."""
+    path = cfg.model.path
+    if cfg.model.build_tiny and not os.path.isfile(os.path.join(path, "config.json")):
+        from rlhf_ray.tiny_models import ensure_tiny_model
+
+        ensure_tiny_model(path, arch=cfg.model.build_tiny, seed=cfg.seed)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"model {path!r} is not a Hugging Face checkpoint (no config.json); point "
+                                "--model.path at a saved model directory (or set --model.build_tiny llama).")
+
+
+def prepare_demo_data(cfg) -> None:
+    """With ``data.demo`` and no ``data.train_path`` yet, write the offline demo set beside it."""
+    if cfg.data.demo and not os.path.isfile(cfg.data.train_path):
+        from rlhf_ray.data.demo_data import FILES, ensure_demo_data
+
+        if os.path.basename(cfg.data.train_path) not in FILES:
+            raise ConfigError(f"--data.demo writes {', '.join(FILES)}; --data.train_path "
+                              f"{cfg.data.train_path!r} is none of them.")
+        ensure_demo_data(os.path.dirname(cfg.data.train_path) or ".", seed=cfg.seed)
+
+
+def check_train_size(n_train: int, cfg, what: str) -> None:
+    if n_train < cfg.train.batch_size:
+        raise ValueError(f"only {n_train} training {what} after the length policy, fewer than one optimiser step "
+                         f"(--train.batch_size {cfg.train.batch_size}); add data or lower the batch size.")

@@ -1,0 +1,441 @@
+"""SFT examples and preference pairs from local JSONL or Parquet files.
+
+Reading goes through Hugging Face ``datasets`` (``Dataset.from_json`` / ``from_parquet``); field
+names come from the config, and records are rendered either as plain ``prompt`` + ``response``
+text or as chat messages through the tokenizer's chat template. Then the length policy
+(truncate / drop, both counted, or error) and tokenisation into padded tensors:
+
+- :class:`SFTBatch`: ``input_ids`` with a ``loss_mask`` that is True on response tokens only;
+- :class:`PairBatch`: chosen and rejected token ids of each pair, tokenised exactly as the PPO
+  reward actor tokenises ``prompt + response`` when it scores (``workers/frozen.py``), so the
+  reward model sees the same token sequences in training and in PPO.
+
+Every problem with a file (missing, empty, unreadable, a field absent, a record too long under
+``too_long: error``) raises :class:`DataError` naming the file, the record and the flag to change.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from rlhf_ray.train_config import PreferenceDataConfig, SFTDataConfig
+
+
+class DataError(ValueError):
+    """A data file or record that cannot be used; the message says which and how to fix it."""
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def file_format(path: str, fmt: str = "auto") -> str:
+    """"jsonl" or "parquet", from ``fmt`` or (auto) the file extension."""
+    if fmt != "auto":
+        return fmt
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".jsonl", ".json"):
+        return "jsonl"
+    if ext in (".parquet", ".pq"):
+        return "parquet"
+    raise DataError(f"cannot tell the format of {path!r} from its extension; use .jsonl or .parquet, "
+                    "or set --data.format jsonl|parquet.")
+
+
+def _is_empty(path: str, fmt: str) -> bool:
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows == 0
+        except Exception as exc:  # pyarrow raises several types for a corrupt file
+            raise DataError(f"{path!r} is not a readable Parquet file: {exc}") from None
+    with open(path, "rb") as fh:
+        return not any(line.strip() for line in fh)
+
+
+def read_records(path: str, fmt: str = "auto", flag: str = "--data.train_path"):
+    """A ``datasets.Dataset`` of the records in a JSONL or Parquet file (at least one)."""
+    import datasets
+
+    if not os.path.isfile(path):
+        raise DataError(f"data file {path!r} does not exist; set {flag} to a .jsonl or .parquet file "
+                        "(python -m rlhf_ray.data.demo_data --out DIR writes a demo set).")
+    fmt = file_format(path, fmt)
+    if _is_empty(path, fmt):
+        raise DataError(f"data file {path!r} holds no records; point {flag} at a non-empty file.")
+    datasets.disable_progress_bars()
+    try:
+        if fmt == "parquet":
+            return datasets.Dataset.from_parquet(path, keep_in_memory=True)
+        return datasets.Dataset.from_json(path, keep_in_memory=True)
+    except Exception as exc:  # datasets wraps parse errors in its own types; name the file instead
+        cause = exc.__cause__ or exc
+        raise DataError(f"cannot read {path!r} as {fmt}: {type(cause).__name__}: {cause}") from None
+
+
+def require_fields(ds, fields: dict[str, str], path: str) -> None:
+    """Every field (flag -> column) is a column and no record leaves it empty."""
+    for flag, name in fields.items():
+        if name not in ds.column_names:
+            raise DataError(f"{path!r} has no field {name!r} (columns: {ds.column_names}); set {flag} to the "
+                            "field that holds it.")
+        for i, value in enumerate(ds[name]):
+            if value is None:
+                raise DataError(f"{path!r} record {i} has no value for field {name!r} ({flag}).")
+
+
+def read_prompts(path: str, prompt_field: str = "prompt", fmt: str = "auto", template: str = "plain",
+                 tokenizer=None) -> list[str]:
+    """Prompt texts from a JSONL or Parquet file (plain text, or messages rendered as a chat
+    prompt that ends with the assistant's turn opening)."""
+    ds = read_records(path, fmt, flag="--data.prompts")
+    require_fields(ds, {"--data.prompt_field": prompt_field}, path)
+    if template == "chat":
+        return [render_chat(tokenizer, _as_messages(v, path, i, prompt_field), path, i)[0]
+                for i, v in enumerate(ds[prompt_field])]
+    return [str(v) for v in ds[prompt_field]]
+
+
+# --------------------------------------------------------------------------- chat rendering
+
+
+def _as_messages(value: Any, path: str, index: int, name: str) -> list[dict]:
+    """A message list from a field: a list of {role, content}, or a string (one user turn)."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                              for m in value):
+        raise DataError(f"{path!r} record {index}: field {name!r} must be a list of {{role, content}} messages "
+                        f"for --data.template chat, got {str(value)[:80]!r}.")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def render_chat(tokenizer, messages: list[dict], path: str, index: int) -> tuple[str, str]:
+    """(prompt text, response text) of a conversation whose last turn is the assistant's.
+
+    The prompt is the template applied to every turn but the last with the generation prompt
+    (what a policy sees at generation time); the response is the rest of the full rendering,
+    including whatever closes the assistant turn."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DataError("--data.template chat needs a tokenizer with a chat template, and this model's has "
+                        "none; use --data.template plain or add chat_template to tokenizer_config.json.")
+    if not messages or messages[-1]["role"] != "assistant":
+        raise DataError(f"{path!r} record {index}: the conversation must end with an assistant message "
+                        "(the response to learn or score).")
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise DataError(f"{path!r} record {index}: the chat template does not render the prompt as a prefix "
+                        "of the conversation, so the response tokens cannot be located.")
+    return prompt, full[len(prompt):]
+
+
+# --------------------------------------------------------------------------- length policy
+
+
+@dataclass
+class LengthStats:
+    """What the length policy did to one split's records."""
+
+    records: int = 0
+    kept: int = 0
+    truncated: int = 0  # kept, but cut to max_len
+    dropped: int = 0  # too long (drop), or nothing of the response left after truncation
+
+    def describe(self) -> str:
+        return f"{self.kept}/{self.records} kept, {self.truncated} truncated, {self.dropped} dropped"
+
+
+def _apply_limit(n_prompt: int, ids: list[int], max_len: int, policy: str,
+                 where: str) -> tuple[list[int] | None, bool]:
+    """(ids within ``max_len`` or None when dropped, whether they were cut). Prompt tokens come
+    first; truncation keeps the prompt and cuts the response's end, and a record whose prompt
+    alone fills ``max_len`` is dropped (nothing would be left to learn or score)."""
+    if len(ids) <= max_len:
+        return ids, False
+    if policy == "error":
+        raise DataError(f"{where} has {len(ids)} tokens, more than --data.max_len {max_len}; raise the limit or "
+                        "set --data.too_long truncate|drop.")
+    if policy == "drop" or n_prompt >= max_len:
+        return None, False
+    return ids[:max_len], True
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id used for padding: the tokenizer's pad token, else its EOS."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise DataError("the tokenizer has neither a pad nor an EOS token; set pad_token in tokenizer_config.json.")
+    return int(pad)
+
+
+def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (N, L) int64 ids and the bool (N, L) attention mask."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = True
+    return ids, mask
+
+
+def _trim_width(mask: torch.Tensor) -> int:
+    return int(mask.sum(dim=1).max()) if mask.numel() else 0
+
+
+# --------------------------------------------------------------------------- SFT examples
+
+
+@dataclass
+class SFTBatch:
+    """Right-padded SFT examples. N sequences, L positions."""
+
+    input_ids: torch.Tensor  # (N, L) int64, pad id beyond each sequence
+    attention_mask: torch.Tensor  # (N, L) bool, True = real token
+    loss_mask: torch.Tensor  # (N, L) bool, True = a response token (a target of the loss)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> "SFTBatch":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return SFTBatch(self.input_ids[index], self.attention_mask[index], self.loss_mask[index])
+
+    def trim(self) -> "SFTBatch":
+        """Drop columns that are padding in every row."""
+        w = _trim_width(self.attention_mask)
+        return SFTBatch(self.input_ids[:, :w], self.attention_mask[:, :w], self.loss_mask[:, :w])
+
+    def num_target_tokens(self) -> int:
+        """Tokens the loss counts: response tokens that have a preceding position to predict them."""
+        return int(self.loss_mask[:, 1:].sum())
+
+
+def tokenize_sft(pairs: Sequence[tuple[str, str]], tokenizer, max_len: int, too_long: str, add_eos: bool,
+                 chat: bool, where: str) -> tuple[SFTBatch, LengthStats]:
+    """Tokenise (prompt, response) texts; the prompt gets the tokenizer's special tokens (plain),
+    or none (chat: the template wrote them); the response none, plus EOS if ``add_eos``."""
+    stats = LengthStats(records=len(pairs))
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=not chat)["input_ids"]
+    responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    rows, masks = [], []
+    for i, (p_ids, r_ids) in enumerate(zip(prompts, responses)):
+        r_ids = list(r_ids)
+        if add_eos and eos is not None and (not r_ids or r_ids[-1] != eos):
+            r_ids.append(eos)
+        if not r_ids or not p_ids:  # nothing to learn, or no position to predict the first token from
+            stats.dropped += 1
+            continue
+        ids, cut = _apply_limit(len(p_ids), list(p_ids) + r_ids, max_len, too_long, f"{where} record {i}")
+        if ids is None:
+            stats.dropped += 1
+            continue
+        stats.truncated += cut
+        rows.append(ids)
+        masks.append([False] * len(p_ids) + [True] * (len(ids) - len(p_ids)))
+        stats.kept += 1
+    ids_t, attn = _pad(rows, pad_token_id(tokenizer))
+    loss_mask = torch.zeros_like(attn)
+    for i, m in enumerate(masks):
+        loss_mask[i, :len(m)] = torch.tensor(m, dtype=torch.bool)
+    return SFTBatch(ids_t, attn, loss_mask), stats
+
+
+def sft_texts(ds, cfg: SFTDataConfig, tokenizer, path: str) -> list[tuple[str, str]]:
+    """(prompt, response) texts of every record, per ``data.template``."""
+    if cfg.template == "chat":
+        require_fields(ds, {"--data.messages_field": cfg.messages_field}, path)
+        return [render_chat(tokenizer, _as_messages(m, path, i, cfg.messages_field), path, i)
+                for i, m in enumerate(ds[cfg.messages_field])]
+    require_fields(ds, {"--data.prompt_field": cfg.prompt_field, "--data.response_field": cfg.response_field}, path)
+    return [(str(p), str(r)) for p, r in zip(ds[cfg.prompt_field], ds[cfg.response_field])]
+
+
+# --------------------------------------------------------------------------- preference pairs
+
+
+@dataclass
+class PairBatch:
+    """Right-padded preference pairs. N pairs; each side padded to its own width."""
+
+    chosen_ids: torch.Tensor  # (N, Lc) int64
+    chosen_mask: torch.Tensor  # (N, Lc) bool, True = real token
+    rejected_ids: torch.Tensor  # (N, Lr) int64
+    rejected_mask: torch.Tensor  # (N, Lr) bool
+    margin: torch.Tensor | None = None  # (N,) float32, or None for no margin
+
+    def __len__(self) -> int:
+        return self.chosen_ids.shape[0]
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> "PairBatch":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return PairBatch(self.chosen_ids[index], self.chosen_mask[index], self.rejected_ids[index],
+                         self.rejected_mask[index], None if self.margin is None else self.margin[index])
+
+    def trim(self) -> "PairBatch":
+        wc, wr = _trim_width(self.chosen_mask), _trim_width(self.rejected_mask)
+        return PairBatch(self.chosen_ids[:, :wc], self.chosen_mask[:, :wc], self.rejected_ids[:, :wr],
+                         self.rejected_mask[:, :wr], self.margin)
+
+    def stacked(self, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chosen rows then rejected rows as one (2N, L) batch (ids, bool mask): one forward pass."""
+        w = max(self.chosen_ids.shape[1], self.rejected_ids.shape[1])
+
+        def widen(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            extra = w - ids.shape[1]
+            return (torch.nn.functional.pad(ids, (0, extra), value=pad_id),
+                    torch.nn.functional.pad(mask, (0, extra), value=False))
+
+        (ci, cm), (ri, rm) = widen(self.chosen_ids, self.chosen_mask), widen(self.rejected_ids, self.rejected_mask)
+        return torch.cat([ci, ri]), torch.cat([cm, rm])
+
+
+@dataclass
+class PreferenceTexts:
+    """Texts of each pair as the reward model reads them: prompt + response, and the prompt alone."""
+
+    prompts: list[str]
+    chosen: list[str]
+    rejected: list[str]
+    margins: list[float] | None = field(default=None)
+
+
+def preference_texts(ds, cfg: PreferenceDataConfig, tokenizer, path: str) -> PreferenceTexts:
+    sides = {"--data.chosen_field": cfg.chosen_field, "--data.rejected_field": cfg.rejected_field}
+    margins = None
+    if cfg.margin_field:
+        require_fields(ds, {"--data.margin_field": cfg.margin_field}, path)
+        margins = [float(m) for m in ds[cfg.margin_field]]
+    if cfg.template == "chat":
+        require_fields(ds, sides, path)
+        has_prompt = cfg.prompt_field in ds.column_names
+        out = PreferenceTexts([], [], [], margins)
+        for i, rec in enumerate(ds):
+            head = _as_messages(rec[cfg.prompt_field], path, i, cfg.prompt_field) if has_prompt else []
+            full = []
+            for name in (cfg.chosen_field, cfg.rejected_field):
+                side = rec[name]
+                if isinstance(side, str) and not head:
+                    raise DataError(f"{path!r} record {i}: {name!r} is a plain response but the record has no "
+                                    f"prompt field {cfg.prompt_field!r}; give messages or set --data.prompt_field.")
+                turns = [{"role": "assistant", "content": side}] if isinstance(side, str) else \
+                    _as_messages(side, path, i, name)
+                prompt, response = render_chat(tokenizer, head + turns, path, i)
+                full.append(prompt + response)
+            out.prompts.append(prompt)
+            out.chosen.append(full[0])
+            out.rejected.append(full[1])
+        return out
+    require_fields(ds, {"--data.prompt_field": cfg.prompt_field, **sides}, path)
+    prompts = [str(p) for p in ds[cfg.prompt_field]]
+    return PreferenceTexts(prompts, [p + str(c) for p, c in zip(prompts, ds[cfg.chosen_field])],
+                           [p + str(r) for p, r in zip(prompts, ds[cfg.rejected_field])], margins)
+
+
+def tokenize_pairs(texts: PreferenceTexts, tokenizer, max_len: int, too_long: str, chat: bool,
+                   where: str) -> tuple[PairBatch, LengthStats]:
+    """Tokenise both sides of each pair; a pair is kept or dropped as a whole."""
+    stats = LengthStats(records=len(texts.prompts))
+    special = not chat  # the reward actor calls tokenizer(prompt + response) with the defaults
+    n_prompt = [len(x) for x in tokenizer(texts.prompts, add_special_tokens=special)["input_ids"]]
+    chosen = tokenizer(texts.chosen, add_special_tokens=special)["input_ids"]
+    rejected = tokenizer(texts.rejected, add_special_tokens=special)["input_ids"]
+    keep_c, keep_r, keep_m = [], [], []
+    for i, (n_p, c, r) in enumerate(zip(n_prompt, chosen, rejected)):
+        c2, cut_c = _apply_limit(n_p, list(c), max_len, too_long, f"{where} pair {i} (chosen)")
+        r2, cut_r = _apply_limit(n_p, list(r), max_len, too_long, f"{where} pair {i} (rejected)")
+        if c2 is None or r2 is None:
+            stats.dropped += 1
+            continue
+        stats.truncated += cut_c or cut_r
+        keep_c.append(c2)
+        keep_r.append(r2)
+        if texts.margins is not None:
+            keep_m.append(texts.margins[i])
+        stats.kept += 1
+    pad = pad_token_id(tokenizer)
+    (ci, cm), (ri, rm) = _pad(keep_c, pad), _pad(keep_r, pad)
+    margin = torch.tensor(keep_m, dtype=torch.float32) if texts.margins is not None else None
+    return PairBatch(ci, cm, ri, rm, margin), stats
+
+
+# --------------------------------------------------------------------------- train / eval splits
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic (train, eval) record indices; eval gets round(n * fraction), at least 1 if
+    fraction > 0, and train keeps at least one record."""
+    if fraction <= 0:
+        return list(range(n)), []
+    n_eval = min(max(1, round(n * fraction)), n - 1)
+    if n_eval < 1:
+        raise DataError(f"only {n} record(s): too few to hold out --data.eval_fraction {fraction}; "
+                        "add records or set --data.eval_path.")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+def _splits(cfg, seed: int):
+    """(train dataset, eval dataset or None, path of each) per eval_path / eval_fraction."""
+    train = read_records(cfg.train_path, cfg.format, "--data.train_path")
+    if cfg.eval_path:
+        return train, read_records(cfg.eval_path, cfg.format, "--data.eval_path"), cfg.train_path, cfg.eval_path
+    tr, ev = holdout_split(len(train), cfg.eval_fraction, seed)
+    held = train.select(ev) if ev else None
+    return train.select(tr), held, cfg.train_path, f"{cfg.train_path} (held out)"
+
+
+@dataclass
+class SFTData:
+    train: SFTBatch
+    eval: SFTBatch | None
+    stats: dict[str, LengthStats]  # "train", "eval"
+
+
+@dataclass
+class PreferenceData:
+    train: PairBatch
+    eval: PairBatch | None
+    stats: dict[str, LengthStats]
+
+
+def _check_nonempty(stats: LengthStats, where: str) -> None:
+    if stats.kept == 0:
+        raise DataError(f"no record of {where} is left after the length policy ({stats.describe()}); raise "
+                        "--data.max_len or set --data.too_long truncate.")
+
+
+def load_sft_data(cfg: SFTDataConfig, tokenizer, seed: int) -> SFTData:
+    """Read, render, length-limit and tokenise the SFT train and eval sets."""
+    train_ds, eval_ds, train_where, eval_where = _splits(cfg, seed)
+    chat = cfg.template == "chat"
+    out, stats = {}, {}
+    for name, ds, where in (("train", train_ds, train_where), ("eval", eval_ds, eval_where)):
+        if ds is None:
+            continue
+        out[name], stats[name] = tokenize_sft(sft_texts(ds, cfg, tokenizer, where), tokenizer, cfg.max_len,
+                                              cfg.too_long, cfg.add_eos, chat, where)
+        _check_nonempty(stats[name], where)
+    return SFTData(out["train"], out.get("eval"), stats)
+
+
+def load_preference_data(cfg: PreferenceDataConfig, tokenizer, seed: int) -> PreferenceData:
+    """Read, render, length-limit and tokenise the preference train and eval pairs."""
+    train_ds, eval_ds, train_where, eval_where = _splits(cfg, seed)
+    chat = cfg.template == "chat"
+    out, stats = {}, {}
+    for name, ds, where in (("train", train_ds, train_where), ("eval", eval_ds, eval_where)):
+        if ds is None:
+            continue
+        texts = preference_texts(ds, cfg, tokenizer, where)
+        out[name], stats[name] = tokenize_pairs(texts, tokenizer, cfg.max_len, cfg.too_long, chat, where)
+        _check_nonempty(stats[name], where)
+    return PreferenceData(out["train"], out.get("eval"), stats)

@@ -1,0 +1,233 @@
+"""Config trees of the two stages before PPO: supervised fine-tuning and reward-model training.
+
+Same conventions as ``config.py`` (frozen dataclasses, the string literal under a field is its
+``--help`` text, YAML plus ``--section.field value`` overrides, one ``ConfigError`` listing every
+problem before anything starts). The learner section (``LearnerConfig``) and the per-rank
+resources (``RoleResources``) are the PPO tree's own; the data and training sections are new.
+
+Batch sizes: ``train.batch_size`` sequences (SFT) or pairs (RM) per optimiser step over all
+ranks; each rank takes ``batch_size / learner.num_ranks`` of them in micro-batches of
+``learner.micro_batch_size``. Both divisions must be exact (see :func:`resolve_trainer`).
+
+This module imports only the standard library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlhf_ray.config import ConfigError, LearnerConfig, RoleResources, get_path
+
+
+@dataclass(frozen=True)
+class TrainModelConfig:
+    path: str = "artifacts/tiny-llama"
+    """Starting checkpoint (Hugging Face directory): the base model for SFT, usually the SFT output for the RM."""
+    build_tiny: str | None = None
+    """If "llama" or "qwen2" and `path` holds no model yet, build a tiny offline causal LM there first (demo/tests)."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 or bfloat16 (bfloat16 needs a GPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+
+@dataclass(frozen=True)
+class SFTDataConfig:
+    train_path: str = "artifacts/demo_data/sft.jsonl"
+    """Training records: a .jsonl or .parquet file (read with Hugging Face `datasets`)."""
+    eval_path: str | None = None
+    """Held-out records; unset: hold out data.eval_fraction of train_path."""
+    eval_fraction: float = 0.1
+    """Share of train_path held out for evaluation when data.eval_path is unset (0: no evaluation)."""
+    format: str = "auto"
+    """File format: auto (from the extension), jsonl or parquet."""
+    template: str = "plain"
+    """plain: prompt + response text fields. chat: a list of messages rendered with the tokenizer's chat template."""
+    prompt_field: str = "prompt"
+    """Field with the prompt text (template plain)."""
+    response_field: str = "response"
+    """Field with the response text (template plain); the loss covers only its tokens."""
+    messages_field: str = "messages"
+    """Field with the chat messages [{role, content}, ...] ending in an assistant turn (template chat)."""
+    max_len: int = 128
+    """Longest tokenised prompt + response; longer records are handled per data.too_long."""
+    too_long: str = "truncate"
+    """Records over data.max_len: truncate (cut the response end; counted), drop (counted) or error."""
+    add_eos: bool = True
+    """Append the tokenizer's EOS to each response (unless it already ends with it), so the model learns to stop."""
+    demo: bool = False
+    """If true and data.train_path does not exist, write the offline demo data set into its directory first."""
+
+
+@dataclass(frozen=True)
+class PreferenceDataConfig:
+    train_path: str = "artifacts/demo_data/preference.jsonl"
+    """Training pairs: a .jsonl or .parquet file (read with Hugging Face `datasets`)."""
+    eval_path: str | None = None
+    """Held-out pairs; unset: hold out data.eval_fraction of train_path."""
+    eval_fraction: float = 0.1
+    """Share of train_path held out for the pairwise accuracy when data.eval_path is unset."""
+    format: str = "auto"
+    """File format: auto (from the extension), jsonl or parquet."""
+    template: str = "plain"
+    """plain: prompt + chosen/rejected text fields. chat: chosen/rejected are message lists rendered with the chat template."""
+    prompt_field: str = "prompt"
+    """Field with the prompt (text for plain; optional leading messages for chat)."""
+    chosen_field: str = "chosen"
+    """Field with the preferred response (text, or messages ending in an assistant turn for chat)."""
+    rejected_field: str = "rejected"
+    """Field with the other response."""
+    margin_field: str | None = None
+    """Optional field with a per-pair margin m: the loss then asks for r_chosen - r_rejected > m."""
+    max_len: int = 128
+    """Longest tokenised prompt + response of either side; longer pairs are handled per data.too_long."""
+    too_long: str = "truncate"
+    """Pairs over data.max_len: truncate (cut the response end; counted), drop (counted) or error."""
+    demo: bool = False
+    """If true and data.train_path does not exist, write the offline demo data set into its directory first."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    """Passes over the training set."""
+    batch_size: int = 32
+    """Sequences (SFT) or pairs (RM) per optimiser step, over all ranks; the last partial batch of an epoch is skipped."""
+    max_steps: int = 0
+    """Stop after this many optimiser steps in total (0: no limit); for smoke tests."""
+    shuffle: bool = True
+    """Reshuffle the training set every epoch (seeded by the run's seed)."""
+    output_dir: str = "artifacts/sft"
+    """Where the trained model is saved as a standard Hugging Face checkpoint, with its tokenizer and metrics.jsonl."""
+    tensorboard: bool = False
+    """Also write the per-epoch metrics as TensorBoard events under <output_dir>/tensorboard."""
+    placement_timeout_s: float = 120.0
+    """Give up with an error if the trainer ranks' placement group is not ready by then."""
+    call_timeout_s: float = 1800.0
+    """Timeout of any single remote call (set-up, one epoch, evaluation, saving)."""
+
+
+@dataclass(frozen=True)
+class SFTRunConfig:
+    name: str = "sft"
+    """Run name, used in actor names and logs."""
+    seed: int = 0
+    """Seed for the data split, data order and initialisation."""
+    model: TrainModelConfig = field(default_factory=TrainModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    resources: RoleResources = field(default_factory=RoleResources)
+
+
+@dataclass(frozen=True)
+class RMRunConfig:
+    name: str = "rm"
+    """Run name, used in actor names and logs."""
+    seed: int = 0
+    """Seed for the data split, data order and the score head's initialisation."""
+    model: TrainModelConfig = field(default_factory=TrainModelConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="artifacts/rm"))
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    resources: RoleResources = field(default_factory=RoleResources)
+
+
+TrainerRunConfig = SFTRunConfig | RMRunConfig
+
+
+# --------------------------------------------------------------------------- derived sizes
+
+
+@dataclass(frozen=True)
+class TrainerSizes:
+    """Per-rank sizes derived once from the config (counts are sequences or pairs)."""
+
+    per_rank_batch: int  # train.batch_size / learner.num_ranks
+    grad_accum_steps: int  # micro-batches per rank per optimiser step
+
+
+def resolve_trainer(cfg: TrainerRunConfig) -> TrainerSizes:
+    """Derive per-rank sizes; ConfigError naming the flags when a division is not exact."""
+    b, lrn = cfg.train.batch_size, cfg.learner
+    errors = []
+    if b % lrn.num_ranks:
+        errors.append(f"--train.batch_size {b} is not divisible by --learner.num_ranks {lrn.num_ranks}; "
+                      "change one of them.")
+    elif (b // lrn.num_ranks) % lrn.micro_batch_size:
+        errors.append(f"per-rank batch {b // lrn.num_ranks} (--train.batch_size {b} / --learner.num_ranks "
+                      f"{lrn.num_ranks}) is not divisible by --learner.micro_batch_size {lrn.micro_batch_size}; "
+                      "change one of them.")
+    if errors:
+        raise ConfigError("batch sizes do not divide:\n  - " + "\n  - ".join(errors))
+    per_rank = b // lrn.num_ranks
+    return TrainerSizes(per_rank, per_rank // lrn.micro_batch_size)
+
+
+# --------------------------------------------------------------------------- validation
+
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.build_tiny": (None, "llama", "qwen2"),
+    "model.dtype": ("float32", "bfloat16"),
+    "data.format": ("auto", "jsonl", "parquet"),
+    "data.template": ("plain", "chat"),
+    "data.too_long": ("truncate", "drop", "error"),
+    "learner.zero_stage": (0, 1, 2, 3),
+    "learner.optimizer": ("adamw", "sgd"),
+}
+
+_POSITIVE = ["data.max_len", "train.epochs", "train.batch_size", "train.placement_timeout_s",
+             "train.call_timeout_s", "learner.num_ranks", "learner.micro_batch_size",
+             "learner.forward_batch_size", "learner.lr"]
+
+
+def _common_errors(cfg: TrainerRunConfig) -> list[str]:
+    errors = []
+    for key, choices in _CHOICES.items():
+        if get_path(cfg, key) not in choices:
+            errors.append(f"--{key} is {get_path(cfg, key)!r}; choose one of {list(choices)}.")
+    for key in _POSITIVE:
+        if not get_path(cfg, key) > 0:
+            errors.append(f"--{key} must be > 0 (got {get_path(cfg, key)!r}).")
+    if cfg.train.max_steps < 0:
+        errors.append("--train.max_steps must be >= 0 (0: no limit).")
+    if not 0 <= cfg.data.eval_fraction < 1:
+        errors.append(f"--data.eval_fraction must be in [0, 1) (got {cfg.data.eval_fraction}).")
+    if cfg.learner.value_head_lr is not None:
+        errors.append("--learner.value_head_lr has no effect here (no value head); unset it.")
+    if cfg.learner.warmup_steps < 0:
+        errors.append("--learner.warmup_steps must be >= 0.")
+    r = cfg.resources
+    if r.num_cpus < 0 or r.num_gpus < 0 or r.threads < 1:
+        errors.append("--resources: num_cpus/num_gpus must be >= 0 and threads >= 1.")
+    if not cfg.train.output_dir:
+        errors.append("--train.output_dir must name a directory for the trained model.")
+    try:
+        resolve_trainer(cfg)
+    except ConfigError as exc:
+        errors.append(str(exc))
+    return errors
+
+
+def _raise(errors: list[str]) -> None:
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def validate_sft(cfg: SFTRunConfig) -> TrainerSizes:
+    """Check an SFT config as a whole; one ConfigError lists every problem."""
+    _raise(_common_errors(cfg))
+    return resolve_trainer(cfg)
+
+
+def validate_rm(cfg: RMRunConfig) -> TrainerSizes:
+    """Check a reward-model config as a whole; one ConfigError lists every problem."""
+    errors = _common_errors(cfg)
+    if cfg.data.eval_path is None and cfg.data.eval_fraction <= 0:
+        errors.append("the reward model reports held-out pairwise accuracy: set --data.eval_fraction > 0 "
+                      "or --data.eval_path.")
+    if cfg.data.chosen_field == cfg.data.rejected_field:
+        errors.append(f"--data.chosen_field and --data.rejected_field are both {cfg.data.chosen_field!r}.")
+    _raise(errors)
+    return resolve_trainer(cfg)

@@ -1,0 +1,278 @@
+"""Supervised trainer roles: one DeepSpeed ZeRO rank of SFT or reward-model training.
+
+``SupervisedTrainer`` holds everything the two share (joining the group, the ZeRO config,
+loading the model sharded under ZeRO-3, the optimiser, the epoch loop with gradient
+accumulation, evaluation in lock-step, saving a Hugging Face checkpoint). A subclass adds only
+its model class and its loss: ``SFTTrainer`` (``AutoModelForCausalLM``, loss on response tokens)
+and ``RewardModelTrainer`` (``AutoModelForSequenceClassification`` with one label, pairwise loss).
+
+Every rank receives the whole (small, tokenised) data set once and takes its own slice of each
+optimiser step from a permutation all ranks compute alike, so no data moves per step.
+
+Loss normalisation, as in the PPO learner: a loss is a sum over units (target tokens or pairs)
+divided by the unit count of the whole optimiser step over all ranks (one all-reduce per epoch);
+DeepSpeed averages gradients over ranks, so each rank scales its loss by the world size and
+backpropagates without DeepSpeed's 1/accumulation scaling. The sum is the full-batch gradient
+however the batch is split over ranks and micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import ray
+import torch
+import torch.distributed as dist
+
+from rlhf_ray.algorithms.pairwise import pairwise_loss, sft_loss
+from rlhf_ray.backends import deepspeed as ds
+from rlhf_ray.config import LearnerConfig
+from rlhf_ray.data.datasets import PairBatch, SFTBatch
+from rlhf_ray.train_config import TrainerRunConfig, TrainerSizes, resolve_trainer
+from rlhf_ray.weight_sync.transport import free_port
+from rlhf_ray.workers.base import RoleBase
+
+
+def trainer_ds_config(learner: LearnerConfig, sizes: TrainerSizes, dtype: str) -> dict:
+    """DeepSpeed config for a supervised trainer (``backends.deepspeed.ds_config`` is the PPO
+    learner's: it derives accumulation from rollout sizes)."""
+    zero: dict = {"stage": learner.zero_stage}
+    if learner.zero_stage == 3:
+        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=int(5e7))
+    if learner.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": learner.micro_batch_size,
+        "gradient_accumulation_steps": sizes.grad_accum_steps,
+        "train_batch_size": sizes.per_rank_batch * learner.num_ranks,
+        "gradient_clipping": learner.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_optimizer(model: torch.nn.Module, learner: LearnerConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if learner.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=learner.lr, weight_decay=learner.weight_decay)
+    return torch.optim.AdamW(params, lr=learner.lr, betas=learner.adam_betas, weight_decay=learner.weight_decay)
+
+
+class SupervisedTrainer(RoleBase):
+    """One data-parallel rank. Subclasses set ``metric_keys`` and implement ``_load_model``,
+    ``_units`` and ``_loss``."""
+
+    role = "trainer"
+    metric_keys: tuple[str, ...] = ()  # sums returned by ``_loss`` besides "units"
+
+    def __init__(self, cfg: TrainerRunConfig, rank: int, world_size: int, pad_id: int) -> None:
+        super().__init__(cfg, rank, cfg.resources.threads)  # type: ignore[arg-type]
+        self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
+        self.sizes = resolve_trainer(cfg)
+        self.engine = None
+        self.train_set = self.eval_set = None
+        self.global_step = 0
+
+    # ------------------------------------------------------------------ set-up
+    def master_address(self) -> tuple[str, int]:
+        """Where the group (rank 0) listens; call on rank 0 before ``setup``."""
+        return self.node_ip(), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        """Join the group, load the model (sharded under ZeRO-3) and build the engine."""
+        import deepspeed
+
+        ds.init_distributed(master_addr, master_port, self.rank, self.world_size)
+        m, lrn = self.cfg.model, self.cfg.learner
+        conf = trainer_ds_config(lrn, self.sizes, m.dtype)
+        torch.manual_seed(self.cfg.seed)  # a newly initialised head starts identical on every rank
+        dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
+        with ds.zero3_loading(conf):
+            model = self._load_model(m.path, dtype)
+        if m.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        optimizer = build_optimizer(model, lrn)
+        scheduler = ds.warmup_scheduler(optimizer, lrn.warmup_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
+        n = sum(int(getattr(p, "ds_numel", p.numel())) for p in self.engine.module.parameters())
+        return {"rank": self.rank, "parameters": n, "zero_stage": lrn.zero_stage}
+
+    def set_data(self, train, eval_set) -> int:
+        """Keep the tokenised train and eval sets (every rank gets all; it slices its own part)."""
+        self.train_set, self.eval_set = train, eval_set
+        return len(train)
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _load_model(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def _units(self, batch) -> int:
+        """What the loss is normalised by: target tokens (SFT) or pairs (RM)."""
+        raise NotImplementedError
+
+    def _loss(self, batch, num_units: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss summed over ``batch``'s units / ``num_units``, detached metric SUMS over its units)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ training
+    def _step_slices(self, epoch: int) -> list:
+        """This rank's part of each optimiser step of ``epoch`` (the same plan on every rank)."""
+        n, b, per = len(self.train_set), self.cfg.train.batch_size, self.sizes.per_rank_batch
+        if self.cfg.train.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch))
+        else:
+            order = torch.arange(n)
+        steps = n // b
+        if self.cfg.train.max_steps:
+            steps = max(0, min(steps, self.cfg.train.max_steps - self.global_step))
+        return [self.train_set.select(order[s * b + self.rank * per: s * b + (self.rank + 1) * per])
+                for s in range(steps)]
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training set; returns metrics over all ranks (same on every rank)."""
+        self.engine.train()
+        t0 = time.perf_counter()
+        steps = self._step_slices(epoch)
+        first_step = self.global_step
+        counts = self._all_reduce([float(self._units(s)) for s in steps])
+        sums: dict[str, torch.Tensor] = {}  # detached tensors until the end: no host sync per micro-batch
+        first_loss = torch.zeros((), dtype=torch.float64)
+        mb = self.cfg.learner.micro_batch_size
+        for step, count in zip(steps, counts):
+            step_loss = torch.zeros((), dtype=torch.float64)
+            for i in range(0, len(step), mb):
+                micro = step.select(range(i, min(i + mb, len(step)))).trim()
+                loss, stats = self._loss(micro, count)
+                # Undo DeepSpeed's mean over ranks; the step's unit count already normalises.
+                self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+                self.engine.step()
+                step_loss += loss.detach()
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            if self.global_step == first_step:
+                first_loss = step_loss
+            self.global_step += 1
+        keys = ["units", *self.metric_keys]
+        totals = self._all_reduce([float(sums.get(k, 0.0)) for k in keys] + [float(first_loss)])
+        units = totals[0]
+        out = {f"train/{k}": v / max(units, 1.0) for k, v in zip(keys[1:], totals[1:-1])}
+        out.update({"train/first_step_loss": totals[-1] if steps else math.nan, "train/steps": float(len(steps)),
+                    "train/units": units, "step": float(self.global_step),
+                    "lr": float(self.optimizer.param_groups[0]["lr"]), "train/seconds": time.perf_counter() - t0})
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Metrics on the held-out set over all ranks. Every rank runs the same number of forward
+        passes (a short rank repeats a row and ignores it): ZeRO-3 gathers are collective."""
+        if self.eval_set is None or len(self.eval_set) == 0:
+            return {}
+        self.engine.eval()
+        mine = self.eval_set.select(range(self.rank, len(self.eval_set), self.world_size))
+        longest = -(-len(self.eval_set) // self.world_size)
+        fb = self.cfg.learner.forward_batch_size
+        sums: dict[str, torch.Tensor] = {}
+        for i in range(0, longest, fb):
+            if i < len(mine):
+                chunk = mine.select(range(i, min(i + fb, len(mine)))).trim()
+                _, stats = self._loss(chunk, float(max(self._units(chunk), 1)))
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            else:
+                self._loss(self.eval_set.select([0]).trim(), 1.0)
+        keys = ["units", *self.metric_keys]
+        totals = dict(zip(keys, self._all_reduce([float(sums.get(k, 0.0)) for k in keys])))
+        self.engine.train()
+        return {f"eval/{k}": totals[k] / max(totals["units"], 1.0) for k in keys if k != "units"}
+
+    # ------------------------------------------------------------------ saving
+    def save(self, out_dir: str, tokenizer_path: str) -> bool:
+        """Write a standard Hugging Face checkpoint (config, safetensors, tokenizer) to ``out_dir``.
+        All ranks must call (ZeRO-3 gathers each parameter); rank 0 writes."""
+        module = self.engine.module
+        stage = self.cfg.learner.zero_stage
+        full = {}
+        for name, p in module.named_parameters():
+            with ds.gathered([p], stage):
+                if self.rank == 0:
+                    full[name] = p.data.detach().clone().cpu()
+        if self.rank == 0:
+            persistent = set(module.state_dict().keys())
+            full.update({n: b.detach().clone().cpu() for n, b in module.named_buffers() if n in persistent})
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+            if tokenizer.pad_token_id is None:  # the reward actor pads batches with it
+                tokenizer.pad_token = tokenizer.eos_token
+            module.save_pretrained(out_dir, state_dict=full)
+            tokenizer.save_pretrained(out_dir)
+        dist.barrier()
+        return True
+
+
+class SFTTrainer(SupervisedTrainer):
+    """Supervised fine-tuning of a causal LM: next-token NLL on response tokens only."""
+
+    role = "sft"
+    metric_keys = ("loss", "token_accuracy")
+
+    def _load_model(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+    def _units(self, batch: SFTBatch) -> int:
+        return batch.num_target_tokens()
+
+    def _loss(self, batch: SFTBatch, num_units: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long())
+        # Position t predicts token t + 1: targets are the response tokens from position 1 on.
+        mask = batch.loss_mask[:, 1:]
+        res = sft_loss(out.logits[:, :-1], batch.input_ids[:, 1:], mask, num_tokens=num_units)
+        n = mask.sum()
+        return res.loss, {"units": n, "loss": res.loss.detach() * num_units, "token_accuracy": res.token_accuracy * n}
+
+
+class RewardModelTrainer(SupervisedTrainer):
+    """Bradley-Terry reward model: a sequence-classification head with one label, pairwise loss."""
+
+    role = "rm"
+    metric_keys = ("loss", "accuracy", "reward_chosen", "reward_rejected", "reward_gap")
+
+    def _load_model(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
+        # From a causal LM checkpoint the score head is new (randomly initialised, seeded).
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+        # The head reads the last non-pad token, found by this id: it must be the data's pad id.
+        model.config.pad_token_id = self.pad_id
+        return model
+
+    def _units(self, batch: PairBatch) -> int:
+        return len(batch)
+
+    def _loss(self, batch: PairBatch, num_units: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ids, mask = batch.stacked(self.pad_id)
+        rewards = self.engine(input_ids=ids, attention_mask=mask.long()).logits[:, 0].float()
+        n = len(batch)
+        r_c, r_r = rewards[:n], rewards[n:]
+        res = pairwise_loss(r_c, r_r, batch.margin, num_pairs=num_units)
+        with torch.no_grad():
+            stats = {"units": torch.tensor(float(n)), "loss": res.loss.detach() * num_units,
+                     "accuracy": res.accuracy * n, "reward_chosen": r_c.sum(), "reward_rejected": r_r.sum(),
+                     "reward_gap": (r_c - r_r).sum()}
+        return res.loss, stats
+
+
+SFTTrainerActor = ray.remote(SFTTrainer)
+RewardModelTrainerActor = ray.remote(RewardModelTrainer)
