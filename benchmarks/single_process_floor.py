@@ -17,7 +17,8 @@ If ``benchmarks/results/ppo_throughput.json`` exists, the ratio ours / floor is 
 What it leaves out: weight sync (nothing to sync in one process), rollout logprobs (HF generate
 does not give them cheaply; ours only uses them for a metric), metrics logging, start-up.
 
-Threads: ``--threads`` (default 2 = the whole 2-core machine; this is the only busy process).
+Threads: ``--threads`` (default 1; 2 = the whole 2-core machine, faster only when nothing else runs:
+in a check at load average ~2 it took 7.2 s/it at 32x16 with 2 threads vs 0.38 s/it with 1).
 
 Run (repository root, ~1-2 minutes on 2 cores):
     .venv/bin/python -m benchmarks.single_process_floor
@@ -193,7 +194,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="4x8x16,8x8x32,16x8x32", help="PROMPTSxSAMPLESxTOKENS, as ppo_throughput")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ranks", type=int, default=2, help="only to build the same config as ppo_throughput")
     ap.add_argument("--zero-stage", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=1)

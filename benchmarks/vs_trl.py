@@ -32,8 +32,9 @@ generator (vLLM vs HF generate), TRL's per-micro-batch masked-mean losses vs our
 the step (identical here: one micro-batch per mini-batch), random streams. One seed each: the
 reward curves are single runs, not means.
 
-Threads: our roles 1 thread each (demo config), our driver 1; TRL ``--trl-threads`` (default
-2: the whole 2-core machine, as it is the only process then). Ray is shut down before TRL runs.
+Threads: our roles 1 thread each (demo config), our driver 1; TRL ``--trl-threads`` (default 1:
+in checks here 2 threads were ~8% faster at load average ~3 but 20x slower at load ~10, the
+OpenMP oversubscription FEASIBILITY.md describes). Ray is shut down before TRL runs.
 
 Run (repository root, ~5 minutes on 2 cores; needs `pip install --no-deps trl==1.12.0`):
     .venv/bin/python -m benchmarks.vs_trl
@@ -242,7 +243,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=3, help="iterations left out of the timing (not of the curves)")
     ap.add_argument("--tokens", type=int, default=32, help="max new tokens per response")
-    ap.add_argument("--trl-threads", type=int, default=2)
+    ap.add_argument("--trl-threads", type=int, default=1,
+                    help="torch threads for TRL (in checks here 2 threads gave 0.84 vs 0.91 s/it for 1 at load "
+                         "average ~3, but 21 s/it at load ~10)")
     ap.add_argument("--also-shared", action="store_true", help="also run our default shared-body actor-critic")
     ap.add_argument("--quiet-wait", type=float, default=60.0)
     ap.add_argument("--name", default="vs_trl")
@@ -278,7 +281,9 @@ def main() -> None:
                                  f"(timing: mean after {args.warmup} warm-up iterations)")
     curve_rows = [{"iter": i, **{r["system"]: (r["reward_curve"][i] if i < len(r["reward_curve"]) else float("nan"))
                                  for r in runs}} for i in range(args.iters)]
-    _env.print_table(curve_rows[:: max(1, args.iters // 10)] + ([curve_rows[-1]] if args.iters % 10 != 1 else []),
+    step = max(1, args.iters // 10)
+    shown = curve_rows[::step] + ([curve_rows[-1]] if (args.iters - 1) % step else [])
+    _env.print_table(shown,
                      title="\nreward (mean score per iteration), every few iterations")
     trl = next((r for r in runs if r["system"].startswith("TRL")), None)
     key = {"ours_samples_per_s": round(ours["samples_per_s"], 2)}

@@ -136,6 +136,9 @@ def pack_generation(gen: Generation, pad_id: int, eos_ids: Sequence[int] = ()) -
     """
     if len(gen) == 0:
         raise ValueError("cannot pack an empty generation")
+    lengths = {f.name: len(getattr(gen, f.name)) for f in dataclasses.fields(Generation)}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"a Generation needs one entry per sample in every list, got {lengths}")
     B = len(gen)
     P = max(len(p) for p in gen.prompt_ids)
     R = max(1, max(len(r) for r in gen.response_ids))

@@ -25,6 +25,18 @@ class ConfigError(ValueError):
     """A config that cannot run. The message lists every problem and how to fix it."""
 
 
+class FrozenDict(dict):
+    """A dict that cannot be changed after construction, for mapping-valued config fields."""
+
+    def _readonly(self, *args, **kwargs):
+        raise TypeError("config values are frozen; build a new config with overrides instead")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _readonly  # type: ignore[assignment]
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = "artifacts/tiny-llama"
@@ -203,7 +215,7 @@ class RoleResources:
     """GPUs per actor of this role."""
     threads: int = 1
     """torch/OpenMP threads inside each actor."""
-    custom: dict[str, float] = field(default_factory=dict)
+    custom: dict[str, float] = field(default_factory=FrozenDict)
     """Extra Ray resources per actor, e.g. {node_a: 1} to pin a role to labelled nodes."""
 
 
@@ -313,13 +325,18 @@ def resolve(cfg: Config) -> Sizes:
     ]
     per_rank, e1 = _divide(*checks[0])
     mini, e2 = _divide(*checks[1])
-    mini_rank, e3 = _divide(mini, lrn.num_ranks, "mini-batch / learner ranks",
-                            "--ppo.mini_batches or --learner.num_ranks")
-    accum, e4 = _divide(mini_rank, lrn.micro_batch_size, "per-rank mini-batch / micro-batch",
-                        "--learner.micro_batch_size or --ppo.mini_batches")
     per_engine, e5 = _divide(r.prompts_per_iteration, r.num_engines, "prompts per iteration / engines",
                              "--rollout.prompts_per_iteration or --rollout.num_engines")
-    errors += [e for e in (e1, e2, e3, e4, e5) if e]
+    errors += [e for e in (e1, e2, e5) if e]
+    mini_rank = accum = 0
+    if not e2:  # later divisions build on the earlier ones: report only the first broken link
+        mini_rank, e3 = _divide(mini, lrn.num_ranks, "mini-batch / learner ranks",
+                                "--ppo.mini_batches or --learner.num_ranks")
+        errors += [e3] if e3 else []
+        if not e3:
+            accum, e4 = _divide(mini_rank, lrn.micro_batch_size, "per-rank mini-batch / micro-batch",
+                                "--learner.micro_batch_size or --ppo.mini_batches")
+            errors += [e4] if e4 else []
     if errors:
         raise ConfigError("batch sizes do not divide:\n  - " + "\n  - ".join(errors))
     return Sizes(samples, per_rank, mini, mini_rank, accum, p.epochs * p.mini_batches, per_engine)
@@ -436,6 +453,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif tp is str:
@@ -449,7 +471,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return tuple(_convert(v, t, key) for v, t in zip(value, items))
     elif origin is dict:
         if isinstance(value, Mapping):
-            return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
+            return FrozenDict({str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()})
     elif _is_config_class(tp):
         if isinstance(value, Mapping):
             return _build(tp, value, key)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlhf_ray.config import ConfigError, LearnerConfig, RoleResources, get_path
+from rlhf_ray.config import Config, ConfigError, LearnerConfig, RoleResources, get_path
 
 
 @dataclass(frozen=True)
@@ -231,3 +231,51 @@ def validate_rm(cfg: RMRunConfig) -> TrainerSizes:
         errors.append(f"--data.chosen_field and --data.rejected_field are both {cfg.data.chosen_field!r}.")
     _raise(errors)
     return resolve_trainer(cfg)
+
+
+# --------------------------------------------------------------------------- the whole pipeline
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str = "pipeline"
+    """Pipeline name, used in logs."""
+    stages: tuple[str, ...] = ("sft", "rm", "ppo")
+    """Stages to run, in order; a later stage alone reuses the outputs an earlier run left."""
+    demo_data_dir: str | None = "artifacts/pipeline/data"
+    """Write the offline demo data (sft.jsonl, preference.jsonl, prompts.jsonl) here first, if missing; unset: skip."""
+    digit_check_prompts: int = 64
+    """After PPO, sample this many prompts from the SFT and the final policy and report the digit fraction (0: skip)."""
+    sft: SFTRunConfig = field(default_factory=SFTRunConfig)
+    rm: RMRunConfig = field(default_factory=RMRunConfig)
+    ppo: Config = field(default_factory=Config)
+
+
+def validate_pipeline(cfg: PipelineConfig) -> None:
+    """Each stage's own checks, plus the wiring: PPO starts from the SFT output and scores with the
+    RM output (written out in the config, never filled in behind the user's back)."""
+    from rlhf_ray.config import validate
+
+    errors = []
+    bad = [s for s in cfg.stages if s not in ("sft", "rm", "ppo")]
+    if bad or not cfg.stages or list(cfg.stages) != sorted(cfg.stages, key=["sft", "rm", "ppo"].index):
+        errors.append(f"--stages {list(cfg.stages)}: choose from sft, rm, ppo, in that order.")
+    for section, check in (("sft", validate_sft), ("rm", validate_rm), ("ppo", validate)):
+        try:
+            check(getattr(cfg, section))
+        except ConfigError as exc:
+            errors += [f"{section}: {line.strip().removeprefix('- ')}" for line in str(exc).splitlines()[1:]]
+    sft_out, rm_out = cfg.sft.train.output_dir, cfg.rm.train.output_dir
+    if cfg.ppo.model.path != sft_out:
+        errors.append(f"--ppo.model.path {cfg.ppo.model.path!r} is not the SFT output --sft.train.output_dir "
+                      f"{sft_out!r}; set them equal (PPO starts from the SFT model).")
+    if cfg.ppo.reference.path not in (None, sft_out):
+        errors.append(f"--ppo.reference.path {cfg.ppo.reference.path!r}: unset it or set it to {sft_out!r}.")
+    if cfg.ppo.model.build_tiny:
+        errors.append("--ppo.model.build_tiny must be unset: PPO's model is the SFT output.")
+    if cfg.ppo.reward.kind != "model" or cfg.ppo.reward.model_path != rm_out:
+        errors.append(f"PPO must score with the trained reward model: set --ppo.reward.kind model and "
+                      f"--ppo.reward.model_path {rm_out!r} (the --rm.train.output_dir).")
+    if cfg.digit_check_prompts < 0:
+        errors.append("--digit_check_prompts must be >= 0.")
+    _raise(errors)

@@ -55,10 +55,14 @@ def check_fits(plan: list[RolePlacement], cluster: dict[str, float]) -> None:
     if short:
         lines = [f"{k}: plan needs {v:g}, cluster has {have:g}" for k, (v, have) in short.items()]
         roles = "; ".join(p.describe() for p in plan)
-        raise PlacementError(
-            "the roles do not fit on this cluster:\n  " + "\n  ".join(lines) + f"\n  plan: {roles}\n"
-            "Lower --resources.<role>.num_cpus/num_gpus, --rollout.num_engines or --learner.num_ranks, "
-            "or add nodes.")
+        custom = [k for k in short if k not in ("CPU", "GPU", "memory")]
+        hint = ("Lower --resources.<role>.num_cpus/num_gpus, --rollout.num_engines or --learner.num_ranks, "
+                "or add nodes.")
+        if custom:
+            hint += (f" Custom resources {custom} come from --resources.<role>.custom: start nodes that offer "
+                     "them (ray start --resources '{...}') or drop them from the config.")
+        raise PlacementError("the roles do not fit on this cluster:\n  " + "\n  ".join(lines)
+                             + f"\n  plan: {roles}\n" + hint)
 
 
 def create_groups(plan: list[RolePlacement], timeout_s: float) -> dict:

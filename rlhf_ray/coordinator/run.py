@@ -19,6 +19,20 @@ class Inputs:
     prompts: PromptSet
     pad_id: int
     eos_ids: list[int]
+    tokenizer: object = None
+
+
+def sample_lines(batch, tokenizer, k: int) -> list[str]:
+    """The first ``k`` prompt/response pairs of a batch as text, for the terminal."""
+    lines = []
+    P = batch.prompt_len
+    for i in range(min(k, len(batch))):
+        mask = batch.attention_mask[i]
+        prompt = tokenizer.decode(batch.input_ids[i, :P][mask[:P]].tolist(), skip_special_tokens=True)
+        response = tokenizer.decode(batch.input_ids[i, P:][mask[P:]].tolist(), skip_special_tokens=True)
+        score = float(batch.scores[i]) if batch.scores is not None else float("nan")
+        lines.append(f"  sample: {prompt!r} -> {response!r} (score {score:.3f})")
+    return lines
 
 
 def _check_model_dir(path: str, what: str, flag: str) -> None:
@@ -55,7 +69,7 @@ def prepare_inputs(cfg: Config) -> Inputs:
     if len(prompts.token_ids) < cfg.rollout.prompts_per_iteration:
         raise ValueError(f"only {len(prompts.token_ids)} usable prompts but --rollout.prompts_per_iteration is "
                          f"{cfg.rollout.prompts_per_iteration}; add prompts or lower it.")
-    return Inputs(prompts, int(pad_id), [int(tok.eos_token_id), *cfg.rollout.stop_token_ids])
+    return Inputs(prompts, int(pad_id), [int(tok.eos_token_id), *cfg.rollout.stop_token_ids], tok)
 
 
 def start_ray(address: str | None) -> None:
@@ -241,6 +255,8 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
                             s_it=f"{metrics['time/iteration']:.2f}")
             if metrics["iteration"] % cfg.logging.log_every == 0:
                 bar.write(format_line(metrics))
+                for line in sample_lines(coord.last_batch, inputs.tokenizer, cfg.logging.print_samples):
+                    bar.write(line)
             if cfg.checkpoint.every and coord.iteration % cfg.checkpoint.every == 0:
                 save()
         completed = coord.iteration >= cfg.ppo.iterations

@@ -59,9 +59,14 @@ def load_prompt_texts(cfg: DataConfig, seed: int) -> list[str]:
                 if not isinstance(record, dict) or cfg.prompt_field not in record:
                     raise ValueError(f"{src}:{line_no} has no field {cfg.prompt_field!r}; set --data.prompt_field "
                                      f"to the field that holds the prompt.")
-                texts.append(str(record[cfg.prompt_field]))
+                value = record[cfg.prompt_field]
+                if value is None or isinstance(value, (bool, list, dict)):
+                    raise ValueError(f"{src}:{line_no}: field {cfg.prompt_field!r} is {json.dumps(value)}, not text; "
+                                     "fix or remove the record.")
+                texts.append(str(value))
     if not texts:
-        raise ValueError(f"prompt source {src!r} holds no prompts.")
+        raise ValueError(f"prompt source {src!r} holds no prompts; point --data.prompts at a JSONL file with one "
+                         f'{{"{cfg.prompt_field}": ...}} record per line, or use builtin:digits.')
     return texts
 
 
@@ -102,6 +107,8 @@ class PromptSampler:
     """Deterministic epochs of shuffled indices; ``state_dict`` makes it resumable."""
 
     def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+        if size <= 0:
+            raise ValueError(f"a prompt sampler needs at least one prompt, got {size}")
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.epoch, self.position = 0, 0
 

@@ -144,9 +144,6 @@ def test_mismatched_logprob_length_names_the_sample():
         pack_generation(gen, PAD, [EOS])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: pack_generation does not check that a Generation's lists have one "
-                                        "entry per sample: 3 responses with 2 prompts/prompt_index pack silently "
-                                        "into a batch whose 3rd row has no prompt and whose prompt_index has 2 rows")
 def test_ragged_generation_is_rejected():
     gen = _generation()
     gen.prompt_ids.pop()

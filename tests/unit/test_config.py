@@ -413,8 +413,6 @@ def test_config_is_frozen_at_every_level():
     assert isinstance(cfg.learner.adam_betas, tuple)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: RoleResources.custom is a plain dict, so a 'frozen' config can be "
-                                        "mutated in place (and Config is unhashable)")
 def test_custom_resources_cannot_be_mutated():
     cfg = _load(["--resources.rollout.custom", "{node_a: 1}"])
     with pytest.raises(TypeError):
@@ -509,14 +507,10 @@ def test_config_from_dict_does_not_validate_but_load_config_does():
 # ---- bugs found ---------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: values are parsed as YAML 1.1 scalars, where 1e-5 (no dot) is a "
-                                        "string, so `--learner.lr 1e-5` fails with \"expected float, got '1e-5'\"")
 def test_scientific_notation_override_is_a_float():
     assert _load(["--learner.lr", "1e-5"]).learner.lr == 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `lr: 3e-4` in a YAML config is read as the string '3e-4' and "
-                                        "rejected with \"learner.lr: expected float, got '3e-4'\"")
 def test_scientific_notation_in_yaml_is_a_float(tmp_path):
     path = _write_yaml(tmp_path, "learner:\n  lr: 3e-4\n")
     assert load_config(path).learner.lr == 3e-4
@@ -526,8 +520,6 @@ def test_scientific_notation_with_a_dot_is_a_float():
     assert _load(["--learner.lr", "1.0e-5"]).learner.lr == 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --logging.log_every 0 passes validation; run() then fails with "
-                                        "ZeroDivisionError at `iteration % log_every` after the first iteration")
 def test_log_every_zero_is_rejected_before_the_run():
     with pytest.raises(ConfigError, match="--logging.log_every"):
         _load(["--logging.log_every", "0"])

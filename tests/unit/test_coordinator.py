@@ -141,7 +141,9 @@ def test_step_returns_metrics_with_phase_timings():
     assert m["time/iteration"] >= sum(m[f"time/{p}"] for p in PHASES)
     assert m["iteration"] == 0
     assert m["policy_loss"] == 0.25 and m["value_loss"] == 0.5  # learner metrics pass through
-    assert m["sync_bytes"] == 1024.0
+    # The update of step k is synced at the start of step k+1 (before its generation).
+    assert "sync_bytes" not in m
+    assert coord.step()["sync_bytes"] == 1024.0
     numbers = {k: v for k, v in m.items() if isinstance(v, (int, float))}
     assert all(math.isfinite(v) for v in numbers.values()), numbers
 
@@ -165,6 +167,8 @@ def test_iteration_increments_and_reaches_the_learner():
     assert [coord.step()["iteration"] for _ in range(3)] == [0, 1, 2]
     assert coord.iteration == 3
     assert [it for _, it in learners.train_calls] == [0, 1, 2]
+    assert sync.calls == 2  # before steps 1 and 2; the last update is synced by the next step
+    coord.step()
     assert sync.calls == 3
 
 
@@ -262,9 +266,6 @@ def test_logprob_mismatch_measures_the_gap_on_real_tokens_only():
     assert m["logprob_mismatch_max"] == pytest.approx(0.25, abs=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --sync.max_logprob_mismatch is documented as 'Fail if mean "
-                                        "|rollout logprob - learner logprob| exceeds this' but nothing reads it; "
-                                        "step() reports a 0.25 mismatch against a 0.1 limit and carries on")
 def test_max_logprob_mismatch_fails_the_step():
     cfg = _config(sync={"max_logprob_mismatch": 0.1})
     coord = _coordinator(cfg, learners=FakeLearners(offset=0.25))
@@ -289,18 +290,38 @@ class InfValueLearners(FakeLearners):
         return Done((old, values))
 
 
-@pytest.mark.parametrize("fakes, field", [
-    ({"reward": NaNReward()}, "scores"),
-    ({"learners": InfValueLearners()}, "old_values"),
+@pytest.mark.parametrize("fakes, bad_row", [
+    ({"reward": NaNReward()}, 1),
+    ({"learners": InfValueLearners()}, 0),
 ])
-def test_non_finite_inputs_stop_the_step_before_the_update(fakes, field):
+def test_non_finite_samples_are_quarantined(fakes, bad_row):
     learners = fakes.get("learners", FakeLearners())
-    sync = FakeSync()
-    coord = _coordinator(**{**fakes, "learners": learners, "weight_sync": sync})
-    with pytest.raises(NonFiniteError, match=f"non-finite values in {field} at iteration 0"):
+    coord = _coordinator(**{**fakes, "learners": learners})
+    m = coord.step()
+    assert m["skipped_samples"] == 1.0
+    (batch, _), = learners.train_calls
+    assert not batch.response_mask[bad_row].any()  # contributes no token to any loss
+    assert (batch.advantages[bad_row] == 0).all() and (batch.returns[bad_row] == 0).all()
+    assert torch.isfinite(batch.advantages).all() and torch.isfinite(batch.returns).all()
+    good = [i for i in range(len(batch)) if i != bad_row]
+    assert batch.response_mask[good].any(-1).all()
+
+
+class AllNaNReward(FakeReward):
+    def score(self, batch_ref):
+        return Done(torch.full_like(super().score(batch_ref).result(), float("nan")))
+
+
+def test_all_bad_iterations_are_skipped_then_stop():
+    learners, sync = FakeLearners(), FakeSync()
+    coord = _coordinator(_config(ppo={"max_bad_iterations": 2}), reward=AllNaNReward(), learners=learners,
+                         weight_sync=sync)
+    m = coord.step()
+    assert m["skipped_update"] == 1.0 and m["skipped_samples"] == 3.0
+    assert learners.train_calls == []  # nothing to train on: no update, nothing to sync
+    with pytest.raises(NonFiniteError, match="2 consecutive iterations had no usable sample"):
         coord.step()
-    assert learners.train_calls == [] and sync.calls == 0
-    assert coord.iteration == 0
+    assert coord.iteration == 1 and sync.calls == 0
 
 
 # ---- checkpoint state --------------------------------------------------------------------

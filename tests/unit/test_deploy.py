@@ -15,7 +15,6 @@ import json
 import re
 import shlex
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -57,9 +56,15 @@ def _launch_commands(text: str, env: dict[str, str] | None = None) -> list[list[
     return commands
 
 
+_PARSED: dict[tuple[str, ...], Config] = {}  # many files repeat a command; parse each once
+
+
 def _parse_launch(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> Config:
     """Run the launcher's own parser and config validation on ``argv`` from the repo root, as the
     deployments do; the --config file must be a repo file given by a relative path."""
+    key = tuple(argv)
+    if key in _PARSED:
+        return _PARSED[key]
     monkeypatch.chdir(REPO)
     try:
         args, cfg = launch.parse_args(argv)
@@ -68,6 +73,7 @@ def _parse_launch(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> Config:
     assert args.config, f"{argv}: no --config"
     assert not Path(args.config).is_absolute() and (REPO / args.config).is_file(), \
         f"{argv}: --config {args.config} is not a file in the repository"
+    _PARSED[key] = cfg
     return cfg
 
 
@@ -287,6 +293,7 @@ def _pins(path: Path) -> dict[str, str]:
 
 
 def _pyproject_requirements(extra: str) -> list[Requirement]:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads(_read(REPO / "pyproject.toml"))["project"]
     assert extra in project["optional-dependencies"], f"pyproject.toml has no extra {extra!r}"
     return [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"][extra]]

@@ -132,8 +132,6 @@ def test_gpu_config_fits_when_enough():
     check_fits(placement_plan(_gpu_config()), {"CPU": 11.0, "GPU": 5.25, "node_a": 2.0, "node_b": 2.0})
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: when a custom resource is short, the fix named is only "
-                                        "num_cpus/num_gpus/num_engines/num_ranks, never --resources.<role>.custom")
 def test_short_custom_resource_names_the_custom_flag():
     with pytest.raises(PlacementError, match=r"--resources\.<role>\.custom|--resources\.rollout\.custom"):
         check_fits(placement_plan(_gpu_config()), {"CPU": 100.0, "GPU": 8.0, "node_b": 2.0})

@@ -136,16 +136,12 @@ def test_empty_file_is_an_error(tmp_path, lines):
         load_prompt_texts(DataConfig(prompts=path), seed=0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the empty-prompt-file error says what is wrong but not how to fix "
-                                        "it (no --data.prompts / file hint), unlike the other prompt errors")
 def test_empty_file_error_names_the_fix(tmp_path):
     path = _jsonl(tmp_path, [])
     with pytest.raises(ValueError, match="--data.prompts"):
         load_prompt_texts(DataConfig(prompts=path), seed=0)
 
 
-@pytest.mark.xfail(strict=True, reason='BUG: a record {"prompt": null} is silently turned into the prompt text '
-                                        '"None" instead of being reported')
 def test_null_prompt_is_an_error(tmp_path):
     path = _jsonl(tmp_path, ['{"prompt": "ok"}', '{"prompt": null}'])
     with pytest.raises(ValueError, match=":2"):
@@ -273,8 +269,6 @@ def test_loading_a_checkpoint_of_another_size_raises():
     assert str(err.value) == "checkpoint's prompt set had 5 prompts, this one has 6; resume with the same data."
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: PromptSampler accepts size 0, and then next(k>0) loops forever "
-                                        "(position >= size rolls the epoch, takes 0, repeats)")
 def test_empty_sampler_is_rejected():
     with pytest.raises(ValueError):
         PromptSampler(0, seed=0)
