@@ -86,6 +86,10 @@ class ExperienceBatch:
     def replace(self, **changes) -> "ExperienceBatch":
         return dataclasses.replace(self, **changes)
 
+    def to(self, device: torch.device | str) -> "ExperienceBatch":
+        """Every tensor moved to ``device`` (no copy when already there)."""
+        return self.replace(**{n: getattr(self, n).to(device) for n in self._tensor_fields()}, meta=dict(self.meta))
+
     def select(self, index: torch.Tensor | slice) -> "ExperienceBatch":
         """Rows ``index`` of every tensor (a new batch; tensors are not copied for slices)."""
         return self.replace(**{n: getattr(self, n)[index] for n in self._tensor_fields()},

@@ -36,6 +36,7 @@ def prepare(cfg: RMRunConfig):
 
     prepare_model(cfg)
     prepare_demo_data(cfg)
+    _note_new_head(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     data = load_preference_data(cfg.data, tokenizer, cfg.seed)
     for split, stats in data.stats.items():
@@ -43,6 +44,16 @@ def prepare(cfg: RMRunConfig):
               f"--data.too_long {cfg.data.too_long})")
     check_train_size(len(data.train), cfg, "pairs")
     return data, pad_token_id(tokenizer)
+
+
+def _note_new_head(path: str) -> None:
+    import json
+
+    with open(os.path.join(path, "config.json")) as fh:
+        archs = json.load(fh).get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        print(f"rm: a new one-label score head goes on the body of {path} ({', '.join(archs) or 'unknown'}); "
+              "transformers' load report lists it as MISSING and the LM head as UNEXPECTED, as expected.")
 
 
 def train_rm(cfg: RMRunConfig, ray_address: str | None = None) -> dict:

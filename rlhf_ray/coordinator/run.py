@@ -41,6 +41,28 @@ def _check_model_dir(path: str, what: str, flag: str) -> None:
                                 f"point {flag} at a saved model directory.")
 
 
+def probe_reward_function(spec: str, prompts: list[str]) -> None:
+    """Load the reward function and call it once on real prompts with two made-up responses, so
+    that a function that cannot be imported, raises, or returns the wrong number of scores fails
+    here, before any actor starts."""
+    from rlhf_ray.rewards import load_reward_function
+
+    fn = load_reward_function(spec)
+    prompts = (prompts * 2)[:2]
+    try:
+        scores = list(fn(prompts, ["", "42"]))
+    except Exception as exc:
+        raise ValueError(f"reward function {spec} raised {type(exc).__name__} on a probe call with two responses "
+                         f"(an empty one and '42'): {exc}. It must handle any response text.") from exc
+    if len(scores) != 2:
+        raise ValueError(f"reward function {spec} returned {len(scores)} scores for 2 responses on a probe call; "
+                         "it must return one float per response.")
+    try:
+        [float(x) for x in scores]
+    except (TypeError, ValueError):
+        raise ValueError(f"reward function {spec} returned {scores!r} on a probe call; scores must be numbers.") from None
+
+
 def prepare_inputs(cfg: Config) -> Inputs:
     """Everything that can be checked before Ray starts: models exist (building tiny ones if
     asked), the tokenizer has pad/EOS, the reward function loads, prompts tokenize."""
@@ -55,10 +77,6 @@ def prepare_inputs(cfg: Config) -> Inputs:
         _check_model_dir(cfg.reference.path, "reference model", "--reference.path")
     if cfg.reward.kind == "model":
         _check_model_dir(cfg.reward.model_path or "", "reward model", "--reward.model_path")
-    else:
-        from rlhf_ray.rewards import load_reward_function
-
-        load_reward_function(cfg.reward.function or "")
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
     if tok.eos_token_id is None:
         raise ValueError(f"the tokenizer at {cfg.model.path!r} has no EOS token; responses could never end. "
@@ -66,6 +84,8 @@ def prepare_inputs(cfg: Config) -> Inputs:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     texts = load_prompt_texts(cfg.data, cfg.seed)
     prompts = tokenize_prompts(texts, tok, cfg.data.max_prompt_tokens, cfg.data.too_long)
+    if cfg.reward.kind == "function":
+        probe_reward_function(cfg.reward.function or "", prompts.texts[:2])
     if len(prompts.token_ids) < cfg.rollout.prompts_per_iteration:
         raise ValueError(f"only {len(prompts.token_ids)} usable prompts but --rollout.prompts_per_iteration is "
                          f"{cfg.rollout.prompts_per_iteration}; add prompts or lower it.")

@@ -96,8 +96,9 @@ def read_prompts(path: str, prompt_field: str = "prompt", fmt: str = "auto", tem
     ds = read_records(path, fmt, flag="--data.prompts")
     require_fields(ds, {"--data.prompt_field": prompt_field}, path)
     if template == "chat":
-        return [render_chat(tokenizer, _as_messages(v, path, i, prompt_field), path, i)[0]
-                for i, v in enumerate(ds[prompt_field])]
+        _check_template(tokenizer)
+        return [tokenizer.apply_chat_template(_as_messages(v, path, i, prompt_field), tokenize=False,
+                                              add_generation_prompt=True) for i, v in enumerate(ds[prompt_field])]
     return [str(v) for v in ds[prompt_field]]
 
 
@@ -115,15 +116,19 @@ def _as_messages(value: Any, path: str, index: int, name: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
+def _check_template(tokenizer) -> None:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DataError("--data.template chat needs a tokenizer with a chat template, and this model's has "
+                        "none; use --data.template plain or add chat_template to tokenizer_config.json.")
+
+
 def render_chat(tokenizer, messages: list[dict], path: str, index: int) -> tuple[str, str]:
     """(prompt text, response text) of a conversation whose last turn is the assistant's.
 
     The prompt is the template applied to every turn but the last with the generation prompt
     (what a policy sees at generation time); the response is the rest of the full rendering,
     including whatever closes the assistant turn."""
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise DataError("--data.template chat needs a tokenizer with a chat template, and this model's has "
-                        "none; use --data.template plain or add chat_template to tokenizer_config.json.")
+    _check_template(tokenizer)
     if not messages or messages[-1]["role"] != "assistant":
         raise DataError(f"{path!r} record {index}: the conversation must end with an assistant message "
                         "(the response to learn or score).")

@@ -28,14 +28,19 @@ class FrozenModelRole(RoleBase):
     """Loads a model for inference only and runs it over batches in micro-batches."""
 
     micro_batch_size = 16
+    device = torch.device("cpu")
 
-    def _load(self, auto_cls, path: str) -> torch.nn.Module:
-        model = auto_cls.from_pretrained(path, dtype=torch.float32)
+    def _load(self, auto_cls, path: str, num_gpus: float) -> torch.nn.Module:
+        """Load for inference: on the GPU Ray assigned (bf16 when model.dtype says so), else CPU fp32."""
+        on_gpu = num_gpus > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda" if on_gpu else "cpu")
+        dtype = torch.bfloat16 if (on_gpu and self.cfg.model.dtype == "bfloat16") else torch.float32
+        model = auto_cls.from_pretrained(path, dtype=dtype).to(self.device)
         model.eval().requires_grad_(False)
         return model
 
     def _micro_batches(self, batch: ExperienceBatch) -> list[ExperienceBatch]:
-        return [mb.trim() for mb in batch.chunks(self.micro_batch_size)]
+        return [mb.trim().to(self.device) for mb in batch.chunks(self.micro_batch_size)]
 
 
 class ReferenceModel(FrozenModelRole):
@@ -48,7 +53,8 @@ class ReferenceModel(FrozenModelRole):
         from transformers import AutoModelForCausalLM
 
         self.micro_batch_size = cfg.reference.micro_batch_size
-        self.model = self._load(AutoModelForCausalLM, cfg.reference.path or cfg.model.path)
+        self.model = self._load(AutoModelForCausalLM, cfg.reference.path or cfg.model.path,
+                                cfg.resources.reference.num_gpus)
 
     @torch.no_grad()
     def logprobs(self, batch: ExperienceBatch, temperature: float) -> torch.Tensor:
@@ -61,7 +67,7 @@ class ReferenceModel(FrozenModelRole):
                                 position_ids=mb.position_ids).logits
             lp = logprobs_from_logits(response_positions(logits, mb.prompt_len), mb.response_ids, temperature)
             r = lp.shape[1]
-            out[row: row + len(mb), :r] = lp * mb.response_mask[:, :r]
+            out[row: row + len(mb), :r] = (lp * mb.response_mask[:, :r]).cpu()
             row += len(mb)
         return out
 
@@ -83,7 +89,8 @@ class RewardScorer(FrozenModelRole):
         else:
             from transformers import AutoModelForSequenceClassification
 
-            self.model = self._load(AutoModelForSequenceClassification, cfg.reward.model_path or "")
+            self.model = self._load(AutoModelForSequenceClassification, cfg.reward.model_path or "",
+                                    cfg.resources.reward.num_gpus)
             self.rm_tokenizer = AutoTokenizer.from_pretrained(cfg.reward.model_path)
 
     def decode(self, batch: ExperienceBatch) -> tuple[list[str], list[str]]:
@@ -125,8 +132,8 @@ class RewardScorer(FrozenModelRole):
         texts = [p + r for p, r in zip(prompts, responses)]
         out = []
         for i in range(0, len(texts), self.micro_batch_size):
-            enc = tok(texts[i: i + self.micro_batch_size], return_tensors="pt", padding=True)
-            out.append(self.model(**enc).logits[:, 0].float())
+            enc = tok(texts[i: i + self.micro_batch_size], return_tensors="pt", padding=True).to(self.device)
+            out.append(self.model(**enc).logits[:, 0].float().cpu())
         return torch.cat(out)
 
 

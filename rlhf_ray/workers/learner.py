@@ -75,6 +75,7 @@ class Learner(RoleBase):
         scheduler = ds.warmup_scheduler(optimizer, self.cfg.learner.warmup_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
+        self.device = self.engine.device  # cuda:0 of the GPU Ray assigned, or cpu
         params = dict(self.engine.module.named_parameters())
         self.sync_params = [(params[inner], hf) for inner, hf in policy_parameter_names(self.engine.module)]
         n = sum(int(getattr(p, "ds_numel", p.numel())) for p in params.values())
@@ -102,19 +103,20 @@ class Learner(RoleBase):
         values = torch.zeros(len(shard), R)
         row = 0
         for mb in shard.chunks(self.cfg.learner.forward_batch_size):
-            mb = mb.trim()
+            mb = mb.trim().to(self.device)
             f = self._forward(mb, with_entropy=False)
             r = f.logprobs.shape[1]
-            logprobs[row: row + len(mb), :r] = f.logprobs * mb.response_mask
-            values[row: row + len(mb), :r] = f.values * mb.response_mask
+            logprobs[row: row + len(mb), :r] = (f.logprobs * mb.response_mask).cpu()
+            values[row: row + len(mb), :r] = (f.values * mb.response_mask).cpu()
             row += len(mb)
         return logprobs, values
 
     # ------------------------------------------------------------------ PPO update
     def _step_token_counts(self, minis: list[ExperienceBatch]) -> torch.Tensor:
-        counts = torch.tensor([float(m.num_response_tokens()) for m in minis], dtype=torch.float64)
+        counts = torch.tensor([float(m.num_response_tokens()) for m in minis], dtype=torch.float64,
+                              device=self.device)
         dist.all_reduce(counts)
-        return counts
+        return counts.cpu()
 
     def train(self, shard: ExperienceBatch, iteration: int) -> dict[str, float]:
         """One PPO update over this rank's slice; returns this rank's metrics."""
@@ -131,7 +133,7 @@ class Learner(RoleBase):
             counts = self._step_token_counts(minis)
             for mini, count in zip(minis, counts.tolist()):
                 for micro in mini.split(self.sizes.grad_accum_steps):
-                    micro = micro.trim()
+                    micro = micro.trim().to(self.device)
                     stats, n_tok = self._micro_step(micro, count)
                     if first_dev is None:
                         first_dev = stats.pop("ratio_dev_max")

@@ -9,18 +9,30 @@ from tests.integration.conftest import small_config
 pytestmark = pytest.mark.integration
 
 
-def test_reward_function_with_wrong_length_fails_with_role_named(ray_cluster, tiny_llama, tmp_path):
+def test_reward_function_with_wrong_length_fails_before_ray(tiny_llama, tmp_path):
+    from rlhf_ray.coordinator.run import prepare_inputs
+
+    fn = tmp_path / "bad_reward.py"
+    fn.write_text("def score(prompts, responses):\n    return [1.0]\n"
+                  "def boom(prompts, responses):\n    raise KeyError('label')\n")
+    with pytest.raises(ValueError, match="returned 1 scores for 2 responses on a probe call"):
+        prepare_inputs(small_config(tiny_llama, **{"reward.function": f"{fn}:score"}))
+    with pytest.raises(ValueError, match="raised KeyError on a probe call"):
+        prepare_inputs(small_config(tiny_llama, **{"reward.function": f"{fn}:boom"}))
+
+
+def test_reward_function_failing_mid_run_names_role_and_phase(ray_cluster, tiny_llama, tmp_path):
     from rlhf_ray.coordinator.pending import RemoteCallError
     from rlhf_ray.coordinator.run import run
 
     fn = tmp_path / "bad_reward.py"
-    fn.write_text("def score(prompts, responses):\n    return [1.0]\n")
-    cfg = small_config(tiny_llama, **{"reward.function": f"{fn}:score", "ppo.iterations": 1,
-                                      "resources.call_timeout_s": 120})
+    fn.write_text("def score(prompts, responses):\n    return [1.0] * min(len(responses), 2)\n")
+    cfg = small_config(tiny_llama, **{"reward.function": f"{fn}:score", "ppo.iterations": 1})
     with pytest.raises(RemoteCallError) as info:
         run(cfg, str(tmp_path / "run"))
     msg = str(info.value)
-    assert "reward" in msg and "returned 1 scores for 16 responses" in msg
+    assert info.value.kind == "error" and info.value.source == ("reward", 0)
+    assert "[phase score]" in msg and "returned 2 scores for 16 responses" in msg
 
 
 def test_roles_that_do_not_fit_fail_before_any_actor_starts(ray_cluster, tiny_llama, tmp_path):

@@ -161,25 +161,25 @@ def _long_records():
 
 
 def test_too_long_truncate_counts_and_keeps_prompt(tmp_path, tok):
-    data = load_sft_data(sft_cfg(write_jsonl(tmp_path / "a.jsonl", _long_records()), max_len=12), tok, 0)
+    data = load_sft_data(sft_cfg(write_jsonl(tmp_path / "a.jsonl", _long_records()), max_len=30), tok, 0)
     stats = data.stats["train"]
     assert (stats.records, stats.kept, stats.truncated, stats.dropped) == (4, 4, 1, 0)
-    assert int(data.train.attention_mask.sum(1).max()) == 12
+    assert int(data.train.attention_mask.sum(1).max()) == 30
     row = data.train.input_ids[3][data.train.attention_mask[3]].tolist()
     n_prompt = len(tok("Count:")["input_ids"])
     assert row[:n_prompt] == tok("Count:")["input_ids"]  # the response's end is cut, not the prompt
 
 
 def test_too_long_drop_counts(tmp_path, tok):
-    data = load_sft_data(sft_cfg(write_jsonl(tmp_path / "a.jsonl", _long_records()), max_len=12, too_long="drop"),
+    data = load_sft_data(sft_cfg(write_jsonl(tmp_path / "a.jsonl", _long_records()), max_len=30, too_long="drop"),
                          tok, 0)
     assert (data.stats["train"].kept, data.stats["train"].dropped, data.stats["train"].truncated) == (3, 1, 0)
     assert len(data.train) == 3
 
 
 def test_too_long_error_names_record_and_flags(tmp_path, tok):
-    with pytest.raises(DataError, match=r"record 3 has \d+ tokens, more than --data.max_len 12.*--data.too_long"):
-        load_sft_data(sft_cfg(write_jsonl(tmp_path / "a.jsonl", _long_records()), max_len=12, too_long="error"),
+    with pytest.raises(DataError, match=r"record 3 has \d+ tokens, more than --data.max_len 30.*--data.too_long"):
+        load_sft_data(sft_cfg(write_jsonl(tmp_path / "a.jsonl", _long_records()), max_len=30, too_long="error"),
                       tok, 0)
 
 
@@ -268,24 +268,33 @@ def test_pair_missing_field(tmp_path, tok):
 def test_pair_length_policy_counts_pairs(tmp_path, tok):
     long = {"prompt": "Count:", "chosen": " 1", "rejected": " " + " ".join(str(i) for i in range(40)), "m": 0.0}
     path = write_jsonl(tmp_path / "p.jsonl", PAIRS + [long])
-    trunc = load_preference_data(pref_cfg(path, max_len=14), tok, 0)
+    trunc = load_preference_data(pref_cfg(path, max_len=30), tok, 0)
     assert (trunc.stats["train"].kept, trunc.stats["train"].truncated, trunc.stats["train"].dropped) == (4, 1, 0)
-    assert trunc.train.rejected_mask.sum(1).max() == 14
-    drop = load_preference_data(pref_cfg(path, max_len=14, too_long="drop"), tok, 0)
+    assert trunc.train.rejected_mask.sum(1).max() == 30
+    assert trunc.train.chosen_mask[3].sum() == len(tok("Count: 1")["input_ids"])  # the short side is untouched
+    drop = load_preference_data(pref_cfg(path, max_len=30, too_long="drop"), tok, 0)
     assert (drop.stats["train"].kept, drop.stats["train"].dropped) == (3, 1)  # the whole pair goes
     with pytest.raises(DataError, match=r"pair 3 \(rejected\)"):
-        load_preference_data(pref_cfg(path, max_len=14, too_long="error"), tok, 0)
+        load_preference_data(pref_cfg(path, max_len=30, too_long="error"), tok, 0)
 
 
 def test_chat_pairs(tmp_path, chat_tok):
-    recs = [{"prompt": [{"role": "user", "content": "2 plus 3?"}], "chosen": "5", "rejected": "five"},
-            {"chosen": [{"role": "user", "content": "1 plus 1?"}, {"role": "assistant", "content": "2"}],
-             "rejected": [{"role": "user", "content": "1 plus 1?"}, {"role": "assistant", "content": "two"}],
-             "prompt": []}]
+    # Sides as plain replies after prompt messages...
+    recs = [{"prompt": [{"role": "user", "content": "2 plus 3?"}], "chosen": "5", "rejected": "five"}]
     data = load_preference_data(pref_cfg(write_jsonl(tmp_path / "p.jsonl", recs), template="chat"), chat_tok, 0)
     b = data.train
     assert chat_tok.decode(b.chosen_ids[0][b.chosen_mask[0]]) == "<|user|>2 plus 3?\n<|assistant|>5</s>"
-    assert chat_tok.decode(b.rejected_ids[1][b.rejected_mask[1]]) == "<|user|>1 plus 1?\n<|assistant|>two</s>"
+    assert chat_tok.decode(b.rejected_ids[0][b.rejected_mask[0]]) == "<|user|>2 plus 3?\n<|assistant|>five</s>"
+    # ... or as whole conversations (no prompt field).
+    recs = [{"chosen": [{"role": "user", "content": "1 plus 1?"}, {"role": "assistant", "content": "2"}],
+             "rejected": [{"role": "user", "content": "1 plus 1?"}, {"role": "assistant", "content": "two"}]}]
+    data = load_preference_data(pref_cfg(write_jsonl(tmp_path / "q.jsonl", recs), template="chat"), chat_tok, 0)
+    b = data.train
+    assert chat_tok.decode(b.rejected_ids[0][b.rejected_mask[0]]) == "<|user|>1 plus 1?\n<|assistant|>two</s>"
+    # A plain reply needs prompt messages to answer.
+    recs = [{"chosen": "2", "rejected": "two"}]
+    with pytest.raises(DataError, match="no prompt field"):
+        load_preference_data(pref_cfg(write_jsonl(tmp_path / "r.jsonl", recs), template="chat"), chat_tok, 0)
 
 
 def test_pair_batch_stacked():
