@@ -162,7 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(json.dumps(config_to_dict(cfg), indent=2))
         return 0
-    summary = run_pipeline(cfg, args.ray_address or os.environ.get("RAY_ADDRESS"))
+    from rlhf_ray.config import ConfigError
+    from rlhf_ray.data.datasets import DataError
+
+    try:
+        summary = run_pipeline(cfg, args.ray_address or os.environ.get("RAY_ADDRESS"))
+    except (ConfigError, DataError, FileNotFoundError) as exc:  # bad inputs, found before the stage that needs them
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0 if "ppo" not in summary or summary["ppo"].get("completed") else 1
 
 

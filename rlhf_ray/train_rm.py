@@ -83,7 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config_to_dict(cfg), indent=2))
         print("sizes:", json.dumps(validate_rm(cfg).__dict__))
         return 0
-    train_rm(cfg, args.ray_address or os.environ.get("RAY_ADDRESS"))
+    from rlhf_ray.config import ConfigError
+    from rlhf_ray.data.datasets import DataError
+
+    try:
+        train_rm(cfg, args.ray_address or os.environ.get("RAY_ADDRESS"))
+    except (ConfigError, DataError, FileNotFoundError) as exc:  # bad inputs, found before Ray starts
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -92,18 +92,34 @@ def prepare_inputs(cfg: Config) -> Inputs:
     return Inputs(prompts, int(pad_id), [int(tok.eos_token_id), *cfg.rollout.stop_token_ids], tok)
 
 
-def start_ray(address: str | None) -> None:
+def start_ray(address: str | None) -> dict:
+    """Attach to ``address`` or start a local cluster whose dashboard listens on 127.0.0.1 only.
+    Returns where to watch: the dashboard URL and this node's Prometheus metrics endpoint."""
     import ray
 
-    if ray.is_initialized():
-        return
-    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
-    if address:
-        ctx = ray.init(address=address, runtime_env=env, log_to_driver=True)
-    else:
-        ctx = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env,
-                       log_to_driver=True)
-    print(f"Ray dashboard: http://{ctx.dashboard_url}" if ctx.dashboard_url else "Ray dashboard: not available")
+    if not ray.is_initialized():
+        env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+        if address:
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
+        else:
+            # The dashboard (an HTTP API that can submit jobs) listens on loopback only.
+            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env,
+                     log_to_driver=True)
+    ctx = ray.get_runtime_context()
+    node = next((n for n in ray.nodes() if n["NodeID"] == ctx.get_node_id()), {})
+    where = {"dashboard": None, "metrics": None}
+    try:
+        from ray._private.worker import global_worker
+
+        url = global_worker.node.address_info.get("webui_url")
+        where["dashboard"] = f"http://{url}" if url else None
+    except Exception:  # attached clients may not know the dashboard address
+        pass
+    if node.get("MetricsExportPort"):
+        where["metrics"] = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    print(f"Ray dashboard: {where['dashboard'] or 'not available'}; Prometheus metrics (rlhf_*): "
+          f"{where['metrics'] or 'not available'}")
+    return where
 
 
 def summarize(history: list[dict], head: int = 5) -> dict:
@@ -225,7 +241,8 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
     print(f"run directory: {os.path.abspath(run_dir)}")
     with open(os.path.join(run_dir, "config.json"), "w") as fh:
         json.dump(config_to_dict(cfg), fh, indent=2)
-    start_ray(ray_address)
+    with open(os.path.join(run_dir, "ray.json"), "w") as fh:
+        json.dump(start_ray(ray_address), fh)
     check_fits(placement_plan(cfg), ray.cluster_resources())
     t0 = time.perf_counter()
     roles = Roles(cfg)

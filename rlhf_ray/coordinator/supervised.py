@@ -126,7 +126,7 @@ def fit(group: TrainerGroup, cfg, tokenizer_path: str, keys: Sequence[str],
             history.append(row)
             sink.write(row)
             log(format_row(row, keys))
-            if epoch > 0 and row["train/steps"] == 0:  # train.max_steps reached
+            if epoch > 0 and cfg.train.max_steps and row["step"] >= cfg.train.max_steps:
                 break
     finally:
         sink.close()
@@ -134,10 +134,13 @@ def fit(group: TrainerGroup, cfg, tokenizer_path: str, keys: Sequence[str],
     return history
 
 
+def _evals(row: dict[str, Any]) -> dict[str, float]:
+    return {k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")}
+
+
 def summarize(history: list[dict], out_dir: str, seconds: float) -> dict[str, Any]:
     """First/last training loss and the held-out metrics before and after training."""
     trained = [r for r in history[1:] if r.get("train/steps")]
-    evals = lambda row: {k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")}  # noqa: E731
     return {
         "output_dir": os.path.abspath(out_dir),
         "epochs": len(trained),
@@ -145,8 +148,8 @@ def summarize(history: list[dict], out_dir: str, seconds: float) -> dict[str, An
         "train_loss_first_step": trained[0]["train/first_step_loss"] if trained else None,
         "train_loss_first_epoch": trained[0]["train/loss"] if trained else None,
         "train_loss_last_epoch": trained[-1]["train/loss"] if trained else None,
-        "eval_before": evals(history[0]),
-        "eval_after": evals(history[-1]),
+        "eval_before": _evals(history[0]),
+        "eval_after": _evals(history[-1]),
         "seconds": seconds,
     }
 
@@ -201,6 +204,8 @@ def prepare_demo_data(cfg) -> None:
 
 
 def check_train_size(n_train: int, cfg, what: str) -> None:
+    from rlhf_ray.data.datasets import DataError
+
     if n_train < cfg.train.batch_size:
-        raise ValueError(f"only {n_train} training {what} after the length policy, fewer than one optimiser step "
+        raise DataError(f"only {n_train} training {what} after the length policy, fewer than one optimiser step "
                          f"(--train.batch_size {cfg.train.batch_size}); add data or lower the batch size.")

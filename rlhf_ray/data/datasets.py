@@ -212,6 +212,9 @@ class SFTBatch:
         index = torch.as_tensor(index, dtype=torch.long)
         return SFTBatch(self.input_ids[index], self.attention_mask[index], self.loss_mask[index])
 
+    def to(self, device: torch.device | str) -> "SFTBatch":
+        return SFTBatch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device))
+
     def trim(self) -> "SFTBatch":
         """Drop columns that are padding in every row."""
         w = _trim_width(self.attention_mask)
@@ -283,6 +286,10 @@ class PairBatch:
         index = torch.as_tensor(index, dtype=torch.long)
         return PairBatch(self.chosen_ids[index], self.chosen_mask[index], self.rejected_ids[index],
                          self.rejected_mask[index], None if self.margin is None else self.margin[index])
+
+    def to(self, device: torch.device | str) -> "PairBatch":
+        return PairBatch(self.chosen_ids.to(device), self.chosen_mask.to(device), self.rejected_ids.to(device),
+                         self.rejected_mask.to(device), None if self.margin is None else self.margin.to(device))
 
     def trim(self) -> "PairBatch":
         wc, wr = _trim_width(self.chosen_mask), _trim_width(self.rejected_mask)

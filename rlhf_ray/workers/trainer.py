@@ -74,6 +74,7 @@ class SupervisedTrainer(RoleBase):
         self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
         self.sizes = resolve_trainer(cfg)
         self.engine = None
+        self.device = torch.device("cpu")
         self.train_set = self.eval_set = None
         self.global_step = 0
 
@@ -99,6 +100,7 @@ class SupervisedTrainer(RoleBase):
         scheduler = ds.warmup_scheduler(optimizer, lrn.warmup_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
+        self.device = self.engine.device  # cuda:0 of the GPU Ray assigned, or cpu
         n = sum(int(getattr(p, "ds_numel", p.numel())) for p in self.engine.module.parameters())
         return {"rank": self.rank, "parameters": n, "zero_stage": lrn.zero_stage}
 
@@ -134,9 +136,9 @@ class SupervisedTrainer(RoleBase):
                 for s in range(steps)]
 
     def _all_reduce(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors
         dist.all_reduce(t)
-        return t.tolist()
+        return t.cpu().tolist()
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training set; returns metrics over all ranks (same on every rank)."""
@@ -149,9 +151,9 @@ class SupervisedTrainer(RoleBase):
         first_loss = torch.zeros((), dtype=torch.float64)
         mb = self.cfg.learner.micro_batch_size
         for step, count in zip(steps, counts):
-            step_loss = torch.zeros((), dtype=torch.float64)
+            step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
             for i in range(0, len(step), mb):
-                micro = step.select(range(i, min(i + mb, len(step)))).trim()
+                micro = step.select(range(i, min(i + mb, len(step)))).trim().to(self.device)
                 loss, stats = self._loss(micro, count)
                 # Undo DeepSpeed's mean over ranks; the step's unit count already normalises.
                 self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
@@ -184,12 +186,12 @@ class SupervisedTrainer(RoleBase):
         sums: dict[str, torch.Tensor] = {}
         for i in range(0, longest, fb):
             if i < len(mine):
-                chunk = mine.select(range(i, min(i + fb, len(mine)))).trim()
+                chunk = mine.select(range(i, min(i + fb, len(mine)))).trim().to(self.device)
                 _, stats = self._loss(chunk, float(max(self._units(chunk), 1)))
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
             else:
-                self._loss(self.eval_set.select([0]).trim(), 1.0)
+                self._loss(self.eval_set.select([0]).trim().to(self.device), 1.0)
         keys = ["units", *self.metric_keys]
         totals = dict(zip(keys, self._all_reduce([float(sums.get(k, 0.0)) for k in keys])))
         self.engine.train()
@@ -268,7 +270,7 @@ class RewardModelTrainer(SupervisedTrainer):
         r_c, r_r = rewards[:n], rewards[n:]
         res = pairwise_loss(r_c, r_r, batch.margin, num_pairs=num_units)
         with torch.no_grad():
-            stats = {"units": torch.tensor(float(n)), "loss": res.loss.detach() * num_units,
+            stats = {"units": torch.tensor(float(n), device=rewards.device), "loss": res.loss.detach() * num_units,
                      "accuracy": res.accuracy * n, "reward_chosen": r_c.sum(), "reward_rejected": r_r.sum(),
                      "reward_gap": (r_c - r_r).sum()}
         return res.loss, stats

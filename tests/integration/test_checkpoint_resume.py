@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -72,7 +73,7 @@ def test_checkpoint_resume_and_export(ray_cluster, tiny_llama, tmp_path):
 def test_sigterm_stops_cleanly_with_a_checkpoint(tiny_llama, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "rlhf_ray.launch", "--config", "configs/demo_cpu.yaml", "--model.path", tiny_llama,
-           "--model.build_tiny", "none", "--ppo.iterations", "200", "--logging.run_dir", str(run_dir),
+           "--model.build_tiny", "none", "--ppo.iterations", "400", "--logging.run_dir", str(run_dir),
            "--logging.progress_bar", "false", "--rollout.prompts_per_iteration", "4",
            "--rollout.samples_per_prompt", "4", "--learner.micro_batch_size", "4", "--logging.tensorboard", "false"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
@@ -84,11 +85,30 @@ def test_sigterm_stops_cleanly_with_a_checkpoint(tiny_llama, tmp_path):
             break
         time.sleep(0.5)
     assert proc.poll() is None, proc.stdout.read()[-3000:]
+    # While it runs, the node's Prometheus endpoint (what the dashboard's metrics view reads)
+    # serves the coordinator's custom metrics.
+    endpoint = json.loads((run_dir / "ray.json").read_text())["metrics"]
+    assert endpoint and endpoint.startswith("http://")
+    found, deadline = [], time.time() + 60
+    while not found and time.time() < deadline:
+        text = urllib.request.urlopen(endpoint, timeout=10).read().decode()
+        found = [line for line in text.splitlines() if line.startswith("ray_rlhf_reward_mean")]
+        time.sleep(1)
+    assert found, "rlhf_reward_mean not exported"
+    # The dashboard lists every role's actor by name (token auth is on by default in Ray 2.60).
+    dashboard = json.loads((run_dir / "ray.json").read_text())["dashboard"]
+    assert dashboard.startswith("http://127.0.0.1:")  # the dashboard listens on loopback only
+    token = open(os.path.expanduser("~/.ray/auth_token")).read().strip()
+    req = urllib.request.Request(f"{dashboard}/api/v0/actors?limit=100", headers={"Authorization": f"Bearer {token}"})
+    actors = json.loads(urllib.request.urlopen(req, timeout=20).read())["data"]["result"]["result"]
+    alive = {a["name"] for a in actors if a["state"] == "ALIVE"}
+    assert {"rollout-0", "reference-0", "reward-0", "learner-0", "learner-1"} <= alive, alive
+    assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped"] and not summary["completed"]
     stop_at = summary["final_iteration"]
-    assert 2 <= stop_at < 200
+    assert 2 <= stop_at < 400
     assert (run_dir / "checkpoints" / f"iter_{stop_at:06d}" / "COMPLETE").exists()

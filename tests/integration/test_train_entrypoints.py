@@ -1,0 +1,141 @@
+"""The stages before PPO on a local Ray cluster with tiny models: ``train_sft`` (ZeRO-3),
+``train_rm`` (ZeRO-2) and the whole pipeline (a few SFT/RM steps, 2 PPO iterations with the
+trained reward model)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from tests.integration.conftest import small_config
+
+pytestmark = pytest.mark.integration
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+
+
+def _rows(out_dir) -> list[dict]:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict[str, str]:
+    from rlhf_ray.data.demo_data import write_demo_data
+
+    return write_demo_data(str(tmp_path_factory.mktemp("demo")), seed=0, n_sft=400, n_pairs=400, n_prompts=32)
+
+
+def test_train_sft_zero3_saves_the_model_it_evaluated(ray_cluster, tiny_llama, demo, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_ray import train_sft
+    from rlhf_ray.algorithms.pairwise import sft_loss
+    from rlhf_ray.data.datasets import load_sft_data
+    from rlhf_ray.train_config import SFTDataConfig
+
+    out = tmp_path / "sft"
+    argv = ["--config", os.path.join(CONFIGS, "sft_cpu.yaml"), "--name", "it_sft", "--model.path", tiny_llama,
+            "--model.build_tiny", "none", "--data.train_path", demo["sft.jsonl"], "--data.demo", "false",
+            "--train.output_dir", str(out), "--train.epochs", "2", "--learner.zero_stage", "3"]
+    assert train_sft.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "sft data (train): 360/360 kept" in printed and "sft done" in printed
+    rows = _rows(out)
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert rows[1]["train/steps"] == 11  # 360 examples // 32 per step
+    # The loss falls: from ~log(512) to well below.
+    assert rows[0]["eval/loss"] > 5.5 and rows[2]["eval/loss"] < rows[0]["eval/loss"] - 2.0
+    assert rows[2]["train/loss"] < rows[1]["train/first_step_loss"]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 22 and summary["eval_after"]["loss"] == pytest.approx(rows[2]["eval/loss"])
+
+    # The saved checkpoint (gathered from ZeRO-3 shards) is the model that was evaluated last.
+    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    tok = AutoTokenizer.from_pretrained(str(out))
+    ev = load_sft_data(SFTDataConfig(train_path=demo["sft.jsonl"], max_len=64), tok, 0).eval
+    with torch.no_grad():
+        logits = model(input_ids=ev.input_ids, attention_mask=ev.attention_mask.long()).logits
+    loss = sft_loss(logits[:, :-1], ev.input_ids[:, 1:], ev.loss_mask[:, 1:]).loss.item()
+    assert loss == pytest.approx(rows[2]["eval/loss"], rel=1e-4)
+
+
+def test_train_rm_reports_accuracy_and_the_reward_actor_agrees(ray_cluster, tiny_llama, demo, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from rlhf_ray import train_rm
+    from rlhf_ray.batch import Generation, pack_generation
+    from rlhf_ray.data.datasets import holdout_split
+    from rlhf_ray.tiny_models import build_tiny_model
+    from rlhf_ray.workers.frozen import RewardScorer
+
+    start = build_tiny_model(tmp_path / "rm0", kind="reward", tokenizer_seed=0)
+    out = tmp_path / "rm"
+    argv = ["--config", os.path.join(CONFIGS, "rm_cpu.yaml"), "--name", "it_rm", "--model.path", str(start),
+            "--data.train_path", demo["preference.jsonl"], "--data.demo", "false", "--train.output_dir", str(out),
+            "--train.epochs", "2", "--learner.lr", "0.003"]
+    assert train_rm.main(argv) == 0
+    assert "held-out pairwise accuracy" in capsys.readouterr().out
+    rows = _rows(out)
+    accuracy = rows[-1]["eval/accuracy"]
+    assert accuracy > 0.75, rows  # chance is 0.5
+    assert rows[-1]["train/loss"] < rows[1]["train/first_step_loss"]
+
+    # PPO's reward actor loads the checkpoint and ranks the held-out pairs as the trainer did.
+    cfg = small_config(tiny_llama, **{"reward.kind": "model", "reward.model_path": str(out)})
+    scorer = RewardScorer(cfg)
+    with open(demo["preference.jsonl"]) as fh:
+        records = [json.loads(line) for line in fh]
+    _, held = holdout_split(len(records), 0.1, seed=0)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    prompts, responses = [], []
+    for i in held:
+        prompts += [records[i]["prompt"]] * 2
+        responses += [records[i]["chosen"], records[i]["rejected"]]
+    p_ids = [tok(p)["input_ids"] for p in prompts]
+    r_ids = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in responses]
+    gen = Generation(p_ids, r_ids, [[0.0] * len(r) for r in r_ids], ["stop"] * len(r_ids), list(range(len(r_ids))))
+    scores = scorer.score(pack_generation(gen, tok.pad_token_id, [tok.eos_token_id]))
+    actor_accuracy = (scores[0::2] > scores[1::2]).float().mean().item()
+    assert actor_accuracy == pytest.approx(accuracy, abs=1e-6)
+    gap = (scores[0::2] - scores[1::2]).mean().item()
+    assert gap == pytest.approx(rows[-1]["eval/reward_gap"], rel=1e-3, abs=1e-4)
+
+
+def test_pipeline_sft_rm_ppo(ray_cluster, tiny_llama, tmp_path):
+    from rlhf_ray.config import load_config
+    from rlhf_ray.pipeline import run_pipeline
+    from rlhf_ray.train_config import PipelineConfig, validate_pipeline
+
+    d, sft, rm = tmp_path / "data", str(tmp_path / "sft"), str(tmp_path / "rm")
+    overrides = {
+        "demo_data_dir": str(d), "digit_check_prompts": "8",
+        "sft.model.path": tiny_llama, "sft.model.build_tiny": "none", "sft.data.train_path": str(d / "sft.jsonl"),
+        "sft.train.output_dir": sft, "sft.train.epochs": "1", "sft.train.max_steps": "4",
+        "rm.model.path": sft, "rm.data.train_path": str(d / "preference.jsonl"), "rm.train.output_dir": rm,
+        "rm.train.epochs": "1", "rm.train.max_steps": "4",
+        "ppo.model.path": sft, "ppo.reward.model_path": rm, "ppo.data.prompts": str(d / "prompts.jsonl"),
+        "ppo.ppo.iterations": "2", "ppo.rollout.prompts_per_iteration": "4", "ppo.rollout.samples_per_prompt": "4",
+        "ppo.rollout.max_new_tokens": "8", "ppo.learner.micro_batch_size": "4",
+        "ppo.logging.run_dir": str(tmp_path / "ppo"), "ppo.logging.progress_bar": "false",
+        "ppo.logging.tensorboard": "false",
+    }
+    cfg = load_config(os.path.join(CONFIGS, "pipeline_cpu.yaml"), overrides, cls=PipelineConfig,
+                      validator=validate_pipeline)
+    summary = run_pipeline(cfg)
+    assert summary["sft"]["steps"] == 4 and summary["rm"]["steps"] == 4
+    assert summary["sft"]["train_loss_first_step"] > 5.5
+    assert 0 <= summary["rm"]["eval_after"]["accuracy"] <= 1
+    ppo = summary["ppo"]
+    assert ppo["completed"] and ppo["iterations"] == 2
+    assert math.isfinite(ppo["reward_start"]) and math.isfinite(ppo["kl_end"])
+    assert 0 <= summary["digit_fraction"]["sft"] <= 1 and 0 <= summary["digit_fraction"]["ppo"] <= 1
+    saved = json.loads((tmp_path / "ppo" / "pipeline_summary.json").read_text())
+    assert saved["rm"]["output_dir"] == os.path.abspath(rm)
+    with open(os.path.join(ppo["run_dir"], "config.json")) as fh:
+        ppo_cfg = json.load(fh)
+    assert (ppo_cfg["model"]["path"], ppo_cfg["reward"]["kind"], ppo_cfg["reward"]["model_path"]) == (sft, "model", rm)
