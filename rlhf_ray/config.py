@@ -106,11 +106,17 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class RewardConfig:
     kind: str = "function"
-    """function: a Python reward function; model: a sequence-classification reward model."""
+    """function: a Python reward function; model: a sequence-classification reward model; http: an endpoint."""
     function: str | None = "rlhf_ray.rewards:digit_fraction"
     """Reward function as path/to/file.py:name or package.module:name; fn(prompts, responses) -> list[float]."""
     model_path: str | None = None
     """Reward model checkpoint (AutoModelForSequenceClassification, one label) when kind=model."""
+    url: str | None = None
+    """Reward endpoint for kind=http: POST {prompts, responses} -> {scores} (see rlhf_ray.reward_server)."""
+    http_timeout_s: float = 60.0
+    """Timeout of one request to the reward endpoint."""
+    http_retries: int = 3
+    """Retries (exponential backoff from 0.5 s) when the endpoint is unreachable or answers 5xx."""
     micro_batch_size: int = 16
     """Sequences per reward-model forward pass."""
     clip: float | None = None
@@ -348,7 +354,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "model.build_tiny": (None, "llama", "qwen2"),
     "model.dtype": ("float32", "bfloat16"),
     "data.too_long": ("drop", "truncate", "error"),
-    "reward.kind": ("function", "model"),
+    "reward.kind": ("function", "model", "http"),
     "ppo.kl_estimator": ("k1", "k2", "k3"),
     "learner.zero_stage": (0, 1, 2, 3),
     "learner.optimizer": ("adamw", "sgd"),
@@ -396,6 +402,10 @@ def validate(cfg: Config) -> Sizes:
         errors.append("--ppo.kl_target must be > 0, or unset for a fixed coefficient.")
     if cfg.reward.kind == "function" and not cfg.reward.function:
         errors.append("--reward.kind function needs --reward.function path/to/file.py:name.")
+    if cfg.reward.kind == "http" and not (cfg.reward.url or "").startswith(("http://", "https://")):
+        errors.append("--reward.kind http needs --reward.url http://host:port/score.")
+    if cfg.reward.http_retries < 0:
+        errors.append("--reward.http_retries must be >= 0.")
     if cfg.reward.kind == "model" and not cfg.reward.model_path:
         errors.append("--reward.kind model needs --reward.model_path <checkpoint dir>.")
     need = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens

@@ -86,6 +86,11 @@ def prepare_inputs(cfg: Config) -> Inputs:
     prompts = tokenize_prompts(texts, tok, cfg.data.max_prompt_tokens, cfg.data.too_long)
     if cfg.reward.kind == "function":
         probe_reward_function(cfg.reward.function or "", prompts.texts[:2])
+    elif cfg.reward.kind == "http":
+        from rlhf_ray.reward_server import post_scores
+
+        post_scores(cfg.reward.url or "", (prompts.texts * 2)[:2], ["", "42"], cfg.reward.http_timeout_s,
+                    cfg.reward.http_retries)  # an endpoint that is down fails here, before Ray starts
     if len(prompts.token_ids) < cfg.rollout.prompts_per_iteration:
         raise ValueError(f"only {len(prompts.token_ids)} usable prompts but --rollout.prompts_per_iteration is "
                          f"{cfg.rollout.prompts_per_iteration}; add prompts or lower it.")

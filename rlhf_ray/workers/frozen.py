@@ -86,7 +86,7 @@ class RewardScorer(FrozenModelRole):
         self.fn = None
         if cfg.reward.kind == "function":
             self.fn = load_reward_function(cfg.reward.function or "")
-        else:
+        elif cfg.reward.kind == "model":
             from transformers import AutoModelForSequenceClassification
 
             self.model = self._load(AutoModelForSequenceClassification, cfg.reward.model_path or "",
@@ -107,10 +107,14 @@ class RewardScorer(FrozenModelRole):
         """(B,) float32 scores."""
         prompts, responses = self.decode(batch)
         if self.fn is not None:
-            scores = self._call_function(prompts, responses)
-        else:
-            scores = self._run_model(prompts, responses)
-        return scores
+            return self._call_function(prompts, responses)
+        if self.cfg.reward.kind == "http":
+            from rlhf_ray.reward_server import post_scores
+
+            r = self.cfg.reward
+            return torch.tensor(post_scores(r.url or "", prompts, responses, r.http_timeout_s, r.http_retries),
+                                dtype=torch.float32)
+        return self._run_model(prompts, responses)
 
     def _call_function(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         name = self.cfg.reward.function

@@ -76,3 +76,36 @@ def test_missing_model_directory(tmp_path):
     cfg = small_config(str(tmp_path / "no-model"))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         prepare_inputs(cfg)
+
+
+def test_reward_endpoint_down_fails_before_ray(tiny_llama):
+    import socket
+
+    from rlhf_ray.coordinator.run import prepare_inputs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = small_config(tiny_llama, **{"reward.kind": "http", "reward.url": f"http://127.0.0.1:{port}/score",
+                                      "reward.http_retries": 1, "reward.function": "none"})
+    with pytest.raises(ConnectionError, match="unreachable after 2 attempts"):
+        prepare_inputs(cfg)
+
+
+def test_ppo_with_a_reward_endpoint(ray_cluster, tiny_llama, tmp_path):
+    import threading
+
+    from rlhf_ray.coordinator.run import run
+    from rlhf_ray.reward_server import make_server
+    from rlhf_ray.rewards import digit_fraction
+
+    srv = make_server(digit_fraction, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        cfg = small_config(tiny_llama, **{"reward.kind": "http", "ppo.iterations": 2,
+                                          "reward.url": f"http://127.0.0.1:{srv.server_address[1]}/score"})
+        summary = run(cfg, str(tmp_path / "run"))
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert summary["completed"] and 0.0 <= summary["reward_start"] <= 1.0

@@ -123,6 +123,8 @@ def test_pipeline_sft_rm_ppo(ray_cluster, tiny_llama, tmp_path):
         "ppo.rollout.max_new_tokens": "8", "ppo.learner.micro_batch_size": "4",
         "ppo.logging.run_dir": str(tmp_path / "ppo"), "ppo.logging.progress_bar": "false",
         "ppo.logging.tensorboard": "false",
+        # One rank per stage keeps this test short; the tests above and test_ppo_system cover two.
+        "sft.learner.num_ranks": "1", "rm.learner.num_ranks": "1", "ppo.learner.num_ranks": "1",
     }
     cfg = load_config(os.path.join(CONFIGS, "pipeline_cpu.yaml"), overrides, cls=PipelineConfig,
                       validator=validate_pipeline)
