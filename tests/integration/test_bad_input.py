@@ -109,3 +109,19 @@ def test_ppo_with_a_reward_endpoint(ray_cluster, tiny_llama, tmp_path):
         srv.shutdown()
         srv.server_close()
     assert summary["completed"] and 0.0 <= summary["reward_start"] <= 1.0
+
+
+def test_tokenizer_without_eos(tiny_llama, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from rlhf_ray.coordinator.run import prepare_inputs
+
+    model = tmp_path / "no-eos"
+    shutil.copytree(tiny_llama, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.eos_token = None
+    tok.save_pretrained(model)
+    with pytest.raises(ValueError, match="has no EOS token"):
+        prepare_inputs(small_config(str(model)))
