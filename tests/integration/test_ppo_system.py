@@ -20,11 +20,13 @@ def _read_metrics(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in fh]
 
 
-@pytest.mark.parametrize("zero_stage,transport", [(2, "collective"), (3, "object_store")])
-def test_ppo_iterations_end_to_end(ray_cluster, tiny_llama, tmp_path, zero_stage, transport):
+@pytest.mark.parametrize("zero_stage,transport,separate_critic", [(2, "collective", False),
+                                                                   (3, "object_store", True)])
+def test_ppo_iterations_end_to_end(ray_cluster, tiny_llama, tmp_path, zero_stage, transport, separate_critic):
     from rlhf_ray.coordinator.run import run
 
-    cfg = small_config(tiny_llama, **{"learner.zero_stage": zero_stage, "sync.transport": transport})
+    cfg = small_config(tiny_llama, **{"learner.zero_stage": zero_stage, "sync.transport": transport,
+                                      "model.separate_critic": separate_critic})
     summary = run(cfg, str(tmp_path / "run"))
     assert summary["completed"] and summary["iterations"] == 3
     rows = _read_metrics(str(tmp_path / "run"))
