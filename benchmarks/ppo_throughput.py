@@ -6,8 +6,9 @@ sync: configs/demo_cpu.yaml) are started in one local Ray cluster (ray.init(addr
 num_cpus=4)); ``PPOCoordinator.step`` runs ``--warmup`` iterations, then ``--iters`` timed ones.
 Reported, as means over the timed iterations:
   * seconds per iteration, samples/s, response tokens/s (actual tokens, EOS may end responses);
-  * the coordinator's phases (generate, score, advantages, update, sync) and the coordinator
-    overhead = iteration - sum of phases;
+  * the coordinator's phases (generate, score, advantages, update, sync; the sync after an
+    update runs at the start of the next step) and the coordinator overhead = iteration - sum
+    of phases, plus the wall time of ``step()`` around it (its state snapshot is outside);
   * inside the phases (role clients wrapped with timers, no source change): the rollout call's
     round trip vs packing, the ray.put of the batch, the learner slicing + ray.put at submit,
     the learners' own update time (``update_seconds``) vs the update phase;
@@ -173,7 +174,10 @@ def run_size(model: str, size: tuple[int, int, int], args, dissect: bool) -> dic
         rows, subs = [], []
         for _ in range(args.iters):
             sub.clear()
-            rows.append(coord.step())
+            t_step = time.perf_counter()
+            row = coord.step()
+            row["bench/step_wall"] = time.perf_counter() - t_step
+            rows.append(row)
             subs.append(dict(sub))
         wall = time.perf_counter() - wall0
         cpu1, busy1 = _cpu_seconds(pids), _machine_busy()
@@ -197,8 +201,9 @@ def run_size(model: str, size: tuple[int, int, int], args, dissect: bool) -> dic
 def summarize(rows: list[dict], subs: list[dict], size: tuple[int, int, int], startup_s: float) -> dict[str, Any]:
     m = _env.mean
     it = m([r["time/iteration"] for r in rows])
-    phases = {p: m([r[f"time/{p}"] for r in rows]) for p in PHASES}
-    overhead = m([r["time/iteration"] - sum(r[f"time/{p}"] for p in PHASES) for r in rows])
+    phases = {p: m([r.get(f"time/{p}", 0.0) for r in rows]) for p in PHASES}
+    overhead = m([r["time/iteration"] - sum(r.get(f"time/{p}", 0.0) for p in PHASES) for r in rows])
+    wall = m([r["bench/step_wall"] for r in rows])
 
     def sub_mean(key: str) -> float:
         return m([s[key] for s in subs if key in s])
@@ -214,6 +219,8 @@ def summarize(rows: list[dict], subs: list[dict], size: tuple[int, int, int], st
         "samples_per_s": m([r["samples"] for r in rows]) / it,
         "tokens_per_s": m([r["response_tokens"] for r in rows]) / it,
         "phases_s": phases, "coordinator_overhead_s": overhead,
+        # step() = state snapshot + _step(); time/iteration is measured inside _step()
+        "step_wall_s": wall, "step_outside_iteration_s": wall - it,
         "inside_phases_s": {
             "generate.rollout_round_trip": gen_rt,
             "generate.pack_and_rest": phases["generate"] - gen_rt,
@@ -267,7 +274,8 @@ def dissect_roles(roles, coord, gen, inputs, cfg, last_metrics: dict) -> dict[st
     out["score_together_s"] = timeit(lambda: coord._score(batch))
     out["ray_put_batch_s"] = timeit(lambda: ray.put(batch))
     pings = {}
-    for label, actor in roles.labelled_actors():
+    for source, actor in roles.labelled_actors():
+        label = source if isinstance(source, str) else "-".join(str(x) for x in source)
         ray.get(actor.ping.remote())
         xs = []
         for _ in range(20):
@@ -323,7 +331,8 @@ def main() -> None:
 
     rows = [{"samples x tok": f"{int(r['samples'])}x{r['max_new_tokens']}", "resp_tok": r["response_tokens"],
              "s/it": r["iteration_s"], "samples/s": r["samples_per_s"], "tok/s": r["tokens_per_s"],
-             **{p: r["phases_s"][p] for p in PHASES}, "overhead": r["coordinator_overhead_s"]} for r in results]
+             **{p: r["phases_s"][p] for p in PHASES}, "overhead": r["coordinator_overhead_s"],
+             "step() wall": r["step_wall_s"]} for r in results]
     _env.print_table(rows, title="\nPPO iteration (means over timed iterations; seconds)")
     labels = [f"{int(r['samples'])}x{r['max_new_tokens']}" for r in results]
     inner = [{"inside the phases (s)": k, **{lab: r["inside_phases_s"][k] for lab, r in zip(labels, results)}}

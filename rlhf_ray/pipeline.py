@@ -1,6 +1,6 @@
 """The whole RLHF recipe in one Ray session: demo data -> SFT -> reward model -> PPO.
 
-    python -m rlhf_ray.pipeline --config configs/pipeline_cpu.yaml                 # ~7 minutes on 2 CPU cores
+    python -m rlhf_ray.pipeline --config configs/pipeline_cpu.yaml                 # ~3 minutes on 2 CPU cores
     python -m rlhf_ray.pipeline --config configs/pipeline_cpu.yaml --stages "[ppo]"  # reuse the SFT and RM outputs
     python -m rlhf_ray.pipeline --config configs/pipeline_cpu.yaml --dry-run
 

@@ -241,7 +241,7 @@ class PipelineConfig:
     name: str = "pipeline"
     """Pipeline name, used in logs."""
     stages: tuple[str, ...] = ("sft", "rm", "ppo")
-    """Stages to run, in order; a later stage alone reuses the outputs an earlier run left."""
+    """Stages to run, in order, e.g. --stages "[rm, ppo]"; a stage left out reuses the outputs an earlier run left."""
     demo_data_dir: str | None = "artifacts/pipeline/data"
     """Write the offline demo data (sft.jsonl, preference.jsonl, prompts.jsonl) here first, if missing; unset: skip."""
     digit_check_prompts: int = 64

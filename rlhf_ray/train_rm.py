@@ -28,11 +28,11 @@ KEYS = ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy", "eval/rewa
 
 
 def prepare(cfg: RMRunConfig):
-    """Everything checked before Ray starts; returns (PreferenceData, pad id)."""
+    """Everything checked before Ray starts; returns the tokenised pairs."""
     from transformers import AutoTokenizer
 
     from rlhf_ray.coordinator.supervised import check_train_size, prepare_demo_data, prepare_model
-    from rlhf_ray.data.datasets import load_preference_data, pad_token_id
+    from rlhf_ray.data.datasets import load_preference_data
 
     prepare_model(cfg)
     prepare_demo_data(cfg)
@@ -43,7 +43,7 @@ def prepare(cfg: RMRunConfig):
         print(f"rm data ({split}): {stats.describe()} (--data.max_len {cfg.data.max_len}, "
               f"--data.too_long {cfg.data.too_long})")
     check_train_size(len(data.train), cfg, "pairs")
-    return data, pad_token_id(tokenizer)
+    return data
 
 
 def _note_new_head(path: str) -> None:
@@ -61,9 +61,9 @@ def train_rm(cfg: RMRunConfig, ray_address: str | None = None) -> dict:
     from rlhf_ray.coordinator.supervised import run_supervised
     from rlhf_ray.workers.trainer import RewardModelTrainerActor
 
-    data, pad_id = prepare(cfg)
-    summary = run_supervised(cfg, RewardModelTrainerActor, "rm", data.train, data.eval, pad_id, cfg.model.path,
-                             KEYS, ray_address)
+    data = prepare(cfg)
+    summary = run_supervised(cfg, RewardModelTrainerActor, "rm", data.train, data.eval, cfg.model.path, KEYS,
+                             ray_address)
     before, after = summary["eval_before"], summary["eval_after"]
     print(f"rm done: held-out pairwise accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} on "
           f"{len(data.eval)} pairs (chance 0.5); train loss {summary['train_loss_first_step']:.4f} (first step) -> "

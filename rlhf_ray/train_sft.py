@@ -27,11 +27,11 @@ KEYS = ("train/loss", "train/token_accuracy", "eval/loss", "eval/token_accuracy"
 
 def prepare(cfg: SFTRunConfig):
     """Everything checked before Ray starts: the model, the data files, tokenisation and counts.
-    Returns (SFTData, pad id)."""
+    Returns the tokenised data."""
     from transformers import AutoTokenizer
 
     from rlhf_ray.coordinator.supervised import check_train_size, prepare_demo_data, prepare_model
-    from rlhf_ray.data.datasets import load_sft_data, pad_token_id
+    from rlhf_ray.data.datasets import load_sft_data
 
     prepare_model(cfg)
     prepare_demo_data(cfg)
@@ -41,7 +41,7 @@ def prepare(cfg: SFTRunConfig):
         print(f"sft data ({split}): {stats.describe()} (--data.max_len {cfg.data.max_len}, "
               f"--data.too_long {cfg.data.too_long})")
     check_train_size(len(data.train), cfg, "examples")
-    return data, pad_token_id(tokenizer)
+    return data
 
 
 def train_sft(cfg: SFTRunConfig, ray_address: str | None = None) -> dict:
@@ -49,9 +49,8 @@ def train_sft(cfg: SFTRunConfig, ray_address: str | None = None) -> dict:
     from rlhf_ray.coordinator.supervised import run_supervised
     from rlhf_ray.workers.trainer import SFTTrainerActor
 
-    data, pad_id = prepare(cfg)
-    summary = run_supervised(cfg, SFTTrainerActor, "sft", data.train, data.eval, pad_id, cfg.model.path, KEYS,
-                             ray_address)
+    data = prepare(cfg)
+    summary = run_supervised(cfg, SFTTrainerActor, "sft", data.train, data.eval, cfg.model.path, KEYS, ray_address)
     after = summary["eval_after"]
     print(f"sft done: train loss {summary['train_loss_first_step']:.4f} (first step) -> "
           f"{summary['train_loss_last_epoch']:.4f} (last epoch); held-out loss "

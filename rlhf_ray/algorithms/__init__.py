@@ -18,6 +18,7 @@ from .losses import (
     token_mean_loss,
     value_loss,
 )
+from .pairwise import PairwiseLossOutput, SFTLossOutput, pairwise_loss, sft_loss
 from .masked import (
     explained_variance,
     masked_mean,
@@ -38,7 +39,9 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "GAEOutput",
+    "PairwiseLossOutput",
     "PolicyLossOutput",
+    "SFTLossOutput",
     "RunningMoments",
     "ValueLossOutput",
     "apply_missing_eos_penalty",
@@ -54,7 +57,9 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "normalize_scores",
+    "pairwise_loss",
     "ppo_policy_loss",
+    "sft_loss",
     "shape_token_rewards",
     "token_mean_loss",
     "value_loss",

@@ -21,8 +21,8 @@ from rlhf_ray.coordinator.pending import RayPending
 from rlhf_ray.coordinator.placement import RolePlacement, actor_options, check_fits, create_groups
 
 
-def parse_cli(prog: str, description: str, cls: type, validator: Callable, argv: Sequence[str],
-              extra: Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[argparse.Namespace, Any]:
+def parse_cli(prog: str, description: str, cls: type, validator: Callable,
+              argv: Sequence[str]) -> tuple[argparse.Namespace, Any]:
     """``--config FILE [--section.field VALUE ...] [--dry-run] [--ray-address A]`` for the root
     dataclass ``cls``; the help lists every field with its documentation."""
     parser = argparse.ArgumentParser(
@@ -33,8 +33,6 @@ def parse_cli(prog: str, description: str, cls: type, validator: Callable, argv:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--ray-address", default=None,
                         help="attach to this Ray cluster (default: RAY_ADDRESS or a new local one)")
-    if extra:
-        extra(parser)
     args, rest = parser.parse_known_args(list(argv))
     try:
         cfg = load_config(args.config, parse_overrides(rest), cls=cls, validator=validator)
@@ -52,7 +50,7 @@ class TrainerGroup:
     """The ranks of one supervised trainer: one placement group (a bundle per rank), actors
     named ``<name>-<role>-<rank>``, and calls that wait with a timeout and name a failing rank."""
 
-    def __init__(self, cfg, actor_cls, role: str, pad_id: int) -> None:
+    def __init__(self, cfg, actor_cls, role: str) -> None:
         import ray
 
         from rlhf_ray.coordinator.groups import base_env
@@ -64,7 +62,7 @@ class TrainerGroup:
         check_fits(plan, ray.cluster_resources())
         self.pg = create_groups(plan, cfg.train.placement_timeout_s)[plan[0].role]
         self.actors = [actor_cls.options(**actor_options(self.pg, i, res, f"{cfg.name}-{role}-{i}",
-                                                         base_env(res.threads))).remote(cfg, i, n, pad_id)
+                                                         base_env(res.threads))).remote(cfg, i, n)
                        for i in range(n)]
 
     def _all(self, what: str, refs: list) -> list:
@@ -154,7 +152,7 @@ def summarize(history: list[dict], out_dir: str, seconds: float) -> dict[str, An
     }
 
 
-def run_supervised(cfg, actor_cls, role: str, train, eval_set, pad_id: int, tokenizer_path: str,
+def run_supervised(cfg, actor_cls, role: str, train, eval_set, tokenizer_path: str,
                    keys: Sequence[str], ray_address: str | None = None) -> dict[str, Any]:
     """Start (or attach to) Ray, run the trainer ranks through ``fit``, shut them down; returns
     the summary, also written to ``<train.output_dir>/train_summary.json``."""
@@ -162,7 +160,7 @@ def run_supervised(cfg, actor_cls, role: str, train, eval_set, pad_id: int, toke
 
     start_ray(ray_address)
     t0 = time.perf_counter()
-    group = TrainerGroup(cfg, actor_cls, role, pad_id)
+    group = TrainerGroup(cfg, actor_cls, role)
     try:
         info = group.setup()
         print(f"{role}: {len(info)} rank(s) up (ZeRO-{cfg.learner.zero_stage}, {info[0]['parameters']} parameters) "

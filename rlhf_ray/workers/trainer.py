@@ -28,7 +28,7 @@ import torch.distributed as dist
 from rlhf_ray.algorithms.pairwise import pairwise_loss, sft_loss
 from rlhf_ray.backends import deepspeed as ds
 from rlhf_ray.config import LearnerConfig
-from rlhf_ray.data.datasets import PairBatch, SFTBatch
+from rlhf_ray.data.datasets import PairBatch, SFTBatch, pad_token_id
 from rlhf_ray.train_config import TrainerRunConfig, TrainerSizes, resolve_trainer
 from rlhf_ray.weight_sync.transport import free_port
 from rlhf_ray.workers.base import RoleBase
@@ -69,9 +69,9 @@ class SupervisedTrainer(RoleBase):
     role = "trainer"
     metric_keys: tuple[str, ...] = ()  # sums returned by ``_loss`` besides "units"
 
-    def __init__(self, cfg: TrainerRunConfig, rank: int, world_size: int, pad_id: int) -> None:
+    def __init__(self, cfg: TrainerRunConfig, rank: int, world_size: int) -> None:
         super().__init__(cfg, rank, cfg.resources.threads)  # type: ignore[arg-type]
-        self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
+        self.rank, self.world_size = rank, world_size
         self.sizes = resolve_trainer(cfg)
         self.engine = None
         self.device = torch.device("cpu")
@@ -252,11 +252,13 @@ class RewardModelTrainer(SupervisedTrainer):
     metric_keys = ("loss", "accuracy", "reward_chosen", "reward_rejected", "reward_gap")
 
     def _load_model(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
-        from transformers import AutoModelForSequenceClassification
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        # The head reads the last non-pad token, found by this id: it must be the id the data was
+        # padded with, which the driver took from the same tokenizer.
+        self.pad_id = pad_token_id(AutoTokenizer.from_pretrained(path))
         # From a causal LM checkpoint the score head is new (randomly initialised, seeded).
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
-        # The head reads the last non-pad token, found by this id: it must be the data's pad id.
         model.config.pad_token_id = self.pad_id
         return model
 

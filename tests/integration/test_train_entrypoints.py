@@ -1,6 +1,6 @@
-"""The stages before PPO on a local Ray cluster with tiny models: ``train_sft`` (ZeRO-3),
-``train_rm`` (ZeRO-2) and the whole pipeline (a few SFT/RM steps, 2 PPO iterations with the
-trained reward model)."""
+"""The stages before PPO on a local Ray cluster with tiny models: ``train_sft`` (ZeRO-3; and the
+same update on one or two ranks), ``train_rm`` (ZeRO-2; PPO's reward actor agrees with it) and
+the whole pipeline (a few SFT/RM steps, 2 PPO iterations with the trained reward model)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,29 @@ def test_train_sft_zero3_saves_the_model_it_evaluated(ray_cluster, tiny_llama, d
         logits = model(input_ids=ev.input_ids, attention_mask=ev.attention_mask.long()).logits
     loss = sft_loss(logits[:, :-1], ev.input_ids[:, 1:], ev.loss_mask[:, 1:]).loss.item()
     assert loss == pytest.approx(rows[2]["eval/loss"], rel=1e-4)
+
+
+def test_sft_update_is_the_same_on_one_or_two_ranks(ray_cluster, tiny_llama, demo, tmp_path):
+    """Loss normalisation: two SGD steps (no clipping, so a wrong gradient scale would show) over
+    the same batches give the same model whether one rank accumulates 4 micro-batches or two
+    ranks accumulate 2 each."""
+    from rlhf_ray.config import load_config
+    from rlhf_ray.train_config import SFTRunConfig, validate_sft
+    from rlhf_ray.train_sft import train_sft
+
+    results = {}
+    for ranks in (1, 2):
+        overrides = {"name": f"inv{ranks}", "model.path": tiny_llama, "model.build_tiny": "none",
+                     "data.train_path": demo["sft.jsonl"], "data.demo": "false",
+                     "train.output_dir": str(tmp_path / f"o{ranks}"), "train.epochs": "1", "train.max_steps": "2",
+                     "learner.num_ranks": str(ranks), "learner.micro_batch_size": "8", "learner.optimizer": "sgd",
+                     "learner.lr": "2.0", "learner.max_grad_norm": "0", "learner.warmup_steps": "0"}
+        cfg = load_config(os.path.join(CONFIGS, "sft_cpu.yaml"), overrides, cls=SFTRunConfig, validator=validate_sft)
+        summary = train_sft(cfg)
+        assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"] - 0.1  # the steps did something
+        results[ranks] = summary
+    assert results[2]["train_loss_first_step"] == pytest.approx(results[1]["train_loss_first_step"], rel=1e-6)
+    assert results[2]["eval_after"]["loss"] == pytest.approx(results[1]["eval_after"]["loss"], rel=1e-5)
 
 
 def test_train_rm_reports_accuracy_and_the_reward_actor_agrees(ray_cluster, tiny_llama, demo, tmp_path, capsys):
