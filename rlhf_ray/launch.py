@@ -20,7 +20,7 @@ import sys
 import time
 
 from rlhf_ray.config import Config, ConfigError, config_to_dict, iter_fields, load_config, parse_overrides, resolve
-from rlhf_ray.coordinator.placement import check_fits, placement_plan
+from rlhf_ray.coordinator.placement import placement_plan
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -72,26 +72,9 @@ def train_rm(cfg: RMRunConfig, ray_address: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import json
+    from rlhf_ray.coordinator.supervised import cli_main
 
-    from rlhf_ray.config import config_to_dict
-    from rlhf_ray.coordinator.supervised import parse_cli
-
-    args, cfg = parse_cli("python -m rlhf_ray.train_rm", "Bradley-Terry reward model on Ray + DeepSpeed.",
-                          RMRunConfig, validate_rm, sys.argv[1:] if argv is None else argv)
-    if args.dry_run:
-        print(json.dumps(config_to_dict(cfg), indent=2))
-        print("sizes:", json.dumps(validate_rm(cfg).__dict__))
-        return 0
-    from rlhf_ray.config import ConfigError
-    from rlhf_ray.data.datasets import DataError
-
-    try:
-        train_rm(cfg, args.ray_address or os.environ.get("RAY_ADDRESS"))
-    except (ConfigError, DataError, FileNotFoundError) as exc:  # bad inputs, found before Ray starts
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main("python -m rlhf_ray.train_rm", "Bradley-Terry reward model on Ray + DeepSpeed.", RMRunConfig, validate_rm, train_rm, argv)
 
 
 if __name__ == "__main__":

@@ -207,3 +207,27 @@ def check_train_size(n_train: int, cfg, what: str) -> None:
     if n_train < cfg.train.batch_size:
         raise DataError(f"only {n_train} training {what} after the length policy, fewer than one optimiser step "
                          f"(--train.batch_size {cfg.train.batch_size}); add data or lower the batch size.")
+
+
+def cli_main(prog: str, description: str, cls: type, validator: Callable, train: Callable,
+             argv: list[str] | None) -> int:
+    """The shared ``main`` of ``train_sft`` and ``train_rm``: parse, ``--dry-run``, train; bad
+    inputs found before Ray starts exit 2 with the message."""
+    import json
+    import os
+    import sys
+
+    from rlhf_ray.config import ConfigError, config_to_dict
+    from rlhf_ray.data.datasets import DataError
+
+    args, cfg = parse_cli(prog, description, cls, validator, sys.argv[1:] if argv is None else argv)
+    if args.dry_run:
+        print(json.dumps(config_to_dict(cfg), indent=2))
+        print("sizes:", json.dumps(validator(cfg).__dict__))
+        return 0
+    try:
+        train(cfg, args.ray_address or os.environ.get("RAY_ADDRESS"))
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

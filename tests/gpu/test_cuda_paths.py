@@ -6,7 +6,6 @@ Marked ``gpu``; skipped cleanly on machines without CUDA (CI). Run on a GPU node
 
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest
