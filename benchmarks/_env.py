@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -52,12 +52,14 @@ _DISTRIBUTIONS = {
 # --------------------------------------------------------------------------- environment
 
 
-def _version(candidates: Iterable[str]) -> str | None:
-    for dist in candidates:
+def _version(distributions: Sequence[str]) -> str | None:
+    """Version of the first installed distribution; names the distribution if not the first."""
+    for dist in distributions:
         try:
-            return f"{importlib.metadata.version(dist)}" + ("" if dist == candidates[0] else f" ({dist})")  # type: ignore[index]
+            version = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             continue
+        return version if dist == distributions[0] else f"{version} ({dist})"
     return None
 
 

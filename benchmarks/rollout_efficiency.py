@@ -13,18 +13,20 @@ other processes hits both alike:
     in this process, which adds only our output conversion and packing to ``direct``.
 Reported: seconds of each path, system / direct, and the split of the difference into output
 conversion + packing (in-process) and Ray (call, pickling the ragged ``Generation``, transfer);
-plus the pickled size of a ``Generation`` and the response tokens each path produced (sampling
+plus ``direct`` without ``logprobs=0`` (what requesting the sampled-token logprob costs), the
+pickled size of a ``Generation``, and the response tokens each path produced (sampling
 is random and the engines' random streams diverge, so counts differ a little between paths).
 
 What it leaves out: engine start-up, weight sync, prefix-cache effects across iterations
 (every call here reuses the same prompts, in both paths alike).
 
-Threads: this process and the actor both run vLLM with 1 OpenMP/torch thread
-(VLLM_CPU_OMP_THREADS_BIND=nobind), as the demo config's rollout role does.
+Threads: this process and the actor both run vLLM with ``--threads`` OpenMP/torch threads
+(default 1, as the demo config's rollout role; VLLM_CPU_OMP_THREADS_BIND=nobind).
 
 Run (repository root, ~2 minutes on 2 cores):
     .venv/bin/python -m benchmarks.rollout_efficiency
     .venv/bin/python -m benchmarks.rollout_efficiency --sizes 8x8x32,32x8x64 --repeats 9
+    .venv/bin/python -m benchmarks.rollout_efficiency --threads 2 --name rollout_efficiency_2threads
 """
 
 from __future__ import annotations
@@ -39,16 +41,18 @@ from benchmarks import _env
 from benchmarks.ppo_throughput import parse_size
 
 
-def make_config(model: str, prompts: int, samples: int, tokens: int):
+def make_config(model: str, prompts: int, samples: int, tokens: int, threads: int = 1):
     return _env.bench_config(model, **{"rollout.prompts_per_iteration": prompts, "rollout.samples_per_prompt": samples,
-                                       "rollout.max_new_tokens": tokens, "learner.micro_batch_size": 1})
+                                       "rollout.max_new_tokens": tokens, "learner.micro_batch_size": 1,
+                                       "resources.rollout.threads": threads})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="8x8x32,16x8x32", help="PROMPTSxSAMPLESxTOKENS list (64x32, 128x32)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=11)
+    ap.add_argument("--threads", type=int, default=1, help="rollout threads (resources.rollout.threads), both paths")
     ap.add_argument("--quiet-wait", type=float, default=60.0)
     ap.add_argument("--name", default="rollout_efficiency")
     args = ap.parse_args()
@@ -56,7 +60,7 @@ def main() -> None:
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     model = _env.tiny_model()
     # One engine config serves every size: max_model_len is the demo's 128 (prompts <= 48 tokens).
-    cfg = make_config(model, *sizes[0])
+    cfg = make_config(model, *sizes[0], threads=args.threads)
     from rlhf_ray.backends.vllm import engine_env
 
     os.environ.update(engine_env(cfg))  # before vllm is imported, as the actor's runtime_env does
@@ -85,13 +89,16 @@ def main() -> None:
     results = []
     for size in sizes:
         prompts_n, samples, tokens = size
-        spec = SamplingSpec.from_config(make_config(model, *size))
+        spec = SamplingSpec.from_config(make_config(model, *size, threads=args.threads))
         prompt_ids = [inputs.prompts.token_ids[i] for i in range(prompts_n)]
         params = SamplingParams(n=spec.n, max_tokens=spec.max_new_tokens, temperature=spec.temperature,
                                 top_p=spec.top_p, top_k=spec.top_k, stop_token_ids=list(spec.stop_token_ids) or None,
                                 logprobs=0, detokenize=False)
+        params_no_lp = params.clone()
+        params_no_lp.logprobs = None
         token_prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
-        times: dict[str, list[float]] = {"system": [], "direct": [], "in_process_engine_and_pack": []}
+        times: dict[str, list[float]] = {"system": [], "direct": [], "in_process_engine_and_pack": [],
+                                         "direct_without_logprobs": []}
         tokens_per_call, direct_tokens, gen_bytes = [], [], 0
         for rep in range(args.warmup + args.repeats):
             t0 = time.perf_counter()
@@ -104,6 +111,10 @@ def main() -> None:
             t_direct = time.perf_counter() - t0
 
             t0 = time.perf_counter()
+            local.llm.generate(token_prompts, params_no_lp, use_tqdm=False)
+            t_no_lp = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
             gen_local = local.generate(prompt_ids, list(range(len(prompt_ids))), spec)
             pack_generation(gen_local, inputs.pad_id, inputs.eos_ids)
             t_local = time.perf_counter() - t0
@@ -111,6 +122,7 @@ def main() -> None:
                 times["system"].append(t_sys)
                 times["direct"].append(t_direct)
                 times["in_process_engine_and_pack"].append(t_local)
+                times["direct_without_logprobs"].append(t_no_lp)
                 direct_tokens.append(sum(len(c.token_ids) for o in outs for c in o.outputs))
                 tokens_per_call.append(sum(len(r) for r in gen.response_ids))
                 gen_bytes = len(pickle.dumps(gen))
@@ -130,7 +142,7 @@ def main() -> None:
 
     rows = [{"samples x tok": f"{r['samples']}x{r['max_new_tokens']}", "tok system": r["response_tokens_mean"],
              "tok direct": r["direct_response_tokens_mean"],
-             "direct s": r["median_s"]["direct"], "in-proc+pack s": r["median_s"]["in_process_engine_and_pack"],
+             "direct s": r["median_s"]["direct"], "direct no-logprobs s": r["median_s"]["direct_without_logprobs"], "in-proc+pack s": r["median_s"]["in_process_engine_and_pack"],
              "system s": r["median_s"]["system"], "system/direct": r["system_over_direct"],
              "convert+pack s": r["conversion_and_pack_s"], "ray s": r["ray_s"],
              "pickle KiB": r["generation_pickle_bytes"] / 1024}
