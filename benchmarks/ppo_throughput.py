@@ -30,6 +30,7 @@ Threads: every role runs 1 torch/OpenMP thread (demo config); the driver (coordi
 Run (repository root, ~3-4 minutes on 2 cores):
     .venv/bin/python -m benchmarks.ppo_throughput
     .venv/bin/python -m benchmarks.ppo_throughput --sizes 8x8x32 --iters 10 --transport object_store
+    .venv/bin/python -m benchmarks.ppo_throughput --set rollout.num_engines=2 --set resources.rollout.num_cpus=0.25
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def size_config(model: str, prompts: int, samples: int, tokens: int, args) -> An
         "rollout.max_new_tokens": tokens, "ppo.mini_batches": args.mini_batches, "ppo.epochs": args.epochs,
         "learner.num_ranks": args.ranks, "learner.zero_stage": args.zero_stage,
         "learner.micro_batch_size": min(16, per_rank_mini), "sync.transport": args.transport,
+        **dict(kv.split("=", 1) for kv in args.set),
     })
 
 
@@ -314,6 +316,8 @@ def main() -> None:
     ap.add_argument("--dissect-size", default="8x8x32", help="size at which to run the role dissection ('' = none)")
     ap.add_argument("--quiet-wait", type=float, default=60.0, help="max seconds to wait for load average < 1")
     ap.add_argument("--name", default="ppo_throughput")
+    ap.add_argument("--set", action="append", default=[], metavar="DOTTED=VALUE",
+                    help="any config override, e.g. --set rollout.num_engines=2 (repeatable)")
     args = ap.parse_args()
 
     threads = _env.set_threads(1)
