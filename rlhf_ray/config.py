@@ -101,6 +101,9 @@ class RolloutConfig:
     """Tensor-parallel size of each vLLM engine (GPU)."""
     enforce_eager: bool = True
     """Disable CUDA graphs in vLLM (faster start, slower decode)."""
+    async_generation: bool = False
+    """Generate the next batch while this one is scored and trained (one step off-policy): an iteration
+    then takes about max(generation, training) instead of their sum."""
 
 
 @dataclass(frozen=True)

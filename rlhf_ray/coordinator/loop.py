@@ -1,6 +1,7 @@
 """The PPO loop as a list of timed phases.
 
-One iteration::
+One iteration (``rollout.async_generation`` overlaps the next batch's generation with this
+batch's score and update, one step off-policy)::
 
     prompts   -> generate (rollout engines)
               -> score    (reference logprobs | reward | learner old logprobs + values, in parallel)
@@ -79,6 +80,9 @@ class PPOCoordinator:
         self.bad_iterations = 0
         self.weights_stale = False
         self.last_batch: ExperienceBatch | None = None
+        # async_generation: prompts drawn for the next batch, and its generation in flight
+        self.pending_prompts: list[int] | None = None
+        self._pending: Pending | None = None
         self._times: dict[str, float] = {}
         self._prompt_indices: list[int] = []
 
@@ -111,16 +115,36 @@ class PPOCoordinator:
             self.load_state_dict(snapshot)
             raise
 
-    def _step(self) -> dict[str, float]:
-        self._times = {}
-        t_start = time.perf_counter()
-        sync_metrics: dict[str, float] = {}
+    def _sync_if_stale(self) -> dict[str, float]:
         with self._phase("sync"):
-            if self.weights_stale:
-                sync_metrics = self.weight_sync.sync()
-                self.weights_stale = False
-        with self._phase("generate"):
-            batch = self._generate()
+            if not self.weights_stale:
+                return {}
+            out = self.weight_sync.sync()
+            self.weights_stale = False
+            return out
+
+    def _step(self) -> dict[str, float]:
+        self._times = {"time/sync": 0.0}
+        t_start = time.perf_counter()
+        if not self.cfg.rollout.async_generation or self._pending is None:
+            # On-policy (or the first async step): engines get the latest weights, then generate.
+            sync_metrics = self._sync_if_stale()
+            idx = self.pending_prompts or self.sampler.next(self.cfg.rollout.prompts_per_iteration)
+            with self._phase("generate"):
+                gen = self.rollout.generate([self.prompts.token_ids[i] for i in idx], self.spec).result()
+        else:
+            # One step off-policy: this batch was generated during the previous update.
+            idx = self.pending_prompts
+            with self._phase("generate"):
+                gen = self._pending.result()
+            sync_metrics = {}
+        self._pending, self.pending_prompts, self._prompt_indices = None, None, idx
+        batch = pack_generation(gen, self.pad_id, self.eos_ids)
+        if self.cfg.rollout.async_generation:
+            sync_metrics = sync_metrics or self._sync_if_stale()
+            self.pending_prompts = self.sampler.next(self.cfg.rollout.prompts_per_iteration)
+            self._pending = self.rollout.generate([self.prompts.token_ids[i] for i in self.pending_prompts],
+                                                  self.spec)
         with self._phase("score"):
             batch = self._score(batch)
         with self._phase("advantages"):
@@ -144,17 +168,13 @@ class PPOCoordinator:
 
     def _check_sync(self, metrics: dict) -> None:
         limit = self.cfg.sync.max_logprob_mismatch
-        if limit is not None and metrics["logprob_mismatch_mean"] > limit:
+        # With async generation the batch comes from the weights before the last update, so the
+        # mismatch measures that policy lag, not the sync: no limit applies.
+        if limit is not None and not self.cfg.rollout.async_generation and metrics["logprob_mismatch_mean"] > limit:
             raise SyncMismatchError(
                 f"iteration {self.iteration}: mean |rollout - learner| logprob {metrics['logprob_mismatch_mean']:.3g} "
                 f"exceeds --sync.max_logprob_mismatch {limit}: the engines are not running the learner's weights "
                 "(or sample at a different temperature). Check the sync transport, or unset the limit to only report.")
-
-    def _generate(self) -> ExperienceBatch:
-        idx = self.sampler.next(self.cfg.rollout.prompts_per_iteration)
-        self._prompt_indices = idx
-        gen = self.rollout.generate([self.prompts.token_ids[i] for i in idx], self.spec).result()
-        return pack_generation(gen, self.pad_id, self.eos_ids)
 
     def _score(self, batch: ExperienceBatch) -> ExperienceBatch:
         """Reference logprobs, reward and old logprobs/values, all three in flight at once."""
@@ -250,7 +270,7 @@ class PPOCoordinator:
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "sampler": self.sampler.state_dict(),
                 "kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict(),
-                "bad_iterations": self.bad_iterations}
+                "bad_iterations": self.bad_iterations, "pending_prompts": self.pending_prompts}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
@@ -258,3 +278,7 @@ class PPOCoordinator:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.score_moments.load_state_dict(state["score_moments"])
         self.bad_iterations = int(state.get("bad_iterations", 0))
+        # A generation in flight is not part of the state: after a rollback or a resume the
+        # pending prompts are generated again, synchronously, on the current weights.
+        self.pending_prompts = state.get("pending_prompts")
+        self._pending = None

@@ -48,3 +48,18 @@ def test_ppo_iterations_end_to_end(ray_cluster, tiny_llama, tmp_path, zero_stage
     assert rows[1]["kl_mean"] > 1e-6 and rows[2]["kl_mean"] > 1e-6
     assert os.listdir(tmp_path / "run" / "tensorboard")
     assert summary["reward_start"] == pytest.approx(sum(r["reward_mean"] for r in rows) / 3)
+
+
+def test_async_generation_end_to_end(ray_cluster, tiny_llama, tmp_path):
+    """One step off-policy: batch k+1 is generated during update k, on the weights before it."""
+    from rlhf_ray.coordinator.run import run
+
+    summary = run(small_config(tiny_llama, **{"rollout.async_generation": True, "ppo.iterations": 4}),
+                  str(tmp_path / "run"))
+    assert summary["completed"]
+    rows = _read_metrics(str(tmp_path / "run"))
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["onpolicy_ratio_dev"] < 1e-4 for r in rows)  # old logprobs are the learner's own
+    assert rows[0]["logprob_mismatch_max"] < 2e-3  # batch 0: generated on the initial weights
+    # batches 2 and 3 were sampled from weights one update behind the learner: a visible lag
+    assert rows[2]["logprob_mismatch_mean"] > 1e-4 and rows[3]["logprob_mismatch_mean"] > 1e-4

@@ -17,7 +17,7 @@ import torch
 from rlhf_ray.batch import ExperienceBatch, Generation
 from rlhf_ray.config import Config, config_from_dict
 from rlhf_ray.coordinator.loop import NonFiniteError, PPOCoordinator
-from rlhf_ray.coordinator.pending import Done
+from rlhf_ray.coordinator.pending import Done, RemoteCallError
 from rlhf_ray.data.prompts import PromptSampler, PromptSet
 
 PAD, EOS, VOCAB = 0, 2, 50
@@ -374,3 +374,65 @@ def test_fixed_kl_controller_state():
     coord = _coordinator(_config(ppo={"kl_coef": 0.07}))
     coord.step()
     assert coord.state_dict()["kl_ctl"] == {"value": 0.07}  # fixed: never moves
+
+
+# ---- async generation (one step off-policy) ------------------------------------------------
+
+
+class OrderLog:
+    """Records the order of generate / sync / train calls across the fakes."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+
+def _logged(log: OrderLog, fake, method: str, tag: str):
+    inner = getattr(fake, method)
+
+    def wrapper(*args, **kwargs):
+        log.events.append(tag)
+        return inner(*args, **kwargs)
+
+    setattr(fake, method, wrapper)
+    return fake
+
+
+def test_async_generation_overlaps_next_batch_with_the_update():
+    log, rollout, learners, sync = OrderLog(), FakeRollout(), FakeLearners(), FakeSync()
+    _logged(log, rollout, "generate", "gen")
+    _logged(log, learners, "train", "train")
+    _logged(log, sync, "sync", "sync")
+    cfg = _config(rollout={"prompts_per_iteration": B, "samples_per_prompt": 1, "max_new_tokens": R,
+                           "num_engines": 1, "async_generation": True})
+    coord = _coordinator(cfg, rollout=rollout, learners=learners, weight_sync=sync)
+    coord.step()
+    coord.step()
+    # step 0: generate batch 0, submit batch 1 before training on batch 0; step 1: batch 1 is
+    # already there, the engines get the new weights, then batch 2 is submitted before training.
+    assert log.events == ["gen", "gen", "train", "sync", "gen", "train"]
+    fresh = PromptSampler(7, seed=3)
+    drawn = [fresh.next(B) for _ in range(3)]
+    assert [p for p, _ in rollout.calls] == [[_prompts().token_ids[i] for i in d] for d in drawn]
+    assert coord.pending_prompts == drawn[2]
+    assert coord.state_dict()["pending_prompts"] == drawn[2]
+
+
+def test_async_rollback_regenerates_the_pending_prompts():
+    class FailingLearners(FakeLearners):
+        def train(self, batch, iteration):
+            if iteration == 1 and not getattr(self, "failed", False):
+                self.failed = True
+                raise RemoteCallError("learner died", "died", ("learner", 0), "PPO update")
+            return super().train(batch, iteration)
+
+    rollout, learners = FakeRollout(), FailingLearners()
+    cfg = _config(rollout={"prompts_per_iteration": B, "samples_per_prompt": 1, "max_new_tokens": R,
+                           "num_engines": 1, "async_generation": True})
+    coord = _coordinator(cfg, rollout=rollout, learners=learners)
+    coord.step()
+    pending = list(coord.pending_prompts)
+    with pytest.raises(RemoteCallError):
+        coord.step()
+    assert coord.iteration == 1 and coord.pending_prompts == pending  # rolled back
+    m = coord.step()  # regenerates the same prompts, trains on them
+    assert m["prompt_indices"] == pending and coord.iteration == 2
