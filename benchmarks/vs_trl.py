@@ -62,7 +62,7 @@ SHARED = dict(lr=5e-4, kl_coef=0.05, epochs=1, mini_batches=2, clip=0.2, value_c
 # --------------------------------------------------------------------------- ours
 
 
-def run_ours(model: str, args, separate_critic: bool) -> dict[str, Any]:
+def run_ours(model: str, args, separate_critic: bool, async_generation: bool = False) -> dict[str, Any]:
     import ray
 
     from rlhf_ray.coordinator.loop import PPOCoordinator
@@ -79,6 +79,7 @@ def run_ours(model: str, args, separate_critic: bool) -> dict[str, Any]:
         "learner.lr": s["lr"], "learner.adam_betas": list(s["adam_betas"]), "learner.max_grad_norm": 0.0,
         "learner.num_ranks": 2, "learner.zero_stage": 2, "learner.micro_batch_size": 16,
         "model.separate_critic": separate_critic, "model.value_head_init_std": 0.0,
+        "rollout.async_generation": async_generation,
     })
     inputs = prepare_inputs(cfg)
     _env.start_ray(num_cpus=4)
@@ -92,7 +93,8 @@ def run_ours(model: str, args, separate_critic: bool) -> dict[str, Any]:
     timed = rows[args.warmup:]
     it = _env.mean([r["time/iteration"] for r in timed])
     return {
-        "system": "rlhf_ray (separate critic)" if separate_critic else "rlhf_ray (shared body)",
+        "system": ("rlhf_ray (separate critic)" if separate_critic else "rlhf_ray (shared body)")
+        + (", async generation (one step off-policy)" if async_generation else ""),
         "seconds_per_iteration": it,
         "samples_per_s": _env.mean([r["samples"] for r in timed]) / it,
         "response_tokens_per_iteration": _env.mean([r["response_tokens"] for r in timed]),
@@ -247,6 +249,8 @@ def main() -> None:
                     help="torch threads for TRL (in checks here 2 threads gave 0.84 vs 0.91 s/it for 1 at load "
                          "average ~3, but 21 s/it at load ~10)")
     ap.add_argument("--also-shared", action="store_true", help="also run our default shared-body actor-critic")
+    ap.add_argument("--also-async", action="store_true",
+                    help="also run the shared body with rollout.async_generation (one step off-policy)")
     ap.add_argument("--quiet-wait", type=float, default=60.0)
     ap.add_argument("--name", default="vs_trl")
     args = ap.parse_args()
@@ -258,6 +262,8 @@ def main() -> None:
     runs.append(run_ours(model, args, separate_critic=True))
     if args.also_shared:
         runs.append(run_ours(model, args, separate_critic=False))
+    if args.also_async:
+        runs.append(run_ours(model, args, separate_critic=False, async_generation=True))
     import ray
 
     ray.shutdown()
@@ -290,6 +296,9 @@ def main() -> None:
     if trl:
         key.update(trl_samples_per_s=round(trl["samples_per_s"], 2),
                    ours_over_trl=round(ours["samples_per_s"] / trl["samples_per_s"], 3))
+        for r in runs[1:]:
+            if r is not trl:
+                key[f"{r['system']} / TRL"] = round(r["samples_per_s"] / trl["samples_per_s"], 3)
     _env.save_results(args.name, {"args": vars(args), "settings": SHARED, "batch": {
         "ours": f"{PROMPTS} prompts x {SAMPLES} samples", "trl": f"{PROMPTS * SAMPLES} prompts x 1 sample"},
         "load": {**quiet, **load}, "trl_error": trl_error, "runs": runs,
