@@ -41,19 +41,35 @@ def _check_model_dir(path: str, what: str, flag: str) -> None:
                                 f"point {flag} at a saved model directory.")
 
 
-def probe_reward_function(spec: str, prompts: list[str]) -> None:
+def probe_reward_function(spec: str, prompts: list[str], timeout_s: float) -> None:
     """Load the reward function and call it once on real prompts with two made-up responses, so
-    that a function that cannot be imported, raises, or returns the wrong number of scores fails
-    here, before any actor starts."""
+    that a function that cannot be imported, raises, hangs, or returns the wrong number of scores
+    fails here, before any actor starts."""
+    import threading
+
     from rlhf_ray.rewards import load_reward_function
 
     fn = load_reward_function(spec)
     prompts = (prompts * 2)[:2]
-    try:
-        scores = list(fn(prompts, ["", "42"]))
-    except Exception as exc:
+    result: dict = {}
+
+    def call() -> None:
+        try:
+            result["scores"] = list(fn(prompts, ["", "42"]))
+        except Exception as exc:  # reported below, in the caller's thread
+            result["error"] = exc
+
+    worker = threading.Thread(target=call, daemon=True, name="reward-probe")
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise TimeoutError(f"reward function {spec} did not return within {timeout_s:.0f} s on a probe call with two "
+                           "responses (--resources.call_timeout_s); it hangs or is far too slow.")
+    if "error" in result:
+        exc = result["error"]
         raise ValueError(f"reward function {spec} raised {type(exc).__name__} on a probe call with two responses "
                          f"(an empty one and '42'): {exc}. It must handle any response text.") from exc
+    scores = result["scores"]
     if len(scores) != 2:
         raise ValueError(f"reward function {spec} returned {len(scores)} scores for 2 responses on a probe call; "
                          "it must return one float per response.")
@@ -85,7 +101,7 @@ def prepare_inputs(cfg: Config) -> Inputs:
     texts = load_prompt_texts(cfg.data, cfg.seed)
     prompts = tokenize_prompts(texts, tok, cfg.data.max_prompt_tokens, cfg.data.too_long)
     if cfg.reward.kind == "function":
-        probe_reward_function(cfg.reward.function or "", prompts.texts[:2])
+        probe_reward_function(cfg.reward.function or "", prompts.texts[:2], cfg.resources.call_timeout_s)
     elif cfg.reward.kind == "http":
         from rlhf_ray.reward_server import post_scores
 
@@ -280,30 +296,37 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
             bar.write(f"checkpoint: {path}")
 
     recovery = Recovery(cfg, roles, coord, run_dir, initial_state, bar.write)
+
+    def recover(exc: RemoteCallError) -> None:
+        redo_from = recovery.handle(exc)  # raises when the fault is not recoverable
+        sink.truncate_from(redo_from)
+        history[:] = [h for h in history if h["iteration"] < redo_from]
+        bar.n = redo_from
+        bar.refresh()
+
     try:
-        while coord.iteration < cfg.ppo.iterations and not stop.requested:
-            try:
+        while True:
+            try:  # a role may die in an iteration or while a checkpoint is written
+                if coord.iteration >= cfg.ppo.iterations or stop.requested:
+                    if cfg.checkpoint.save_on_stop:
+                        save()
+                    break
                 metrics = coord.step()
+                metrics.update(recovery.counters())
+                history.append(metrics)
+                sink.write(metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl_mean']:.3f}",
+                                s_it=f"{metrics['time/iteration']:.2f}")
+                if metrics["iteration"] % cfg.logging.log_every == 0:
+                    bar.write(format_line(metrics))
+                    for line in sample_lines(coord.last_batch, inputs.tokenizer, cfg.logging.print_samples):
+                        bar.write(line)
+                if cfg.checkpoint.every and coord.iteration % cfg.checkpoint.every == 0:
+                    save()
             except RemoteCallError as exc:
-                redo_from = recovery.handle(exc)  # raises when the fault is not recoverable
-                sink.truncate_from(redo_from)
-                history[:] = [h for h in history if h["iteration"] < redo_from]
-                continue
-            metrics.update(recovery.counters())
-            history.append(metrics)
-            sink.write(metrics)
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl_mean']:.3f}",
-                            s_it=f"{metrics['time/iteration']:.2f}")
-            if metrics["iteration"] % cfg.logging.log_every == 0:
-                bar.write(format_line(metrics))
-                for line in sample_lines(coord.last_batch, inputs.tokenizer, cfg.logging.print_samples):
-                    bar.write(line)
-            if cfg.checkpoint.every and coord.iteration % cfg.checkpoint.every == 0:
-                save()
+                recover(exc)
         completed = coord.iteration >= cfg.ppo.iterations
-        if cfg.checkpoint.save_on_stop:
-            save()
     finally:
         bar.close()
         sink.close()

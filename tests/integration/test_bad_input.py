@@ -125,3 +125,16 @@ def test_tokenizer_without_eos(tiny_llama, tmp_path):
     tok.save_pretrained(model)
     with pytest.raises(ValueError, match="has no EOS token"):
         prepare_inputs(small_config(str(model)))
+
+
+def test_hanging_reward_function_fails_the_probe_with_a_timeout(tiny_llama, tmp_path):
+    import time
+
+    from rlhf_ray.coordinator.run import prepare_inputs
+
+    fn = tmp_path / "hang.py"
+    fn.write_text("import time\ndef hang(prompts, responses):\n    time.sleep(600)\n")
+    t0 = time.time()
+    with pytest.raises(TimeoutError, match="did not return within 2 s on a probe call"):
+        prepare_inputs(small_config(tiny_llama, **{"reward.function": f"{fn}:hang", "resources.call_timeout_s": 2}))
+    assert time.time() - t0 < 30

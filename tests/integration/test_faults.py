@@ -106,7 +106,9 @@ def test_hung_reward_times_out_instead_of_hanging(ray_cluster, tiny_llama, tmp_p
     from rlhf_ray.coordinator.run import run
 
     fn = tmp_path / "slow_reward.py"
-    fn.write_text("import time\ndef slow(prompts, responses):\n    time.sleep(600)\n    return [0.0] * len(responses)\n")
+    # answers the two-response probe before Ray starts, then hangs on real batches
+    fn.write_text("import time\ndef slow(prompts, responses):\n    if len(responses) > 2:\n        time.sleep(600)\n"
+                  "    return [0.0] * len(responses)\n")
     cfg = small_config(tiny_llama, **{"reward.function": f"{fn}:slow", "ppo.iterations": 2,
                                       "resources.call_timeout_s": 8, "resources.max_actor_restarts": 1})
     t0 = time.time()
