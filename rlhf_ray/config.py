@@ -36,6 +36,11 @@ class FrozenDict(dict):
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(tuple(sorted(self.items())))
 
+    def __reduce__(self):
+        # pickle (Ray ships the config to every actor) must rebuild it through the constructor,
+        # not by item assignment, which is blocked.
+        return (FrozenDict, (dict(self),))
+
 
 @dataclass(frozen=True)
 class ModelConfig:

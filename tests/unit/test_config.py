@@ -590,3 +590,14 @@ def test_launch_dry_run_imports_no_heavy_package():
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert "learner    x2" in result.stdout
+
+
+def test_config_with_custom_resources_survives_pickle():
+    """Ray pickles the config for every actor; a frozen mapping must survive the round trip."""
+    import pickle
+
+    cfg = _load(["--resources.rollout.custom", "{node_a: 1}"])
+    back = pickle.loads(pickle.dumps(cfg))
+    assert back == cfg and back.resources.rollout.custom == {"node_a": 1.0}
+    with pytest.raises(TypeError):
+        back.resources.rollout.custom["node_a"] = 2.0  # type: ignore[index]
