@@ -14,9 +14,15 @@ T = TypeVar("T")
 Source = tuple[str, int]  # (role, rank/index): ("rollout", 0), ("learner", 1), ("reward", 0)
 
 
+_SINGLE = ("reference", "reward")  # roles with one actor: named without an index
+
+
 def describe(source: Source) -> str:
+    """"rollout engine 0", "learner rank 1", "sft rank 0", "reward"."""
     role, index = source
-    return {"rollout": f"rollout engine {index}", "learner": f"learner rank {index}"}.get(role, role)
+    if role in _SINGLE:
+        return role
+    return f"rollout engine {index}" if role == "rollout" else f"{role} rank {index}"
 
 
 class RemoteCallError(RuntimeError):

@@ -27,7 +27,8 @@ class PlacementError(RuntimeError):
     pass
 
 
-def _bundle(res: RoleResources) -> dict[str, float]:
+def role_bundle(res: RoleResources) -> dict[str, float]:
+    """Ray resources of one actor of a role (at least a sliver of CPU so the bundle is valid)."""
     out = {"CPU": float(res.num_cpus)}
     if res.num_gpus:
         out["GPU"] = float(res.num_gpus)
@@ -38,10 +39,10 @@ def _bundle(res: RoleResources) -> dict[str, float]:
 def placement_plan(cfg: Config) -> list[RolePlacement]:
     r = cfg.resources
     return [
-        RolePlacement("rollout", cfg.rollout.num_engines, _bundle(r.rollout), r.strategy),
-        RolePlacement("reference", 1, _bundle(r.reference), r.strategy),
-        RolePlacement("reward", 1, _bundle(r.reward), r.strategy),
-        RolePlacement("learner", cfg.learner.num_ranks, _bundle(r.learner), r.strategy),
+        RolePlacement("rollout", cfg.rollout.num_engines, role_bundle(r.rollout), r.strategy),
+        RolePlacement("reference", 1, role_bundle(r.reference), r.strategy),
+        RolePlacement("reward", 1, role_bundle(r.reward), r.strategy),
+        RolePlacement("learner", cfg.learner.num_ranks, role_bundle(r.learner), r.strategy),
     ]
 
 

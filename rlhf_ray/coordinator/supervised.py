@@ -15,10 +15,10 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
-from rlhf_ray.config import ConfigError, RoleResources, config_to_dict, iter_fields, load_config, parse_overrides
+from rlhf_ray.config import ConfigError, config_to_dict, iter_fields, load_config, parse_overrides
 from rlhf_ray.coordinator.metrics import MetricsSink
 from rlhf_ray.coordinator.pending import RayPending
-from rlhf_ray.coordinator.placement import RolePlacement, actor_options, check_fits, create_groups
+from rlhf_ray.coordinator.placement import RolePlacement, actor_options, check_fits, create_groups, role_bundle
 
 
 def parse_cli(prog: str, description: str, cls: type, validator: Callable,
@@ -41,11 +41,6 @@ def parse_cli(prog: str, description: str, cls: type, validator: Callable,
     return args, cfg
 
 
-def _bundle(res: RoleResources) -> dict[str, float]:
-    out = {"CPU": float(res.num_cpus), "GPU": float(res.num_gpus), **{k: float(v) for k, v in res.custom.items()}}
-    return {k: v for k, v in out.items() if v > 0} or {"CPU": 0.01}
-
-
 class TrainerGroup:
     """The ranks of one supervised trainer: one placement group (a bundle per rank), actors
     named ``<name>-<role>-<rank>``, and calls that wait with a timeout and name a failing rank."""
@@ -58,7 +53,7 @@ class TrainerGroup:
         self.cfg, self.role = cfg, role
         self.timeout_s = cfg.train.call_timeout_s
         n, res = cfg.learner.num_ranks, cfg.resources
-        plan = [RolePlacement(f"{cfg.name}-{role}", n, _bundle(res), "PACK")]
+        plan = [RolePlacement(f"{cfg.name}-{role}", n, role_bundle(res), "PACK")]
         check_fits(plan, ray.cluster_resources())
         self.pg = create_groups(plan, cfg.train.placement_timeout_s)[plan[0].role]
         self.actors = [actor_cls.options(**actor_options(self.pg, i, res, f"{cfg.name}-{role}-{i}",
@@ -66,8 +61,8 @@ class TrainerGroup:
                        for i in range(n)]
 
     def _all(self, what: str, refs: list) -> list:
-        labels = [f"{self.role} rank {i}" for i in range(len(self.actors))]
-        return RayPending(refs, labels, f"{self.role} {what}", self.timeout_s).result()
+        sources = [(self.role, i) for i in range(len(self.actors))]
+        return RayPending(refs, sources, f"{self.role} {what}", self.timeout_s).result()
 
     def setup(self) -> list[dict]:
         import ray
