@@ -229,11 +229,16 @@ class PPOCoordinator:
         gae = compute_gae(rewards, batch.old_values, mask, p.gamma, p.lam)
         good = mask & ~bad[:, None]
         advantages = masked_whiten(gae.advantages, good) if p.whiten_advantages else gae.advantages * good
-        kl_per_seq = kl.sum(-1)[~bad] if n_bad < len(batch) else kl.sum(-1)
+        usable = ~bad if n_bad < len(batch) else torch.ones_like(bad)
+        kl_per_seq = kl.sum(-1)[usable]
+        kl_k2_per_seq = (kl_estimate(batch.old_logprobs, batch.ref_logprobs, "k2") * mask).sum(-1)[usable]
         if n_bad < len(batch):
             self.kl_ctl.update(float(kl_per_seq.mean()), len(batch) - n_bad)
         metrics = {
             "kl_mean": float(kl_per_seq.mean()),
+            # k1 (the usual choice) is unbiased but its batch mean can be negative; k2 is >= 0
+            # and zero only where policy and reference agree on every sampled token.
+            "kl_k2_mean": float(kl_k2_per_seq.mean()),
             "kl_coef": float(kl_coef),
             "shaped_reward_mean": float(rewards.sum(-1).mean()),
             "advantage_mean_raw": float(masked_mean(gae.advantages, mask)),

@@ -57,7 +57,7 @@ def test_checkpoint_resume_and_export(ray_cluster, tiny_llama, tmp_path):
     assert [r["prompt_indices"] for r in rows] == expected
     # The engines were re-synced with the checkpoint's policy (not model.path): the policy is
     # away from the reference, and vLLM agrees with the learner on it.
-    assert rows[3]["kl_mean"] > 1e-6
+    assert rows[3]["kl_k2_mean"] > 1e-6
     assert rows[3]["logprob_mismatch_max"] < 2e-3
 
     out = export(run_dir, str(tmp_path / "exported"))

@@ -77,7 +77,10 @@ def test_killed_learner_restarts_group_from_checkpoint(ray_cluster, tiny_llama, 
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
     assert rows[-1]["faults/learner_restarts"] == 1
     assert all(r["logprob_mismatch_max"] < 2e-3 for r in rows)
-    assert rows[-1]["kl_mean"] > 1e-6  # training continued from the checkpoint, not from scratch
+    # The first iteration run by the restarted group already starts away from the reference
+    # (it would be exactly 0 had the group restarted from model.path instead of the checkpoint).
+    first_after = next(r for r in rows if r["faults/learner_restarts"] == 1)
+    assert first_after["iteration"] >= 1 and first_after["kl_k2_mean"] > 1e-6
 
 
 def test_nan_rewards_are_quarantined_and_all_nan_stops(ray_cluster, tiny_llama, tmp_path):

@@ -45,7 +45,8 @@ def test_ppo_iterations_end_to_end(ray_cluster, tiny_llama, tmp_path, zero_stage
         assert r["time/sync"] > 0 and r["sync_bytes"] > 0
     # The policy moved away from the reference after the first update, and vLLM followed it
     # (the mismatch check above ran on those moved weights).
-    assert rows[1]["kl_mean"] > 1e-6 and rows[2]["kl_mean"] > 1e-6
+    assert rows[0]["kl_k2_mean"] == 0.0  # before any update the policy is the reference
+    assert rows[1]["kl_k2_mean"] > 1e-6 and rows[2]["kl_k2_mean"] > 1e-6
     assert os.listdir(tmp_path / "run" / "tensorboard")
     assert summary["reward_start"] == pytest.approx(sum(r["reward_mean"] for r in rows) / 3)
 

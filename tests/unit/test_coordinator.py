@@ -159,6 +159,7 @@ def test_batch_metrics_hand_values():
     assert m["tokens_per_second"] == pytest.approx(12.0 / m["time/iteration"])
     assert m["kl_coef"] == pytest.approx(0.02)
     assert m["kl_mean"] == pytest.approx(0.5 * 4.0)  # k1 = 0.5 per token, 4 tokens per sequence on average
+    assert m["kl_k2_mean"] == pytest.approx(0.5 * 0.5**2 * 4.0)  # k2 = 0.5 * 0.5^2 per token
 
 
 def test_iteration_increments_and_reaches_the_learner():
