@@ -195,8 +195,10 @@ def run_model(hidden: int, layers: int, args) -> dict[str, Any]:
     from rlhf_ray.tiny_models import count_parameters
 
     path = _env.tiny_model(f"llama-h{hidden}-l{layers}", hidden_size=hidden, num_layers=layers)
-    cfg = _env.bench_config(path, **{"learner.zero_stage": args.zero_stage, "learner.num_ranks": 2,
-                                     "sync.transport": "collective"})
+    overrides = {"learner.zero_stage": args.zero_stage, "learner.num_ranks": 2, "sync.transport": "collective"}
+    if args.bucket_mb is not None:
+        overrides["sync.bucket_mb"] = args.bucket_mb
+    cfg = _env.bench_config(path, **overrides)
     engine, learners = start_sync_roles(cfg)
     out: dict[str, Any] = {"model": f"h{hidden}x{layers}", "parameters": count_parameters(path)}
     try:
@@ -230,6 +232,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--zero-stage", type=int, default=2)
+    ap.add_argument("--bucket-mb", type=float, default=None, help="sync.bucket_mb (default: the config's)")
     ap.add_argument("--no-load-floor", dest="load_floor", action="store_false",
                     help="skip the in-process vLLM reload floor")
     ap.add_argument("--quiet-wait", type=float, default=60.0)

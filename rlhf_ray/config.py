@@ -213,8 +213,9 @@ class LearnerConfig:
 class SyncConfig:
     transport: str = "collective"
     """Weight sync learner -> rollout: collective (broadcast over a process group) or object_store."""
-    bucket_mb: float = 64.0
-    """Weights are sent in buckets of about this many MiB."""
+    bucket_mb: float = 16.0
+    """Weights are sent in buckets of about this many MiB; two are in flight at a time, so the
+    engine loads one while the next is on the wire (smaller buckets overlap more)."""
     timeout_s: float = 300.0
     """A sync that takes longer fails with an error naming the role."""
     max_logprob_mismatch: float | None = None

@@ -5,23 +5,24 @@ methods run in the process that holds the model, whether the engine runs in-proc
 (our CPU default) or in separate worker processes (GPU, tensor parallel). The rollout
 actor reaches them through ``LLM.collective_rpc``.
 
-Received tensors are staged and loaded in one ``reload_weights`` call at the end of a sync:
+A sync is one ``reload_weights`` call fed by a generator over the buckets as they arrive:
 vLLM fuses checkpoint tensors (q/k/v into qkv_proj, gate/up into gate_up_proj) and its
-in-place reload processes a fused layer once all of its pieces have arrived, so feeding it a
-bucket that splits a layer would leave part of that layer unloaded. Staging costs one extra
-copy of the policy weights on the engine during a sync.
+in-place reload processes (on CPU: repacks for oneDNN) a layer once all of its pieces have
+arrived, so one reload per bucket would leave a layer split across buckets half loaded. The
+generator keeps the next bucket's broadcast in flight while vLLM processes the current one,
+and at most two buckets are staged at a time.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
 from rlhf_ray.config import Config
 from rlhf_ray.weight_sync.plan import from_wire
-from rlhf_ray.weight_sync.transport import decode_blob, new_sync_group, receive_bucket
+from rlhf_ray.weight_sync.transport import decode_blob, new_sync_group, receive_buckets
 
 RECEIVER_CLS = "rlhf_ray.backends.vllm.WeightReceiver"
 
@@ -77,14 +78,11 @@ class WeightReceiver:
         self._rlhf_timeout = timeout_s
 
     def rlhf_receive_buckets(self, wire_plan: list) -> int:
-        """Receive every bucket of one sync (plan in ``to_wire`` form) from the broadcast group,
-        then load them. Returns bytes received."""
-        device = self._rlhf_device()
+        """Receive every bucket of one sync (plan in ``to_wire`` form) from the broadcast group
+        and load them in one in-place reload that consumes the buckets as they arrive. Returns
+        bytes received."""
         buckets = from_wire(wire_plan)
-        staged: list[tuple[str, torch.Tensor]] = []
-        for bucket in buckets:
-            staged.extend(receive_bucket(self._rlhf_group, bucket, device, self._rlhf_timeout))
-        self._rlhf_load(staged)
+        self._rlhf_load(receive_buckets(self._rlhf_group, buckets, self._rlhf_device(), self._rlhf_timeout))
         return sum(b.nbytes for b in buckets)
 
     def rlhf_load_blobs(self, blobs: list[bytes]) -> int:
@@ -94,8 +92,8 @@ class WeightReceiver:
         self._rlhf_load(staged)
         return sum(len(b) for b in blobs)
 
-    def _rlhf_load(self, staged: list[tuple[str, torch.Tensor]]) -> None:
-        self.reload_weights(weights_iterator=staged)  # type: ignore[attr-defined]
+    def _rlhf_load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
 
     def rlhf_weight_checksum(self) -> float:
         """Sum of all parameters: a cheap fingerprint to compare across engines in tests."""

@@ -3,7 +3,8 @@
 * collective: a dedicated process group between learner rank 0 (rank 0 of the group) and
   every rollout engine worker, created from a TCPStore so it never touches the default
   group of either side (DeepSpeed's on the learner, vLLM's on the engine). gloo on CPU,
-  NCCL on GPU. Each bucket is one ``broadcast`` of a flat tensor.
+  NCCL on GPU. Each bucket is one ``broadcast`` of a flat tensor; both ends keep two buckets
+  in flight, so packing (learner) and loading (engine) overlap the transfer.
 * object_store: each bucket is a safetensors byte blob put into Ray's object store
   (bytes travel zero-copy between processes on a node and over Ray's transfer between nodes).
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import datetime
 import socket
+from collections import deque
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -42,19 +45,47 @@ def new_sync_group(master_addr: str, master_port: int, rank: int, world_size: in
     raise ValueError(f"unknown sync backend {backend!r}; use gloo (CPU) or nccl (GPU)")
 
 
-def broadcast_bucket(group: dist.ProcessGroup, tensors: list[torch.Tensor], timeout_s: float) -> int:
-    """Sender side (group rank 0): broadcast one bucket as one flat tensor. Returns bytes sent."""
-    flat = flatten(tensors).contiguous()
-    group.broadcast(flat, 0).wait(datetime.timedelta(seconds=timeout_s))
-    return flat.numel() * flat.element_size()
+def send_buckets(group: dist.ProcessGroup, bucket_tensors: Iterable[list[torch.Tensor]], timeout_s: float,
+                 in_flight: int = 2) -> int:
+    """Sender side (group rank 0): broadcast each bucket as one flat tensor. Broadcasts are
+    asynchronous, so the next bucket is flattened (and, under ZeRO-3, gathered) while earlier
+    ones are on the wire; at most ``in_flight`` flat buffers are alive. Returns bytes sent."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    pending: deque[tuple[dist.Work, torch.Tensor]] = deque()
+    sent = 0
+    for tensors in bucket_tensors:
+        flat = flatten(tensors).contiguous()
+        pending.append((group.broadcast(flat, 0), flat))
+        sent += flat.numel() * flat.element_size()
+        if len(pending) >= in_flight:
+            pending.popleft()[0].wait(timeout)
+    while pending:
+        pending.popleft()[0].wait(timeout)
+    return sent
 
 
-def receive_bucket(group: dist.ProcessGroup, bucket: Bucket, device: torch.device,
-                   timeout_s: float) -> list[tuple[str, torch.Tensor]]:
-    """Receiver side: the matching broadcast into a fresh buffer, split back into named views."""
-    flat = torch.empty(bucket.numel, dtype=dtype_from_name(bucket.dtype), device=device)
-    group.broadcast(flat, 0).wait(datetime.timedelta(seconds=timeout_s))
-    return unflatten(flat, bucket)
+def receive_buckets(group: dist.ProcessGroup, buckets: Sequence[Bucket], device: torch.device,
+                    timeout_s: float, in_flight: int = 2) -> Iterator[tuple[str, torch.Tensor]]:
+    """Receiver side: the matching broadcasts, posted up to ``in_flight`` buckets ahead, yielded
+    as (name, view) pairs bucket by bucket as each arrives, so the caller loads one bucket
+    while the next is still on the wire. Must be consumed to the end (the sender waits)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    queue = iter(buckets)
+    pending: deque[tuple[Bucket, torch.Tensor, dist.Work]] = deque()
+
+    def post() -> None:
+        bucket = next(queue, None)
+        if bucket is not None:
+            flat = torch.empty(bucket.numel, dtype=dtype_from_name(bucket.dtype), device=device)
+            pending.append((bucket, flat, group.broadcast(flat, 0)))
+
+    for _ in range(max(1, in_flight)):
+        post()
+    while pending:
+        bucket, flat, work = pending.popleft()
+        work.wait(timeout)
+        post()
+        yield from unflatten(flat, bucket)
 
 
 def encode_blob(named: list[tuple[str, torch.Tensor]]) -> bytes:

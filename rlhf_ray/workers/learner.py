@@ -15,7 +15,7 @@ full-batch gradient, however the batch is split.
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import ray
 import torch
@@ -27,8 +27,7 @@ from rlhf_ray.backends import deepspeed as ds
 from rlhf_ray.batch import ExperienceBatch
 from rlhf_ray.config import Config, resolve
 from rlhf_ray.weight_sync.plan import Bucket, TensorSpec, dtype_name
-from rlhf_ray.weight_sync.transport import (broadcast_bucket, encode_blob, free_port,
-                                            new_sync_group)
+from rlhf_ray.weight_sync.transport import encode_blob, free_port, new_sync_group, send_buckets
 from rlhf_ray.workers.base import RoleBase
 from rlhf_ray.workers.frozen import response_positions
 
@@ -196,26 +195,31 @@ class Learner(RoleBase):
         by_name = {hf: p for p, hf in self.sync_params}
         return [by_name[s.name] for s in bucket.specs]
 
-    def broadcast_weights(self, buckets: list[Bucket]) -> dict[str, float]:
-        """Collective transport: every rank gathers (ZeRO-3), rank 0 broadcasts each bucket."""
-        t0, sent = time.perf_counter(), 0
+    def _full_buckets(self, buckets: list[Bucket]) -> Iterator[list[torch.Tensor]]:
+        """Each bucket's full tensors, yielded on rank 0 while they are gathered (ZeRO-3); the
+        other ranks yield nothing but must drain it too, since gathering is collective."""
         for bucket in buckets:
             params = self._bucket_params(bucket)
             with ds.gathered(params, self.cfg.learner.zero_stage):
                 if self.rank == 0:
-                    sent += broadcast_bucket(self.sync_group, [p.data for p in params], self.cfg.sync.timeout_s)
+                    yield [p.data for p in params]
+
+    def broadcast_weights(self, buckets: list[Bucket]) -> dict[str, float]:
+        """Collective transport: rank 0 broadcasts each bucket (every rank takes part in gathers)."""
+        t0 = time.perf_counter()
+        if self.rank == 0:
+            sent = send_buckets(self.sync_group, self._full_buckets(buckets), self.cfg.sync.timeout_s)
+        else:
+            sent = 0
+            for _ in self._full_buckets(buckets):
+                pass
         return {"bytes": float(sent), "seconds": time.perf_counter() - t0}
 
     def export_blobs(self, buckets: list[Bucket]) -> list:
         """Object-store transport: rank 0 puts one safetensors blob per bucket; returns the refs."""
-        refs = []
-        for bucket in buckets:
-            params = self._bucket_params(bucket)
-            with ds.gathered(params, self.cfg.learner.zero_stage):
-                if self.rank == 0:
-                    named = [(s.name, p.data) for s, p in zip(bucket.specs, params)]
-                    refs.append(ray.put(encode_blob(named)))
-        return refs
+        # the generator first, so zip resumes it past its last gather before stopping
+        return [ray.put(encode_blob([(s.name, t) for s, t in zip(bucket.specs, tensors)]))
+                for tensors, bucket in zip(self._full_buckets(buckets), buckets)]
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str, tokenizer_path: str | None = None) -> bool:

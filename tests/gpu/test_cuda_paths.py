@@ -42,7 +42,7 @@ def _free_port() -> int:
 
 def _nccl_member(rank: int, port: int, result) -> None:
     from rlhf_ray.weight_sync.plan import Bucket, TensorSpec
-    from rlhf_ray.weight_sync.transport import broadcast_bucket, new_sync_group, receive_bucket
+    from rlhf_ray.weight_sync.transport import new_sync_group, receive_buckets, send_buckets
 
     torch.cuda.set_device(rank)
     group = new_sync_group("127.0.0.1", port, rank, 2, "nccl", 60)
@@ -51,10 +51,10 @@ def _nccl_member(rank: int, port: int, result) -> None:
         g = torch.Generator(device="cuda").manual_seed(0)
         tensors = [torch.randn(3, 4, device="cuda", generator=g).bfloat16(),
                    torch.randn(5, device="cuda", generator=g).bfloat16()]
-        broadcast_bucket(group, tensors, 60)
+        send_buckets(group, [tensors], 60)
         result.put([t.float().cpu() for t in tensors])
     else:
-        got = receive_bucket(group, bucket, torch.device("cuda", 1), 60)
+        got = list(receive_buckets(group, [bucket], torch.device("cuda", 1), 60))
         result.put([t.float().cpu() for _, t in got])
 
 

@@ -27,7 +27,7 @@ from rlhf_ray.weight_sync.plan import (
     to_wire,
     unflatten,
 )
-from rlhf_ray.weight_sync.transport import broadcast_bucket, decode_blob, encode_blob, free_port, new_sync_group
+from rlhf_ray.weight_sync.transport import decode_blob, encode_blob, free_port, new_sync_group, send_buckets
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -216,16 +216,17 @@ RECEIVER = textwrap.dedent(
     import json, sys
     import torch
     from rlhf_ray.weight_sync.plan import from_wire
-    from rlhf_ray.weight_sync.transport import new_sync_group, receive_bucket
+    from rlhf_ray.weight_sync.transport import new_sync_group, receive_buckets
 
     port, workdir = int(sys.argv[1]), sys.argv[2]
     with open(workdir + "/plan.json") as fh:
         buckets = from_wire(json.load(fh))
     group = new_sync_group("127.0.0.1", port, 1, 2, "gloo", 30.0)
-    received = {}
-    for b in buckets:
-        for name, t in receive_bucket(group, b, torch.device("cpu"), 30.0):
-            received[name] = t.clone()
+    received, order = {}, []
+    for name, t in receive_buckets(group, buckets, torch.device("cpu"), 30.0):
+        received[name] = t.clone()
+        order.append(name)
+    assert order == [s.name for b in buckets for s in b.specs], order
     torch.save(received, workdir + "/received.pt")
     # Destroy the group before interpreter shutdown: left to exit-time teardown, gloo
     # sometimes aborts the process ("terminate called without an active exception").
@@ -249,7 +250,7 @@ def test_gloo_broadcast_delivers_bit_identical_tensors(tmp_path):
     group = None
     try:
         group = new_sync_group("127.0.0.1", port, 0, 2, "gloo", 30.0)
-        nbytes = [broadcast_bucket(group, [sent[s.name] for s in b.specs], 30.0) for b in buckets]
+        nbytes = send_buckets(group, ([sent[s.name] for s in b.specs] for b in buckets), 30.0)
         output = child.communicate(timeout=60)[0]
     finally:
         group = None
@@ -257,7 +258,7 @@ def test_gloo_broadcast_delivers_bit_identical_tensors(tmp_path):
             child.kill()
             child.wait()
     assert child.returncode == 0, output
-    assert nbytes == [b.nbytes for b in buckets]
+    assert nbytes == sum(b.nbytes for b in buckets)
     received = torch.load(tmp_path / "received.pt")
     assert sorted(received) == sorted(sent)
     for name, t in sent.items():
