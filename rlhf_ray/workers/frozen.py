@@ -14,6 +14,7 @@ import torch
 from rlhf_ray.algorithms import logprobs_from_logits
 from rlhf_ray.batch import ExperienceBatch
 from rlhf_ray.config import Config
+from rlhf_ray.models import positions_from_mask
 from rlhf_ray.rewards import load_reward_function
 from rlhf_ray.workers.base import RoleBase
 
@@ -137,7 +138,10 @@ class RewardScorer(FrozenModelRole):
         out = []
         for i in range(0, len(texts), self.micro_batch_size):
             enc = tok(texts[i: i + self.micro_batch_size], return_tensors="pt", padding=True).to(self.device)
-            out.append(self.model(**enc).logits[:, 0].float().cpu())
+            # Positions count real tokens only, so a left-padded row scores as it would alone
+            # (RoPE models are shift-invariant anyway; absolute-position models are not).
+            out.append(self.model(**enc, position_ids=positions_from_mask(enc["attention_mask"])).logits[:, 0]
+                       .float().cpu())
         return torch.cat(out)
 
 
