@@ -5,6 +5,7 @@ ZeRO-3 model loading and parameter gathering.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from typing import Iterator, Sequence
 
@@ -17,8 +18,9 @@ def dist_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(master_addr: str, master_port: int, rank: int, world_size: int) -> None:
-    """Join the learner group. Every rank must call this concurrently."""
+def init_distributed(master_addr: str, master_port: int, rank: int, world_size: int, timeout_s: float) -> None:
+    """Join the learner group. Every rank must call this concurrently. A collective that waits
+    longer than ``timeout_s`` (a peer died mid-operation) raises instead of blocking the rank."""
     import deepspeed
 
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
@@ -30,7 +32,8 @@ def init_distributed(master_addr: str, master_port: int, rank: int, world_size: 
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend=dist_backend(), auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=dist_backend(), auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def ds_config(cfg: Config, sizes: Sizes) -> dict:

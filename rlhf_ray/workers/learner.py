@@ -59,7 +59,8 @@ class Learner(RoleBase):
 
         from rlhf_ray.models import ActorCritic, policy_parameter_names
 
-        ds.init_distributed(master_addr, master_port, self.rank, self.world_size)
+        ds.init_distributed(master_addr, master_port, self.rank, self.world_size,
+                            self.cfg.resources.call_timeout_s)
         conf = ds.ds_config(self.cfg, self.sizes)
         torch.manual_seed(self.cfg.seed)  # the value head starts identical on every rank
         m = self.cfg.model

@@ -87,7 +87,8 @@ class SupervisedTrainer(RoleBase):
         """Join the group, load the model (sharded under ZeRO-3) and build the engine."""
         import deepspeed
 
-        ds.init_distributed(master_addr, master_port, self.rank, self.world_size)
+        ds.init_distributed(master_addr, master_port, self.rank, self.world_size,
+                            self.cfg.train.call_timeout_s)
         m, lrn = self.cfg.model, self.cfg.learner
         conf = trainer_ds_config(lrn, self.sizes, m.dtype)
         torch.manual_seed(self.cfg.seed)  # a newly initialised head starts identical on every rank
