@@ -35,7 +35,6 @@ import argparse
 import os
 import pickle
 import time
-from typing import Any
 
 from benchmarks import _env
 from benchmarks.ppo_throughput import parse_size

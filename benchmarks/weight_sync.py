@@ -2,7 +2,7 @@
 
 What it measures, for each model size (tiny Llamas built with ``build_tiny_model``: hidden 64 x 2
 layers, 256 x 4, 512 x 4 by default) and each transport (``collective``: gloo broadcast of
-flat buckets; ``object_store``: safetensors blobs through Ray's object store):
+flat buckets; ``object_store``: flat numpy arrays through Ray's object store):
   * ``WeightSync.sync()`` end to end, as the coordinator's sync phase calls it (median of
     ``--repeats`` after ``--warmup``), with 2 DeepSpeed ZeRO-2 learner ranks and one engine;
   * the same calls issued by hand to read what each side reports (learner: gather + send or
@@ -12,7 +12,7 @@ flat buckets; ``object_store``: safetensors blobs through Ray's object store):
       - raw gloo: one ``broadcast`` of one flat tensor between two Ray actors (the same
         ``new_sync_group`` primitive, nothing else);
       - raw object store: ``ray.put`` of one numpy array in one actor + ``ray.get`` in another
-        (zero-copy), and of a ``bytes`` object (what the object-store transport ships: copied);
+        (zero-copy: what the object-store transport ships), and of a ``bytes`` object (copied);
       - vLLM load floor: ``reload_weights`` of the same state dict into an in-process engine
         (no transport at all) + ``reset_prefix_cache``.
 Reported: sync seconds, bytes, effective GB/s, and sync / limit for each limit.
@@ -182,9 +182,9 @@ def by_hand(ws, transport: str, reps: int) -> dict[str, float]:
             recv.append(out[-1]["seconds"])
         else:
             t0 = time.perf_counter()
-            blob_lists = ray.get([a.export_blobs.remote(ws.buckets) for a in ws.learners.actors])
+            ref_lists = ray.get([a.export_arrays.remote(ws.buckets) for a in ws.learners.actors])
             export.append(time.perf_counter() - t0)
-            recv.append(ray.get(ws.engines[0].load_blobs.remote(blob_lists[0]))["seconds"])
+            recv.append(ray.get(ws.engines[0].load_arrays.remote(ws.buckets, ref_lists[0]))["seconds"])
     if transport == "collective":
         return {"learner_gather_and_send_s": _env.median(send), "engine_receive_and_load_s": _env.median(recv)}
     return {"learner_export_round_trip_s": _env.median(export), "engine_fetch_decode_load_s": _env.median(recv)}
@@ -253,7 +253,7 @@ def main() -> None:
     rows = []
     for r in results:
         lim, gb = r["limits"], r["bytes"] / 1e9
-        for transport, raw_key in (("collective", "gloo_broadcast_s"), ("object_store", "object_store_bytes_put_get_s")):
+        for transport, raw_key in (("collective", "gloo_broadcast_s"), ("object_store", "object_store_numpy_put_get_s")):
             s = r[transport]["sync_s"]
             rows.append({"model": r["model"], "params": r["parameters"], "MB": r["bytes"] / 1e6, "transport": transport,
                          "sync s": s, "GB/s": gb / s, "raw link s": lim[raw_key], "sync/raw": s / lim[raw_key],
@@ -261,14 +261,14 @@ def main() -> None:
                          "vllm reload s": lim.get("vllm_reload_in_process_s", float("nan")),
                          "sync/reload": s / lim.get("vllm_reload_in_process_s", float("nan"))})
     _env.print_table(rows, title=f"\nweight sync, medians of {args.repeats} (raw link: gloo broadcast for collective, "
-                                 "put+get of bytes for object_store)")
+                                 "put+get of a numpy array for object_store)")
     detail = []
     for r in results:
         detail.append({"model": r["model"], **{f"collective {k}": v for k, v in r["collective"].items()
                                                if k.endswith("_s") and k not in ("sync_s", "all_s")},
                        **{f"object_store {k}": v for k, v in r["object_store"].items()
                           if k.endswith("_s") and k not in ("sync_s", "all_s")},
-                       "raw numpy put+get s": r["limits"]["object_store_numpy_put_get_s"]})
+                       "raw bytes put+get s": r["limits"]["object_store_bytes_put_get_s"]})
     _env.print_table(detail, title="\nwhat each side reports (medians, seconds)")
     key = {r["model"]: {"MB": round(r["bytes"] / 1e6, 2),
                         "collective_s": round(r["collective"]["sync_s"], 4),

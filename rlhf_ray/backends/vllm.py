@@ -22,7 +22,7 @@ import torch
 
 from rlhf_ray.config import Config
 from rlhf_ray.weight_sync.plan import from_wire
-from rlhf_ray.weight_sync.transport import decode_blob, new_sync_group, receive_buckets
+from rlhf_ray.weight_sync.transport import from_array, new_sync_group, receive_buckets
 
 RECEIVER_CLS = "rlhf_ray.backends.vllm.WeightReceiver"
 
@@ -85,12 +85,11 @@ class WeightReceiver:
         self._rlhf_load(receive_buckets(self._rlhf_group, buckets, self._rlhf_device(), self._rlhf_timeout))
         return sum(b.nbytes for b in buckets)
 
-    def rlhf_load_blobs(self, blobs: list[bytes]) -> int:
-        """Load a sync's weights given as safetensors blobs (object-store transport)."""
-        device = self._rlhf_device()
-        staged = [(name, t.to(device)) for blob in blobs for name, t in decode_blob(blob)]
-        self._rlhf_load(staged)
-        return sum(len(b) for b in blobs)
+    def rlhf_load_arrays(self, wire_plan: list, arrays: list) -> int:
+        """Load a sync's weights given as one flat array per bucket (object-store transport)."""
+        buckets, device = from_wire(wire_plan), self._rlhf_device()
+        self._rlhf_load(item for array, bucket in zip(arrays, buckets) for item in from_array(array, bucket, device))
+        return sum(b.nbytes for b in buckets)
 
     def _rlhf_load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]

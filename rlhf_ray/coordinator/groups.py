@@ -146,9 +146,9 @@ class WeightSync:
             refs += [e.receive_broadcast.remote(self.buckets) for e in self.engines]
             RayPending(refs, self.learners.sources() + self._engine_sources(), "weight sync", timeout).result()
         else:
-            blob_lists = RayPending([a.export_blobs.remote(self.buckets) for a in self.learners.actors],
-                                    self.learners.sources(), "weight sync (export)", timeout).result()
-            refs = [e.load_blobs.remote(blob_lists[0]) for e in self.engines]
+            ref_lists = RayPending([a.export_arrays.remote(self.buckets) for a in self.learners.actors],
+                                   self.learners.sources(), "weight sync (export)", timeout).result()
+            refs = [e.load_arrays.remote(self.buckets, ref_lists[0]) for e in self.engines]
             RayPending(refs, self._engine_sources(), "weight sync (load)", timeout).result()
         return {"sync_bytes": float(self.nbytes)}
 

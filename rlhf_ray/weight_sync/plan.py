@@ -3,7 +3,7 @@
 A sync moves the policy's tensors (never the value head) from learner rank 0 to every
 rollout engine. Sending one message per tensor costs a round trip each; instead tensors
 are grouped into buckets of about ``bucket_bytes``, one dtype per bucket, and each
-bucket travels as one flat tensor (collective) or one byte blob (object store).
+bucket travels as one flat tensor (collective) or one flat array (object store).
 
 Standard library and torch only.
 """

@@ -5,17 +5,20 @@
   group of either side (DeepSpeed's on the learner, vLLM's on the engine). gloo on CPU,
   NCCL on GPU. Each bucket is one ``broadcast`` of a flat tensor; both ends keep two buckets
   in flight, so packing (learner) and loading (engine) overlap the transfer.
-* object_store: each bucket is a safetensors byte blob put into Ray's object store
-  (bytes travel zero-copy between processes on a node and over Ray's transfer between nodes).
+* object_store: each bucket is one flat numpy array put into Ray's object store: one copy
+  into shared memory on the learner, read in place by an engine on the same node (Ray moves
+  it between nodes), no serialisation format in between.
 """
 
 from __future__ import annotations
 
 import datetime
 import socket
+import warnings
 from collections import deque
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -88,14 +91,22 @@ def receive_buckets(group: dist.ProcessGroup, buckets: Sequence[Bucket], device:
         yield from unflatten(flat, bucket)
 
 
-def encode_blob(named: list[tuple[str, torch.Tensor]]) -> bytes:
-    """A bucket as safetensors bytes (CPU, contiguous copies)."""
-    from safetensors.torch import save
+def to_array(tensors: Sequence[torch.Tensor]) -> np.ndarray:
+    """A bucket as one flat CPU numpy array (object-store transport). numpy has no bfloat16, so
+    16-bit floats travel as their int16 bit patterns; :func:`from_array` restores the dtype."""
+    flat = flatten(tensors).to("cpu")
+    if flat.dtype in (torch.bfloat16, torch.float16):
+        flat = flat.view(torch.int16)
+    return flat.numpy()
 
-    return save({name: t.detach().to("cpu").contiguous() for name, t in named})
 
-
-def decode_blob(blob: bytes) -> list[tuple[str, torch.Tensor]]:
-    from safetensors.torch import load
-
-    return list(load(bytes(blob)).items())
+def from_array(array: np.ndarray, bucket: Bucket, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+    """A bucket's named tensors on ``device`` from :func:`to_array`'s array. On the CPU they are
+    views of the array, which Ray maps read-only from shared memory (no copy): readers only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        flat = torch.from_numpy(array)
+    dtype = dtype_from_name(bucket.dtype)
+    if flat.dtype != dtype:
+        flat = flat.view(dtype)
+    return unflatten(flat.to(device), bucket)

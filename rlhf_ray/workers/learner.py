@@ -27,7 +27,7 @@ from rlhf_ray.backends import deepspeed as ds
 from rlhf_ray.batch import ExperienceBatch
 from rlhf_ray.config import Config, resolve
 from rlhf_ray.weight_sync.plan import Bucket, TensorSpec, dtype_name
-from rlhf_ray.weight_sync.transport import encode_blob, free_port, new_sync_group, send_buckets
+from rlhf_ray.weight_sync.transport import free_port, new_sync_group, send_buckets, to_array
 from rlhf_ray.workers.base import RoleBase
 from rlhf_ray.workers.frozen import response_positions
 
@@ -216,11 +216,10 @@ class Learner(RoleBase):
                 pass
         return {"bytes": float(sent), "seconds": time.perf_counter() - t0}
 
-    def export_blobs(self, buckets: list[Bucket]) -> list:
-        """Object-store transport: rank 0 puts one safetensors blob per bucket; returns the refs."""
+    def export_arrays(self, buckets: list[Bucket]) -> list:
+        """Object-store transport: rank 0 puts one flat array per bucket; returns the refs."""
         # the generator first, so zip resumes it past its last gather before stopping
-        return [ray.put(encode_blob([(s.name, t) for s, t in zip(bucket.specs, tensors)]))
-                for tensors, bucket in zip(self._full_buckets(buckets), buckets)]
+        return [ray.put(to_array(tensors)) for tensors, _ in zip(self._full_buckets(buckets), buckets)]
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str, tokenizer_path: str | None = None) -> bool:

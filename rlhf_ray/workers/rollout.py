@@ -93,11 +93,11 @@ class RolloutEngine(RoleBase):
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         return {"bytes": float(nbytes), "seconds": time.perf_counter() - t0}
 
-    def load_blobs(self, blob_refs: list) -> dict[str, float]:
-        """Load one sync's weights from safetensors blobs in the object store."""
+    def load_arrays(self, buckets: list[Bucket], array_refs: list) -> dict[str, float]:
+        """Load one sync's weights from flat arrays in the object store (one per bucket)."""
         t0 = time.perf_counter()
-        blobs = ray.get(blob_refs) if blob_refs and isinstance(blob_refs[0], ray.ObjectRef) else blob_refs
-        nbytes = self.llm.collective_rpc("rlhf_load_blobs", args=(blobs,))[0]
+        arrays = ray.get(array_refs)  # on this node: read-only views of shared memory, no copy
+        nbytes = self.llm.collective_rpc("rlhf_load_arrays", args=(to_wire(buckets), arrays))[0]
         self.llm.reset_prefix_cache()
         return {"bytes": float(nbytes), "seconds": time.perf_counter() - t0}
 

@@ -27,7 +27,7 @@ from rlhf_ray.weight_sync.plan import (
     to_wire,
     unflatten,
 )
-from rlhf_ray.weight_sync.transport import decode_blob, encode_blob, free_port, new_sync_group, send_buckets
+from rlhf_ray.weight_sync.transport import free_port, from_array, new_sync_group, send_buckets, to_array
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -163,7 +163,7 @@ def test_unflatten_size_mismatch():
         unflatten(torch.zeros(14), bucket)
 
 
-# ---- object-store blobs ----------------------------------------------------------------
+# ---- object-store arrays ---------------------------------------------------------------
 
 
 def _special_values() -> dict[str, torch.Tensor]:
@@ -179,28 +179,31 @@ def _special_values() -> dict[str, torch.Tensor]:
     }
 
 
-def test_blob_round_trip_is_bit_exact():
+def test_array_round_trip_is_bit_exact_per_bucket():
     sent = _special_values()
-    blob = encode_blob(list(sent.items()))
-    assert isinstance(blob, bytes)
-    got = dict(decode_blob(blob))
-    assert sorted(got) == sorted(sent)  # names survive; order is safetensors' own
+    specs = [TensorSpec(n, tuple(t.shape), dtype_name(t.dtype)) for n, t in sent.items()]
+    buckets = plan_buckets(specs, bucket_bytes=64)
+    assert {b.dtype for b in buckets} == {"float32", "bfloat16", "int64"}
+    got = {}
+    for b in buckets:
+        array = to_array([sent[s.name] for s in b.specs])
+        assert array.ndim == 1 and array.nbytes == b.nbytes
+        array.setflags(write=False)  # as Ray hands it out from shared memory
+        got.update(from_array(array, b, torch.device("cpu")))
+    assert list(got) == list(sent)  # plan order
     for name, t in sent.items():
         assert _bit_equal(got[name], t), name
-        assert got[name].device.type == "cpu"
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape
 
 
-def test_blob_of_views_into_one_flat_buffer():
+def test_array_tensors_are_views_of_the_array_on_cpu():
     bucket = Bucket((TensorSpec("a", (2, 3), "float32"), TensorSpec("b", (4,), "float32")))
-    flat = torch.arange(10, dtype=torch.float32)
-    got = dict(decode_blob(encode_blob(unflatten(flat, bucket))))
+    array = to_array([torch.arange(6.0).view(2, 3), torch.arange(6.0, 10.0)])
+    got = dict(from_array(array, bucket, torch.device("cpu")))
     assert got["a"].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
     assert got["b"].tolist() == [6.0, 7.0, 8.0, 9.0]
-
-
-def test_decode_accepts_a_memoryview():
-    blob = encode_blob([("x", torch.tensor([1.0, 2.0]))])
-    assert dict(decode_blob(memoryview(blob)))["x"].tolist() == [1.0, 2.0]
+    array[0] = 42.0  # no copy was made: the engine loads straight from the object store's memory
+    assert got["a"][0, 0].item() == 42.0
 
 
 # ---- collective ---------------------------------------------------------------------
