@@ -118,6 +118,23 @@ def parse_size(text: str) -> tuple[int, int, int]:
     return p, n, t
 
 
+def add_size_args(ap: argparse.ArgumentParser, name: str) -> None:
+    """The run settings this benchmark and single_process_floor share (read by size_config)."""
+    ap.add_argument("--sizes", default="4x8x16,8x8x32,16x8x32",
+                    help="comma list of PROMPTSxSAMPLESxTOKENS (default 32x16, 64x32, 128x32 samples x tokens)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--ranks", type=int, default=2, help="learner ranks")
+    ap.add_argument("--zero-stage", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--mini-batches", type=int, default=2)
+    ap.add_argument("--transport", default="collective", choices=("collective", "object_store"))
+    ap.add_argument("--quiet-wait", type=float, default=60.0, help="max seconds to wait for load average < 1")
+    ap.add_argument("--name", default=name)
+    ap.add_argument("--set", action="append", default=[], metavar="DOTTED=VALUE",
+                    help="any config override, e.g. --set rollout.num_engines=2 (repeatable)")
+
+
 def size_config(model: str, prompts: int, samples: int, tokens: int, args) -> Any:
     per_rank_mini = prompts * samples // args.mini_batches // args.ranks
     return _env.bench_config(model, **{
@@ -304,20 +321,8 @@ def dissect_roles(roles, coord, gen, inputs, cfg, last_metrics: dict) -> dict[st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="4x8x16,8x8x32,16x8x32",
-                    help="comma list of PROMPTSxSAMPLESxTOKENS (default 32x16, 64x32, 128x32 samples x tokens)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--zero-stage", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--mini-batches", type=int, default=2)
-    ap.add_argument("--transport", default="collective", choices=("collective", "object_store"))
+    add_size_args(ap, "ppo_throughput")
     ap.add_argument("--dissect-size", default="8x8x32", help="size at which to run the role dissection ('' = none)")
-    ap.add_argument("--quiet-wait", type=float, default=60.0, help="max seconds to wait for load average < 1")
-    ap.add_argument("--name", default="ppo_throughput")
-    ap.add_argument("--set", action="append", default=[], metavar="DOTTED=VALUE",
-                    help="any config override, e.g. --set rollout.num_engines=2 (repeatable)")
     args = ap.parse_args()
 
     threads = _env.set_threads(1)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from benchmarks import _env
-from benchmarks.ppo_throughput import parse_size, size_config
+from benchmarks.ppo_throughput import add_size_args, parse_size, size_config
 
 PHASES = ("generate", "score", "advantages", "update")
 
@@ -191,17 +191,8 @@ class FloorPPO:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="4x8x16,8x8x32,16x8x32", help="PROMPTSxSAMPLESxTOKENS, as ppo_throughput")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5)
+    add_size_args(ap, "single_process_floor")  # the same settings as ppo_throughput (ranks: config only)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--ranks", type=int, default=2, help="only to build the same config as ppo_throughput")
-    ap.add_argument("--zero-stage", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--mini-batches", type=int, default=2)
-    ap.add_argument("--transport", default="collective")
-    ap.add_argument("--quiet-wait", type=float, default=60.0)
-    ap.add_argument("--name", default="single_process_floor")
     args = ap.parse_args()
 
     from rlhf_ray.coordinator.run import prepare_inputs
