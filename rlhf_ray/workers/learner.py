@@ -218,8 +218,7 @@ class Learner(RoleBase):
 
     def export_arrays(self, buckets: list[Bucket]) -> list:
         """Object-store transport: rank 0 puts one flat array per bucket; returns the refs."""
-        # the generator first, so zip resumes it past its last gather before stopping
-        return [ray.put(to_array(tensors)) for tensors, _ in zip(self._full_buckets(buckets), buckets)]
+        return [ray.put(to_array(tensors)) for tensors in self._full_buckets(buckets)]
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str, tokenizer_path: str | None = None) -> bool:
