@@ -425,29 +425,30 @@ def _check_nonempty(stats: LengthStats, where: str) -> None:
                         "--data.max_len or set --data.too_long truncate.")
 
 
-def load_sft_data(cfg: SFTDataConfig, tokenizer, seed: int) -> SFTData:
-    """Read, render, length-limit and tokenise the SFT train and eval sets."""
+def _tokenized_splits(cfg: SFTDataConfig | PreferenceDataConfig, seed: int, tokenize) -> tuple[dict, dict]:
+    """The train and (if any) eval split, each through ``tokenize(ds, where) -> (data, LengthStats)``;
+    a split with no record left after the length policy is an error."""
     train_ds, eval_ds, train_where, eval_where = _splits(cfg, seed)
-    chat = cfg.template == "chat"
     out, stats = {}, {}
     for name, ds, where in (("train", train_ds, train_where), ("eval", eval_ds, eval_where)):
         if ds is None:
             continue
-        out[name], stats[name] = tokenize_sft(sft_texts(ds, cfg, tokenizer, where), tokenizer, cfg.max_len,
-                                              cfg.too_long, cfg.add_eos, chat, where)
+        out[name], stats[name] = tokenize(ds, where)
         _check_nonempty(stats[name], where)
+    return out, stats
+
+
+def load_sft_data(cfg: SFTDataConfig, tokenizer, seed: int) -> SFTData:
+    """Read, render, length-limit and tokenise the SFT train and eval sets."""
+    chat = cfg.template == "chat"
+    out, stats = _tokenized_splits(cfg, seed, lambda ds, where: tokenize_sft(
+        sft_texts(ds, cfg, tokenizer, where), tokenizer, cfg.max_len, cfg.too_long, cfg.add_eos, chat, where))
     return SFTData(out["train"], out.get("eval"), stats)
 
 
 def load_preference_data(cfg: PreferenceDataConfig, tokenizer, seed: int) -> PreferenceData:
     """Read, render, length-limit and tokenise the preference train and eval pairs."""
-    train_ds, eval_ds, train_where, eval_where = _splits(cfg, seed)
     chat = cfg.template == "chat"
-    out, stats = {}, {}
-    for name, ds, where in (("train", train_ds, train_where), ("eval", eval_ds, eval_where)):
-        if ds is None:
-            continue
-        texts = preference_texts(ds, cfg, tokenizer, where)
-        out[name], stats[name] = tokenize_pairs(texts, tokenizer, cfg.max_len, cfg.too_long, chat, where)
-        _check_nonempty(stats[name], where)
+    out, stats = _tokenized_splits(cfg, seed, lambda ds, where: tokenize_pairs(
+        preference_texts(ds, cfg, tokenizer, where), tokenizer, cfg.max_len, cfg.too_long, chat, where))
     return PreferenceData(out["train"], out.get("eval"), stats)
