@@ -39,6 +39,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -273,44 +274,29 @@ def build_tiny_model(
     vocab_size: int = 512,
     max_position_embeddings: int = 512,
     tokenizer_seed: int = 0,
+    rebuild: bool = True,
 ) -> Path:
-    """Build (always, replacing what is there) a tiny model + tokenizer in ``out_dir``.
+    """Build a tiny model + tokenizer in ``out_dir``, replacing what is there (``rebuild``) or
+    only where ``out_dir`` holds no complete build of this same spec (``rebuild=False``).
 
     arch: "llama" | "qwen2"; kind: "causal_lm" | "reward" (``*ForSequenceClassification``,
     num_labels=1, one scalar per sequence). ``seed`` fixes the weights (the global
     RNG is left untouched); ``tokenizer_seed`` fixes the vocabulary. Returns the path.
+    Safe to call from several processes at once (they serialise on a lock file).
     """
     out = Path(out_dir).resolve()
     spec = _resolve_spec(arch, kind, seed, hidden_size, num_layers, num_heads, vocab_size,
                          max_position_embeddings, tokenizer_seed)
     with _locked(out):
-        _build_atomically(spec, out)
-    return out
-
-
-def ensure_tiny_model(
-    out_dir: str | Path,
-    *,
-    arch: str = "llama",
-    kind: str = "causal_lm",
-    seed: int = 0,
-    hidden_size: int | None = None,
-    num_layers: int = 2,
-    num_heads: int | None = None,
-    vocab_size: int = 512,
-    max_position_embeddings: int = 512,
-    tokenizer_seed: int = 0,
-) -> Path:
-    """Like ``build_tiny_model`` but idempotent: rebuild only if ``out_dir`` has no
-    complete build (spec file missing) or its recorded spec differs from this one.
-    Safe to call from several processes at once (they serialise on a lock file)."""
-    out = Path(out_dir).resolve()
-    spec = _resolve_spec(arch, kind, seed, hidden_size, num_layers, num_heads, vocab_size,
-                         max_position_embeddings, tokenizer_seed)
-    with _locked(out):
-        if _read_spec(out) != spec:
+        if rebuild or _read_spec(out) != spec:
             _build_atomically(spec, out)
     return out
+
+
+def ensure_tiny_model(out_dir: str | Path, **spec: Any) -> Path:
+    """``build_tiny_model`` (same keyword arguments) that is idempotent: it rebuilds only if
+    ``out_dir`` has no complete build or its recorded spec differs from this one."""
+    return build_tiny_model(out_dir, rebuild=False, **spec)
 
 
 def count_parameters(model_dir: str | Path) -> int:
