@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from rlhf_ray.config import Config, Sizes
+from rlhf_ray.config import Config, LearnerConfig, Sizes
 
 
 def dist_backend() -> str:
@@ -37,8 +37,13 @@ def init_distributed(master_addr: str, master_port: int, rank: int, world_size: 
 
 
 def ds_config(cfg: Config, sizes: Sizes) -> dict:
-    """The DeepSpeed config dict for the learner group."""
-    lrn = cfg.learner
+    """The DeepSpeed config dict for the PPO learner group."""
+    return learner_ds_config(cfg.learner, sizes.grad_accum_steps, cfg.model.dtype)
+
+
+def learner_ds_config(lrn: LearnerConfig, grad_accum_steps: int, dtype: str) -> dict:
+    """DeepSpeed config for a learner section with ``grad_accum_steps`` micro-batches per rank
+    per optimiser step (PPO learner and supervised trainers alike)."""
     zero: dict = {"stage": lrn.zero_stage}
     if lrn.zero_stage == 3:
         # Gather whole layers on use, release right after: the memory profile ZeRO-3 is for.
@@ -47,20 +52,20 @@ def ds_config(cfg: Config, sizes: Sizes) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
         "train_micro_batch_size_per_gpu": lrn.micro_batch_size,
-        "gradient_accumulation_steps": sizes.grad_accum_steps,
-        "train_batch_size": lrn.micro_batch_size * sizes.grad_accum_steps * lrn.num_ranks,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": lrn.micro_batch_size * grad_accum_steps * lrn.num_ranks,
         "gradient_clipping": lrn.max_grad_norm,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "bf16": {"enabled": dtype == "bfloat16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW or SGD over two groups: body/policy at learner.lr, value head at value_head_lr."""
-    lrn = cfg.learner
+def build_optimizer(model: torch.nn.Module, lrn: LearnerConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable parameters at learner.lr; an actor-critic's value head
+    (parameters named ``value_head.*``) gets its own group at value_head_lr."""
     head, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:

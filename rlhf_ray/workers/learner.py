@@ -71,7 +71,7 @@ class Learner(RoleBase):
                 separate_critic=m.separate_critic, critic_path=m.critic_path, torch_dtype=dtype)
         if m.gradient_checkpointing:
             model.policy.gradient_checkpointing_enable()
-        optimizer = ds.build_optimizer(model, self.cfg)
+        optimizer = ds.build_optimizer(model, self.cfg.learner)
         scheduler = ds.warmup_scheduler(optimizer, self.cfg.learner.warmup_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf)

@@ -27,39 +27,10 @@ import torch.distributed as dist
 
 from rlhf_ray.algorithms.pairwise import pairwise_loss, sft_loss
 from rlhf_ray.backends import deepspeed as ds
-from rlhf_ray.config import LearnerConfig
 from rlhf_ray.data.datasets import PairBatch, SFTBatch, pad_token_id
-from rlhf_ray.train_config import TrainerRunConfig, TrainerSizes, resolve_trainer
+from rlhf_ray.train_config import TrainerRunConfig, resolve_trainer
 from rlhf_ray.weight_sync.transport import free_port
 from rlhf_ray.workers.base import RoleBase
-
-
-def trainer_ds_config(learner: LearnerConfig, sizes: TrainerSizes, dtype: str) -> dict:
-    """DeepSpeed config for a supervised trainer (``backends.deepspeed.ds_config`` is the PPO
-    learner's: it derives accumulation from rollout sizes)."""
-    zero: dict = {"stage": learner.zero_stage}
-    if learner.zero_stage == 3:
-        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=int(5e7))
-    if learner.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    return {
-        "train_micro_batch_size_per_gpu": learner.micro_batch_size,
-        "gradient_accumulation_steps": sizes.grad_accum_steps,
-        "train_batch_size": sizes.per_rank_batch * learner.num_ranks,
-        "gradient_clipping": learner.max_grad_norm,
-        "zero_optimization": zero,
-        "bf16": {"enabled": dtype == "bfloat16"},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def build_optimizer(model: torch.nn.Module, learner: LearnerConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if learner.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=learner.lr, weight_decay=learner.weight_decay)
-    return torch.optim.AdamW(params, lr=learner.lr, betas=learner.adam_betas, weight_decay=learner.weight_decay)
 
 
 class SupervisedTrainer(RoleBase):
@@ -90,14 +61,14 @@ class SupervisedTrainer(RoleBase):
         ds.init_distributed(master_addr, master_port, self.rank, self.world_size,
                             self.cfg.train.call_timeout_s)
         m, lrn = self.cfg.model, self.cfg.learner
-        conf = trainer_ds_config(lrn, self.sizes, m.dtype)
+        conf = ds.learner_ds_config(lrn, self.sizes.grad_accum_steps, m.dtype)
         torch.manual_seed(self.cfg.seed)  # a newly initialised head starts identical on every rank
         dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
         with ds.zero3_loading(conf):
             model = self._load_model(m.path, dtype)
         if m.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        optimizer = build_optimizer(model, lrn)
+        optimizer = ds.build_optimizer(model, lrn)
         scheduler = ds.warmup_scheduler(optimizer, lrn.warmup_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
