@@ -220,6 +220,11 @@ class SyncConfig:
     """A sync that takes longer fails with an error naming the role."""
     max_logprob_mismatch: float | None = None
     """Fail if mean |rollout logprob - learner logprob| on sampled tokens exceeds this (unset: only report)."""
+    check_logprobs_every: int = 10
+    """Every N iterations (and the first) the engines also return each sampled token's logprob, and
+    logprob_mismatch_mean/max compare them with the learner's: the check that the engines run the
+    learner's weights. 1 checks every iteration, 0 never. Asking vLLM for logprobs costs ~15% of
+    generation time on its CPU build."""
 
 
 @dataclass(frozen=True)
@@ -399,6 +404,9 @@ def validate(cfg: Config) -> Sizes:
             errors.append(f"--{key} must be > 0 (got {get_path(cfg, key)!r}).")
     if cfg.resources.max_actor_restarts < 0 or cfg.resources.max_learner_restarts < 0:
         errors.append("--resources.max_actor_restarts and --resources.max_learner_restarts must be >= 0.")
+    if cfg.sync.check_logprobs_every < 0:
+        errors.append(f"--sync.check_logprobs_every must be >= 0 (got {cfg.sync.check_logprobs_every}); "
+                      "0 never checks, 1 checks every iteration.")
     if cfg.checkpoint.every < 0:
         errors.append("--checkpoint.every must be >= 0 (0 saves only at the end / on stop).")
     if not 0 < cfg.rollout.top_p <= 1:

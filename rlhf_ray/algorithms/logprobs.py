@@ -82,3 +82,42 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     # replace z by 0 there (also keeps the backward pass NaN-free).
     finite = torch.where(torch.isneginf(shifted), torch.zeros_like(shifted), shifted)
     return torch.logsumexp(shifted, dim=-1) - (probs * finite).sum(dim=-1)
+
+
+def logprobs_and_entropy(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    entropy_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logprobs_from_logits`` and ``entropy_from_logits`` from one logsumexp.
+
+    With ``log p = z - logsumexp(z)``, ``H = -sum_v p_v log p_v``: the log-softmax is
+    bounded above by 0 whatever the logits' scale, so this needs no max-shift, and the
+    logsumexp the logprobs need is reused instead of computed twice. Banned tokens
+    (``z = -inf``) have ``p = 0`` and contribute 0, not NaN.
+
+    Args:
+        logits: float (B, R, V) logits predicting ``tokens``.
+        tokens: integer (B, R) token ids in [0, V).
+        temperature: sampling temperature, > 0.
+        entropy_grad: False computes the entropy from detached logits (for logging only:
+            its graph is not built, which saves the (B, R, V) tensors autograd would keep).
+
+    Returns:
+        float32 (B, R) log pi_T(token) and float32 (B, R) entropies in nats.
+    """
+    if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits (B, R, V) and tokens (B, R), got {tuple(logits.shape)} "
+            f"and {tuple(tokens.shape)}"
+        )
+    scaled = _tempered_float32(logits, temperature)
+    lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (B, R, 1)
+    logprobs = (scaled.gather(-1, tokens.long().unsqueeze(-1)) - lse).squeeze(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        log_p = scaled - lse if entropy_grad else (scaled - lse).detach()
+        # exp(-inf) * -inf would be NaN (and so would its gradient, even behind a where).
+        finite = torch.where(torch.isneginf(log_p), torch.zeros_like(log_p), log_p)
+        entropy = -(log_p.exp() * finite).sum(dim=-1)
+    return logprobs, entropy

@@ -16,6 +16,7 @@ controller, score normalisation, advantage whitening and the metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import contextmanager
 from typing import Iterator, Protocol
@@ -96,6 +97,14 @@ class PPOCoordinator:
             raise
         self._times[f"time/{name}"] = time.perf_counter() - t0
 
+    def _checks_logprobs(self, iteration: int) -> bool:
+        """Whether the batch of ``iteration`` carries the engines' logprobs (sync.check_logprobs_every)."""
+        every = self.cfg.sync.check_logprobs_every
+        return every > 0 and iteration % every == 0
+
+    def _spec(self, iteration: int) -> SamplingSpec:
+        return dataclasses.replace(self.spec, logprobs=self._checks_logprobs(iteration))
+
     def mark_weights_stale(self) -> None:
         """The engines must receive the learner's weights before the next generation (after a
         resume, or after the learner group was restarted from a checkpoint)."""
@@ -131,7 +140,8 @@ class PPOCoordinator:
             sync_metrics = self._sync_if_stale()
             idx = self.pending_prompts or self.sampler.next(self.cfg.rollout.prompts_per_iteration)
             with self._phase("generate"):
-                gen = self.rollout.generate([self.prompts.token_ids[i] for i in idx], self.spec).result()
+                gen = self.rollout.generate([self.prompts.token_ids[i] for i in idx],
+                                            self._spec(self.iteration)).result()
         else:
             # One step off-policy: this batch was generated during the previous update.
             idx = self.pending_prompts
@@ -144,7 +154,7 @@ class PPOCoordinator:
             sync_metrics = sync_metrics or self._sync_if_stale()
             self.pending_prompts = self.sampler.next(self.cfg.rollout.prompts_per_iteration)
             self._pending = self.rollout.generate([self.prompts.token_ids[i] for i in self.pending_prompts],
-                                                  self.spec)
+                                                  self._spec(self.iteration + 1))
         with self._phase("score"):
             batch = self._score(batch)
         with self._phase("advantages"):
@@ -170,7 +180,8 @@ class PPOCoordinator:
         limit = self.cfg.sync.max_logprob_mismatch
         # With async generation the batch comes from the weights before the last update, so the
         # mismatch measures that policy lag, not the sync: no limit applies.
-        if limit is not None and not self.cfg.rollout.async_generation and metrics["logprob_mismatch_mean"] > limit:
+        mismatch = metrics.get("logprob_mismatch_mean")  # absent on iterations that do not check
+        if limit is not None and mismatch is not None and not self.cfg.rollout.async_generation and mismatch > limit:
             raise SyncMismatchError(
                 f"iteration {self.iteration}: mean |rollout - learner| logprob {metrics['logprob_mismatch_mean']:.3g} "
                 f"exceeds --sync.max_logprob_mismatch {limit}: the engines are not running the learner's weights "
@@ -250,26 +261,28 @@ class PPOCoordinator:
         return batch.replace(advantages=advantages, returns=gae.returns * good, response_mask=good), metrics
 
     def _batch_metrics(self, batch: ExperienceBatch) -> dict[str, float]:
-        """Metrics over the usable samples (quarantined NaN/inf samples are counted separately)."""
+        """Metrics over the usable samples (quarantined NaN/inf samples are counted separately).
+        logprob_mismatch_* only on the iterations whose batch carries the engines' logprobs."""
         mask = batch.response_mask
         good = ~batch.meta.get("bad_rows", torch.zeros(len(batch), dtype=torch.bool))
         if not good.any():
-            return {"samples": float(len(batch)), "response_tokens": 0.0, "reward_mean": float("nan"),
-                    "logprob_mismatch_mean": 0.0, "logprob_mismatch_max": 0.0}
-        scores = batch.scores[good]
-        lengths = mask[good].sum(-1).float()
-        diff = (batch.rollout_logprobs - batch.old_logprobs).abs().masked_fill(~mask, 0)
-        return {
-            "reward_mean": float(scores.mean()),
-            "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-            "response_length": float(lengths.mean()),
-            "truncation_rate": float(batch.truncated[good].float().mean()),
-            "response_tokens": float(mask.sum()),
-            "samples": float(len(batch)),
+            metrics = {"samples": float(len(batch)), "response_tokens": 0.0, "reward_mean": float("nan")}
+        else:
+            scores = batch.scores[good]
+            metrics = {
+                "reward_mean": float(scores.mean()),
+                "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+                "response_length": float(mask[good].sum(-1).float().mean()),
+                "truncation_rate": float(batch.truncated[good].float().mean()),
+                "response_tokens": float(mask.sum()),
+                "samples": float(len(batch)),
+            }
+        if self._checks_logprobs(self.iteration):
             # Same tokens, same weights: rollout and learner must agree (sync verification).
-            "logprob_mismatch_mean": float(diff.sum() / mask.sum().clamp(min=1)),
-            "logprob_mismatch_max": float(diff.max()),
-        }
+            diff = (batch.rollout_logprobs - batch.old_logprobs).abs().masked_fill(~mask, 0)
+            metrics["logprob_mismatch_mean"] = float(diff.sum() / mask.sum().clamp(min=1))
+            metrics["logprob_mismatch_max"] = float(diff.max())
+        return metrics
 
     # ------------------------------------------------------------------ state for checkpoints
     def state_dict(self) -> dict:

@@ -34,7 +34,8 @@ CRITIC_PREFIX = "critic_body."
 
 
 class ActorCriticOutput(NamedTuple):
-    """logits (B, T, V) in the body's dtype; values (B, T) float32."""
+    """logits (B, T, V) in the body's dtype; values (B, T) float32 (T becomes R, the response
+    length, when ``forward`` was given ``response_len``)."""
 
     logits: torch.Tensor
     values: torch.Tensor
@@ -173,12 +174,19 @@ class ActorCritic(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
+        response_len: int | None = None,
     ) -> ActorCriticOutput:
         """input_ids (B, T), attention_mask (B, T) 1 = real, position_ids (B, T) or None.
 
         position_ids default to ``positions_from_mask(attention_mask)`` (correct for
         left padding, unlike transformers' default 0..T-1). Returns logits (B, T, V)
         and values (B, T) float32 for every position, padding included.
+
+        ``response_len=R`` (the last R of the T tokens are a response): logits (B, R, V)
+        and values (B, R) only at the R positions that predict the response tokens,
+        ``T-R-1 .. T-2``. The LM head then never runs over the prompt, which saves a
+        (B, T-R, V) logits tensor: with a 150k vocabulary and 1k-token prompts that is
+        the largest activation of the step.
 
         Logits come from ``policy.get_output_embeddings()`` applied to the body's
         ``last_hidden_state`` (after the final norm): for Llama/Qwen2 that is exactly
@@ -188,13 +196,19 @@ class ActorCritic(nn.Module):
         """
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
-        hidden = self._last_hidden(_body_of(self.policy), input_ids, attention_mask, position_ids)
+        if response_len is not None and not 0 < response_len < input_ids.shape[1]:
+            raise ValueError(
+                f"response_len must be in [1, T-1] for T={input_ids.shape[1]} tokens "
+                f"(at least one prompt token precedes the response), got {response_len}"
+            )
+        keep = slice(-response_len - 1, -1) if response_len is not None else slice(None)
+        hidden = self._last_hidden(_body_of(self.policy), input_ids, attention_mask, position_ids)[:, keep]
         logits = self.policy.get_output_embeddings()(hidden)
         value_hidden = hidden
         if self.critic_body is not None:
             value_hidden = self._last_hidden(
                 self.critic_body, input_ids, attention_mask, position_ids
-            )
+            )[:, keep]
         if not self.value_grad_to_body:
             value_hidden = value_hidden.detach()
         return ActorCriticOutput(logits=logits, values=self.value_head(value_hidden))

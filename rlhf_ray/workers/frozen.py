@@ -7,6 +7,7 @@ loading/batching lives in ``FrozenModelRole`` and each role adds only its own ca
 
 from __future__ import annotations
 
+import inspect
 
 import ray
 import torch
@@ -17,12 +18,6 @@ from rlhf_ray.config import Config
 from rlhf_ray.models import positions_from_mask
 from rlhf_ray.rewards import load_reward_function
 from rlhf_ray.workers.base import RoleBase
-
-
-def response_positions(x: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Outputs at positions that predict response tokens: (B, P+R, ...) -> (B, R, ...).
-    Position P-1+t has seen the prompt and response[:t], so it predicts response token t."""
-    return x[:, prompt_len - 1: -1]
 
 
 class FrozenModelRole(RoleBase):
@@ -56,6 +51,7 @@ class ReferenceModel(FrozenModelRole):
         self.micro_batch_size = cfg.reference.micro_batch_size
         self.model = self._load(AutoModelForCausalLM, cfg.reference.path or cfg.model.path,
                                 cfg.resources.reference.num_gpus)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     @torch.no_grad()
     def logprobs(self, batch: ExperienceBatch, temperature: float) -> torch.Tensor:
@@ -64,10 +60,11 @@ class ReferenceModel(FrozenModelRole):
         out = torch.zeros(len(batch), R, dtype=torch.float32)
         row = 0
         for mb in self._micro_batches(batch):
+            r = mb.response_mask.shape[1]
+            kwargs = {"logits_to_keep": r + 1} if self._keeps_logits else {}  # the LM head skips the prompt
             logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask.long(),
-                                position_ids=mb.position_ids).logits
-            lp = logprobs_from_logits(response_positions(logits, mb.prompt_len), mb.response_ids, temperature)
-            r = lp.shape[1]
+                                position_ids=mb.position_ids, **kwargs).logits
+            lp = logprobs_from_logits(logits[:, -r - 1:-1], mb.response_ids, temperature)
             out[row: row + len(mb), :r] = (lp * mb.response_mask[:, :r]).cpu()
             row += len(mb)
         return out

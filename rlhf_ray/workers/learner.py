@@ -21,21 +21,20 @@ import ray
 import torch
 import torch.distributed as dist
 
-from rlhf_ray.algorithms import (entropy_from_logits, logprobs_from_logits, masked_sum,
-                                 ppo_policy_loss, value_loss)
+from rlhf_ray.algorithms import (logprobs_and_entropy, logprobs_from_logits, masked_sum, ppo_policy_loss,
+                                 value_loss)
 from rlhf_ray.backends import deepspeed as ds
 from rlhf_ray.batch import ExperienceBatch
 from rlhf_ray.config import Config, resolve
 from rlhf_ray.weight_sync.plan import Bucket, TensorSpec, dtype_name
 from rlhf_ray.weight_sync.transport import free_port, new_sync_group, send_buckets, to_array
 from rlhf_ray.workers.base import RoleBase
-from rlhf_ray.workers.frozen import response_positions
 
 
 class _Forward(NamedTuple):
     logprobs: torch.Tensor  # (B, R)
     values: torch.Tensor  # (B, R)
-    entropy: torch.Tensor  # (B, R)
+    entropy: torch.Tensor | None  # (B, R); None when not asked for
 
 
 class Learner(RoleBase):
@@ -82,18 +81,19 @@ class Learner(RoleBase):
         return {"rank": self.rank, "parameters": n, "zero_stage": self.cfg.learner.zero_stage}
 
     # ------------------------------------------------------------------ forward passes
-    def _forward(self, mb: ExperienceBatch, with_entropy: bool) -> _Forward:
-        out = self.engine(mb.input_ids, mb.attention_mask.long(), mb.position_ids)
-        logits = response_positions(out.logits, mb.prompt_len)
+    def _forward(self, mb: ExperienceBatch, entropy: str) -> _Forward:
+        """Logprobs and values at the response positions only (the LM head skips the prompt).
+        ``entropy``: "grad" (it is in the loss), "log" (detached, for metrics) or "none"."""
+        R = mb.response_mask.shape[1]
+        out = self.engine(mb.input_ids, mb.attention_mask.long(), mb.position_ids, response_len=R)
         temperature = self.cfg.rollout.temperature
-        logprobs = logprobs_from_logits(logits, mb.response_ids, temperature)
-        values = response_positions(out.values, mb.prompt_len)
-        if with_entropy:
-            entropy = entropy_from_logits(logits, temperature)
+        if entropy == "none":
+            logprobs = logprobs_from_logits(out.logits, mb.response_ids, temperature)
+            ent = None
         else:
-            with torch.no_grad():
-                entropy = entropy_from_logits(logits.detach(), temperature)
-        return _Forward(logprobs, values.float(), entropy)
+            logprobs, ent = logprobs_and_entropy(out.logits, mb.response_ids, temperature,
+                                                 entropy_grad=entropy == "grad")
+        return _Forward(logprobs, out.values.float(), ent)
 
     @torch.no_grad()
     def compute_old(self, shard: ExperienceBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +104,7 @@ class Learner(RoleBase):
         row = 0
         for mb in shard.chunks(self.cfg.learner.forward_batch_size):
             mb = mb.trim().to(self.device)
-            f = self._forward(mb, with_entropy=False)
+            f = self._forward(mb, entropy="none")
             r = f.logprobs.shape[1]
             logprobs[row: row + len(mb), :r] = (f.logprobs * mb.response_mask).cpu()
             values[row: row + len(mb), :r] = (f.values * mb.response_mask).cpu()
@@ -155,7 +155,7 @@ class Learner(RoleBase):
     def _micro_step(self, mb: ExperienceBatch, step_tokens: float) -> tuple[dict[str, torch.Tensor], float]:
         p = self.cfg.ppo
         mask = mb.response_mask
-        f = self._forward(mb, with_entropy=p.entropy_coef > 0)
+        f = self._forward(mb, entropy="grad" if p.entropy_coef > 0 else "log")
         pl = ppo_policy_loss(f.logprobs, mb.old_logprobs, mb.advantages, mask, p.clip_ratio,
                              clip_ratio_high=p.clip_ratio_high, dual_clip=p.dual_clip, num_tokens=step_tokens)
         vl = value_loss(f.values, mb.old_values, mb.returns, mask, clip_range=p.value_clip, num_tokens=step_tokens)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ class SamplingSpec:
     top_p: float = 1.0
     top_k: int = -1
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: bool = True  # return each sampled token's logprob (else NaN in their place)
 
     @staticmethod
     def from_config(cfg: Config) -> "SamplingSpec":
@@ -58,13 +60,15 @@ class RolloutEngine(RoleBase):
         self.llm = LLM(**engine_kwargs(cfg, self.model_path, seed=cfg.seed + 1000 * index))
 
     def generate(self, prompt_ids: list[list[int]], prompt_index: list[int], spec: SamplingSpec) -> Generation:
-        """Sample ``spec.n`` responses per prompt; logprobs are at the sampling temperature."""
+        """Sample ``spec.n`` responses per prompt; logprobs are at the sampling temperature (NaN when
+        ``spec.logprobs`` is off: vLLM then skips computing them)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(
             n=spec.n, max_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
-            top_k=spec.top_k, stop_token_ids=list(spec.stop_token_ids) or None, logprobs=0,
+            top_k=spec.top_k, stop_token_ids=list(spec.stop_token_ids) or None,
+            logprobs=0 if spec.logprobs else None,
             detokenize=False,
         )
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params,
@@ -75,7 +79,10 @@ class RolloutEngine(RoleBase):
                 tokens = list(completion.token_ids)
                 gen.prompt_ids.append(list(p_ids))
                 gen.response_ids.append(tokens)
-                gen.logprobs.append([step[tok].logprob for step, tok in zip(completion.logprobs, tokens)])
+                if spec.logprobs:
+                    gen.logprobs.append([step[tok].logprob for step, tok in zip(completion.logprobs, tokens)])
+                else:
+                    gen.logprobs.append([math.nan] * len(tokens))
                 gen.finish_reasons.append("length" if completion.finish_reason == "length" else "stop")
                 gen.prompt_index.append(p_idx)
         return gen

@@ -45,6 +45,7 @@ def small_config(model_path: str, **overrides):
         "rollout.prompts_per_iteration": 4, "rollout.samples_per_prompt": 4, "rollout.max_new_tokens": 8,
         "ppo.iterations": 3, "ppo.mini_batches": 2, "learner.micro_batch_size": 2,
         "learner.lr": 1e-3, "logging.tensorboard": True, "logging.progress_bar": False,
+        "sync.check_logprobs_every": 1,  # the tests check the weight sync on every iteration
     }
     base.update(overrides)
     return load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo_cpu.yaml"),

@@ -97,6 +97,24 @@ def test_values_match_head_on_body_hidden_states(model_dirs):
     assert out.values.abs().max().item() > 0.1
 
 
+@pytest.mark.parametrize("separate_critic", [False, True])
+def test_response_len_keeps_only_the_positions_that_predict_the_response(model_dirs, separate_critic):
+    ac = ActorCritic.from_pretrained(model_dirs["llama"], value_head_init_std=0.3,
+                                     separate_critic=separate_critic).eval()
+    input_ids, attention_mask, position_ids = left_padded_batch()
+    R = 3  # the last 3 of T=7 tokens are the response; positions 3, 4, 5 predict them
+    with torch.no_grad():
+        full = ac(input_ids, attention_mask, position_ids)
+        short = ac(input_ids, attention_mask, position_ids, response_len=R)
+    assert short.logits.shape == (B, R, 512) and short.values.shape == (B, R)
+    # Not bitwise: the LM head's matmul runs over another shape (other BLAS blocking).
+    torch.testing.assert_close(short.logits, full.logits[:, T - R - 1:T - 1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(short.values, full.values[:, T - R - 1:T - 1], atol=1e-6, rtol=0)
+    for bad in (0, T):
+        with pytest.raises(ValueError, match="response_len"):
+            ac(input_ids, attention_mask, position_ids, response_len=bad)
+
+
 def _grads_after_value_loss(ac: ActorCritic) -> tuple[dict[str, torch.Tensor | None], torch.Tensor | None]:
     input_ids, attention_mask, position_ids = left_padded_batch()
     out = ac(input_ids, attention_mask, position_ids)

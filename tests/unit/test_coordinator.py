@@ -274,6 +274,31 @@ def test_max_logprob_mismatch_fails_the_step():
         coord.step()
 
 
+@pytest.mark.parametrize("async_generation", [False, True])
+def test_engines_return_logprobs_only_on_check_iterations(async_generation):
+    cfg = _config(sync={"check_logprobs_every": 3}, rollout={
+        "prompts_per_iteration": B, "samples_per_prompt": 1, "max_new_tokens": R, "num_engines": 1,
+        "async_generation": async_generation})
+    rollout = FakeRollout()
+    coord = _coordinator(cfg, rollout=rollout, learners=FakeLearners(offset=0.25))
+    rows = [coord.step() for _ in range(7)]
+    # Generation k (async: requested during step k-1) asks for logprobs iff k % 3 == 0.
+    assert [spec.logprobs for _, spec in rollout.calls[:7]] == [True, False, False, True, False, False, True]
+    for k, row in enumerate(rows):
+        assert ("logprob_mismatch_mean" in row) == (k % 3 == 0), (k, sorted(row))
+        if k % 3 == 0:
+            assert row["logprob_mismatch_mean"] == pytest.approx(0.25, abs=1e-6)
+    never = _coordinator(_config(sync={"check_logprobs_every": 0}), rollout=FakeRollout())
+    assert "logprob_mismatch_mean" not in never.step()
+
+
+def test_negative_check_interval_is_a_config_error():
+    from rlhf_ray.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="check_logprobs_every"):
+        validate(_config(sync={"check_logprobs_every": -1}))
+
+
 # ---- non-finite inputs --------------------------------------------------------------------
 
 

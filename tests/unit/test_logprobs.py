@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf_ray.algorithms import entropy_from_logits, logprobs_from_logits
+from rlhf_ray.algorithms import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
 
 LOG3 = math.log(3.0)
 
@@ -145,3 +145,60 @@ def test_bad_arguments_raise():
         logprobs_from_logits(logits, tokens[:, :4])
     with pytest.raises(ValueError, match="temperature"):
         entropy_from_logits(logits, -1.0)
+
+
+# ---- the fused function: one logsumexp for both ------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
+def test_fused_matches_loop_reference(temperature):
+    logits, tokens = _random_logits(7)
+    logp_ref, ent_ref = _loop_logprob_entropy(logits, tokens, temperature)
+    logp, ent = logprobs_and_entropy(logits, tokens, temperature)
+    assert logp.dtype == ent.dtype == torch.float32 and logp.shape == ent.shape == (3, 5)
+    torch.testing.assert_close(logp.double().tolist(), logp_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double().tolist(), ent_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_gradients_match_the_separate_functions():
+    logits, tokens = _random_logits(8)
+    w_lp, w_ent = torch.randn(3, 5), torch.randn(3, 5)
+    fused = logits.clone().requires_grad_(True)
+    lp, ent = logprobs_and_entropy(fused, tokens, 0.8)
+    ((lp * w_lp).sum() + (ent * w_ent).sum()).backward()
+    apart = logits.clone().requires_grad_(True)
+    ((logprobs_from_logits(apart, tokens, 0.8) * w_lp).sum()
+     + (entropy_from_logits(apart, 0.8) * w_ent).sum()).backward()
+    torch.testing.assert_close(fused.grad, apart.grad)
+
+
+def test_fused_entropy_without_grad_leaves_logprob_grad_alone():
+    logits, tokens = _random_logits(9)
+    fused = logits.clone().requires_grad_(True)
+    lp, ent = logprobs_and_entropy(fused, tokens, entropy_grad=False)
+    assert lp.requires_grad and not ent.requires_grad
+    lp.sum().backward()
+    plain = logits.clone().requires_grad_(True)
+    logprobs_from_logits(plain, tokens).sum().backward()
+    torch.testing.assert_close(fused.grad, plain.grad)
+    torch.testing.assert_close(ent, entropy_from_logits(logits))
+
+
+def test_fused_banned_tokens_and_large_logits():
+    logits, tokens = _random_logits(10)
+    logits = logits.clone()
+    logits[..., :3] = -math.inf
+    tokens = tokens.clamp(min=3)
+    leaf = logits.clone().requires_grad_(True)
+    lp, ent = logprobs_and_entropy(leaf, tokens)
+    assert torch.isfinite(ent).all() and torch.isfinite(lp).all()
+    (lp.sum() + ent.sum()).backward()
+    assert torch.isfinite(leaf.grad).all()
+    torch.testing.assert_close(ent, entropy_from_logits(logits[..., 3:]))
+    lp_big, ent_big = logprobs_and_entropy(logits + 1e4, tokens)  # float32 spacing at 1e4 ~ 1e-3
+    torch.testing.assert_close(ent_big, ent, atol=2e-3, rtol=0)
+    torch.testing.assert_close(lp_big, lp, atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match="tokens"):
+        logprobs_and_entropy(logits, tokens[:, :4])
+    with pytest.raises(ValueError, match="temperature"):
+        logprobs_and_entropy(logits, tokens, 0.0)

@@ -46,3 +46,32 @@ def test_left_padded_batch_scores_like_each_text_alone(tmp_path):
     with torch.no_grad():
         naive = model(**enc).logits[:, 0]
     assert (naive - alone).abs().max() > 1e-3
+
+
+def test_reference_logprobs_skip_the_prompt_and_match_the_full_model(tmp_path):
+    """The reference role asks the LM head for the response positions only; the logprobs are
+    those of a full forward pass, on a batch with left-padded prompts and right-padded responses."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ray.batch import Generation, pack_generation
+    from rlhf_ray.tiny_models import build_tiny_model
+    from rlhf_ray.workers.frozen import ReferenceModel
+
+    path = str(build_tiny_model(tmp_path / "ref", arch="llama", seed=3))
+    cfg = load_config(None, {"model.path": path, "reference.micro_batch_size": 2})
+    ref = ReferenceModel(cfg)
+    assert ref._keeps_logits  # Llama takes logits_to_keep: the short path is the one tested
+    gen = Generation(prompt_ids=[[5, 6, 7, 8], [9, 10], [11, 12, 13]],
+                     response_ids=[[20, 21], [22, 23, 24, 25], [26]],
+                     logprobs=[[0.0] * 2, [0.0] * 4, [0.0]], finish_reasons=["length"] * 3,
+                     prompt_index=[0, 1, 2])
+    batch = pack_generation(gen, pad_id=0)
+    got = ref.logprobs(batch, temperature=0.7)
+    plain = AutoModelForCausalLM.from_pretrained(path).eval()
+    for row, (p_ids, r_ids) in enumerate(zip(gen.prompt_ids, gen.response_ids)):
+        ids = torch.tensor([p_ids + r_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(plain(input_ids=ids).logits[0].float() / 0.7, dim=-1)
+        expected = [logp[len(p_ids) - 1 + t, tok].item() for t, tok in enumerate(r_ids)]
+        torch.testing.assert_close(got[row, :len(r_ids)], torch.tensor(expected), atol=1e-5, rtol=0)
+        assert torch.all(got[row, len(r_ids):] == 0)  # padding positions stay 0
