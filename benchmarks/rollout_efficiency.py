@@ -11,11 +11,13 @@ other processes hits both alike:
     the same ``SamplingParams`` as ``RolloutEngine.generate`` builds;
   * in between: ``RolloutEngine.generate`` (the same plain class, no Ray) + ``pack_generation``
     in this process, which adds only our output conversion and packing to ``direct``.
-Reported: seconds of each path, system / direct, and the split of the difference into output
-conversion + packing (in-process) and Ray (call, pickling the ragged ``Generation``, transfer);
-plus ``direct`` without ``logprobs=0`` (what requesting the sampled-token logprob costs), the
-pickled size of a ``Generation``, and the response tokens each path produced (sampling
-is random and the engines' random streams diverge, so counts differ a little between paths).
+Each path runs twice per repeat: without the sampled tokens' logprobs (most iterations) and with
+``logprobs=0`` (the sync-check iterations, every ``sync.check_logprobs_every``).
+Reported: seconds of each path, system / direct for both, and the split of the difference into
+output conversion + packing (in-process) and Ray (call, pickling the ragged ``Generation``,
+transfer); what asking for logprobs costs the direct engine; the pickled size of a
+``Generation``; and the response tokens each path produced (sampling is random and the engines'
+random streams diverge, so counts differ a little between paths).
 
 What it leaves out: engine start-up, weight sync, prefix-cache effects across iterations
 (every call here reuses the same prompts, in both paths alike).
@@ -32,6 +34,7 @@ Run (repository root, ~2 minutes on 2 cores):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pickle
 import time
@@ -88,67 +91,72 @@ def main() -> None:
     results = []
     for size in sizes:
         prompts_n, samples, tokens = size
-        spec = SamplingSpec.from_config(make_config(model, *size, threads=args.threads))
+        base_spec = SamplingSpec.from_config(make_config(model, *size, threads=args.threads))
         prompt_ids = [inputs.prompts.token_ids[i] for i in range(prompts_n)]
-        params = SamplingParams(n=spec.n, max_tokens=spec.max_new_tokens, temperature=spec.temperature,
-                                top_p=spec.top_p, top_k=spec.top_k, stop_token_ids=list(spec.stop_token_ids) or None,
-                                logprobs=0, detokenize=False)
-        params_no_lp = params.clone()
-        params_no_lp.logprobs = None
         token_prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
-        times: dict[str, list[float]] = {"system": [], "direct": [], "in_process_engine_and_pack": [],
-                                         "direct_without_logprobs": []}
+        # Both kinds of iteration: with the engines' logprobs (sync-check iterations) and without.
+        modes = {"logprobs": True, "no_logprobs": False}
+        times: dict[str, list[float]] = {f"{path}/{mode}": [] for mode in modes
+                                         for path in ("system", "direct", "in_process_engine_and_pack")}
         tokens_per_call, direct_tokens, gen_bytes = [], [], 0
         for rep in range(args.warmup + args.repeats):
-            t0 = time.perf_counter()
-            gen = group.generate(prompt_ids, spec).result()
-            pack_generation(gen, inputs.pad_id, inputs.eos_ids)
-            t_sys = time.perf_counter() - t0
+            for mode, with_lp in modes.items():
+                spec = dataclasses.replace(base_spec, logprobs=with_lp)
+                params = SamplingParams(n=spec.n, max_tokens=spec.max_new_tokens, temperature=spec.temperature,
+                                        top_p=spec.top_p, top_k=spec.top_k,
+                                        stop_token_ids=list(spec.stop_token_ids) or None,
+                                        logprobs=0 if with_lp else None, detokenize=False)
+                t0 = time.perf_counter()
+                gen = group.generate(prompt_ids, spec).result()
+                pack_generation(gen, inputs.pad_id, inputs.eos_ids)
+                t_sys = time.perf_counter() - t0
 
-            t0 = time.perf_counter()
-            outs = local.llm.generate(token_prompts, params, use_tqdm=False)
-            t_direct = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                outs = local.llm.generate(token_prompts, params, use_tqdm=False)
+                t_direct = time.perf_counter() - t0
 
-            t0 = time.perf_counter()
-            local.llm.generate(token_prompts, params_no_lp, use_tqdm=False)
-            t_no_lp = time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            gen_local = local.generate(prompt_ids, list(range(len(prompt_ids))), spec)
-            pack_generation(gen_local, inputs.pad_id, inputs.eos_ids)
-            t_local = time.perf_counter() - t0
-            if rep >= args.warmup:
-                times["system"].append(t_sys)
-                times["direct"].append(t_direct)
-                times["in_process_engine_and_pack"].append(t_local)
-                times["direct_without_logprobs"].append(t_no_lp)
-                direct_tokens.append(sum(len(c.token_ids) for o in outs for c in o.outputs))
-                tokens_per_call.append(sum(len(r) for r in gen.response_ids))
-                gen_bytes = len(pickle.dumps(gen))
+                t0 = time.perf_counter()
+                gen_local = local.generate(prompt_ids, list(range(len(prompt_ids))), spec)
+                pack_generation(gen_local, inputs.pad_id, inputs.eos_ids)
+                t_local = time.perf_counter() - t0
+                if rep >= args.warmup:
+                    times[f"system/{mode}"].append(t_sys)
+                    times[f"direct/{mode}"].append(t_direct)
+                    times[f"in_process_engine_and_pack/{mode}"].append(t_local)
+                    direct_tokens.append(sum(len(c.token_ids) for o in outs for c in o.outputs))
+                    tokens_per_call.append(sum(len(r) for r in gen.response_ids))
+                    gen_bytes = max(gen_bytes, len(pickle.dumps(gen)))
         med = {k: _env.median(v) for k, v in times.items()}
-        results.append({
+        entry = {
             "size": f"{prompts_n}x{samples}x{tokens}", "samples": prompts_n * samples, "max_new_tokens": tokens,
             "response_tokens_mean": _env.mean(tokens_per_call),
             "median_s": med, "all_s": times,
-            "system_over_direct": med["system"] / med["direct"],
-            "conversion_and_pack_s": med["in_process_engine_and_pack"] - med["direct"],
-            "ray_s": med["system"] - med["in_process_engine_and_pack"],
             "generation_pickle_bytes": gen_bytes,
             "direct_response_tokens_mean": _env.mean(direct_tokens),
-            "direct_tokens_per_s": _env.mean(direct_tokens) / med["direct"],
-        })
+            "direct_tokens_per_s": _env.mean(direct_tokens) / med["direct/no_logprobs"],
+            "logprobs_cost_direct": med["direct/logprobs"] / med["direct/no_logprobs"] - 1.0,
+        }
+        for mode in modes:
+            entry[f"system_over_direct/{mode}"] = med[f"system/{mode}"] / med[f"direct/{mode}"]
+            entry[f"conversion_and_pack_s/{mode}"] = med[f"in_process_engine_and_pack/{mode}"] - med[f"direct/{mode}"]
+            entry[f"ray_s/{mode}"] = med[f"system/{mode}"] - med[f"in_process_engine_and_pack/{mode}"]
+        results.append(entry)
     ray.kill(actor)
 
-    rows = [{"samples x tok": f"{r['samples']}x{r['max_new_tokens']}", "tok system": r["response_tokens_mean"],
-             "tok direct": r["direct_response_tokens_mean"],
-             "direct s": r["median_s"]["direct"], "direct no-logprobs s": r["median_s"]["direct_without_logprobs"], "in-proc+pack s": r["median_s"]["in_process_engine_and_pack"],
-             "system s": r["median_s"]["system"], "system/direct": r["system_over_direct"],
-             "convert+pack s": r["conversion_and_pack_s"], "ray s": r["ray_s"],
+    rows = [{"samples x tok": f"{r['samples']}x{r['max_new_tokens']}", "logprobs": mode == "logprobs",
+             "tok system": r["response_tokens_mean"], "tok direct": r["direct_response_tokens_mean"],
+             "direct s": r["median_s"][f"direct/{mode}"],
+             "in-proc+pack s": r["median_s"][f"in_process_engine_and_pack/{mode}"],
+             "system s": r["median_s"][f"system/{mode}"], "system/direct": r[f"system_over_direct/{mode}"],
+             "convert+pack s": r[f"conversion_and_pack_s/{mode}"], "ray s": r[f"ray_s/{mode}"],
              "pickle KiB": r["generation_pickle_bytes"] / 1024}
-            for r in results]
-    _env.print_table(rows, title=f"\ngenerate: medians over {args.repeats} calls after {args.warmup} warm-up (seconds)")
-    key = {r["size"]: {"system_over_direct": round(r["system_over_direct"], 3),
-                       "direct_s": round(r["median_s"]["direct"], 4)} for r in results}
+            for r in results for mode in ("no_logprobs", "logprobs")]
+    _env.print_table(rows, title=f"\ngenerate: medians over {args.repeats} calls after {args.warmup} warm-up (seconds); "
+                                 "logprobs=True on sync-check iterations only (sync.check_logprobs_every)")
+    key = {r["size"]: {"system_over_direct": round(r["system_over_direct/no_logprobs"], 3),
+                       "system_over_direct_with_logprobs": round(r["system_over_direct/logprobs"], 3),
+                       "direct_s": round(r["median_s"]["direct/no_logprobs"], 4),
+                       "logprobs_cost_direct": round(r["logprobs_cost_direct"], 3)} for r in results}
     _env.save_results(args.name, {"args": vars(args), "threads": threads, "load": quiet, "loadavg_end": _env.loadavg(),
                                   "engine_env": engine_env(cfg), "sizes": results}, key)
 

@@ -106,6 +106,15 @@ class TrainConfig:
     """Give up with an error if the trainer ranks' placement group is not ready by then."""
     call_timeout_s: float = 1800.0
     """Timeout of any single remote call (set-up, one epoch, evaluation, saving)."""
+    checkpoint_every: int = 0
+    """Save the trainer state (every rank's model, optimiser and scheduler, and the position in the
+    data) under <output_dir>/checkpoints every this many optimiser steps and at the end of every
+    epoch (0: never). The last checkpoint_keep_last complete ones are kept."""
+    checkpoint_keep_last: int = 2
+    """Complete trainer checkpoints to keep; older ones are deleted after a new one is written."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint under <output_dir>/checkpoints: the same step of
+    the same epoch, with the same data order (no checkpoint there: start from model.path)."""
 
 
 @dataclass(frozen=True)
@@ -179,7 +188,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
 
 _POSITIVE = ["data.max_len", "train.epochs", "train.batch_size", "train.placement_timeout_s",
              "train.call_timeout_s", "learner.num_ranks", "learner.micro_batch_size",
-             "learner.forward_batch_size", "learner.lr"]
+             "learner.forward_batch_size", "learner.lr", "train.checkpoint_keep_last"]
 
 
 def _common_errors(cfg: TrainerRunConfig) -> list[str]:
@@ -192,6 +201,8 @@ def _common_errors(cfg: TrainerRunConfig) -> list[str]:
             errors.append(f"--{key} must be > 0 (got {get_path(cfg, key)!r}).")
     if cfg.train.max_steps < 0:
         errors.append("--train.max_steps must be >= 0 (0: no limit).")
+    if cfg.train.checkpoint_every < 0:
+        errors.append("--train.checkpoint_every must be >= 0 (0: no checkpoints).")
     if not 0 <= cfg.data.eval_fraction < 1:
         errors.append(f"--data.eval_fraction must be in [0, 1) (got {cfg.data.eval_fraction}).")
     if cfg.learner.value_head_lr is not None:

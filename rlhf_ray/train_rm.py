@@ -14,7 +14,9 @@ pairwise accuracy (share of pairs with r_chosen > r_rejected; row 0: before trai
 is a Hugging Face checkpoint with its tokenizer: point PPO at it with ``--reward.kind model
 --reward.model_path <train.output_dir>``.
 
-What it leaves out: ensembles, reward centring/normalisation terms, resuming.
+``--train.checkpoint_every N`` saves resumable checkpoints; ``--train.resume true`` continues from the newest.
+
+What it leaves out: ensembles, reward centring/normalisation terms.
 """
 
 from __future__ import annotations

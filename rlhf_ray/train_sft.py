@@ -12,7 +12,9 @@ the training loss and the held-out loss and token accuracy (row 0: before traini
 is a standard Hugging Face checkpoint with its tokenizer in ``train.output_dir``: point PPO's
 ``--model.path`` at it.
 
-What it leaves out: sequence packing, LoRA/PEFT, learning-rate decay (warm-up only), resuming.
+``--train.checkpoint_every N`` saves resumable checkpoints; ``--train.resume true`` continues from the newest.
+
+What it leaves out: sequence packing, LoRA/PEFT, learning-rate decay (warm-up only).
 """
 
 from __future__ import annotations

@@ -21,21 +21,24 @@ import shutil
 
 from rlhf_ray.config import Config, config_to_dict
 
-_NAME = re.compile(r"^iter_(\d{6,})$")
+def _name_pattern(prefix: str) -> re.Pattern:
+    return re.compile(rf"^{prefix}_(\d{{6,}})$")
 
 
 def checkpoints_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
-def complete_checkpoints(run_dir: str) -> list[str]:
-    """Complete checkpoints of a run, oldest first."""
+def complete_checkpoints(run_dir: str, prefix: str = "iter") -> list[str]:
+    """Complete checkpoints of a run, oldest first (``<prefix>_<number>``: iter for PPO runs,
+    step for the supervised trainers)."""
     root = checkpoints_dir(run_dir)
     if not os.path.isdir(root):
         return []
+    pattern = _name_pattern(prefix)
     found = []
     for name in os.listdir(root):
-        m = _NAME.match(name)
+        m = pattern.match(name)
         path = os.path.join(root, name)
         if m and os.path.isfile(os.path.join(path, "COMPLETE")):
             found.append((int(m.group(1)), path))
@@ -76,14 +79,20 @@ def save_checkpoint(run_dir: str, iteration: int, coordinator_state: dict, cfg: 
     learners.save_checkpoint(tmp, tokenizer_path).result()
     with open(os.path.join(tmp, "coordinator.json"), "w") as fh:
         json.dump({"coordinator": coordinator_state, "config": config_to_dict(cfg)}, fh, indent=2)
+    publish(tmp, final, f"iteration {iteration}", cfg.checkpoint.keep_last)
+    return final
+
+
+def publish(tmp: str, final: str, note: str, keep_last: int, prefix: str = "iter") -> None:
+    """Mark the fully written ``tmp`` COMPLETE, move it to ``final`` and delete all but the newest
+    ``keep_last`` complete checkpoints beside it."""
     with open(os.path.join(tmp, "COMPLETE"), "w") as fh:
-        fh.write(f"iteration {iteration}\n")
+        fh.write(note + "\n")
     if os.path.isdir(final):
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in complete_checkpoints(run_dir)[: -cfg.checkpoint.keep_last]:
+    for old in complete_checkpoints(run_dir_of(final), prefix)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load_coordinator_state(checkpoint: str) -> dict:

@@ -76,8 +76,11 @@ class TrainerGroup:
         train_ref, eval_ref = ray.put(train), ray.put(eval_set)  # one copy in the object store for all ranks
         self._all("data loading", [a.set_data.remote(train_ref, eval_ref) for a in self.actors])
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
-        return self._all(f"epoch {epoch}", [a.train_epoch.remote(epoch) for a in self.actors])[0]
+    def train_epoch(self, epoch: int, start_step: int = 0) -> dict[str, float]:
+        return self._all(f"epoch {epoch}", [a.train_epoch.remote(epoch, start_step) for a in self.actors])[0]
+
+    def load_state(self, path: str, position: dict) -> None:
+        self._all("checkpoint loading", [a.load_state.remote(path, position) for a in self.actors])
 
     def evaluate(self) -> dict[str, float]:
         return self._all("evaluation", [a.evaluate.remote() for a in self.actors])[0]
@@ -100,21 +103,60 @@ def format_row(row: dict[str, Any], keys: Sequence[str]) -> str:
     return "  ".join(parts)
 
 
+def resume_point(cfg) -> tuple[str, dict] | None:
+    """The newest complete trainer checkpoint under ``<train.output_dir>/checkpoints`` and its
+    position in the data, or None. Raises if it was written by an incompatible run."""
+    from rlhf_ray.coordinator.checkpoint import checkpoints_dir, complete_checkpoints
+
+    found = complete_checkpoints(cfg.train.output_dir, prefix="step")
+    if not found:
+        return None
+    path = found[-1]
+    with open(os.path.join(path, "position.json")) as fh:
+        position = json.load(fh)
+    now = {"world_size": cfg.learner.num_ranks, "batch_size": cfg.train.batch_size, "seed": cfg.seed,
+           "shuffle": cfg.train.shuffle}
+    differ = [f"{k} {position[k]!r} then, {v!r} now" for k, v in now.items() if position.get(k) != v]
+    if differ:
+        raise ConfigError(
+            f"cannot resume from {path}: it was written with other settings ({'; '.join(differ)}). The ZeRO "
+            "state is split per rank and the data order depends on these. Resume with the same values, or "
+            f"start afresh without --train.resume (or move {checkpoints_dir(cfg.train.output_dir)} away).")
+    return path, position
+
+
+def _rows_before(metrics_path: str, epoch: int) -> list[dict]:
+    if not os.path.exists(metrics_path):
+        return []
+    with open(metrics_path) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return [r for r in rows if r.get("epoch", epoch) < epoch]
+
+
 def fit(group: TrainerGroup, cfg, tokenizer_path: str, keys: Sequence[str],
-        log: Callable[[str], None] = print) -> list[dict]:
-    """Evaluate, then train and evaluate every epoch, then save; returns the rows written."""
+        log: Callable[[str], None] = print, resumed: tuple[str, dict] | None = None) -> list[dict]:
+    """Evaluate, then train and evaluate every epoch, then save; returns the rows written. Given
+    ``resumed`` (``resume_point``), continue from that checkpoint: the rows of the epochs it
+    completed are kept."""
     out_dir = cfg.train.output_dir
     os.makedirs(out_dir, exist_ok=True)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)  # the rows of this run only
+    start_epoch, start_step, history = 0, 0, []
+    if resumed:
+        path, position = resumed
+        group.load_state(path, position)
+        start_epoch, start_step = int(position["epoch"]), int(position["next_step"])
+        history = _rows_before(metrics_path, start_epoch)
+        log(f"resumed from {path}: epoch {start_epoch} from its step {start_step} "
+            f"(optimiser step {position['global_step']} in all)")
+    with open(metrics_path, "w") as fh:  # the rows of this run (and, resuming, of the epochs it continues)
+        fh.writelines(json.dumps(r) + "\n" for r in history)
     sink = MetricsSink(out_dir, tensorboard=cfg.train.tensorboard, ray_metrics=False)
-    history = []
     try:
-        for epoch in range(cfg.train.epochs + 1):
+        for epoch in range(start_epoch, cfg.train.epochs + 1):
             row: dict[str, Any] = {"epoch": epoch, "iteration": epoch}
             if epoch > 0:
-                row.update(group.train_epoch(epoch))
+                row.update(group.train_epoch(epoch, start_step if epoch == start_epoch else 0))
             row.update(group.evaluate())
             history.append(row)
             sink.write(row)
@@ -153,6 +195,9 @@ def run_supervised(cfg, actor_cls, role: str, train, eval_set, tokenizer_path: s
     the summary, also written to ``<train.output_dir>/train_summary.json``."""
     from rlhf_ray.coordinator.run import start_ray
 
+    resumed = resume_point(cfg) if cfg.train.resume else None  # before Ray: a mismatch fails fast
+    if cfg.train.resume and resumed is None:
+        print(f"no complete checkpoint under {cfg.train.output_dir}/checkpoints: starting from {cfg.model.path}")
     start_ray(ray_address)
     t0 = time.perf_counter()
     group = TrainerGroup(cfg, actor_cls, role)
@@ -161,7 +206,7 @@ def run_supervised(cfg, actor_cls, role: str, train, eval_set, tokenizer_path: s
         print(f"{role}: {len(info)} rank(s) up (ZeRO-{cfg.learner.zero_stage}, {info[0]['parameters']} parameters) "
               f"in {time.perf_counter() - t0:.1f} s")
         group.set_data(train, eval_set)
-        history = fit(group, cfg, tokenizer_path, keys)
+        history = fit(group, cfg, tokenizer_path, keys, resumed=resumed)
     finally:
         group.shutdown()
     summary = {"stage": role, **summarize(history, cfg.train.output_dir, time.perf_counter() - t0)}

@@ -18,7 +18,10 @@ however the batch is split over ranks and micro-batches.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 import time
 
 import ray
@@ -94,8 +97,9 @@ class SupervisedTrainer(RoleBase):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ training
-    def _step_slices(self, epoch: int) -> list:
-        """This rank's part of each optimiser step of ``epoch`` (the same plan on every rank)."""
+    def _step_slices(self, epoch: int, start_step: int = 0) -> list:
+        """This rank's part of each optimiser step of ``epoch`` from ``start_step`` on (the same plan
+        on every rank, and the same as when the epoch started: a resumed epoch continues it)."""
         n, b, per = len(self.train_set), self.cfg.train.batch_size, self.sizes.per_rank_batch
         if self.cfg.train.shuffle:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch))
@@ -103,26 +107,29 @@ class SupervisedTrainer(RoleBase):
             order = torch.arange(n)
         steps = n // b
         if self.cfg.train.max_steps:
-            steps = max(0, min(steps, self.cfg.train.max_steps - self.global_step))
+            steps = max(0, min(steps, self.cfg.train.max_steps - (self.global_step - start_step)))
         return [self.train_set.select(order[s * b + self.rank * per: s * b + (self.rank + 1) * per])
-                for s in range(steps)]
+                for s in range(start_step, steps)]
 
     def _all_reduce(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors
         dist.all_reduce(t)
         return t.cpu().tolist()
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the training set; returns metrics over all ranks (same on every rank)."""
+    def train_epoch(self, epoch: int, start_step: int = 0) -> dict[str, float]:
+        """One pass over the training set (from step ``start_step`` of the epoch when resuming);
+        returns metrics over all ranks (same on every rank) of the steps run. With
+        train.checkpoint_every, saves a checkpoint every that many steps and at the epoch's end."""
         self.engine.train()
         t0 = time.perf_counter()
-        steps = self._step_slices(epoch)
+        steps = self._step_slices(epoch, start_step)
+        every = self.cfg.train.checkpoint_every
         first_step = self.global_step
-        counts = self._all_reduce([float(self._units(s)) for s in steps])
+        counts = self._all_reduce([float(self._units(s)) for s in steps]) if steps else []
         sums: dict[str, torch.Tensor] = {}  # detached tensors until the end: no host sync per micro-batch
         first_loss = torch.zeros((), dtype=torch.float64)
         mb = self.cfg.learner.micro_batch_size
-        for step, count in zip(steps, counts):
+        for done, (step, count) in enumerate(zip(steps, counts), start=1):
             step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
             for i in range(0, len(step), mb):
                 micro = step.select(range(i, min(i + mb, len(step)))).trim().to(self.device)
@@ -136,6 +143,8 @@ class SupervisedTrainer(RoleBase):
             if self.global_step == first_step:
                 first_loss = step_loss
             self.global_step += 1
+            if every and (self.global_step % every == 0 or done == len(steps)):
+                self.save_state(epoch, start_step + done)
         keys = ["units", *self.metric_keys]
         totals = self._all_reduce([float(sums.get(k, 0.0)) for k in keys] + [float(first_loss)])
         units = totals[0]
@@ -168,6 +177,40 @@ class SupervisedTrainer(RoleBase):
         totals = dict(zip(keys, self._all_reduce([float(sums.get(k, 0.0)) for k in keys])))
         self.engine.train()
         return {f"eval/{k}": totals[k] / max(totals["units"], 1.0) for k in keys if k != "units"}
+
+    # ------------------------------------------------------------------ trainer checkpoints
+    def save_state(self, epoch: int, next_step: int) -> str:
+        """All ranks: DeepSpeed state (model, optimiser, scheduler; ZeRO shards) and the position in
+        the data (``next_step`` of ``epoch``) as ``<output_dir>/checkpoints/step_<global step>``,
+        written under ``.tmp`` and published by rank 0 once every rank has written."""
+        from rlhf_ray.coordinator.checkpoint import checkpoints_dir, publish
+
+        final = os.path.join(checkpoints_dir(self.cfg.train.output_dir), f"step_{self.global_step:06d}")
+        tmp = final + ".tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        dist.barrier()
+        self.engine.save_checkpoint(tmp, tag="state")
+        dist.barrier()
+        if self.rank == 0:
+            position = {"epoch": epoch, "next_step": next_step, "global_step": self.global_step,
+                        "world_size": self.world_size, "batch_size": self.cfg.train.batch_size,
+                        "seed": self.cfg.seed, "shuffle": self.cfg.train.shuffle}
+            with open(os.path.join(tmp, "position.json"), "w") as fh:
+                json.dump(position, fh, indent=2)
+            publish(tmp, final, f"step {self.global_step}", self.cfg.train.checkpoint_keep_last, prefix="step")
+        dist.barrier()
+        return final
+
+    def load_state(self, path: str, position: dict) -> int:
+        """All ranks: restore what ``save_state`` wrote; returns the global step."""
+        load_path, _ = self.engine.load_checkpoint(path, tag="state", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed state under {path} (rank {self.rank})")
+        self.global_step = int(position["global_step"])
+        return self.global_step
 
     # ------------------------------------------------------------------ saving
     def save(self, out_dir: str, tokenizer_path: str) -> bool:

@@ -87,6 +87,51 @@ def test_sft_update_is_the_same_on_one_or_two_ranks(ray_cluster, tiny_llama, dem
     assert results[2]["eval_after"]["loss"] == pytest.approx(results[1]["eval_after"]["loss"], rel=1e-5)
 
 
+def test_sft_resumed_mid_epoch_ends_with_the_same_model(ray_cluster, tiny_llama, demo, tmp_path, capsys):
+    """Two ZeRO-2 ranks, AdamW with warm-up, 5 steps per epoch, 2 epochs. Run A goes straight
+    through. Run B stops after 7 steps (checkpoints every 3 steps and at each epoch's end) and is
+    resumed: it continues at step 2 of epoch 2 with the optimiser and scheduler state and the data
+    order it had, so it ends with A's weights."""
+    from safetensors.torch import load_file
+
+    from rlhf_ray.config import ConfigError, load_config
+    from rlhf_ray.coordinator.checkpoint import complete_checkpoints
+    from rlhf_ray.train_config import SFTRunConfig, validate_sft
+    from rlhf_ray.train_sft import train_sft
+
+    def cfg(out, **extra):
+        overrides = {"name": "resume", "model.path": tiny_llama, "model.build_tiny": "none",
+                     "data.train_path": demo["sft.jsonl"], "data.demo": "false", "train.output_dir": str(out),
+                     "train.epochs": "2", "train.batch_size": "64", "learner.micro_batch_size": "16",
+                     "learner.warmup_steps": "4", **extra}
+        return load_config(os.path.join(CONFIGS, "sft_cpu.yaml"), overrides, cls=SFTRunConfig,
+                           validator=validate_sft)
+
+    whole = train_sft(cfg(tmp_path / "a"))
+    assert whole["steps"] == 10
+    cut = train_sft(cfg(tmp_path / "b", **{"train.max_steps": "7", "train.checkpoint_every": "3"}))
+    assert cut["steps"] == 7
+    kept = [os.path.basename(p) for p in complete_checkpoints(str(tmp_path / "b"), prefix="step")]
+    assert kept == ["step_000006", "step_000007"]  # 3, 5 (end of epoch 1), 6, 7; the last 2 kept
+    at_7 = load_file(str(tmp_path / "b" / "model.safetensors"))
+    with pytest.raises(ConfigError, match="batch_size 64 then, 32 now"):
+        train_sft(cfg(tmp_path / "b", **{"train.resume": "true", "train.batch_size": "32"}))
+    capsys.readouterr()
+    resumed = train_sft(cfg(tmp_path / "b", **{"train.resume": "true", "train.checkpoint_every": "3"}))
+    assert "resumed from" in capsys.readouterr().out
+    assert resumed["steps"] == 10
+    rows = _rows(tmp_path / "b")
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert rows[2]["train/steps"] == 3  # the rest of epoch 2 after the resume
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=name)
+    # Not trivially equal: after 7 steps the weights were elsewhere.
+    assert max((at_7[n] - a[n]).abs().max().item() for n in a) > 1e-3
+    assert resumed["eval_after"]["loss"] == pytest.approx(whole["eval_after"]["loss"], rel=1e-5)
+
+
 def test_train_rm_reports_accuracy_and_the_reward_actor_agrees(ray_cluster, tiny_llama, demo, tmp_path, capsys):
     from transformers import AutoTokenizer
 

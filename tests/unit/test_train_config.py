@@ -102,3 +102,34 @@ def test_entry_points_reject_bad_input_before_ray(tmp_path, capsys):
     assert "not divisible" in capsys.readouterr().err
     assert train_sft.main(["--dry-run"]) == 0
     assert '"per_rank_batch": 16' in capsys.readouterr().out
+
+
+def test_trainer_checkpoint_settings_are_checked():
+    with pytest.raises(ConfigError, match="checkpoint_every must be >= 0"):
+        _sft(**{"train.checkpoint_every": -1})
+    with pytest.raises(ConfigError, match="checkpoint_keep_last must be > 0"):
+        _sft(**{"train.checkpoint_keep_last": 0})
+
+
+def test_resume_point_picks_the_newest_complete_checkpoint_and_refuses_other_settings(tmp_path):
+    import json
+
+    from rlhf_ray.coordinator.supervised import resume_point
+
+    cfg = _sft(**{"train.output_dir": tmp_path, "train.resume": "true", "learner.num_ranks": 2,
+                  "train.batch_size": 32})
+    assert resume_point(cfg) is None  # nothing saved yet: start from model.path
+    position = {"epoch": 2, "next_step": 3, "global_step": 14, "world_size": 2, "batch_size": 32, "seed": 0,
+                "shuffle": True}
+    for step, complete in ((9, True), (14, True), (15, False)):  # step 15 was cut off while saving
+        d = tmp_path / "checkpoints" / (f"step_{step:06d}" + ("" if complete else ".tmp"))
+        d.mkdir(parents=True)
+        (d / "position.json").write_text(json.dumps({**position, "global_step": step}))
+        if complete:
+            (d / "COMPLETE").write_text("done\n")
+    path, found = resume_point(cfg)
+    assert os.path.basename(path) == "step_000014" and found["global_step"] == 14
+    other = _sft(**{"train.output_dir": tmp_path, "train.resume": "true", "learner.num_ranks": 1,
+                    "train.batch_size": 32, "seed": 5})
+    with pytest.raises(ConfigError, match=r"world_size 2 then, 1 now; .*seed 0 then, 5 now"):
+        resume_point(other)
