@@ -59,7 +59,7 @@ class FloorPPO:
         self.ref = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32).eval().requires_grad_(False)
         self.tok = AutoTokenizer.from_pretrained(cfg.model.path)
         self.reward_fn = load_reward_function(cfg.reward.function)
-        self.opt = build_optimizer(self.model, cfg)
+        self.opt = build_optimizer(self.model, cfg.learner)
         p = cfg.ppo
         self.kl_ctl = (AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target
                        else FixedKLController(p.kl_coef))
@@ -100,9 +100,6 @@ class FloorPPO:
             gen.prompt_index.append(k)
         return pack_generation(gen, pad, self.inputs.eos_ids)
 
-    def _positions(self, x: torch.Tensor, P: int) -> torch.Tensor:
-        return x[:, P - 1: -1]  # position P-1+t predicts response token t
-
     @torch.no_grad()
     def score(self, batch):
         from rlhf_ray.algorithms import logprobs_from_logits
@@ -112,17 +109,19 @@ class FloorPPO:
         row = 0
         for mb in batch.chunks(self.cfg.reference.micro_batch_size):
             mb = mb.trim()
+            r = mb.response_mask.shape[1]  # the LM head runs over the response positions only, as in the system
             logits = self.ref(input_ids=mb.input_ids, attention_mask=mb.attention_mask.long(),
-                              position_ids=mb.position_ids).logits
-            lp = logprobs_from_logits(self._positions(logits, mb.prompt_len), mb.response_ids, temp)
+                              position_ids=mb.position_ids, logits_to_keep=r + 1).logits
+            lp = logprobs_from_logits(logits[:, -r - 1:-1], mb.response_ids, temp)
             ref_lp[row: row + len(mb), : lp.shape[1]] = lp * mb.response_mask
             row += len(mb)
         row = 0
         for mb in batch.chunks(self.cfg.learner.forward_batch_size):
             mb = mb.trim()
-            out = self.model(mb.input_ids, mb.attention_mask.long(), mb.position_ids)
-            lp = logprobs_from_logits(self._positions(out.logits, mb.prompt_len), mb.response_ids, temp)
-            v = self._positions(out.values, mb.prompt_len)
+            out = self.model(mb.input_ids, mb.attention_mask.long(), mb.position_ids,
+                             response_len=mb.response_mask.shape[1])
+            lp = logprobs_from_logits(out.logits, mb.response_ids, temp)
+            v = out.values
             old_lp[row: row + len(mb), : lp.shape[1]] = lp * mb.response_mask
             old_v[row: row + len(mb), : lp.shape[1]] = v * mb.response_mask
             row += len(mb)
@@ -158,9 +157,10 @@ class FloorPPO:
                 step_tokens = float(mini.num_response_tokens())
                 for mb in mini.chunks(micro):
                     mb = mb.trim()
-                    out = self.model(mb.input_ids, mb.attention_mask.long(), mb.position_ids)
-                    lp = logprobs_from_logits(self._positions(out.logits, mb.prompt_len), mb.response_ids, temp)
-                    values = self._positions(out.values, mb.prompt_len).float()
+                    out = self.model(mb.input_ids, mb.attention_mask.long(), mb.position_ids,
+                                     response_len=mb.response_mask.shape[1])
+                    lp = logprobs_from_logits(out.logits, mb.response_ids, temp)
+                    values = out.values.float()
                     pl = ppo_policy_loss(lp, mb.old_logprobs, mb.advantages, mb.response_mask, p.clip_ratio,
                                          clip_ratio_high=p.clip_ratio_high, dual_clip=p.dual_clip,
                                          num_tokens=step_tokens)
