@@ -116,7 +116,7 @@ def logprobs_and_entropy(
     lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (B, R, 1)
     logprobs = (scaled.gather(-1, tokens.long().unsqueeze(-1)) - lse).squeeze(-1)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        log_p = scaled - lse if entropy_grad else (scaled - lse).detach()
+        log_p = scaled - lse  # no graph is recorded for it when entropy_grad is False
         # exp(-inf) * -inf would be NaN (and so would its gradient, even behind a where).
         finite = torch.where(torch.isneginf(log_p), torch.zeros_like(log_p), log_p)
         entropy = -(log_p.exp() * finite).sum(dim=-1)

@@ -21,6 +21,7 @@ import shutil
 
 from rlhf_ray.config import Config, config_to_dict
 
+
 def _name_pattern(prefix: str) -> re.Pattern:
     return re.compile(rf"^{prefix}_(\d{{6,}})$")
 

@@ -183,7 +183,7 @@ class PPOCoordinator:
         mismatch = metrics.get("logprob_mismatch_mean")  # absent on iterations that do not check
         if limit is not None and mismatch is not None and not self.cfg.rollout.async_generation and mismatch > limit:
             raise SyncMismatchError(
-                f"iteration {self.iteration}: mean |rollout - learner| logprob {metrics['logprob_mismatch_mean']:.3g} "
+                f"iteration {self.iteration}: mean |rollout - learner| logprob {mismatch:.3g} "
                 f"exceeds --sync.max_logprob_mismatch {limit}: the engines are not running the learner's weights "
                 "(or sample at a different temperature). Check the sync transport, or unset the limit to only report.")
 

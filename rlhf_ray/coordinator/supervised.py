@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from rlhf_ray.config import ConfigError, config_to_dict, iter_fields, load_config, parse_overrides
+from rlhf_ray.coordinator.checkpoint import checkpoints_dir, complete_checkpoints
 from rlhf_ray.coordinator.metrics import MetricsSink
 from rlhf_ray.coordinator.pending import RayPending
 from rlhf_ray.coordinator.placement import RolePlacement, actor_options, check_fits, create_groups, role_bundle
@@ -106,8 +107,6 @@ def format_row(row: dict[str, Any], keys: Sequence[str]) -> str:
 def resume_point(cfg) -> tuple[str, dict] | None:
     """The newest complete trainer checkpoint under ``<train.output_dir>/checkpoints`` and its
     position in the data, or None. Raises if it was written by an incompatible run."""
-    from rlhf_ray.coordinator.checkpoint import checkpoints_dir, complete_checkpoints
-
     found = complete_checkpoints(cfg.train.output_dir, prefix="step")
     if not found:
         return None
