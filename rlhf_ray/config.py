@@ -203,6 +203,12 @@ class LearnerConfig:
     """Adam betas."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up, in optimiser steps."""
+    lr_schedule: str = "constant"
+    """After the warm-up: constant, or cosine / linear decay to min_lr_ratio x lr at the last
+    optimiser step of the run (PPO: ppo.iterations x steps per iteration; SFT/RM: train.epochs
+    x steps per epoch, or train.max_steps if that is fewer)."""
+    min_lr_ratio: float = 0.1
+    """Where cosine / linear decay ends, as a fraction of the learning rate."""
     max_grad_norm: float = 1.0
     """Global gradient-norm clip (0 disables it)."""
     offload_optimizer: bool = False
@@ -372,6 +378,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "ppo.kl_estimator": ("k1", "k2", "k3"),
     "learner.zero_stage": (0, 1, 2, 3),
     "learner.optimizer": ("adamw", "sgd"),
+    "learner.lr_schedule": ("constant", "cosine", "linear"),
     "sync.transport": ("collective", "object_store"),
     "resources.strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
@@ -404,6 +411,8 @@ def validate(cfg: Config) -> Sizes:
             errors.append(f"--{key} must be > 0 (got {get_path(cfg, key)!r}).")
     if cfg.resources.max_actor_restarts < 0 or cfg.resources.max_learner_restarts < 0:
         errors.append("--resources.max_actor_restarts and --resources.max_learner_restarts must be >= 0.")
+    if cfg.learner.warmup_steps < 0 or not 0 <= cfg.learner.min_lr_ratio <= 1:
+        errors.append("--learner.warmup_steps must be >= 0 and --learner.min_lr_ratio in [0, 1].")
     if cfg.sync.check_logprobs_every < 0:
         errors.append(f"--sync.check_logprobs_every must be >= 0 (got {cfg.sync.check_logprobs_every}); "
                       "0 never checks, 1 checks every iteration.")

@@ -184,6 +184,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "data.too_long": ("truncate", "drop", "error"),
     "learner.zero_stage": (0, 1, 2, 3),
     "learner.optimizer": ("adamw", "sgd"),
+    "learner.lr_schedule": ("constant", "cosine", "linear"),
 }
 
 _POSITIVE = ["data.max_len", "train.epochs", "train.batch_size", "train.placement_timeout_s",
@@ -207,8 +208,8 @@ def _common_errors(cfg: TrainerRunConfig) -> list[str]:
         errors.append(f"--data.eval_fraction must be in [0, 1) (got {cfg.data.eval_fraction}).")
     if cfg.learner.value_head_lr is not None:
         errors.append("--learner.value_head_lr has no effect here (no value head); unset it.")
-    if cfg.learner.warmup_steps < 0:
-        errors.append("--learner.warmup_steps must be >= 0.")
+    if cfg.learner.warmup_steps < 0 or not 0 <= cfg.learner.min_lr_ratio <= 1:
+        errors.append("--learner.warmup_steps must be >= 0 and --learner.min_lr_ratio in [0, 1].")
     r = cfg.resources
     if r.num_cpus < 0 or r.num_gpus < 0 or r.threads < 1:
         errors.append("--resources: num_cpus/num_gpus must be >= 0 and threads >= 1.")

@@ -14,7 +14,7 @@ is a standard Hugging Face checkpoint with its tokenizer in ``train.output_dir``
 
 ``--train.checkpoint_every N`` saves resumable checkpoints; ``--train.resume true`` continues from the newest.
 
-What it leaves out: sequence packing, LoRA/PEFT, learning-rate decay (warm-up only).
+What it leaves out: sequence packing, LoRA/PEFT.
 """
 
 from __future__ import annotations

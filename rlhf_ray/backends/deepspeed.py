@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 from typing import Iterator, Sequence
 
@@ -78,9 +79,33 @@ def build_optimizer(model: torch.nn.Module, lrn: LearnerConfig) -> torch.optim.O
     return torch.optim.AdamW(groups, lr=lrn.lr, betas=lrn.adam_betas, weight_decay=lrn.weight_decay)
 
 
-def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
+    """Factor on the learning rate of optimiser step ``step`` (0-based).
+
+    Warm-up: ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps. Then with
+    ``progress = (step - warmup_steps) / (total_steps - warmup_steps)`` clipped to [0, 1]:
+    constant 1; linear ``1 - (1 - min_ratio) * progress``; cosine
+    ``min_ratio + (1 - min_ratio) * (1 + cos(pi * progress)) / 2``. E.g. warm-up 1, total 6,
+    cosine to 0.1: steps 0..5 get 1.0, 1.0, 0.914, 0.689, 0.411, 0.186, and 0.1 from step 6 on.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    if schedule == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr schedule {schedule!r}; use constant, cosine or linear")
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, lrn: LearnerConfig,
+                 total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Warm-up then learner.lr_schedule over ``total_steps`` optimiser steps (DeepSpeed steps it
+    once per optimiser step; its state is saved in DeepSpeed checkpoints)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
+        step, lrn.warmup_steps, total_steps, lrn.lr_schedule, lrn.min_lr_ratio))
 
 
 @contextlib.contextmanager

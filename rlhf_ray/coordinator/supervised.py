@@ -65,11 +65,11 @@ class TrainerGroup:
         sources = [(self.role, i) for i in range(len(self.actors))]
         return RayPending(refs, sources, f"{self.role} {what}", self.timeout_s).result()
 
-    def setup(self) -> list[dict]:
+    def setup(self, total_steps: int) -> list[dict]:
         import ray
 
         addr, port = ray.get(self.actors[0].master_address.remote(), timeout=self.timeout_s)
-        return self._all("set-up", [a.setup.remote(addr, port) for a in self.actors])
+        return self._all("set-up", [a.setup.remote(addr, port, total_steps) for a in self.actors])
 
     def set_data(self, train, eval_set) -> None:
         import ray
@@ -102,6 +102,13 @@ def format_row(row: dict[str, Any], keys: Sequence[str]) -> str:
     parts = [f"epoch {row['epoch']}"]
     parts += [f"{k} {row[k]:.4g}" for k in keys if k in row]
     return "  ".join(parts)
+
+
+def total_steps(cfg, n_train: int) -> int:
+    """Optimiser steps of the whole run: train.epochs x full batches per epoch, or train.max_steps
+    if that is fewer (the horizon of the learning-rate schedule)."""
+    steps = cfg.train.epochs * (n_train // cfg.train.batch_size)
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
 
 
 def resume_point(cfg) -> tuple[str, dict] | None:
@@ -201,7 +208,7 @@ def run_supervised(cfg, actor_cls, role: str, train, eval_set, tokenizer_path: s
     t0 = time.perf_counter()
     group = TrainerGroup(cfg, actor_cls, role)
     try:
-        info = group.setup()
+        info = group.setup(total_steps(cfg, len(train)))
         print(f"{role}: {len(info)} rank(s) up (ZeRO-{cfg.learner.zero_stage}, {info[0]['parameters']} parameters) "
               f"in {time.perf_counter() - t0:.1f} s")
         group.set_data(train, eval_set)

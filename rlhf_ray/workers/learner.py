@@ -71,7 +71,8 @@ class Learner(RoleBase):
         if m.gradient_checkpointing:
             model.policy.gradient_checkpointing_enable()
         optimizer = ds.build_optimizer(model, self.cfg.learner)
-        scheduler = ds.warmup_scheduler(optimizer, self.cfg.learner.warmup_steps)
+        scheduler = ds.lr_scheduler(optimizer, self.cfg.learner,
+                                    self.cfg.ppo.iterations * self.sizes.optimizer_steps_per_iteration)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
         self.device = self.engine.device  # cuda:0 of the GPU Ray assigned, or cpu

@@ -57,8 +57,9 @@ class SupervisedTrainer(RoleBase):
         """Where the group (rank 0) listens; call on rank 0 before ``setup``."""
         return self.node_ip(), free_port()
 
-    def setup(self, master_addr: str, master_port: int) -> dict:
-        """Join the group, load the model (sharded under ZeRO-3) and build the engine."""
+    def setup(self, master_addr: str, master_port: int, total_steps: int) -> dict:
+        """Join the group, load the model (sharded under ZeRO-3) and build the engine; the
+        learning-rate schedule spans ``total_steps`` optimiser steps."""
         import deepspeed
 
         ds.init_distributed(master_addr, master_port, self.rank, self.world_size,
@@ -72,7 +73,7 @@ class SupervisedTrainer(RoleBase):
         if m.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         optimizer = ds.build_optimizer(model, lrn)
-        scheduler = ds.warmup_scheduler(optimizer, lrn.warmup_steps)
+        scheduler = ds.lr_scheduler(optimizer, lrn, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
         self.device = self.engine.device  # cuda:0 of the GPU Ray assigned, or cpu

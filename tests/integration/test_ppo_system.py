@@ -30,7 +30,9 @@ def test_ppo_iterations_end_to_end(ray_cluster, tiny_llama, tmp_path, zero_stage
     from rlhf_ray.coordinator.run import run
 
     cfg = small_config(tiny_llama, **{"learner.zero_stage": zero_stage, "sync.transport": transport,
-                                      "model.separate_critic": separate_critic, "sync.bucket_mb": bucket_mb})
+                                      "model.separate_critic": separate_critic, "sync.bucket_mb": bucket_mb,
+                                      "learner.warmup_steps": 1, "learner.lr_schedule": "cosine",
+                                      "learner.min_lr_ratio": 0.1})
     summary = run(cfg, str(tmp_path / "run"))
     assert summary["completed"] and summary["iterations"] == 3
     rows = _read_metrics(str(tmp_path / "run"))
@@ -51,6 +53,9 @@ def test_ppo_iterations_end_to_end(ray_cluster, tiny_llama, tmp_path, zero_stage
     # (the mismatch check above ran on those moved weights).
     assert rows[0]["kl_k2_mean"] < 1e-9  # before any update the policy is the reference
     assert rows[1]["kl_k2_mean"] > 1e-6 and rows[2]["kl_k2_mean"] > 1e-6
+    # 2 optimiser steps per iteration, 6 in all, warm-up 1, cosine to 0.1 x 1e-3: after iteration k
+    # the optimiser holds the lr of step 2(k+1), 0.1 + 0.45 (1 + cos(pi (2k+1)/5)) x 1e-3.
+    assert [r["lr"] for r in rows] == pytest.approx([0.914058e-3, 0.410942e-3, 0.1e-3], rel=1e-5)
     assert os.listdir(tmp_path / "run" / "tensorboard")
     assert summary["reward_start"] == pytest.approx(sum(r["reward_mean"] for r in rows) / 3)
 

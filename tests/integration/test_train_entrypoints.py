@@ -78,10 +78,14 @@ def test_sft_update_is_the_same_on_one_or_two_ranks(ray_cluster, tiny_llama, dem
                      "data.train_path": demo["sft.jsonl"], "data.demo": "false",
                      "train.output_dir": str(tmp_path / f"o{ranks}"), "train.epochs": "1", "train.max_steps": "2",
                      "learner.num_ranks": str(ranks), "learner.micro_batch_size": "8", "learner.optimizer": "sgd",
-                     "learner.lr": "2.0", "learner.max_grad_norm": "0", "learner.warmup_steps": "0"}
+                     "learner.lr": "2.0", "learner.max_grad_norm": "0", "learner.warmup_steps": "0",
+                     # linear decay to half over the run's 2 steps (max_steps caps the horizon)
+                     "learner.lr_schedule": "linear", "learner.min_lr_ratio": "0.5"}
         cfg = load_config(os.path.join(CONFIGS, "sft_cpu.yaml"), overrides, cls=SFTRunConfig, validator=validate_sft)
         summary = train_sft(cfg)
         assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"] - 0.1  # the steps did something
+        # steps used lr 2.0 and 1.5; after them the schedule is at its end, 2.0 x 0.5
+        assert _rows(tmp_path / f"o{ranks}")[1]["lr"] == pytest.approx(1.0)
         results[ranks] = summary
     assert results[2]["train_loss_first_step"] == pytest.approx(results[1]["train_loss_first_step"], rel=1e-6)
     assert results[2]["eval_after"]["loss"] == pytest.approx(results[1]["eval_after"]["loss"], rel=1e-5)

@@ -133,3 +133,13 @@ def test_resume_point_picks_the_newest_complete_checkpoint_and_refuses_other_set
                     "train.batch_size": 32, "seed": 5})
     with pytest.raises(ConfigError, match=r"world_size 2 then, 1 now; .*seed 0 then, 5 now"):
         resume_point(other)
+
+
+def test_total_steps_is_the_schedule_horizon():
+    from rlhf_ray.coordinator.supervised import total_steps
+
+    cfg = _sft(**{"train.epochs": 2, "train.batch_size": 32})
+    assert total_steps(cfg, 360) == 22  # 11 full batches per epoch; the partial one is skipped
+    assert total_steps(_sft(**{"train.epochs": 2, "train.batch_size": 32, "train.max_steps": 7}), 360) == 7
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        _sft(**{"learner.lr_schedule": "step"})
