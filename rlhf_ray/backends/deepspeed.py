@@ -108,6 +108,22 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, lrn: LearnerConfig,
         step, lrn.warmup_steps, total_steps, lrn.lr_schedule, lrn.min_lr_ratio))
 
 
+STATE_TAG = "state"
+
+
+def save_engine_state(engine, path: str) -> None:
+    """All ranks: model, optimiser and scheduler state (this rank's ZeRO shards) under ``path``."""
+    engine.save_checkpoint(path, tag=STATE_TAG)
+
+
+def load_engine_state(engine, path: str, rank: int) -> None:
+    """All ranks: restore what ``save_engine_state`` wrote; FileNotFoundError if nothing is there."""
+    load_path, _ = engine.load_checkpoint(path, tag=STATE_TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise FileNotFoundError(f"no DeepSpeed state under {path} (rank {rank})")
+
+
 @contextlib.contextmanager
 def zero3_loading(ds_conf: dict) -> Iterator[None]:
     """While active, ``from_pretrained`` shards weights over ranks as it loads (ZeRO-3).

@@ -30,6 +30,11 @@ def checkpoints_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
+def checkpoint_path(run_dir: str, number: int, prefix: str = "iter") -> str:
+    """``<run_dir>/checkpoints/<prefix>_<number, 6+ digits>``: the names ``complete_checkpoints`` finds."""
+    return os.path.join(checkpoints_dir(run_dir), f"{prefix}_{number:06d}")
+
+
 def complete_checkpoints(run_dir: str, prefix: str = "iter") -> list[str]:
     """Complete checkpoints of a run, oldest first (``<prefix>_<number>``: iter for PPO runs,
     step for the supervised trainers)."""
@@ -73,7 +78,7 @@ def run_dir_of(checkpoint: str) -> str:
 def save_checkpoint(run_dir: str, iteration: int, coordinator_state: dict, cfg: Config, learners,
                     tokenizer_path: str | None) -> str:
     """Write checkpoint ``iter_<iteration>`` atomically; prune to checkpoint.keep_last."""
-    final = os.path.join(checkpoints_dir(run_dir), f"iter_{iteration:06d}")
+    final = checkpoint_path(run_dir, iteration)
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

@@ -226,7 +226,7 @@ class Learner(RoleBase):
         """All ranks: DeepSpeed state (model, optimiser, scheduler; ZeRO shards) under
         ``path/learner``; rank 0 also writes the full actor-critic as a Hugging Face policy plus
         value head under ``path/policy`` when checkpoint.save_hf_policy is set."""
-        self.engine.save_checkpoint(f"{path}/learner", tag="state")
+        ds.save_engine_state(self.engine, f"{path}/learner")
         if self.cfg.checkpoint.save_hf_policy:
             full = {}
             for name, p in self.engine.module.named_parameters():
@@ -245,10 +245,7 @@ class Learner(RoleBase):
 
     def load_checkpoint(self, path: str) -> bool:
         """All ranks: restore model, optimiser and scheduler state saved by ``save_checkpoint``."""
-        load_path, _ = self.engine.load_checkpoint(f"{path}/learner", tag="state", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
-        if load_path is None:
-            raise FileNotFoundError(f"no DeepSpeed state under {path}/learner (rank {self.rank})")
+        ds.load_engine_state(self.engine, f"{path}/learner", self.rank)
         return True
 
     def policy_state_dict(self) -> dict[str, torch.Tensor] | None:

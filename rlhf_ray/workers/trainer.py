@@ -184,15 +184,15 @@ class SupervisedTrainer(RoleBase):
         """All ranks: DeepSpeed state (model, optimiser, scheduler; ZeRO shards) and the position in
         the data (``next_step`` of ``epoch``) as ``<output_dir>/checkpoints/step_<global step>``,
         written under ``.tmp`` and published by rank 0 once every rank has written."""
-        from rlhf_ray.coordinator.checkpoint import checkpoints_dir, publish
+        from rlhf_ray.coordinator.checkpoint import checkpoint_path, publish
 
-        final = os.path.join(checkpoints_dir(self.cfg.train.output_dir), f"step_{self.global_step:06d}")
+        final = checkpoint_path(self.cfg.train.output_dir, self.global_step, prefix="step")
         tmp = final + ".tmp"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         dist.barrier()
-        self.engine.save_checkpoint(tmp, tag="state")
+        ds.save_engine_state(self.engine, tmp)
         dist.barrier()
         if self.rank == 0:
             position = {"epoch": epoch, "next_step": next_step, "global_step": self.global_step,
@@ -206,10 +206,7 @@ class SupervisedTrainer(RoleBase):
 
     def load_state(self, path: str, position: dict) -> int:
         """All ranks: restore what ``save_state`` wrote; returns the global step."""
-        load_path, _ = self.engine.load_checkpoint(path, tag="state", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
-        if load_path is None:
-            raise FileNotFoundError(f"no DeepSpeed state under {path} (rank {self.rank})")
+        ds.load_engine_state(self.engine, path, self.rank)
         self.global_step = int(position["global_step"])
         return self.global_step
 
