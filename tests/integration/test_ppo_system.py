@@ -22,15 +22,19 @@ def _read_metrics(run_dir: str) -> list[dict]:
 
 # 0.02 MiB buckets split every layer's q/k/v and gate/up across buckets: the engine's one
 # streaming reload must still load each fused layer whole, with two buckets in flight.
-@pytest.mark.parametrize("zero_stage,transport,separate_critic,bucket_mb", [(2, "collective", False, 16.0),
-                                                                             (3, "collective", False, 0.02),
-                                                                             (3, "object_store", True, 16.0)])
+# The first case is the demo's set-up, with its torch.compile'd engine (enforce_eager false): the
+# synced weights must reach the compiled graph, not only the module's parameters.
+@pytest.mark.parametrize("zero_stage,transport,separate_critic,bucket_mb,eager", [
+    (2, "collective", False, 16.0, False),
+    (3, "collective", False, 0.02, True),
+    (3, "object_store", True, 16.0, True)])
 def test_ppo_iterations_end_to_end(ray_cluster, tiny_llama, tmp_path, zero_stage, transport, separate_critic,
-                                   bucket_mb):
+                                   bucket_mb, eager):
     from rlhf_ray.coordinator.run import run
 
     cfg = small_config(tiny_llama, **{"learner.zero_stage": zero_stage, "sync.transport": transport,
                                       "model.separate_critic": separate_critic, "sync.bucket_mb": bucket_mb,
+                                      "rollout.enforce_eager": eager,
                                       "learner.warmup_steps": 1, "learner.lr_schedule": "cosine",
                                       "learner.min_lr_ratio": 0.1})
     summary = run(cfg, str(tmp_path / "run"))
