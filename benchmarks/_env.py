@@ -104,6 +104,24 @@ def loadavg() -> list[float]:
         return []
 
 
+def cpu_times() -> list[int]:
+    """The machine's cumulative CPU time counters (/proc/stat "cpu" line, in clock ticks)."""
+    try:
+        with open("/proc/stat") as fh:
+            return [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return []
+
+
+def steal_share(before: list[int], after: list[int]) -> float | None:
+    """Share of the machine's CPU time in [before, after] that the hypervisor gave to other guests
+    ("steal"): on a shared VM, the part of a slowdown that no code change here explains."""
+    if len(before) < 8 or len(after) < 8:
+        return None
+    total = sum(after[:8]) - sum(before[:8])
+    return round((after[7] - before[7]) / total, 4) if total > 0 else None
+
+
 def snapshot() -> dict[str, Any]:
     """What the numbers were measured on."""
     status = _git("status", "--porcelain")

@@ -16,6 +16,11 @@ What it measures, in one invocation:
     ``--also-shared`` adds our default shared-body run).
 Reported: seconds per iteration and samples/s after ``--warmup`` iterations (mean), their ratio,
 actual response tokens, and both reward curves (mean score per iteration) side by side.
+TRL runs twice by default (``--trl-runs 2``), once before ours and once after, and the ratios
+use its pooled rate (timed samples / timed seconds over both): this VM's speed drifts by tens of
+percent within minutes, and a drift during the run then weighs on both sides alike. Each run
+also records the share of CPU time the hypervisor stole ("CPU steal", /proc/stat), which shows
+when a run was slowed from outside.
 
 How TRL gets a reward function: TRL 1.12's PPO only takes a reward *model*; its ``get_reward``
 runs ``getattr(model, model.base_model_prefix)(input_ids=..., attention_mask=...,
@@ -36,7 +41,7 @@ Threads: our roles 1 thread each (demo config), our driver 1; TRL ``--trl-thread
 in checks here 2 threads were ~8% faster at load average ~3 but 20x slower at load ~10, the
 OpenMP oversubscription FEASIBILITY.md describes). Ray is shut down before TRL runs.
 
-Run (repository root, ~5 minutes on 2 cores; needs `pip install --no-deps trl==1.12.0`):
+Run (repository root, ~7 minutes on 2 cores; needs `pip install --no-deps trl==1.12.0`):
     .venv/bin/python -m benchmarks.vs_trl
     .venv/bin/python -m benchmarks.vs_trl --iters 100 --also-shared
 """
@@ -251,6 +256,9 @@ def main() -> None:
     ap.add_argument("--also-shared", action="store_true", help="also run our default shared-body actor-critic")
     ap.add_argument("--also-async", action="store_true",
                     help="also run the shared body with rollout.async_generation (one step off-policy)")
+    ap.add_argument("--trl-runs", type=int, choices=(1, 2), default=2,
+                    help="2: TRL runs once before and once after ours and the ratios use both (the machine "
+                         "drifts during the ~6 minutes); 1: once, after ours")
     ap.add_argument("--quiet-wait", type=float, default=60.0)
     ap.add_argument("--name", default="vs_trl")
     args = ap.parse_args()
@@ -258,47 +266,67 @@ def main() -> None:
     _env.set_threads(1)
     quiet = _env.wait_for_quiet(args.quiet_wait)
     model = _env.tiny_model()
-    runs, load = [], {"start": _env.loadavg()}
-    runs.append(run_ours(model, args, separate_critic=True))
+    runs, load, trl_errors = [], {"start": _env.loadavg()}, []
+
+    def timed_run(label: str, fn, *a, **k) -> None:
+        """One system's run, with the CPU time the hypervisor stole from this VM meanwhile."""
+        before = _env.cpu_times()
+        try:
+            result = fn(*a, **k)
+        except Exception as exc:  # TRL only (ours raises): say exactly why, and keep the other numbers
+            import traceback
+
+            trl_errors.append(f"{label}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            print(f"TRL PPO failed: {trl_errors[-1]}", flush=True)
+            return
+        result.update(label=label, cpu_steal_share=_env.steal_share(before, _env.cpu_times()),
+                      loadavg_after=_env.loadavg())
+        runs.append(result)
+
+    if args.trl_runs == 2:
+        timed_run("TRL (before ours)", run_trl, model, args)
+    timed_run("ours", run_ours, model, args, separate_critic=True)
     if args.also_shared:
-        runs.append(run_ours(model, args, separate_critic=False))
+        timed_run("ours", run_ours, model, args, separate_critic=False)
     if args.also_async:
-        runs.append(run_ours(model, args, separate_critic=False, async_generation=True))
+        timed_run("ours", run_ours, model, args, separate_critic=False, async_generation=True)
     import ray
 
     ray.shutdown()
     load["after_ours"] = _env.loadavg()
-    trl_error = None
-    try:
-        runs.append(run_trl(model, args))
-    except Exception as exc:  # say exactly why, and keep our numbers
-        import traceback
-
-        trl_error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-        print(f"TRL PPO failed: {trl_error}", flush=True)
+    timed_run("TRL (after ours)", run_trl, model, args)
     load["end"] = _env.loadavg()
+    trl_error = "\n".join(trl_errors) or None
 
-    ours = runs[0]
-    rows = [{"system": r["system"], "s/it": r["seconds_per_iteration"], "samples/s": r["samples_per_s"],
+    ours = next(r for r in runs if r["label"] == "ours")
+    trls = [r for r in runs if r["label"].startswith("TRL")]
+    # TRL's pooled rate: all its timed samples over all its timed seconds (drift before/after averages out)
+    trl_rate = (sum(r["samples_per_s"] * r["seconds_per_iteration"] for r in trls)
+                / sum(r["seconds_per_iteration"] for r in trls)) if trls else float("nan")
+    for r in runs:  # TRL's two runs share a system name
+        r["name"] = r["system"] + (f" [{r['label']}]" if r["label"] != "ours" else "")
+    rows = [{"system": r["name"],
+             "s/it": r["seconds_per_iteration"], "samples/s": r["samples_per_s"],
              "resp tokens/it": r["response_tokens_per_iteration"],
              "reward first5": _env.mean(r["reward_curve"][:5]), "reward last5": _env.mean(r["reward_curve"][-5:]),
-             "ours / this (samples/s)": ours["samples_per_s"] / r["samples_per_s"]} for r in runs]
+             "CPU steal": r["cpu_steal_share"], "this / TRL (samples/s)": r["samples_per_s"] / trl_rate}
+            for r in runs]
     _env.print_table(rows, title=f"\n{args.iters} iterations of 64 samples x <= {args.tokens} tokens "
-                                 f"(timing: mean after {args.warmup} warm-up iterations)")
-    curve_rows = [{"iter": i, **{r["system"]: (r["reward_curve"][i] if i < len(r["reward_curve"]) else float("nan"))
+                                 f"(timing: mean after {args.warmup} warm-up iterations; TRL = "
+                                 f"{trl_rate:.1f} samples/s over its {len(trls)} run(s))")
+    curve_rows = [{"iter": i, **{r["name"]: (r["reward_curve"][i] if i < len(r["reward_curve"]) else float("nan"))
                                  for r in runs}} for i in range(args.iters)]
     step = max(1, args.iters // 10)
     shown = curve_rows[::step] + ([curve_rows[-1]] if (args.iters - 1) % step else [])
     _env.print_table(shown,
                      title="\nreward (mean score per iteration), every few iterations")
-    trl = next((r for r in runs if r["system"].startswith("TRL")), None)
     key = {"ours_samples_per_s": round(ours["samples_per_s"], 2)}
-    if trl:
-        key.update(trl_samples_per_s=round(trl["samples_per_s"], 2),
-                   ours_over_trl=round(ours["samples_per_s"] / trl["samples_per_s"], 3))
-        for r in runs[1:]:
-            if r is not trl:
-                key[f"{r['system']} / TRL"] = round(r["samples_per_s"] / trl["samples_per_s"], 3)
+    if trls:
+        key.update(trl_samples_per_s=round(trl_rate, 2), ours_over_trl=round(ours["samples_per_s"] / trl_rate, 3),
+                   trl_runs_samples_per_s=[round(r["samples_per_s"], 2) for r in trls])
+        for r in runs:
+            if r["label"] == "ours" and r is not ours:
+                key[f"{r['system']} / TRL"] = round(r["samples_per_s"] / trl_rate, 3)
     _env.save_results(args.name, {"args": vars(args), "settings": SHARED, "batch": {
         "ours": f"{PROMPTS} prompts x {SAMPLES} samples", "trl": f"{PROMPTS * SAMPLES} prompts x 1 sample"},
         "load": {**quiet, **load}, "trl_error": trl_error, "runs": runs,
