@@ -195,7 +195,7 @@ def bench_config(model_path: str, **overrides: Any):
     from rlhf_ray.config import load_config
 
     base = {"model.path": model_path, "model.build_tiny": "none", "logging.tensorboard": False,
-            "logging.progress_bar": False}
+            "logging.progress_bar": False, "eval.every": 0}  # all prompts train; no held-out evaluation
     base.update(overrides)
     return load_config(str(DEMO_CONFIG), {k: v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list))
                                           else str(v) for k, v in base.items()})

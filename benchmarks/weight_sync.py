@@ -198,6 +198,8 @@ def run_model(hidden: int, layers: int, args) -> dict[str, Any]:
     overrides = {"learner.zero_stage": args.zero_stage, "learner.num_ranks": 2, "sync.transport": "collective"}
     if args.bucket_mb is not None:
         overrides["sync.bucket_mb"] = args.bucket_mb
+    if args.enforce_eager is not None:
+        overrides["rollout.enforce_eager"] = args.enforce_eager == "true"
     cfg = _env.bench_config(path, **overrides)
     engine, learners = start_sync_roles(cfg)
     out: dict[str, Any] = {"model": f"h{hidden}x{layers}", "parameters": count_parameters(path)}
@@ -233,6 +235,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--zero-stage", type=int, default=2)
     ap.add_argument("--bucket-mb", type=float, default=None, help="sync.bucket_mb (default: the config's)")
+    ap.add_argument("--enforce-eager", choices=("true", "false"), default=None,
+                    help="rollout.enforce_eager for the engines (default: the demo config's, false: compiled)")
     ap.add_argument("--no-load-floor", dest="load_floor", action="store_false",
                     help="skip the in-process vLLM reload floor")
     ap.add_argument("--quiet-wait", type=float, default=60.0)

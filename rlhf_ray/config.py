@@ -287,6 +287,26 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0
+    """Evaluate the policy on held-out prompts before the first update, every this many iterations
+    and at the end (0: never). Results go to <run_dir>/eval.jsonl, TensorBoard (eval/*) and the summary."""
+    prompts: str | None = None
+    """Evaluation prompts, in data.prompts' formats (JSONL path or builtin:...). Unset: eval.holdout
+    prompts of data.prompts are held out of training instead."""
+    holdout: int = 32
+    """With eval.prompts unset: how many of data.prompts' prompts to hold out (a seeded random subset)."""
+    max_prompts: int = 256
+    """Evaluate on at most this many prompts (the first ones of eval.prompts)."""
+    temperature: float = 0.0
+    """Sampling temperature for evaluation; 0 is greedy decoding, comparable across evaluations."""
+    samples_per_prompt: int = 1
+    """Responses per evaluation prompt (must be 1 with greedy decoding)."""
+    max_new_tokens: int | None = None
+    """Response length limit for evaluation (default: rollout.max_new_tokens)."""
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 0
     """Save a checkpoint every this many iterations (0: only at the end and on a clean stop)."""
@@ -315,6 +335,7 @@ class Config:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------- derived sizes
@@ -443,6 +464,24 @@ def validate(cfg: Config) -> Sizes:
             f"--rollout.max_model_len {cfg.rollout.max_model_len} cannot hold --data.max_prompt_tokens "
             f"{cfg.data.max_prompt_tokens} + --rollout.max_new_tokens {cfg.rollout.max_new_tokens}; "
             f"raise it to at least {need} or shorten prompts/responses.")
+    ev = cfg.eval
+    if ev.every < 0:
+        errors.append(f"--eval.every must be >= 0 (got {ev.every}); 0 never evaluates.")
+    if ev.every > 0:
+        if ev.prompts is None and ev.holdout < 1:
+            errors.append(f"--eval.holdout must be >= 1 (got {ev.holdout}) when --eval.prompts is unset.")
+        if ev.max_prompts < 1 or ev.samples_per_prompt < 1 or ev.temperature < 0:
+            errors.append("--eval.max_prompts and --eval.samples_per_prompt must be >= 1 and --eval.temperature >= 0.")
+        if ev.temperature == 0 and ev.samples_per_prompt > 1:
+            errors.append(f"--eval.samples_per_prompt {ev.samples_per_prompt} with greedy decoding "
+                          "(--eval.temperature 0) repeats the same response; set it to 1 or raise the temperature.")
+        eval_tokens = ev.max_new_tokens if ev.max_new_tokens is not None else cfg.rollout.max_new_tokens
+        if eval_tokens < 1:
+            errors.append(f"--eval.max_new_tokens must be >= 1 (got {eval_tokens}).")
+        elif cfg.data.max_prompt_tokens + eval_tokens > cfg.rollout.max_model_len:
+            errors.append(f"--rollout.max_model_len {cfg.rollout.max_model_len} cannot hold --data.max_prompt_tokens "
+                          f"{cfg.data.max_prompt_tokens} + --eval.max_new_tokens {eval_tokens}; raise it to at least "
+                          f"{cfg.data.max_prompt_tokens + eval_tokens} or shorten the evaluation responses.")
     if cfg.model.critic_path and not cfg.model.separate_critic:
         errors.append("--model.critic_path is set but --model.separate_critic is false; set it true or drop the path.")
     for role in ("learner", "rollout", "reference", "reward"):

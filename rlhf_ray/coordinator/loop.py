@@ -65,13 +65,17 @@ class SyncMismatchError(RuntimeError):
 class PPOCoordinator:
     def __init__(self, cfg: Config, prompts: PromptSet, pad_id: int, eos_ids: list[int], rollout: Rollout,
                  reference: Reference, reward: Reward, learners: Learners, weight_sync: Sync,
-                 put=lambda x: x) -> None:
+                 put=lambda x: x, eval_prompts: PromptSet | None = None) -> None:
         self.cfg, self.prompts, self.pad_id, self.eos_ids = cfg, prompts, pad_id, eos_ids
         self.rollout, self.reference, self.reward = rollout, reference, reward
         self.learners, self.weight_sync = learners, weight_sync
         self.put = put  # ray.put in the real system: the batch is shared by reference and reward
         self.sizes = resolve(cfg)
         self.spec = SamplingSpec.from_config(cfg)
+        ev = cfg.eval
+        self.eval_prompts = eval_prompts
+        self.eval_spec = SamplingSpec(ev.samples_per_prompt, ev.max_new_tokens or cfg.rollout.max_new_tokens,
+                                      ev.temperature, 1.0, -1, tuple(cfg.rollout.stop_token_ids), logprobs=False)
         self.sampler = PromptSampler(len(prompts.token_ids), cfg.seed, cfg.data.shuffle)
         p = cfg.ppo
         self.kl_ctl = (AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target
@@ -175,6 +179,34 @@ class PPOCoordinator:
         self.last_batch = batch
         self.iteration += 1
         return metrics
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> tuple[dict[str, float], ExperienceBatch]:
+        """The policy after ``self.iteration`` updates on the evaluation prompts: the engines get the
+        latest weights, generate with eval's sampling settings (greedy by default), and the reward
+        role scores the responses. Training state (prompt order, KL controller, score moments) is
+        not touched. With async generation a batch in flight is unaffected: the engine finishes it
+        before it takes the sync. Returns (metrics, the scored batch)."""
+        if self.eval_prompts is None:
+            raise ValueError("this coordinator has no evaluation prompts; set --eval.every > 0.")
+        t0 = time.perf_counter()
+        self._sync_if_stale()
+        gen = self.rollout.generate(self.eval_prompts.token_ids, self.eval_spec).result()
+        batch = pack_generation(gen, self.pad_id, self.eos_ids)
+        scores = self.reward.score(self.put(batch)).result()
+        finite = torch.isfinite(scores)
+        good = scores[finite]
+        metrics = {
+            "iteration": self.iteration,
+            "eval/reward_mean": float(good.mean()) if len(good) else float("nan"),
+            "eval/reward_std": float(good.std()) if len(good) > 1 else 0.0,
+            "eval/response_length": float(batch.response_mask.sum(-1).float().mean()),
+            "eval/truncation_rate": float(batch.truncated.float().mean()),
+            "eval/samples": float(len(batch)),
+            "eval/nonfinite_scores": float((~finite).sum()),
+            "time/eval": time.perf_counter() - t0,
+        }
+        return metrics, batch.replace(scores=scores)
 
     def _check_sync(self, metrics: dict) -> None:
         limit = self.cfg.sync.max_logprob_mismatch

@@ -11,9 +11,10 @@ from typing import Any
 
 
 class MetricsSink:
-    def __init__(self, run_dir: str, tensorboard: bool = True, ray_metrics: bool = True) -> None:
+    def __init__(self, run_dir: str, tensorboard: bool = True, ray_metrics: bool = True,
+                 filename: str = "metrics.jsonl") -> None:
         os.makedirs(run_dir, exist_ok=True)
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.path = os.path.join(run_dir, filename)
         self._fh = open(self.path, "a", buffering=1)
         self._tb = None
         if tensorboard:
@@ -52,7 +53,7 @@ class MetricsSink:
 
     def truncate_from(self, iteration: int) -> None:
         """Drop records of ``iteration`` and later (they will be redone after a restart from a
-        checkpoint), so the file keeps exactly one record per iteration."""
+        checkpoint, or after a resume), so the file keeps exactly one record per iteration."""
         self._fh.close()
         with open(self.path) as fh:
             keep = [line for line in fh if line.strip() and json.loads(line)["iteration"] < iteration]
@@ -76,3 +77,9 @@ def format_line(m: dict[str, Any]) -> str:
         if k in m:
             parts.append(f"{short} {m[k]:.4g}")
     return "  ".join(parts)
+
+
+def format_eval_line(m: dict[str, Any]) -> str:
+    return (f"eval after {m['iteration']} iterations: reward {m['eval/reward_mean']:.4g}  "
+            f"len {m['eval/response_length']:.4g}  truncated {m['eval/truncation_rate']:.2g}  "
+            f"({int(m['eval/samples'])} responses, {m['time/eval']:.1f} s)")

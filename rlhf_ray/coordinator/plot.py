@@ -12,8 +12,9 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def write_plot(metrics_path: str, out_png: str,
-               keys: tuple[str, ...] = ("reward_mean", "kl_mean", "value_loss")) -> str:
-    """Plot ``keys`` over iterations, one panel each; returns the PNG path."""
+               keys: tuple[str, ...] = ("reward_mean", "kl_mean", "value_loss"), eval_path: str | None = None) -> str:
+    """Plot ``keys`` over iterations, one panel each, with the held-out evaluation's reward (from
+    ``eval_path``, eval.jsonl) as points on the reward panel; returns the PNG path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,7 +26,12 @@ def write_plot(metrics_path: str, out_png: str,
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.4 * len(keys)), sharex=True)
     for ax, key in zip(axes, keys):
         pts = [(r["iteration"], r[key]) for r in rows if key in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], linewidth=1.2)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], linewidth=1.2, label="training batches")
+        evals = read_metrics(eval_path) if key == "reward_mean" and eval_path and os.path.isfile(eval_path) else []
+        if evals:
+            ax.plot([r["iteration"] for r in evals], [r["eval/reward_mean"] for r in evals], "o-", markersize=4,
+                    linewidth=1, label="held-out evaluation")
+            ax.legend(fontsize=8)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("iteration")

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 from dataclasses import dataclass
 
 from rlhf_ray.config import Config, config_to_dict
-from rlhf_ray.coordinator.metrics import MetricsSink, format_line
+from rlhf_ray.coordinator.metrics import MetricsSink, format_eval_line, format_line
 from rlhf_ray.coordinator.pending import RemoteCallError
 from rlhf_ray.coordinator.placement import check_fits, placement_plan
-from rlhf_ray.data.prompts import PromptSet, load_prompt_texts, tokenize_prompts
+from rlhf_ray.data.prompts import PromptSet, load_prompt_texts, split_holdout, tokenize_prompts
 
 
 @dataclass
@@ -20,6 +21,22 @@ class Inputs:
     pad_id: int
     eos_ids: list[int]
     tokenizer: object = None
+    eval_prompts: PromptSet | None = None  # with eval.every > 0
+
+
+def eval_prompt_set(cfg: Config, prompts: PromptSet, tokenizer) -> tuple[PromptSet, PromptSet | None]:
+    """(training prompts, evaluation prompts): eval.prompts tokenised like data.prompts, or
+    eval.holdout prompts held out of the training set; no evaluation set when eval.every is 0."""
+    ev = cfg.eval
+    if ev.every <= 0:
+        return prompts, None
+    if ev.prompts is None:
+        prompts, held = split_holdout(prompts, ev.holdout, cfg.seed)
+    else:
+        data = dataclasses.replace(cfg.data, prompts=ev.prompts)
+        held = tokenize_prompts(load_prompt_texts(data, cfg.seed), tokenizer, data.max_prompt_tokens, data.too_long)
+    k = min(ev.max_prompts, len(held.token_ids))
+    return prompts, PromptSet(held.texts[:k], held.token_ids[:k], held.dropped, held.truncated)
 
 
 def sample_lines(batch, tokenizer, k: int) -> list[str]:
@@ -100,6 +117,7 @@ def prepare_inputs(cfg: Config) -> Inputs:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     texts = load_prompt_texts(cfg.data, cfg.seed)
     prompts = tokenize_prompts(texts, tok, cfg.data.max_prompt_tokens, cfg.data.too_long)
+    prompts, eval_prompts = eval_prompt_set(cfg, prompts, tok)
     if cfg.reward.kind == "function":
         probe_reward_function(cfg.reward.function or "", prompts.texts[:2], cfg.resources.call_timeout_s)
     elif cfg.reward.kind == "http":
@@ -108,9 +126,10 @@ def prepare_inputs(cfg: Config) -> Inputs:
         post_scores(cfg.reward.url or "", (prompts.texts * 2)[:2], ["", "42"], cfg.reward.http_timeout_s,
                     cfg.reward.http_retries)  # an endpoint that is down fails here, before Ray starts
     if len(prompts.token_ids) < cfg.rollout.prompts_per_iteration:
-        raise ValueError(f"only {len(prompts.token_ids)} usable prompts but --rollout.prompts_per_iteration is "
+        held = f" (after holding out {cfg.eval.holdout} for evaluation)" if cfg.eval.every and not cfg.eval.prompts else ""
+        raise ValueError(f"only {len(prompts.token_ids)} usable prompts{held} but --rollout.prompts_per_iteration is "
                          f"{cfg.rollout.prompts_per_iteration}; add prompts or lower it.")
-    return Inputs(prompts, int(pad_id), [int(tok.eos_token_id), *cfg.rollout.stop_token_ids], tok)
+    return Inputs(prompts, int(pad_id), [int(tok.eos_token_id), *cfg.rollout.stop_token_ids], tok, eval_prompts)
 
 
 def start_ray(address: str | None) -> dict:
@@ -272,7 +291,8 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
     with open(os.path.join(run_dir, "placement.json"), "w") as fh:
         json.dump(roles.placement, fh, indent=2)
     coord = PPOCoordinator(cfg, inputs.prompts, inputs.pad_id, inputs.eos_ids, roles.rollout, roles.reference,
-                           roles.reward, roles.learners, roles.weight_sync, put=ray.put)
+                           roles.reward, roles.learners, roles.weight_sync, put=ray.put,
+                           eval_prompts=inputs.eval_prompts)
     initial_state = coord.state_dict()
     if resume_from:
         roles.learners.load_checkpoint(resume_from).result()
@@ -280,7 +300,15 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
         coord.mark_weights_stale()  # engines start from the checkpoint's policy, not model.path
         print(f"resumed from {resume_from} at iteration {coord.iteration}")
     sink = MetricsSink(run_dir, tensorboard=cfg.logging.tensorboard)
+    eval_sink = (MetricsSink(run_dir, tensorboard=cfg.logging.tensorboard, filename="eval.jsonl")
+                 if inputs.eval_prompts is not None else None)
+    if resume_from:  # records of iterations after the checkpoint are redone
+        sink.truncate_from(coord.iteration)
+        if eval_sink is not None:
+            eval_sink.truncate_from(coord.iteration)
     history: list[dict] = []
+    eval_history: list[dict] = []
+    evaluated_at = -1
     stop = StopFlag()
     stop.install()
     bar = tqdm(total=cfg.ppo.iterations, initial=coord.iteration, disable=not cfg.logging.progress_bar,
@@ -298,15 +326,33 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
     recovery = Recovery(cfg, roles, coord, run_dir, initial_state, bar.write)
 
     def recover(exc: RemoteCallError) -> None:
+        nonlocal evaluated_at
         redo_from = recovery.handle(exc)  # raises when the fault is not recoverable
         sink.truncate_from(redo_from)
         history[:] = [h for h in history if h["iteration"] < redo_from]
+        if eval_sink is not None:
+            eval_sink.truncate_from(redo_from)
+            eval_history[:] = [h for h in eval_history if h["iteration"] < redo_from]
+            evaluated_at = min(evaluated_at, redo_from - 1)
         bar.n = redo_from
         bar.refresh()
 
+    def wants_eval() -> bool:
+        """Before the first update, every eval.every iterations, and after the last one."""
+        return (eval_sink is not None and not stop.requested and evaluated_at != coord.iteration
+                and (coord.iteration % cfg.eval.every == 0 or coord.iteration >= cfg.ppo.iterations))
+
     try:
         while True:
-            try:  # a role may die in an iteration or while a checkpoint is written
+            try:  # a role may die in an iteration, an evaluation or while a checkpoint is written
+                if wants_eval():
+                    eval_metrics, eval_batch = coord.evaluate()
+                    evaluated_at = coord.iteration
+                    eval_history.append(eval_metrics)
+                    eval_sink.write(eval_metrics)
+                    bar.write(format_eval_line(eval_metrics))
+                    for line in sample_lines(eval_batch, inputs.tokenizer, cfg.logging.print_samples):
+                        bar.write("  eval" + line)
                 if coord.iteration >= cfg.ppo.iterations or stop.requested:
                     if cfg.checkpoint.save_on_stop:
                         save()
@@ -333,8 +379,14 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
         summary = {**summarize(history), "completed": completed, "stopped": stop.requested,
                    "final_iteration": coord.iteration, "run_dir": os.path.abspath(run_dir),
                    "placement": roles.placement}
+        if eval_sink is not None:
+            eval_sink.close()
+            if eval_history:
+                summary["eval"] = {"first": eval_history[0], "last": eval_history[-1],
+                                   "prompts": len(inputs.eval_prompts.token_ids), "temperature": cfg.eval.temperature}
         if os.path.getsize(sink.path) > 0:
-            summary["plot"] = write_plot(sink.path, os.path.join(run_dir, "curves.png"))
+            summary["plot"] = write_plot(sink.path, os.path.join(run_dir, "curves.png"),
+                                         eval_path=eval_sink.path if eval_sink is not None else None)
         with open(os.path.join(run_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
         roles.shutdown()
@@ -342,4 +394,9 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
           f"{summary.get('reward_end', float('nan')):.3f}, KL {summary.get('kl_start', float('nan')):.3f} -> "
           f"{summary.get('kl_end', float('nan')):.3f} (means of the first and last 5 iterations); "
           f"plot: {summary.get('plot', 'none')}")
+    if "eval" in summary:
+        ev = summary["eval"]
+        print(f"held-out evaluation ({ev['prompts']} prompts, temperature {ev['temperature']}): reward "
+              f"{ev['first']['eval/reward_mean']:.3f} after {ev['first']['iteration']} iterations -> "
+              f"{ev['last']['eval/reward_mean']:.3f} after {ev['last']['iteration']}")
     return summary

@@ -103,6 +103,24 @@ def tokenize_prompts(texts: list[str], tokenizer, max_tokens: int, too_long: str
     return PromptSet(kept_texts, kept_ids, dropped, truncated)
 
 
+def split_holdout(prompts: PromptSet, k: int, seed: int) -> tuple[PromptSet, PromptSet]:
+    """Hold ``k`` prompts out of ``prompts``: (training set, held-out set), disjoint, each in the
+    original order. The held-out subset depends only on ``seed`` and the set's size."""
+    n = len(prompts.token_ids)
+    if not 0 < k < n:
+        raise ValueError(f"cannot hold out {k} of {n} prompts for evaluation; set --eval.holdout between 1 and "
+                         f"{n - 1}, or give separate evaluation prompts with --eval.prompts.")
+    held = set(random.Random(seed * 7919 + 17).sample(range(n), k))
+
+    def subset(keep) -> PromptSet:
+        idx = [i for i in range(n) if keep(i)]
+        return PromptSet([prompts.texts[i] for i in idx], [prompts.token_ids[i] for i in idx], 0, 0)
+
+    train, held_out = subset(lambda i: i not in held), subset(lambda i: i in held)
+    train.dropped, train.truncated = prompts.dropped, prompts.truncated
+    return train, held_out
+
+
 class PromptSampler:
     """Deterministic epochs of shuffled indices; ``state_dict`` makes it resumable."""
 

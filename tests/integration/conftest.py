@@ -47,6 +47,7 @@ def small_config(model_path: str, **overrides):
         "learner.lr": 1e-3, "logging.tensorboard": True, "logging.progress_bar": False,
         "sync.check_logprobs_every": 1,  # the tests check the weight sync on every iteration
         "rollout.enforce_eager": True,  # ~3 s engine start instead of ~15 s of compiling
+        "eval.every": 0,  # tests that evaluate turn it on
     }
     base.update(overrides)
     return load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo_cpu.yaml"),

@@ -44,12 +44,17 @@ def test_checkpoint_resume_and_export(ray_cluster, tiny_llama, tmp_path):
 
     # A half-written checkpoint (crash while saving) is ignored by resume.
     os.makedirs(os.path.join(run_dir, "checkpoints", "iter_000009.tmp", "learner"))
+    # A crash after iteration 3 was logged but before it was checkpointed: resume redoes it, and
+    # its stale row must not stay beside the new one.
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
+        fh.write(json.dumps({"iteration": 3, "stale": True}) + "\n")
 
     resumed = run(small_config(tiny_llama, **{**overrides, "ppo.iterations": 5}), str(tmp_path / "unused"),
                   resume=run_dir)
     assert resumed["completed"] and resumed["final_iteration"] == 5 and resumed["iterations"] == 2
     rows = _metrics(run_dir)
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4]
+    assert not any(r.get("stale") for r in rows)
     # The resumed run drew exactly the batches an uninterrupted run would have (12 prompts,
     # 4 per iteration: iteration 3 starts the second epoch).
     sampler = PromptSampler(12, seed=0)

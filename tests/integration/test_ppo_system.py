@@ -15,9 +15,13 @@ from tests.integration.conftest import small_config
 pytestmark = pytest.mark.integration
 
 
-def _read_metrics(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+def _read_metrics_file(path: str) -> list[dict]:
+    with open(path) as fh:
         return [json.loads(line) for line in fh]
+
+
+def _read_metrics(run_dir: str) -> list[dict]:
+    return _read_metrics_file(os.path.join(run_dir, "metrics.jsonl"))
 
 
 # 0.02 MiB buckets split every layer's q/k/v and gate/up across buckets: the engine's one
@@ -77,3 +81,29 @@ def test_async_generation_end_to_end(ray_cluster, tiny_llama, tmp_path):
     assert rows[0]["logprob_mismatch_max"] < 2e-3  # batch 0: generated on the initial weights
     # batches 2 and 3 were sampled from weights one update behind the learner: a visible lag
     assert rows[2]["logprob_mismatch_mean"] > 1e-4 and rows[3]["logprob_mismatch_mean"] > 1e-4
+
+
+def test_held_out_evaluation_is_greedy_and_logged(ray_cluster, tiny_llama, tmp_path):
+    """eval.every 1 on 8 held-out prompts: evaluations before the first update, after each one and
+    at the end. A learning rate far below float32 resolution keeps the weights fixed, so greedy
+    decoding must give the same evaluation every time (sampling at temperature 1 would not)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rlhf_ray.coordinator.run import run
+
+    run_dir = tmp_path / "run"
+    summary = run(small_config(tiny_llama, **{"eval.every": 1, "eval.holdout": 8, "learner.lr": 1e-12}), str(run_dir))
+    assert summary["completed"]
+    evals = _read_metrics_file(str(run_dir / "eval.jsonl"))
+    assert [e["iteration"] for e in evals] == [0, 1, 2, 3]
+    assert all(e["eval/samples"] == 8 and e["eval/nonfinite_scores"] == 0 for e in evals)
+    keys = ("eval/reward_mean", "eval/response_length", "eval/truncation_rate")
+    assert all([e[k] for k in keys] == [evals[0][k] for k in keys] for e in evals), evals
+    assert summary["eval"]["first"]["iteration"] == 0 and summary["eval"]["last"]["iteration"] == 3
+    assert summary["eval"]["prompts"] == 8
+    tags = set()
+    for name in os.listdir(run_dir / "tensorboard"):
+        acc = EventAccumulator(str(run_dir / "tensorboard" / name))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"eval/reward_mean", "reward_mean"} <= tags

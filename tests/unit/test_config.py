@@ -601,3 +601,30 @@ def test_config_with_custom_resources_survives_pickle():
     assert back == cfg and back.resources.rollout.custom == {"node_a": 1.0}
     with pytest.raises(TypeError):
         back.resources.rollout.custom["node_a"] = 2.0  # type: ignore[index]
+
+
+# ---- evaluation section ------------------------------------------------------------------
+
+
+def test_eval_is_off_by_default_and_greedy_when_on():
+    cfg = _load(["--eval.every", "5"])
+    assert Config().eval.every == 0
+    assert (cfg.eval.every, cfg.eval.temperature, cfg.eval.samples_per_prompt, cfg.eval.prompts) == (5, 0.0, 1, None)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--eval.every", "-1"], r"--eval.every must be >= 0"),
+    (["--eval.every", "2", "--eval.samples_per_prompt", "4"], r"samples_per_prompt 4 with greedy decoding"),
+    (["--eval.every", "2", "--eval.holdout", "0"], r"--eval.holdout must be >= 1"),
+    (["--eval.every", "2", "--eval.temperature", "-0.5"], r"--eval.temperature >= 0"),
+    (["--eval.every", "2", "--eval.max_new_tokens", "1000"], r"cannot hold --data.max_prompt_tokens 48 \+ "
+                                                              r"--eval.max_new_tokens 1000; raise it to at least 1048"),
+])
+def test_eval_errors_name_the_flag_and_the_fix(args, message):
+    with pytest.raises(ConfigError, match=message):
+        _load(args)
+
+
+def test_eval_settings_are_not_checked_while_eval_is_off():
+    assert _load(["--eval.every", "0", "--eval.samples_per_prompt", "4"]).eval.samples_per_prompt == 4  # never used
+    assert _load(["--eval.every", "2", "--eval.samples_per_prompt", "4", "--eval.temperature", "1"]).eval.every == 2

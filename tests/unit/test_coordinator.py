@@ -462,3 +462,81 @@ def test_async_rollback_regenerates_the_pending_prompts():
     assert coord.iteration == 1 and coord.pending_prompts == pending  # rolled back
     m = coord.step()  # regenerates the same prompts, trains on them
     assert m["prompt_indices"] == pending and coord.iteration == 2
+
+
+# ---- held-out evaluation -----------------------------------------------------------------
+
+
+def _eval_prompts(n: int = 4) -> PromptSet:
+    return PromptSet(texts=[f"held {i}" for i in range(n)], token_ids=[[40 + i, 41] for i in range(n)], dropped=0,
+                     truncated=0)
+
+
+def test_evaluate_hand_values_and_sampling_settings():
+    rollout = FakeRollout()
+    coord = _coordinator(_config(eval={"every": 2}), rollout=rollout, eval_prompts=_eval_prompts())
+    m, batch = coord.evaluate()
+    prompt_ids, spec = rollout.calls[0]
+    assert prompt_ids == _eval_prompts().token_ids  # every evaluation prompt, in order
+    assert (spec.n, spec.temperature, spec.max_new_tokens, spec.logprobs) == (1, 0.0, R, False)
+    # responses: 5 tokens no EOS (truncated), 2 with EOS, 5 ending in EOS, 5 no EOS (truncated)
+    # scores cycle 1, -2, 0.5: [1, -2, 0.5, 1]
+    assert m["iteration"] == 0 and m["eval/samples"] == 4.0
+    assert m["eval/reward_mean"] == pytest.approx(0.125)
+    assert m["eval/reward_std"] == pytest.approx(torch.tensor([1.0, -2.0, 0.5, 1.0]).std().item())
+    assert m["eval/response_length"] == pytest.approx(17 / 4)
+    assert m["eval/truncation_rate"] == pytest.approx(0.5)
+    assert m["eval/nonfinite_scores"] == 0.0 and m["time/eval"] >= 0.0
+    assert batch.scores.tolist() == [1.0, -2.0, 0.5, 1.0]
+
+
+def test_evaluate_uses_its_own_length_and_temperature():
+    rollout = FakeRollout()
+    cfg = _config(eval={"every": 1, "max_new_tokens": 3, "temperature": 0.7, "samples_per_prompt": 2})
+    m, _ = _coordinator(cfg, rollout=rollout, eval_prompts=_eval_prompts(2)).evaluate()
+    _, spec = rollout.calls[0]
+    assert (spec.n, spec.temperature, spec.max_new_tokens) == (2, 0.7, 3)
+    assert m["eval/samples"] == 4.0 and m["eval/response_length"] == pytest.approx((3 + 2 + 3 + 3) / 4)
+
+
+def test_evaluate_syncs_the_last_update_once_and_leaves_training_state_alone():
+    sync = FakeSync()
+    coord = _coordinator(_config(eval={"every": 1}), weight_sync=sync, eval_prompts=_eval_prompts())
+    coord.step()
+    state = coord.state_dict()
+    assert sync.calls == 0  # the update of step 0 is not synced yet
+    m, _ = coord.evaluate()
+    assert sync.calls == 1 and m["iteration"] == 1  # evaluated on the weights after one update
+    assert coord.state_dict() == state  # prompt order, KL controller, score moments untouched
+    assert "sync_bytes" not in coord.step()  # the next step does not sync the same weights again
+    assert sync.calls == 1
+
+
+def test_evaluate_counts_non_finite_scores_and_averages_the_rest():
+    coord = _coordinator(_config(eval={"every": 1}), reward=FakeReward((1.0, float("nan"), 0.5)),
+                         eval_prompts=_eval_prompts(3))
+    m, _ = coord.evaluate()
+    assert m["eval/nonfinite_scores"] == 1.0
+    assert m["eval/reward_mean"] == pytest.approx(0.75)
+
+
+def test_evaluate_without_prompts_says_how_to_enable_it():
+    with pytest.raises(ValueError, match="--eval.every"):
+        _coordinator().evaluate()
+
+
+def test_evaluate_between_async_steps_leaves_the_batch_in_flight_alone():
+    rollout, sync = FakeRollout(), FakeSync()
+    cfg = _config(rollout={"prompts_per_iteration": B, "samples_per_prompt": 1, "max_new_tokens": R,
+                           "num_engines": 1, "async_generation": True}, eval={"every": 1})
+    coord = _coordinator(cfg, rollout=rollout, weight_sync=sync, eval_prompts=_eval_prompts())
+    coord.step()
+    pending = list(coord.pending_prompts)
+    m_eval, _ = coord.evaluate()
+    assert sync.calls == 1 and m_eval["iteration"] == 1  # the update of step 0 reached the engines first
+    m = coord.step()
+    assert m["prompt_indices"] == pending  # the batch generated during step 0 is the one trained on
+    assert sync.calls == 1  # not synced twice
+    # generate calls: batch 0, batch 1 (in flight), the evaluation, batch 2 (in flight)
+    assert [p for p, _ in rollout.calls][2] == _eval_prompts().token_ids
+    assert [spec.temperature for _, spec in rollout.calls] == [1.0, 1.0, 0.0, 1.0]

@@ -6,7 +6,8 @@ import re
 import pytest
 
 from rlhf_ray.config import DataConfig
-from rlhf_ray.data.prompts import PromptSampler, PromptSet, builtin_prompts, load_prompt_texts, tokenize_prompts
+from rlhf_ray.data.prompts import (PromptSampler, PromptSet, builtin_prompts, load_prompt_texts, split_holdout,
+                                  tokenize_prompts)
 
 
 class WordTokenizer:
@@ -272,3 +273,32 @@ def test_loading_a_checkpoint_of_another_size_raises():
 def test_empty_sampler_is_rejected():
     with pytest.raises(ValueError):
         PromptSampler(0, seed=0)
+
+
+# ---- held-out evaluation prompts ---------------------------------------------------------
+
+
+def _numbered(n: int, dropped: int = 0) -> PromptSet:
+    return PromptSet([f"p{i}" for i in range(n)], [[100 + i] for i in range(n)], dropped, 0)
+
+
+def test_split_holdout_is_a_disjoint_partition_in_original_order():
+    train, held = split_holdout(_numbered(20, dropped=3), 5, seed=0)
+    assert len(train.texts) == 15 and len(held.texts) == 5
+    assert sorted(train.texts + held.texts, key=lambda t: int(t[1:])) == [f"p{i}" for i in range(20)]
+    assert not set(train.texts) & set(held.texts)
+    for part in (train, held):  # texts and token ids stay paired, in the original order
+        assert [int(t[1:]) for t in part.texts] == [ids[0] - 100 for ids in part.token_ids]
+        assert [int(t[1:]) for t in part.texts] == sorted(int(t[1:]) for t in part.texts)
+    assert train.dropped == 3  # the tokenisation counts stay with the training set
+
+
+def test_split_holdout_depends_only_on_the_seed():
+    assert split_holdout(_numbered(50), 8, seed=1)[1].texts == split_holdout(_numbered(50), 8, seed=1)[1].texts
+    assert split_holdout(_numbered(50), 8, seed=1)[1].texts != split_holdout(_numbered(50), 8, seed=2)[1].texts
+
+
+@pytest.mark.parametrize("k", [0, 10, 11])
+def test_split_holdout_must_leave_both_sides_non_empty(k):
+    with pytest.raises(ValueError, match=r"cannot hold out .* of 10 prompts.*--eval.holdout between 1 and 9"):
+        split_holdout(_numbered(10), k, seed=0)
