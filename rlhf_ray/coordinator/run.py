@@ -302,10 +302,6 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
     sink = MetricsSink(run_dir, tensorboard=cfg.logging.tensorboard)
     eval_sink = (MetricsSink(run_dir, tensorboard=cfg.logging.tensorboard, filename="eval.jsonl")
                  if inputs.eval_prompts is not None else None)
-    if resume_from:  # records of iterations after the checkpoint are redone
-        sink.truncate_from(coord.iteration)
-        if eval_sink is not None:
-            eval_sink.truncate_from(coord.iteration)
     history: list[dict] = []
     eval_history: list[dict] = []
     evaluated_at = -1
@@ -325,15 +321,22 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
 
     recovery = Recovery(cfg, roles, coord, run_dir, initial_state, bar.write)
 
-    def recover(exc: RemoteCallError) -> None:
+    def forget_from(iteration: int) -> None:
+        """Iterations ``iteration`` and later run (again): drop their records and evaluations."""
         nonlocal evaluated_at
-        redo_from = recovery.handle(exc)  # raises when the fault is not recoverable
-        sink.truncate_from(redo_from)
-        history[:] = [h for h in history if h["iteration"] < redo_from]
+        sink.truncate_from(iteration)
+        history[:] = [h for h in history if h["iteration"] < iteration]
         if eval_sink is not None:
-            eval_sink.truncate_from(redo_from)
-            eval_history[:] = [h for h in eval_history if h["iteration"] < redo_from]
-            evaluated_at = min(evaluated_at, redo_from - 1)
+            eval_sink.truncate_from(iteration)
+            eval_history[:] = [h for h in eval_history if h["iteration"] < iteration]
+            evaluated_at = min(evaluated_at, iteration - 1)
+
+    if resume_from:  # a run that crashed after its last checkpoint logged iterations that run again
+        forget_from(coord.iteration)
+
+    def recover(exc: RemoteCallError) -> None:
+        redo_from = recovery.handle(exc)  # raises when the fault is not recoverable
+        forget_from(redo_from)
         bar.n = redo_from
         bar.refresh()
 

@@ -110,15 +110,14 @@ def split_holdout(prompts: PromptSet, k: int, seed: int) -> tuple[PromptSet, Pro
     if not 0 < k < n:
         raise ValueError(f"cannot hold out {k} of {n} prompts for evaluation; set --eval.holdout between 1 and "
                          f"{n - 1}, or give separate evaluation prompts with --eval.prompts.")
-    held = set(random.Random(seed * 7919 + 17).sample(range(n), k))
+    held = sorted(random.Random(seed * 7919 + 17).sample(range(n), k))
+    held_set = set(held)
 
-    def subset(keep) -> PromptSet:
-        idx = [i for i in range(n) if keep(i)]
-        return PromptSet([prompts.texts[i] for i in idx], [prompts.token_ids[i] for i in idx], 0, 0)
+    def pick(idx: list[int], dropped: int = 0, truncated: int = 0) -> PromptSet:
+        return PromptSet([prompts.texts[i] for i in idx], [prompts.token_ids[i] for i in idx], dropped, truncated)
 
-    train, held_out = subset(lambda i: i not in held), subset(lambda i: i in held)
-    train.dropped, train.truncated = prompts.dropped, prompts.truncated
-    return train, held_out
+    train = [i for i in range(n) if i not in held_set]
+    return pick(train, prompts.dropped, prompts.truncated), pick(held)
 
 
 class PromptSampler:
