@@ -76,7 +76,8 @@ def main() -> None:
     from rlhf_ray.batch import pack_generation
     from rlhf_ray.coordinator.groups import RolloutGroup, base_env
     from rlhf_ray.coordinator.run import prepare_inputs
-    from rlhf_ray.workers.rollout import RolloutActor, RolloutEngine, SamplingSpec
+    from rlhf_ray.workers.actors import RolloutActor
+    from rlhf_ray.workers.rollout import RolloutEngine, SamplingSpec
 
     inputs = prepare_inputs(cfg)
     _env.start_ray(num_cpus=4)

@@ -155,8 +155,7 @@ def vllm_load_floor(cfg, model_path: str, reps: int) -> float:
 def start_sync_roles(cfg):
     from rlhf_ray.backends.vllm import engine_env
     from rlhf_ray.coordinator.groups import LearnerGroup, base_env
-    from rlhf_ray.workers.learner import LearnerActor
-    from rlhf_ray.workers.rollout import RolloutActor
+    from rlhf_ray.workers.actors import LearnerActor, RolloutActor
 
     res = cfg.resources
     engine = RolloutActor.options(num_cpus=res.rollout.num_cpus, max_concurrency=1, runtime_env={

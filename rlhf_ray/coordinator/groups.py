@@ -19,9 +19,8 @@ from rlhf_ray.config import Config
 from rlhf_ray.coordinator.pending import Pending, RayPending, Source, describe
 from rlhf_ray.coordinator.placement import actor_options, create_groups, placement_plan
 from rlhf_ray.weight_sync.plan import Bucket, plan_buckets
-from rlhf_ray.workers.frozen import ReferenceActor, RewardActor
-from rlhf_ray.workers.learner import LearnerActor
-from rlhf_ray.workers.rollout import RolloutActor, SamplingSpec
+from rlhf_ray.workers.actors import LearnerActor, ReferenceActor, RewardActor, RolloutActor
+from rlhf_ray.workers.rollout import SamplingSpec
 
 
 def base_env(threads: int) -> dict[str, str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 
-import ray
 import torch
 
 from rlhf_ray.algorithms import logprobs_from_logits
@@ -141,6 +140,3 @@ class RewardScorer(FrozenModelRole):
                        .float().cpu())
         return torch.cat(out)
 
-
-ReferenceActor = ray.remote(ReferenceModel)
-RewardActor = ray.remote(RewardScorer)

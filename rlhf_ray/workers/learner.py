@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from typing import Iterator, NamedTuple
 
-import ray
 import torch
 import torch.distributed as dist
 
@@ -219,6 +218,8 @@ class Learner(RoleBase):
 
     def export_arrays(self, buckets: list[Bucket]) -> list:
         """Object-store transport: rank 0 puts one flat array per bucket; returns the refs."""
+        import ray
+
         return [ray.put(to_array(tensors)) for tensors in self._full_buckets(buckets)]
 
     # ------------------------------------------------------------------ checkpoints
@@ -257,5 +258,3 @@ class Learner(RoleBase):
                     out[hf] = p.data.detach().clone().cpu()
         return out if self.rank == 0 else None
 
-
-LearnerActor = ray.remote(Learner)

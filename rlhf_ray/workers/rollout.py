@@ -1,7 +1,7 @@
 """Rollout role: one vLLM engine that samples responses and receives new policy weights.
 
-``RolloutEngine`` is a plain class (usable without Ray, e.g. in benchmarks);
-``RolloutActor`` is its thin Ray shell.
+``RolloutEngine`` is a plain class (usable without Ray, e.g. in benchmarks); its Ray shell
+``RolloutActor`` is in ``workers/actors.py``.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-
-import ray
 
 from rlhf_ray.backends.vllm import engine_kwargs
 from rlhf_ray.batch import Generation
@@ -102,6 +100,8 @@ class RolloutEngine(RoleBase):
 
     def load_arrays(self, buckets: list[Bucket], array_refs: list) -> dict[str, float]:
         """Load one sync's weights from flat arrays in the object store (one per bucket)."""
+        import ray
+
         t0 = time.perf_counter()
         arrays = ray.get(array_refs)  # on this node: read-only views of shared memory, no copy
         nbytes = self.llm.collective_rpc("rlhf_load_arrays", args=(to_wire(buckets), arrays))[0]
@@ -111,5 +111,3 @@ class RolloutEngine(RoleBase):
     def weight_checksum(self) -> float:
         return float(self.llm.collective_rpc("rlhf_weight_checksum")[0])
 
-
-RolloutActor = ray.remote(RolloutEngine)

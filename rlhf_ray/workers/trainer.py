@@ -24,7 +24,6 @@ import os
 import shutil
 import time
 
-import ray
 import torch
 import torch.distributed as dist
 
@@ -290,6 +289,3 @@ class RewardModelTrainer(SupervisedTrainer):
                      "reward_gap": (r_c - r_r).sum()}
         return res.loss, stats
 
-
-SFTTrainerActor = ray.remote(SFTTrainer)
-RewardModelTrainerActor = ray.remote(RewardModelTrainer)

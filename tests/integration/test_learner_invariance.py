@@ -37,7 +37,7 @@ def synthetic_batch(B: int = 8, P: int = 5, R: int = 6, vocab: int = 400, seed: 
 
 def _update(ray, model: str, ranks: int, batch: ExperienceBatch) -> tuple[dict, dict]:
     from rlhf_ray.coordinator.groups import LearnerGroup
-    from rlhf_ray.workers.learner import LearnerActor
+    from rlhf_ray.workers.actors import LearnerActor
 
     cfg = small_config(model, **{
         "learner.num_ranks": ranks, "learner.optimizer": "sgd", "learner.lr": 0.5, "learner.max_grad_norm": 0,
