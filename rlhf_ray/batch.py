@@ -171,3 +171,84 @@ def pack_generation(gen: Generation, pad_id: int, eos_ids: Sequence[int] = ()) -
         truncated=truncated,
         prompt_index=torch.tensor(gen.prompt_index, dtype=torch.long),
     )
+
+
+# --------------------------------------------------------------------------- padding-free packing
+
+
+@dataclass
+class PackedRows:
+    """The real tokens of a padded batch laid end to end in one row, with no padding.
+
+    ``N`` is the number of response tokens (``response_mask.sum()``), ``T`` the number of real
+    tokens (``attention_mask.sum()``). A model given ``input_ids`` and ``position_ids`` with no
+    attention mask sees one sequence per run of positions that counts up from 0 (transformers
+    derives a block-diagonal causal mask from the restarts), so each sequence attends to itself
+    only, as in the padded batch, and no FLOP is spent on padding.
+    """
+
+    input_ids: torch.Tensor  # (1, T) long
+    position_ids: torch.Tensor  # (1, T) long, restarting at 0 for each sequence
+    keep_index: torch.Tensor  # (N,) long: position in the row whose output predicts each response token
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+def pack_rows(batch: ExperienceBatch) -> PackedRows:
+    """Pack ``batch`` (left-padded prompts, right-padded responses) into one row.
+
+    Response token ``j`` of sequence ``i`` is predicted at row position
+    ``offset_i + prompt_len_i - 1 + j``; ``keep_index`` lists these in row-major order of
+    ``response_mask``, so a (B, R) tensor ``t`` matches the packed outputs as ``t[response_mask]``.
+    E.g. prompts [5, 6] and [7], responses [8] and [9, 10]: input_ids [[5, 6, 8, 7, 9, 10]],
+    position_ids [[0, 1, 2, 0, 1, 2]], keep_index [1, 3, 4].
+    """
+    mask = batch.attention_mask
+    P = batch.prompt_len
+    prompt_lens = mask[:, :P].sum(-1)
+    if bool((prompt_lens == 0).any()):
+        raise ValueError("every sequence needs at least one prompt token (it predicts the first response token)")
+    lengths = mask.sum(-1)
+    offsets = lengths.cumsum(0) - lengths
+    R = batch.response_mask.shape[1]
+    index = (offsets + prompt_lens - 1).unsqueeze(-1) + torch.arange(R)
+    return PackedRows(input_ids=batch.input_ids[mask].unsqueeze(0),
+                      position_ids=batch.position_ids[mask].unsqueeze(0),
+                      keep_index=index[batch.response_mask])
+
+
+def token_balanced_parts(lengths: Sequence[int], parts: int) -> list[list[int]]:
+    """Indices of ``lengths`` split into ``parts`` non-empty groups of similar token sums.
+
+    Longest first, each into the group with the fewest tokens so far (ties: the lower group);
+    indices within a group are ascending. E.g. lengths [5, 1, 4, 2], 2 parts -> [[0, 1], [2, 3]]
+    (6 and 6 tokens). Needs ``1 <= parts <= len(lengths)``.
+    """
+    if not 1 <= parts <= len(lengths):
+        raise ValueError(f"cannot split {len(lengths)} sequences into {parts} non-empty parts")
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    sums = [0] * parts
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        g = min(range(parts), key=lambda k: (sums[k], k))
+        groups[g].append(i)
+        sums[g] += lengths[i]
+    return [sorted(g) for g in groups]
+
+
+def parts_for_budget(lengths: Sequence[int], max_tokens: int) -> int:
+    """The fewest parts for which :func:`token_balanced_parts` keeps every part within
+    ``max_tokens`` tokens (a sequence longer than the budget gets a part to itself).
+    E.g. lengths [5, 1, 4, 2] with a budget of 6 -> 2; with a budget of 5 -> 3."""
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
+    # A lower bound: each over-budget sequence alone, the others at most max_tokens per part.
+    over = sum(1 for n in lengths if n > max_tokens)
+    parts = max(1, over + -(-sum(n for n in lengths if n <= max_tokens) // max_tokens))
+    while parts < len(lengths):
+        groups = token_balanced_parts(lengths, parts)
+        if all(len(g) == 1 or sum(lengths[i] for i in g) <= max_tokens for g in groups):
+            break
+        parts += 1
+    return min(parts, len(lengths))

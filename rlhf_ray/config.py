@@ -49,7 +49,8 @@ class ModelConfig:
     build_tiny: str | None = None
     """If "llama" or "qwen2" and `path` holds no model yet, build a tiny offline model there first (demo/tests)."""
     dtype: str = "float32"
-    """Learner parameter dtype: float32 or bfloat16 (bfloat16 needs a GPU)."""
+    """Learner parameter dtype: float32 or bfloat16 (DeepSpeed keeps float32 master weights; the value
+    head stays float32 on every ZeRO stage). bfloat16 also runs on the CPU, slowly (for tests)."""
     value_head_init_std: float = 0.0
     """Std of the value head's normal init; 0 gives a zero-initialised head."""
     value_grad_to_body: bool = True
@@ -58,8 +59,10 @@ class ModelConfig:
     """Use a critic with its own transformer body instead of the shared one (for A/B comparisons)."""
     critic_path: str | None = None
     """Checkpoint for the separate critic's body; defaults to model.path."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass to save memory (~1/3 more step time). Unset (null):
+    on only when one micro-batch's activations would not fit the GPU memory left after the model and
+    optimiser (never on the CPU); true/false force it."""
 
 
 @dataclass(frozen=True)
@@ -191,9 +194,22 @@ class LearnerConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     micro_batch_size: int = 4
-    """Sequences per forward/backward pass on one rank; the rest is gradient accumulation."""
+    """Sequences per forward/backward pass on one rank; the rest is gradient accumulation (unused when
+    learner.micro_batch_tokens is set)."""
+    micro_batch_tokens: int = 0
+    """Token budget (prompt + response tokens) of one forward/backward pass on one rank. Set: each rank's
+    share of an optimiser step is split into the fewest micro-batches of similar token counts within the
+    budget (the same count on every rank), so micro-batches follow the response lengths instead of a
+    guessed learner.micro_batch_size. 0: micro-batches of learner.micro_batch_size sequences."""
     forward_batch_size: int = 16
     """Sequences per no-grad forward pass when computing old logprobs and values."""
+    forward_max_tokens: int = 0
+    """Token budget of one no-grad forward pass (old logprobs and values); 0: learner.forward_batch_size
+    sequences per pass."""
+    packing: bool = True
+    """Lay each pass's sequences end to end in one row, without padding (the attention stays within each
+    sequence; needs a model whose attention honours packed position ids: Llama, Qwen2, Mistral, ... with
+    sdpa, eager or flash attention). false: pad to the longest prompt and response."""
     optimizer: str = "adamw"
     """adamw or sgd."""
     lr: float = 1e-5
@@ -215,7 +231,8 @@ class LearnerConfig:
     max_grad_norm: float = 1.0
     """Global gradient-norm clip (0 disables it)."""
     offload_optimizer: bool = False
-    """ZeRO optimiser-state offload to CPU (GPU runs)."""
+    """ZeRO optimiser-state offload to CPU memory (ZeRO-1/2/3), updated by DeepSpeed's CPU Adam (built
+    on first use, ~1 minute) or torch's AdamW where that cannot be built."""
 
 
 @dataclass(frozen=True)
@@ -383,7 +400,9 @@ def resolve(cfg: Config) -> Sizes:
         mini_rank, e3 = _divide(mini, lrn.num_ranks, "mini-batch / learner ranks",
                                 "--ppo.mini_batches or --learner.num_ranks")
         errors += [e3] if e3 else []
-        if not e3:
+        if not e3 and lrn.micro_batch_tokens > 0:
+            accum = 1  # micro-batches are sized by tokens at run time; DeepSpeed's count is nominal
+        elif not e3:
             accum, e4 = _divide(mini_rank, lrn.micro_batch_size, "per-rank mini-batch / micro-batch",
                                 "--learner.micro_batch_size or --ppo.mini_batches")
             errors += [e4] if e4 else []
@@ -435,6 +454,9 @@ def validate(cfg: Config) -> Sizes:
             errors.append(f"--{key} must be > 0 (got {get_path(cfg, key)!r}).")
     if cfg.resources.max_actor_restarts < 0 or cfg.resources.max_learner_restarts < 0:
         errors.append("--resources.max_actor_restarts and --resources.max_learner_restarts must be >= 0.")
+    if cfg.learner.micro_batch_tokens < 0 or cfg.learner.forward_max_tokens < 0:
+        errors.append("--learner.micro_batch_tokens and --learner.forward_max_tokens must be >= 0 "
+                      "(0 sizes passes by sequences: learner.micro_batch_size / learner.forward_batch_size).")
     if cfg.learner.warmup_steps < 0 or not 0 <= cfg.learner.min_lr_ratio <= 1:
         errors.append("--learner.warmup_steps must be >= 0 and --learner.min_lr_ratio in [0, 1].")
     if cfg.sync.check_logprobs_every < 0:

@@ -35,10 +35,12 @@ CRITIC_PREFIX = "critic_body."
 
 class ActorCriticOutput(NamedTuple):
     """logits (B, T, V) in the body's dtype; values (B, T) float32 (T becomes R, the response
-    length, when ``forward`` was given ``response_len``)."""
+    length, when ``forward`` was given ``response_len``; (1, N) with ``keep_index``).
+    ``value_hidden`` (B, T, H): set instead of ``values`` when the head is held outside."""
 
     logits: torch.Tensor
-    values: torch.Tensor
+    values: torch.Tensor | None
+    value_hidden: torch.Tensor | None = None
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -162,7 +164,7 @@ class ActorCritic(nn.Module):
         self.critic_body = critic_body
         self.value_grad_to_body = value_grad_to_body
         value_config = critic_body.config if critic_body is not None else policy.config
-        self.value_head = ValueHead(_hidden_size(value_config), init_std=value_head_init_std)
+        self.value_head: ValueHead | None = ValueHead(_hidden_size(value_config), init_std=value_head_init_std)
         disable_dropout(self)
 
     @property
@@ -172,9 +174,10 @@ class ActorCritic(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None = None,
         response_len: int | None = None,
+        keep_index: torch.Tensor | None = None,
     ) -> ActorCriticOutput:
         """input_ids (B, T), attention_mask (B, T) 1 = real, position_ids (B, T) or None.
 
@@ -188,6 +191,15 @@ class ActorCritic(nn.Module):
         (B, T-R, V) logits tensor: with a 150k vocabulary and 1k-token prompts that is
         the largest activation of the step.
 
+        ``keep_index`` (N,) int64, for packed rows (see ``rlhf_ray.batch.PackedRows``):
+        indices into the flattened (B*T) positions; logits (1, N, V) and values (1, N)
+        are computed at those positions only. Packed rows pass ``attention_mask=None``
+        and position ids that restart at 0 for each sequence: transformers then builds a
+        block-diagonal causal mask, so each sequence attends only to itself.
+
+        With the value head held outside this module (``detach_value_head``), ``values``
+        is None and ``value_hidden`` carries the hidden states (B, R, H) it would have read.
+
         Logits come from ``policy.get_output_embeddings()`` applied to the body's
         ``last_hidden_state`` (after the final norm): for Llama/Qwen2 that is exactly
         the computation inside ``*ForCausalLM.forward``, so the logits are bitwise the
@@ -195,29 +207,55 @@ class ActorCritic(nn.Module):
         pre/post-norm convention has changed between transformers versions.)
         """
         if position_ids is None:
+            if attention_mask is None:
+                raise ValueError("pass position_ids when attention_mask is None (packed rows)")
             position_ids = positions_from_mask(attention_mask)
+        if response_len is not None and keep_index is not None:
+            raise ValueError("pass response_len or keep_index, not both")
         if response_len is not None and not 0 < response_len < input_ids.shape[1]:
             raise ValueError(
                 f"response_len must be in [1, T-1] for T={input_ids.shape[1]} tokens "
                 f"(at least one prompt token precedes the response), got {response_len}"
             )
-        keep = slice(-response_len - 1, -1) if response_len is not None else slice(None)
-        hidden = self._last_hidden(_body_of(self.policy), input_ids, attention_mask, position_ids)[:, keep]
+
+        def select(hidden: torch.Tensor) -> torch.Tensor:
+            if keep_index is not None:
+                return hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep_index).unsqueeze(0)
+            if response_len is not None:
+                return hidden[:, -response_len - 1:-1]
+            return hidden
+
+        hidden = select(self._last_hidden(_body_of(self.policy), input_ids, attention_mask, position_ids))
         logits = self.policy.get_output_embeddings()(hidden)
         value_hidden = hidden
         if self.critic_body is not None:
-            value_hidden = self._last_hidden(
-                self.critic_body, input_ids, attention_mask, position_ids
-            )[:, keep]
+            value_hidden = select(self._last_hidden(self.critic_body, input_ids, attention_mask, position_ids))
         if not self.value_grad_to_body:
             value_hidden = value_hidden.detach()
+        if self.value_head is None:
+            return ActorCriticOutput(logits=logits, values=None, value_hidden=value_hidden)
         return ActorCriticOutput(logits=logits, values=self.value_head(value_hidden))
+
+    def detach_value_head(self) -> ValueHead:
+        """Remove the value head from this module and return it; ``forward`` then returns
+        the hidden states the head reads instead of values.
+
+        The learner trains the head outside the ZeRO engine: ZeRO-3 flattens every
+        partitioned parameter into buffers of one dtype, so a float32 head cannot sit
+        beside a bf16 body there, and a head cast to bf16 would quantise values of order
+        1 to ~3 significant digits. Held outside, the head stays float32 on every ZeRO
+        stage (see ``rlhf_ray.backends.replicated``)."""
+        head = self.value_head
+        if head is None:
+            raise RuntimeError("the value head was already detached")
+        self.value_head = None
+        return head
 
     @staticmethod
     def _last_hidden(
         body: nn.Module,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
     ) -> torch.Tensor:
         """Final hidden states (B, T, H) of a transformer body, without a KV cache."""

@@ -5,11 +5,21 @@ logprobs and values for that slice, runs the PPO update (epochs x mini-batches x
 micro-batches with gradient accumulation), and takes part in the weight sync (under ZeRO-3
 every rank joins the gather; rank 0 sends).
 
+Micro-batches: ``learner.micro_batch_size`` sequences, or with ``learner.micro_batch_tokens``
+the fewest micro-batches of similar token counts that stay within that budget (the same
+count on every rank); the engine's accumulation boundary is set per micro-batch, so the
+count may change from step to step. With ``learner.packing`` (default) a micro-batch's
+sequences are laid end to end in one row: no FLOP is spent on padding, and the attention
+stays within each sequence (``rlhf_ray.batch.pack_rows``).
+
 Loss normalisation: token-level losses are divided by the token count of the whole
 optimiser step (all ranks, all micro-batches), obtained by one all-reduce per epoch.
 DeepSpeed averages gradients over ranks, so each rank scales its loss by the world size and
 backpropagates without DeepSpeed's 1/accumulation scaling; the sum is then exactly the
 full-batch gradient, however the batch is split.
+
+The value head is trained outside the engine, in float32 on every ZeRO stage and dtype
+(``rlhf_ray.backends.replicated``); it is saved beside the engine state in checkpoints.
 """
 
 from __future__ import annotations
@@ -23,11 +33,16 @@ import torch.distributed as dist
 from rlhf_ray.algorithms import (logprobs_and_entropy, logprobs_from_logits, masked_sum, ppo_policy_loss,
                                  value_loss)
 from rlhf_ray.backends import deepspeed as ds
-from rlhf_ray.batch import ExperienceBatch
+from rlhf_ray.backends.replicated import ReplicatedModule, replicate
+from rlhf_ray.batch import ExperienceBatch, pack_rows, parts_for_budget, token_balanced_parts
 from rlhf_ray.config import Config, resolve
+from rlhf_ray.models.actor_critic import VALUE_HEAD_PREFIX
 from rlhf_ray.weight_sync.plan import Bucket, TensorSpec, dtype_name
 from rlhf_ray.weight_sync.transport import free_port, new_sync_group, send_buckets, to_array
 from rlhf_ray.workers.base import RoleBase
+
+
+HEAD_STATE = "value_head_state.pt"  # the value head's weights, optimiser and schedule, beside the engine's
 
 
 class _Forward(NamedTuple):
@@ -44,6 +59,7 @@ class Learner(RoleBase):
         self.rank, self.world_size = rank, world_size
         self.sizes = resolve(cfg)
         self.engine = None
+        self.head: ReplicatedModule | None = None
         self.sync_group = None
 
     # ------------------------------------------------------------------ set-up
@@ -52,107 +68,182 @@ class Learner(RoleBase):
         return self.node_ip(), free_port()
 
     def setup(self, master_addr: str, master_port: int) -> dict:
-        """Join the group, load the actor-critic (sharded under ZeRO-3) and build the engine."""
+        """Join the group, load the actor-critic (sharded under ZeRO-3) and build the engine.
+
+        The value head is held outside the engine, float32 on every ZeRO stage and dtype (see
+        ``rlhf_ray.backends.replicated``); the engine holds the body (and a separate critic)."""
         import deepspeed
 
         from rlhf_ray.models import ActorCritic, policy_parameter_names
 
         ds.init_distributed(master_addr, master_port, self.rank, self.world_size,
                             self.cfg.resources.call_timeout_s)
-        conf = ds.ds_config(self.cfg, self.sizes)
+        m, lrn = self.cfg.model, self.cfg.learner
+        conf = ds.ds_config(self.cfg, self.sizes, ds.hidden_size_of(m.path))
         torch.manual_seed(self.cfg.seed)  # the value head starts identical on every rank
-        m = self.cfg.model
         dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
         with ds.zero3_loading(conf):
             model = ActorCritic.from_pretrained(
                 m.path, value_head_init_std=m.value_head_init_std, value_grad_to_body=m.value_grad_to_body,
                 separate_critic=m.separate_critic, critic_path=m.critic_path, torch_dtype=dtype)
-        if m.gradient_checkpointing:
-            model.policy.gradient_checkpointing_enable()
-        optimizer = ds.build_optimizer(model, self.cfg.learner)
-        scheduler = ds.lr_scheduler(optimizer, self.cfg.learner,
-                                    self.cfg.ppo.iterations * self.sizes.optimizer_steps_per_iteration)
+        head = model.detach_value_head()
+        total_steps = self.cfg.ppo.iterations * self.sizes.optimizer_steps_per_iteration
+        optimizer = ds.build_optimizer(model, lrn)
+        scheduler = ds.lr_scheduler(optimizer, lrn, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
         self.device = self.engine.device  # cuda:0 of the GPU Ray assigned, or cpu
+        self.head = replicate(head, lrn, total_steps, self.device, self.world_size)
+        self.checkpointing = self._choose_checkpointing()
+        if self.checkpointing:
+            self.engine.module.policy.gradient_checkpointing_enable()
+            if self.engine.module.critic_body is not None:
+                self.engine.module.critic_body.gradient_checkpointing_enable()
         params = dict(self.engine.module.named_parameters())
         self.sync_params = [(params[inner], hf) for inner, hf in policy_parameter_names(self.engine.module)]
         n = sum(int(getattr(p, "ds_numel", p.numel())) for p in params.values())
-        return {"rank": self.rank, "parameters": n, "zero_stage": self.cfg.learner.zero_stage}
+        n += sum(p.numel() for p in self.head.params)
+        return {"rank": self.rank, "parameters": n, "zero_stage": lrn.zero_stage,
+                "gradient_checkpointing": self.checkpointing}
+
+    def _choose_checkpointing(self) -> bool:
+        """model.gradient_checkpointing, or when unset: on only if one micro-batch's activations
+        would not fit the device memory left after the model and optimiser (never on the CPU)."""
+        wanted = self.cfg.model.gradient_checkpointing
+        if wanted is not None:
+            return wanted
+        if self.device.type != "cuda":
+            return False
+        body = self.engine.module.policy.config.get_text_config()
+        lrn, longest = self.cfg.learner, self.cfg.data.max_prompt_tokens + self.cfg.rollout.max_new_tokens
+        tokens = lrn.micro_batch_tokens or lrn.micro_batch_size * longest
+        response_tokens = tokens * self.cfg.rollout.max_new_tokens // longest
+        free, _ = torch.cuda.mem_get_info(self.device)
+        local_params = sum(p.numel() for p in self.engine.module.parameters())  # this rank's share
+        bodies = 2 if self.engine.module.critic_body is not None else 1
+        return ds.needs_activation_checkpointing(
+            tokens * bodies, response_tokens, body.hidden_size, body.intermediate_size, body.num_hidden_layers,
+            body.vocab_size, free_bytes=free - 2 * local_params)
 
     # ------------------------------------------------------------------ forward passes
     def _forward(self, mb: ExperienceBatch, entropy: str) -> _Forward:
-        """Logprobs and values at the response positions only (the LM head skips the prompt).
+        """Logprobs and values (B, R) at the response positions only (the LM head skips the
+        prompt). With learner.packing the rows are laid end to end without padding first.
         ``entropy``: "grad" (it is in the loss), "log" (detached, for metrics) or "none"."""
-        R = mb.response_mask.shape[1]
-        out = self.engine(mb.input_ids, mb.attention_mask.long(), mb.position_ids, response_len=R)
+        mask = mb.response_mask
         temperature = self.cfg.rollout.temperature
-        if entropy == "none":
-            logprobs = logprobs_from_logits(out.logits, mb.response_ids, temperature)
-            ent = None
+        if self.cfg.learner.packing:
+            rows = pack_rows(mb)
+            out = self.engine(rows.input_ids, None, rows.position_ids, keep_index=rows.keep_index)
+            tokens = mb.response_ids[mask].unsqueeze(0)  # (1, N), in keep_index order
         else:
-            logprobs, ent = logprobs_and_entropy(out.logits, mb.response_ids, temperature,
-                                                 entropy_grad=entropy == "grad")
-        return _Forward(logprobs, out.values.float(), ent)
+            out = self.engine(mb.input_ids, mb.attention_mask.long(), mb.position_ids, response_len=mask.shape[1])
+            tokens = mb.response_ids
+        values = self.head.module(out.value_hidden)
+        if entropy == "none":
+            logprobs, ent = logprobs_from_logits(out.logits, tokens, temperature), None
+        else:
+            logprobs, ent = logprobs_and_entropy(out.logits, tokens, temperature, entropy_grad=entropy == "grad")
+        if self.cfg.learner.packing:  # (1, N) -> (B, R), zeros at padding
+            def unpack(t: torch.Tensor) -> torch.Tensor:
+                return torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(mask, t)
+
+            logprobs, values = unpack(logprobs), unpack(values)
+            ent = unpack(ent) if ent is not None else None
+        return _Forward(logprobs, values, ent)
+
+    def _parts(self, batch: ExperienceBatch, max_tokens: int, max_rows: int) -> list[torch.Tensor]:
+        """Row indices of ``batch``'s forward passes: by token budget when ``max_tokens`` > 0
+        (see ``token_balanced_parts``), else consecutive chunks of ``max_rows`` sequences."""
+        if max_tokens > 0:
+            lengths = batch.attention_mask.sum(-1).tolist()
+            groups = token_balanced_parts(lengths, parts_for_budget(lengths, max_tokens))
+            return [torch.tensor(g) for g in groups]
+        return [torch.arange(i, min(i + max_rows, len(batch))) for i in range(0, len(batch), max_rows)]
 
     @torch.no_grad()
     def compute_old(self, shard: ExperienceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Old logprobs and values (B, R) of this rank's slice at the current weights."""
+        lrn = self.cfg.learner
         R = shard.response_mask.shape[1]
         logprobs = torch.zeros(len(shard), R)
         values = torch.zeros(len(shard), R)
-        row = 0
-        for mb in shard.chunks(self.cfg.learner.forward_batch_size):
-            mb = mb.trim().to(self.device)
+        for rows in self._parts(shard, lrn.forward_max_tokens, lrn.forward_batch_size):
+            mb = shard.select(rows).trim().to(self.device)
             f = self._forward(mb, entropy="none")
             r = f.logprobs.shape[1]
-            logprobs[row: row + len(mb), :r] = (f.logprobs * mb.response_mask).cpu()
-            values[row: row + len(mb), :r] = (f.values * mb.response_mask).cpu()
-            row += len(mb)
+            logprobs[rows, :r] = (f.logprobs * mb.response_mask).float().cpu()
+            values[rows, :r] = (f.values * mb.response_mask).cpu()
         return logprobs, values
 
     # ------------------------------------------------------------------ PPO update
-    def _step_token_counts(self, minis: list[ExperienceBatch]) -> torch.Tensor:
-        counts = torch.tensor([float(m.num_response_tokens()) for m in minis], dtype=torch.float64,
-                              device=self.device)
-        dist.all_reduce(counts)
-        return counts.cpu()
+    def _step_plan(self, minis: list[ExperienceBatch]) -> tuple[list[float], list[list[torch.Tensor]]]:
+        """For each mini-batch (one optimiser step): its token count over all ranks, and this
+        rank's micro-batches as row indices. With a token budget every rank splits its share into
+        the same number of micro-batches (the most any rank needs): ZeRO-3 gathers parameters in
+        every forward, so all ranks must run as many."""
+        lrn = self.cfg.learner
+        tokens = torch.tensor([float(m.num_response_tokens()) for m in minis], dtype=torch.float64)
+        if lrn.micro_batch_tokens > 0:
+            lengths = [m.attention_mask.sum(-1).tolist() for m in minis]
+            parts = torch.tensor([parts_for_budget(ls, lrn.micro_batch_tokens) for ls in lengths], dtype=torch.float64)
+            tokens, parts = tokens.to(self.device), parts.to(self.device)
+            dist.all_reduce(tokens)
+            dist.all_reduce(parts, op=dist.ReduceOp.MAX)
+            counts, k = tokens.cpu().tolist(), parts.cpu().long().tolist()
+            plans = [[torch.tensor(g) for g in token_balanced_parts(ls, kk)] for ls, kk in zip(lengths, k)]
+            return counts, plans
+        tokens = tokens.to(self.device)
+        dist.all_reduce(tokens)
+        size = lrn.micro_batch_size
+        return tokens.cpu().tolist(), [[torch.arange(i, i + size) for i in range(0, len(m), size)] for m in minis]
 
     def train(self, shard: ExperienceBatch, iteration: int) -> dict[str, float]:
-        """One PPO update over this rank's slice; returns this rank's metrics."""
+        """One PPO update over this rank's slice; returns this rank's metrics.
+
+        Metrics stay on the device until the end (no host sync per micro-batch); the only
+        per-step sync is the value head's skip decision."""
         p = self.cfg.ppo
         self.engine.train()
         gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + iteration * 31 + self.rank)
         sums: dict[str, torch.Tensor] = {}
         tokens = 0.0
-        grad_norms: list[float] = []
+        grad_norms: list = []
+        head_norms: list[torch.Tensor] = []
         first_dev = None
         t0 = time.perf_counter()
         for _ in range(p.epochs):
             minis = shard.select(torch.randperm(len(shard), generator=gen)).split(p.mini_batches)
-            counts = self._step_token_counts(minis)
-            for mini, count in zip(minis, counts.tolist()):
-                for micro in mini.split(self.sizes.grad_accum_steps):
-                    micro = micro.trim().to(self.device)
-                    stats, n_tok = self._micro_step(micro, count)
-                    if first_dev is None:
-                        first_dev = stats.pop("ratio_dev_max")
-                    else:
-                        stats.pop("ratio_dev_max")
+            counts, plans = self._step_plan(minis)
+            for mini, count, parts in zip(minis, counts, plans):
+                for j, rows in enumerate(parts):
+                    micro = mini.select(rows).trim()
+                    n_tok = float(micro.num_response_tokens())  # on the host, before the copy
+                    self.engine.set_gradient_accumulation_boundary(j == len(parts) - 1)
+                    stats = self._micro_step(micro.to(self.device), count)
+                    dev = stats.pop("ratio_dev_max")
+                    first_dev = dev if first_dev is None else first_dev
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v * n_tok
                     tokens += n_tok
+                head_norms.append(self.head.step(engine_stepped=self.engine.was_step_applied()))
                 norm = self.engine.get_global_grad_norm()
                 if norm is not None:
-                    grad_norms.append(float(norm))
-        metrics = {k: float(v) / max(tokens, 1.0) for k, v in sums.items()}
-        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+                    grad_norms.append(norm)
+        keys = list(sums)
+        values = torch.stack([sums[k].float() for k in keys]).cpu().tolist() if keys else []  # the one sync
+        metrics = {k: v / max(tokens, 1.0) for k, v in zip(keys, values)}
+        norms = [float(n) for n in grad_norms]
+        metrics["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
+        metrics["value_head_grad_norm"] = float(torch.stack(head_norms).mean()) if head_norms else float("nan")
         metrics["onpolicy_ratio_dev"] = float(first_dev) if first_dev is not None else float("nan")
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         metrics["update_seconds"] = time.perf_counter() - t0
         return metrics
 
-    def _micro_step(self, mb: ExperienceBatch, step_tokens: float) -> tuple[dict[str, torch.Tensor], float]:
+    def _micro_step(self, mb: ExperienceBatch, step_tokens: float) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro-batch; the engine steps at the boundary set by the
+        caller. Returns detached per-token means over this micro-batch (device tensors)."""
         p = self.cfg.ppo
         mask = mb.response_mask
         f = self._forward(mb, entropy="grad" if p.entropy_coef > 0 else "log")
@@ -164,11 +255,10 @@ class Learner(RoleBase):
         # Undo DeepSpeed's mean over ranks; the step's token count already normalises.
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
         self.engine.step()
-        n_tok = float(mask.sum())
         with torch.no_grad():
+            local = mask.sum().clamp(min=1).float()
             ratio_dev = ((f.logprobs - mb.old_logprobs).exp() - 1).abs().masked_fill(~mask, 0).max()
-            local = max(n_tok, 1.0)
-            stats = {
+            return {
                 "policy_loss": pl.loss.detach() * step_tokens / local,
                 "value_loss": vl.loss.detach() * step_tokens / local,
                 "clip_fraction": pl.clip_fraction,
@@ -177,7 +267,6 @@ class Learner(RoleBase):
                 "entropy": masked_sum(f.entropy.detach(), mask) / local,
                 "ratio_dev_max": ratio_dev,
             }
-        return stats, n_tok
 
     # ------------------------------------------------------------------ weight sync
     def weight_specs(self) -> list[TensorSpec]:
@@ -228,6 +317,8 @@ class Learner(RoleBase):
         ``path/learner``; rank 0 also writes the full actor-critic as a Hugging Face policy plus
         value head under ``path/policy`` when checkpoint.save_hf_policy is set."""
         ds.save_engine_state(self.engine, f"{path}/learner")
+        if self.rank == 0:
+            torch.save(self.head.state_dict(), f"{path}/learner/{HEAD_STATE}")
         if self.cfg.checkpoint.save_hf_policy:
             full = {}
             for name, p in self.engine.module.named_parameters():
@@ -235,6 +326,8 @@ class Learner(RoleBase):
                     if self.rank == 0:
                         full[name] = p.data.detach().clone().cpu()
             if self.rank == 0:
+                full.update({f"{VALUE_HEAD_PREFIX}{k}": v.detach().clone().cpu()
+                             for k, v in self.head.module.state_dict().items()})
                 tokenizer = None
                 if tokenizer_path:
                     from transformers import AutoTokenizer
@@ -247,6 +340,7 @@ class Learner(RoleBase):
     def load_checkpoint(self, path: str) -> bool:
         """All ranks: restore model, optimiser and scheduler state saved by ``save_checkpoint``."""
         ds.load_engine_state(self.engine, f"{path}/learner", self.rank)
+        self.head.load_state_dict(torch.load(f"{path}/learner/{HEAD_STATE}", map_location=self.device))
         return True
 
     def policy_state_dict(self) -> dict[str, torch.Tensor] | None:

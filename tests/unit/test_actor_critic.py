@@ -263,3 +263,63 @@ def test_tied_embeddings_exported_once(model_dirs, tmp_path):
     assert "model.embed_tokens.weight" in hf_names and "lm_head.weight" not in hf_names
     ac.save_pretrained(tmp_path / "tied")
     assert set(hf_names) == _safetensors_keys(tmp_path / "tied")
+
+
+# --------------------------------------------------------------------------- packed rows, detached head
+
+
+def _varied_batch(vocab: int = 400):
+    from rlhf_ray.batch import Generation, pack_generation
+
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [15]]
+    responses = [[20, 21, 22, 23], [24], [25, 26], [27, 28, 29]]
+    gen = Generation(prompts, responses, [[0.0] * len(r) for r in responses], ["stop"] * 4, [0, 1, 2, 3])
+    return pack_generation(gen, pad_id=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_rows_give_the_padded_forward_logits_and_values(model_dirs, arch):
+    from rlhf_ray.batch import pack_rows
+
+    model = ActorCritic.from_pretrained(model_dirs[arch], value_head_init_std=0.1).eval()
+    batch = _varied_batch()
+    R = batch.response_mask.shape[1]
+    with torch.no_grad():
+        padded = model(batch.input_ids, batch.attention_mask.long(), batch.position_ids, response_len=R)
+        rows = pack_rows(batch)
+        packed = model(rows.input_ids, None, rows.position_ids, keep_index=rows.keep_index)
+    mask = batch.response_mask
+    assert packed.logits.shape == (1, int(mask.sum()), padded.logits.shape[-1])
+    assert rows.num_tokens < batch.input_ids.numel()  # the padding is gone
+    torch.testing.assert_close(packed.logits[0], padded.logits[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed.values[0], padded.values[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_packing_without_the_sequence_restarts_would_leak_attention(model_dirs):
+    # The check above can fail: positions that do not restart make one long sequence.
+    from rlhf_ray.batch import pack_rows
+
+    model = ActorCritic.from_pretrained(model_dirs["llama"]).eval()
+    batch = _varied_batch()
+    rows = pack_rows(batch)
+    R = batch.response_mask.shape[1]
+    with torch.no_grad():
+        padded = model(batch.input_ids, batch.attention_mask.long(), batch.position_ids, response_len=R)
+        joined = model(rows.input_ids, None, torch.arange(rows.num_tokens).unsqueeze(0), keep_index=rows.keep_index)
+    assert (joined.logits[0] - padded.logits[batch.response_mask]).abs().max() > 1e-3
+
+
+def test_detached_value_head_returns_the_hidden_states_it_reads(model_dirs):
+    model = ActorCritic.from_pretrained(model_dirs["llama"], value_head_init_std=0.1).eval()
+    ids, mask, pos = left_padded_batch()
+    with torch.no_grad():
+        whole = model(ids, mask, pos, response_len=3)
+    head = model.detach_value_head()
+    assert model.value_head is None and "value_head.linear.weight" not in dict(model.named_parameters())
+    with torch.no_grad():
+        out = model(ids, mask, pos, response_len=3)
+    assert out.values is None and out.value_hidden.shape == (B, 3, model.policy.config.hidden_size)
+    torch.testing.assert_close(head(out.value_hidden), whole.values)
+    assert head(out.value_hidden.bfloat16()).dtype == torch.float32
+    with pytest.raises(RuntimeError, match="already detached"):
+        model.detach_value_head()

@@ -7,7 +7,8 @@ pad id 0 and EOS id 2.
 import pytest
 import torch
 
-from rlhf_ray.batch import ExperienceBatch, Generation, pack_generation
+from rlhf_ray.batch import (ExperienceBatch, Generation, pack_generation, pack_rows, parts_for_budget,
+                            token_balanced_parts)
 
 PAD, EOS = 0, 2
 
@@ -253,3 +254,71 @@ def test_trim_keeps_one_response_column_when_all_are_empty():
     out = pack_generation(gen, PAD, [EOS]).trim()
     assert out.response_mask.shape == (1, 1)
     assert out.input_ids.tolist() == [[5, 6, PAD]]
+
+
+# --------------------------------------------------------------------------- padding-free packing
+
+
+def test_pack_rows_hand_example():
+    # The docstring's example: prompts [5, 6] and [7], responses [8] and [9, 10].
+    gen = Generation([[5, 6], [7]], [[8], [9, 10]], [[-1.0], [-1.0, -2.0]], ["stop", "stop"], [0, 1])
+    batch = pack_generation(gen, pad_id=0)
+    rows = pack_rows(batch)
+    assert rows.input_ids.tolist() == [[5, 6, 8, 7, 9, 10]]
+    assert rows.position_ids.tolist() == [[0, 1, 2, 0, 1, 2]]
+    assert rows.keep_index.tolist() == [1, 3, 4]
+    assert rows.num_tokens == 6
+    # The predicted tokens, read at keep_index + 1, are the responses in response_mask order.
+    assert rows.input_ids[0, rows.keep_index + 1].tolist() == batch.response_ids[batch.response_mask].tolist()
+
+
+def test_pack_rows_of_a_trimmed_slice_matches_the_whole():
+    gen = Generation([[4, 5, 6], [7], [8, 9]], [[10, 11, 12], [13], []], [[0.0] * 3, [0.0], []],
+                     ["length", "stop", "stop"], [0, 1, 2])
+    batch = pack_generation(gen, pad_id=0)
+    whole = pack_rows(batch)
+    part = pack_rows(batch.select(torch.tensor([1, 2])).trim())
+    assert part.input_ids.tolist() == [[7, 13, 8, 9]]
+    assert part.keep_index.tolist() == [0]  # sequence 2 has no response token
+    assert whole.keep_index.tolist() == [2, 3, 4, 6]
+
+
+def test_pack_rows_needs_a_prompt_token():
+    batch = pack_generation(Generation([[4]], [[5]], [[0.0]], ["stop"], [0]), pad_id=0)
+    empty_prompt = batch.replace(attention_mask=batch.attention_mask & torch.tensor([[False, True]]))
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        pack_rows(empty_prompt)
+
+
+def test_token_balanced_parts_hand_examples():
+    assert token_balanced_parts([5, 1, 4, 2], 2) == [[0, 1], [2, 3]]  # 6 and 6 tokens
+    assert token_balanced_parts([5, 1, 4, 2], 3) == [[0], [2], [1, 3]]  # 5, 4, 3
+    assert token_balanced_parts([3, 3, 3], 1) == [[0, 1, 2]]
+    assert token_balanced_parts([2, 2], 2) == [[0], [1]]
+    with pytest.raises(ValueError, match="non-empty parts"):
+        token_balanced_parts([1, 2], 3)
+
+
+def test_parts_for_budget_hand_examples():
+    assert parts_for_budget([5, 1, 4, 2], 6) == 2
+    assert parts_for_budget([5, 1, 4, 2], 5) == 3
+    assert parts_for_budget([5, 1, 4, 2], 100) == 1
+    # A sequence over the budget gets a part to itself; the rest still respect the budget.
+    assert parts_for_budget([10, 1, 1], 3) == 2
+    assert parts_for_budget([10, 3, 3], 3) == 3
+    with pytest.raises(ValueError, match="max_tokens"):
+        parts_for_budget([1], 0)
+
+
+def test_parts_for_budget_is_the_fewest_within_the_budget():
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        lengths = torch.randint(1, 40, (int(torch.randint(1, 12, (1,), generator=gen)),), generator=gen).tolist()
+        budget = int(torch.randint(10, 80, (1,), generator=gen))
+        k = parts_for_budget(lengths, budget)
+        groups = token_balanced_parts(lengths, k)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        assert all(len(g) == 1 or sum(lengths[i] for i in g) <= budget for g in groups)
+        if k > 1:  # one part fewer breaks the budget (for this greedy split)
+            fewer = token_balanced_parts(lengths, k - 1)
+            assert any(len(g) > 1 and sum(lengths[i] for i in g) > budget for g in fewer)

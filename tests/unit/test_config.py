@@ -392,6 +392,21 @@ def test_inexact_division_names_the_flags(overrides, problem, flags):
     assert f"{problem}; change {flags}." in str(err.value)
 
 
+def test_token_budget_replaces_the_micro_batch_division():
+    # 16 sequences per rank per step do not divide into micro-batches of 5, but with a token
+    # budget micro-batches are sized at run time and DeepSpeed's accumulation count is nominal.
+    cfg = _load(["--learner.micro_batch_size", "5", "--learner.micro_batch_tokens", "512"])
+    assert resolve(cfg).grad_accum_steps == 1
+    with pytest.raises(ConfigError, match="micro_batch_tokens and --learner.forward_max_tokens must be >= 0"):
+        _load(["--learner.micro_batch_tokens", "-1"])
+
+
+def test_gradient_checkpointing_is_decided_by_memory_unless_set():
+    assert _load([]).model.gradient_checkpointing is None
+    assert _load(["--model.gradient_checkpointing", "true"]).model.gradient_checkpointing is True
+    assert _load(["--model.gradient_checkpointing", "null"]).model.gradient_checkpointing is None
+
+
 def test_resolve_raises_config_error_which_is_a_value_error():
     cfg = config_from_dict({"learner": {"num_ranks": 3}})
     with pytest.raises(ValueError, match="batch sizes do not divide"):
