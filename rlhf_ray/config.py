@@ -147,6 +147,8 @@ class ReferenceConfig:
     """Frozen reference (SFT) checkpoint; defaults to model.path."""
     micro_batch_size: int = 16
     """Sequences per reference forward pass."""
+    packing: bool = True
+    """Lay each pass's sequences end to end in one row, without padding (see learner.packing)."""
 
 
 @dataclass(frozen=True)

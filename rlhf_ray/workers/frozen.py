@@ -12,7 +12,7 @@ import inspect
 import torch
 
 from rlhf_ray.algorithms import logprobs_from_logits
-from rlhf_ray.batch import ExperienceBatch
+from rlhf_ray.batch import ExperienceBatch, pack_rows
 from rlhf_ray.config import Config
 from rlhf_ray.models import positions_from_mask
 from rlhf_ray.rewards import load_reward_function
@@ -54,17 +54,30 @@ class ReferenceModel(FrozenModelRole):
 
     @torch.no_grad()
     def logprobs(self, batch: ExperienceBatch, temperature: float) -> torch.Tensor:
-        """(B, R) float32 logprobs of the response tokens at ``temperature``; 0 at padding."""
+        """(B, R) float32 logprobs of the response tokens at ``temperature``; 0 at padding.
+
+        With reference.packing each micro-batch's sequences are laid end to end in one row
+        (``pack_rows``), so no FLOP is spent on padding; the LM head runs only at the positions
+        that predict response tokens either way."""
         R = batch.response_mask.shape[1]
         out = torch.zeros(len(batch), R, dtype=torch.float32)
         row = 0
         for mb in self._micro_batches(batch):
             r = mb.response_mask.shape[1]
-            kwargs = {"logits_to_keep": r + 1} if self._keeps_logits else {}  # the LM head skips the prompt
-            logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask.long(),
-                                position_ids=mb.position_ids, **kwargs).logits
-            lp = logprobs_from_logits(logits[:, -r - 1:-1], mb.response_ids, temperature)
-            out[row: row + len(mb), :r] = (lp * mb.response_mask[:, :r]).cpu()
+            mask = mb.response_mask[:, :r]
+            if self.cfg.reference.packing and self._keeps_logits:
+                rows = pack_rows(mb)
+                # No KV cache: with one, transformers would not derive the per-sequence mask.
+                logits = self.model(input_ids=rows.input_ids, position_ids=rows.position_ids, use_cache=False,
+                                    logits_to_keep=rows.keep_index).logits  # (1, N, V)
+                flat = logprobs_from_logits(logits, mb.response_ids[mask].unsqueeze(0), temperature)
+                lp = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
+            else:
+                kwargs = {"logits_to_keep": r + 1} if self._keeps_logits else {}  # the LM head skips the prompt
+                logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask.long(),
+                                    position_ids=mb.position_ids, **kwargs).logits
+                lp = logprobs_from_logits(logits[:, -r - 1:-1], mb.response_ids, temperature) * mask
+            out[row: row + len(mb), :r] = lp.cpu()
             row += len(mb)
         return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rlhf_ray.config import load_config
@@ -48,9 +49,11 @@ def test_left_padded_batch_scores_like_each_text_alone(tmp_path):
     assert (naive - alone).abs().max() > 1e-3
 
 
-def test_reference_logprobs_skip_the_prompt_and_match_the_full_model(tmp_path):
+@pytest.mark.parametrize("packing", [True, False])
+def test_reference_logprobs_skip_the_prompt_and_match_the_full_model(tmp_path, packing):
     """The reference role asks the LM head for the response positions only; the logprobs are
-    those of a full forward pass, on a batch with left-padded prompts and right-padded responses."""
+    those of a full forward pass of each sequence alone, on a batch with left-padded prompts and
+    right-padded responses, padded or packed without padding."""
     from transformers import AutoModelForCausalLM
 
     from rlhf_ray.batch import Generation, pack_generation
@@ -58,7 +61,7 @@ def test_reference_logprobs_skip_the_prompt_and_match_the_full_model(tmp_path):
     from rlhf_ray.workers.frozen import ReferenceModel
 
     path = str(build_tiny_model(tmp_path / "ref", arch="llama", seed=3))
-    cfg = load_config(None, {"model.path": path, "reference.micro_batch_size": 2})
+    cfg = load_config(None, {"model.path": path, "reference.micro_batch_size": 2, "reference.packing": packing})
     ref = ReferenceModel(cfg)
     assert ref._keeps_logits  # Llama takes logits_to_keep: the short path is the one tested
     gen = Generation(prompt_ids=[[5, 6, 7, 8], [9, 10], [11, 12, 13]],
