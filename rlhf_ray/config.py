@@ -208,6 +208,10 @@ class LearnerConfig:
     forward_max_tokens: int = 0
     """Token budget of one no-grad forward pass (old logprobs and values); 0: learner.forward_batch_size
     sequences per pass."""
+    logprob_chunk: int = 4096
+    """Response positions whose float32 log-softmax (for logprobs and entropy) is computed at once; the
+    backward pass recomputes it chunk by chunk, so the float32 copy of the (positions x vocab) logits
+    never exists whole (at a 152k vocabulary, 4096 positions take 2.5 GB in float32)."""
     packing: bool = True
     """Lay each pass's sequences end to end in one row, without padding (the attention stays within each
     sequence; needs a model whose attention honours packed position ids: Llama, Qwen2, Mistral, ... with
@@ -432,7 +436,7 @@ _POSITIVE = [
     "rollout.num_engines", "rollout.prompts_per_iteration", "rollout.samples_per_prompt",
     "rollout.max_new_tokens", "rollout.temperature", "rollout.max_model_len", "ppo.iterations",
     "ppo.epochs", "ppo.mini_batches", "ppo.clip_ratio", "learner.num_ranks",
-    "learner.micro_batch_size", "learner.forward_batch_size", "learner.lr",
+    "learner.micro_batch_size", "learner.forward_batch_size", "learner.lr", "learner.logprob_chunk",
     "reward.micro_batch_size", "reference.micro_batch_size", "data.max_prompt_tokens",
     "sync.bucket_mb", "sync.timeout_s", "resources.call_timeout_s", "resources.startup_timeout_s", "ppo.kl_horizon",
     "checkpoint.keep_last", "ppo.max_bad_iterations", "logging.log_every",

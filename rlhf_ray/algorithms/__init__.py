@@ -10,7 +10,7 @@ Vocabulary: B sequences, R response tokens, V vocab. Masks are bool, True = coun
 
 from .gae import GAEOutput, check_right_padded, compute_gae
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate
-from .logprobs import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
+from .logprobs import chunked_logprobs_and_entropy, entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
 from .losses import (
     PolicyLossOutput,
     ValueLossOutput,
@@ -48,6 +48,7 @@ __all__ = [
     "check_right_padded",
     "clip_scores",
     "compute_gae",
+    "chunked_logprobs_and_entropy",
     "entropy_from_logits",
     "explained_variance",
     "kl_estimate",

@@ -121,3 +121,68 @@ def logprobs_and_entropy(
         finite = torch.where(torch.isneginf(log_p), torch.zeros_like(log_p), log_p)
         entropy = -(log_p.exp() * finite).sum(dim=-1)
     return logprobs, entropy
+
+
+def _logprobs_entropy_rows(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                           entropy: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, V) logits, (N,) tokens -> (N,) logprobs and (N,) entropies (zeros when ``entropy`` is
+    "none"); the row form of :func:`logprobs_and_entropy`, checkpointed chunk by chunk."""
+    if entropy == "none":
+        lp = logprobs_from_logits(logits.unsqueeze(0), tokens.unsqueeze(0), temperature)[0]
+        return lp, torch.zeros_like(lp)
+    lp, ent = logprobs_and_entropy(logits.unsqueeze(0), tokens.unsqueeze(0), temperature,
+                                   entropy_grad=entropy == "grad")
+    return lp[0], ent[0]
+
+
+def chunked_logprobs_and_entropy(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    entropy: str = "none",
+    chunk: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`logprobs_and_entropy` (or :func:`logprobs_from_logits` when ``entropy`` is "none")
+    over ``chunk`` positions at a time, so the float32 working copies of the logits exist for
+    one chunk only.
+
+    The float32 log-softmax of bf16 logits is a (B, R, V) float32 tensor, twice the logits'
+    own size (8192 positions x a 152k vocabulary: 5 GB), and autograd would keep it for the
+    backward pass. Under autograd each chunk runs inside ``torch.utils.checkpoint``: only the
+    chunk's slice of the logits (which exist anyway) is saved, and the backward pass
+    recomputes the chunk's float32 terms. Values and gradients equal the unchunked ones.
+
+    Args:
+        logits: (B, R, V) logits predicting ``tokens``, any float dtype.
+        tokens: (B, R) integer token ids.
+        temperature: sampling temperature, > 0.
+        entropy: "none" (not computed; returns None), "log" (detached) or "grad".
+        chunk: positions per chunk (> 0).
+
+    Returns:
+        float32 (B, R) logprobs, and float32 (B, R) entropies or None.
+    """
+    if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
+        raise ValueError(f"expected logits (B, R, V) and tokens (B, R), got {tuple(logits.shape)} "
+                         f"and {tuple(tokens.shape)}")
+    if entropy not in ("none", "log", "grad"):
+        raise ValueError(f"entropy must be none, log or grad, got {entropy!r}")
+    if chunk <= 0:
+        raise ValueError(f"chunk must be > 0, got {chunk}")
+    B, R, V = logits.shape
+    rows, row_tokens = logits.reshape(B * R, V), tokens.reshape(B * R)
+    # One chunk saves nothing by recomputation: run it plainly.
+    use_checkpoint = torch.is_grad_enabled() and logits.requires_grad and B * R > chunk
+    lps, ents = [], []
+    for start in range(0, B * R, chunk):
+        args = (rows[start: start + chunk], row_tokens[start: start + chunk], temperature, entropy)
+        if use_checkpoint:
+            from torch.utils.checkpoint import checkpoint
+
+            lp, ent = checkpoint(_logprobs_entropy_rows, *args, use_reentrant=False)
+        else:
+            lp, ent = _logprobs_entropy_rows(*args)
+        lps.append(lp)
+        ents.append(ent)
+    logprobs = torch.cat(lps).reshape(B, R)
+    return logprobs, (torch.cat(ents).reshape(B, R) if entropy != "none" else None)

@@ -30,8 +30,7 @@ from typing import Iterator, NamedTuple
 import torch
 import torch.distributed as dist
 
-from rlhf_ray.algorithms import (logprobs_and_entropy, logprobs_from_logits, masked_sum, ppo_policy_loss,
-                                 value_loss)
+from rlhf_ray.algorithms import chunked_logprobs_and_entropy, masked_sum, ppo_policy_loss, value_loss
 from rlhf_ray.backends import deepspeed as ds
 from rlhf_ray.backends.replicated import ReplicatedModule, replicate
 from rlhf_ray.batch import ExperienceBatch, pack_rows, parts_for_budget, token_balanced_parts
@@ -140,10 +139,8 @@ class Learner(RoleBase):
             out = self.engine(mb.input_ids, mb.attention_mask.long(), mb.position_ids, response_len=mask.shape[1])
             tokens = mb.response_ids
         values = self.head.module(out.value_hidden)
-        if entropy == "none":
-            logprobs, ent = logprobs_from_logits(out.logits, tokens, temperature), None
-        else:
-            logprobs, ent = logprobs_and_entropy(out.logits, tokens, temperature, entropy_grad=entropy == "grad")
+        logprobs, ent = chunked_logprobs_and_entropy(out.logits, tokens, temperature, entropy,
+                                                     self.cfg.learner.logprob_chunk)
         if self.cfg.learner.packing:  # (1, N) -> (B, R), zeros at padding
             def unpack(t: torch.Tensor) -> torch.Tensor:
                 return torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(mask, t)

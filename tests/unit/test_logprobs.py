@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from rlhf_ray.algorithms import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
+from rlhf_ray.algorithms import (chunked_logprobs_and_entropy, entropy_from_logits, logprobs_and_entropy,
+                                 logprobs_from_logits)
 
 LOG3 = math.log(3.0)
 
@@ -202,3 +203,48 @@ def test_fused_banned_tokens_and_large_logits():
         logprobs_and_entropy(logits, tokens[:, :4])
     with pytest.raises(ValueError, match="temperature"):
         logprobs_and_entropy(logits, tokens, 0.0)
+
+
+# --------------------------------------------------------------------------- chunked
+
+
+@pytest.mark.parametrize("entropy", ["none", "log", "grad"])
+@pytest.mark.parametrize("chunk", [1, 4, 7, 100])
+def test_chunked_equals_unchunked_in_values_and_gradients(entropy, chunk):
+    gen = torch.Generator().manual_seed(5)
+    B, R, V = 3, 5, 11  # 15 positions: chunks of 4 and 7 leave a ragged last chunk
+    base = torch.randn(B, R, V, generator=gen, dtype=torch.float64)
+    tokens = torch.randint(0, V, (B, R), generator=gen)
+    weights = torch.randn(B, R, generator=gen, dtype=torch.float64)
+
+    def run(fn):
+        logits = base.clone().to(torch.float32).requires_grad_(True)
+        lp, ent = fn(logits)
+        loss = (lp * weights).sum() + (0.3 * (ent * weights).sum() if ent is not None and entropy == "grad" else 0)
+        loss.backward()
+        return lp.detach(), None if ent is None else ent.detach(), logits.grad
+
+    def whole(logits):
+        if entropy == "none":
+            return logprobs_from_logits(logits, tokens, 0.7), None
+        return logprobs_and_entropy(logits, tokens, 0.7, entropy_grad=entropy == "grad")
+
+    lp1, ent1, g1 = run(whole)
+    lp2, ent2, g2 = run(lambda lg: chunked_logprobs_and_entropy(lg, tokens, 0.7, entropy, chunk))
+    torch.testing.assert_close(lp2, lp1)
+    torch.testing.assert_close(g2, g1)
+    assert (ent1 is None) == (ent2 is None) == (entropy == "none")
+    if ent1 is not None:
+        torch.testing.assert_close(ent2, ent1)
+
+
+def test_chunked_hand_example_and_errors():
+    # Two tokens, uniform over 4 -> log(1/4); logits [0, log 3] at T=1 -> p = [1/4, 3/4].
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3.0), -math.inf, -math.inf]]])
+    lp, ent = chunked_logprobs_and_entropy(logits, torch.tensor([[2, 1]]), entropy="log", chunk=1)
+    torch.testing.assert_close(lp, torch.tensor([[math.log(0.25), math.log(0.75)]]))
+    torch.testing.assert_close(ent, torch.tensor([[math.log(4.0), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]]))
+    with pytest.raises(ValueError, match="entropy must be"):
+        chunked_logprobs_and_entropy(logits, torch.tensor([[2, 1]]), entropy="yes")
+    with pytest.raises(ValueError, match="chunk must be"):
+        chunked_logprobs_and_entropy(logits, torch.tensor([[2, 1]]), chunk=0)
