@@ -205,6 +205,7 @@ class Learner(RoleBase):
         gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + iteration * 31 + self.rank)
         sums: dict[str, torch.Tensor] = {}
         tokens = 0.0
+        pass_tokens = real_tokens = 0  # tokens through the body (padding included) / real tokens
         grad_norms: list = []
         head_norms: list[torch.Tensor] = []
         first_dev = None
@@ -216,6 +217,9 @@ class Learner(RoleBase):
                 for j, rows in enumerate(parts):
                     micro = mini.select(rows).trim()
                     n_tok = float(micro.num_response_tokens())  # on the host, before the copy
+                    real = int(micro.attention_mask.sum())
+                    real_tokens += real
+                    pass_tokens += real if self.cfg.learner.packing else micro.input_ids.numel()
                     self.engine.set_gradient_accumulation_boundary(j == len(parts) - 1)
                     stats = self._micro_step(micro.to(self.device), count)
                     dev = stats.pop("ratio_dev_max")
@@ -235,6 +239,8 @@ class Learner(RoleBase):
         metrics["value_head_grad_norm"] = float(torch.stack(head_norms).mean()) if head_norms else float("nan")
         metrics["onpolicy_ratio_dev"] = float(first_dev) if first_dev is not None else float("nan")
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        metrics["learner_tokens"] = float(pass_tokens)
+        metrics["padding_fraction"] = 1.0 - real_tokens / max(pass_tokens, 1)
         metrics["update_seconds"] = time.perf_counter() - t0
         return metrics
 
