@@ -229,6 +229,7 @@ class Learner(RoleBase):
                     tokens += n_tok
                 head_norms.append(self.head.step(engine_stepped=self.engine.was_step_applied()))
                 norm = self.engine.get_global_grad_norm()
+                norm = self._grad_norm if norm is None else norm
                 if norm is not None:
                     grad_norms.append(norm)
         keys = list(sums)
@@ -257,6 +258,12 @@ class Learner(RoleBase):
         loss = pl.loss + p.vf_coef * vl.loss - p.entropy_coef * entropy
         # Undo DeepSpeed's mean over ranks; the step's token count already normalises.
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        if self.engine.is_gradient_accumulation_boundary() and self.engine.get_global_grad_norm() is None:
+            # ZeRO-0 in fp32 clips without keeping the norm: take it from the reduced gradients.
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        else:
+            self._grad_norm = None
         self.engine.step()
         with torch.no_grad():
             local = mask.sum().clamp(min=1).float()
