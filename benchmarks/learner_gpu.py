@@ -190,9 +190,9 @@ class LearnerRunner:
 
     def __init__(self, cfg, clock: PhaseClock) -> None:
         from rlhf_ray.weight_sync.transport import free_port
-        from rlhf_ray.workers.learner import Learner
+        from rlhf_ray.workers.learner import Learner, LearnerSpec
 
-        self.learner = Learner(cfg, 0, 1)
+        self.learner = Learner(LearnerSpec.from_config(cfg), 0)
         info = self.learner.setup("127.0.0.1", free_port())
         self.parameters = int(info["parameters"])
         # the learner decides itself when model.gradient_checkpointing is unset
@@ -204,7 +204,12 @@ class LearnerRunner:
             if cfg.model.dtype == "bfloat16" else "DeepSpeed float32"
 
     def update(self, batch, iteration: int) -> None:
-        self.learner.train(batch, iteration)
+        from rlhf_ray.batch import TrainUpdate
+
+        # The slice a rank keeps from compute_old, here with the batch's own old logprobs/values:
+        # only the update is timed, as the module docstring says.
+        self.learner.shard = batch
+        self.learner.train(TrainUpdate.of(batch), iteration)
 
 
 class TorchRunner:

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlhf_ray.tiny_models import count_parameters
     from rlhf_ray.weight_sync.transport import free_port
-    from rlhf_ray.workers.learner import Learner
+    from rlhf_ray.batch import TrainUpdate
+    from rlhf_ray.workers.learner import Learner, LearnerSpec
 
     path = tiny_model(f"llama-h{args.model_hidden}-l{args.model_layers}", hidden_size=args.model_hidden,
                       num_layers=args.model_layers)
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             "rollout.prompts_per_iteration": args.batch, "rollout.samples_per_prompt": 1,
             "ppo.mini_batches": 2, "ppo.epochs": 1, "ppo.iterations": 10 * args.repeats,
             "resources.learner.threads": args.threads, "learner.lr": 1e-6})
-        learner = Learner(cfg, rank=0, world_size=1)
+        learner = Learner(LearnerSpec.from_config(cfg), rank=0)
         learner.setup("127.0.0.1", free_port())
         learners["packed" if packing else "padded"] = learner
 
@@ -83,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     for it in range(args.repeats + 1):  # the first round warms up and is not timed
         for mode, learner in learners.items():
             t0 = time.perf_counter()
-            old_lp, old_v = learner.compute_old(batch)
-            metrics = learner.train(batch.replace(old_logprobs=old_lp, old_values=old_v), it)
+            learner.compute_old(batch)  # the rank keeps its slice with its old logprobs and values
+            metrics = learner.train(TrainUpdate.of(batch), it)
             if it:
                 times[mode].append(time.perf_counter() - t0)
             last[mode] = metrics

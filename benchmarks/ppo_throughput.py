@@ -163,7 +163,7 @@ def run_size(model: str, size: tuple[int, int, int], args, dissect: bool) -> dic
     import ray
 
     from rlhf_ray.coordinator.loop import PPOCoordinator
-    from rlhf_ray.coordinator.run import prepare_inputs
+    from rlhf_ray.coordinator.preflight import prepare_inputs
 
     prompts, samples, tokens = size
     cfg = size_config(model, prompts, samples, tokens, args)

@@ -6,7 +6,7 @@ other processes hits both alike:
   * system: ``RolloutGroup.generate(...).result()`` on one ``RolloutActor`` (Ray actor, its
     runtime_env as ``Roles`` sets it: 1 thread, in-process vLLM engine) followed by
     ``pack_generation`` in the driver, i.e. the coordinator's generate phase;
-  * direct: ``vllm.LLM(**rlhf_ray.backends.vllm.engine_kwargs(cfg, ...))`` in this process (same
+  * direct: ``vllm.LLM(**rlhf_ray.backends.vllm.engine_kwargs(EngineSpec.from_config(cfg), ...))`` in this process (same
     engine arguments, env and seed, 1 thread), ``llm.generate`` with the same token prompts and
     the same ``SamplingParams`` as ``RolloutEngine.generate`` builds;
   * in between: ``RolloutEngine.generate`` (the same plain class, no Ray) + ``pack_generation``
@@ -63,9 +63,10 @@ def main() -> None:
     model = _env.tiny_model()
     # One engine config serves every size: max_model_len is the demo's 128 (prompts <= 48 tokens).
     cfg = make_config(model, *sizes[0], threads=args.threads)
-    from rlhf_ray.backends.vllm import engine_env
+    from rlhf_ray.backends.vllm import EngineSpec, engine_env
 
-    os.environ.update(engine_env(cfg))  # before vllm is imported, as the actor's runtime_env does
+    engine_spec = EngineSpec.from_config(cfg)
+    os.environ.update(engine_env(engine_spec))  # before vllm is imported, as the actor's runtime_env does
     threads = _env.set_threads(cfg.resources.rollout.threads)
     quiet = _env.wait_for_quiet(args.quiet_wait)
 
@@ -75,7 +76,7 @@ def main() -> None:
 
     from rlhf_ray.batch import pack_generation
     from rlhf_ray.coordinator.groups import RolloutGroup, base_env
-    from rlhf_ray.coordinator.run import prepare_inputs
+    from rlhf_ray.coordinator.preflight import prepare_inputs
     from rlhf_ray.workers.actors import RolloutActor
     from rlhf_ray.workers.rollout import RolloutEngine, SamplingSpec
 
@@ -83,10 +84,11 @@ def main() -> None:
     _env.start_ray(num_cpus=4)
     res = cfg.resources.rollout
     actor = RolloutActor.options(num_cpus=res.num_cpus, max_concurrency=1, name="bench-rollout",
-                                 runtime_env={"env_vars": {**base_env(res.threads), **engine_env(cfg)}}).remote(cfg, 0)
+                                 runtime_env={"env_vars": {**base_env(res.threads), **engine_env(engine_spec)}}).remote(
+                                     engine_spec, 0)
     group = RolloutGroup([actor], cfg.resources.call_timeout_s)
     ray.get(actor.ping.remote())
-    local = RolloutEngine(cfg, 0)  # the same plain class, in this process; its LLM is the "direct" engine
+    local = RolloutEngine(engine_spec, 0)  # the same plain class, in this process; its LLM is the "direct" engine
     _env.set_threads(cfg.resources.rollout.threads)
 
     results = []
@@ -159,7 +161,7 @@ def main() -> None:
                        "direct_s": round(r["median_s"]["direct/no_logprobs"], 4),
                        "logprobs_cost_direct": round(r["logprobs_cost_direct"], 3)} for r in results}
     _env.save_results(args.name, {"args": vars(args), "threads": threads, "load": quiet, "loadavg_end": _env.loadavg(),
-                                  "engine_env": engine_env(cfg), "sizes": results}, key)
+                                  "engine_env": engine_env(engine_spec), "sizes": results}, key)
 
 
 if __name__ == "__main__":

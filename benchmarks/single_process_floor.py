@@ -195,7 +195,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
-    from rlhf_ray.coordinator.run import prepare_inputs
+    from rlhf_ray.coordinator.preflight import prepare_inputs
 
     threads = _env.set_threads(args.threads)
     quiet = _env.wait_for_quiet(args.quiet_wait)

@@ -71,7 +71,7 @@ def run_ours(model: str, args, separate_critic: bool, async_generation: bool = F
     import ray
 
     from rlhf_ray.coordinator.loop import PPOCoordinator
-    from rlhf_ray.coordinator.run import prepare_inputs
+    from rlhf_ray.coordinator.preflight import prepare_inputs
     from benchmarks.ppo_throughput import start_roles
 
     s = SHARED

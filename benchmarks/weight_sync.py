@@ -128,11 +128,11 @@ def vllm_load_floor(cfg, model_path: str, reps: int) -> float:
     from safetensors.torch import load_file
     from vllm import LLM
 
-    from rlhf_ray.backends.vllm import engine_kwargs
+    from rlhf_ray.backends.vllm import EngineSpec, engine_kwargs
     from rlhf_ray.workers.rollout import _QuietBenignReload
 
     logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietBenignReload())
-    kwargs = engine_kwargs(cfg, model_path, seed=0)
+    kwargs = engine_kwargs(EngineSpec.from_config(cfg), model_path, seed=0)
     kwargs.pop("worker_extension_cls", None)
     llm = LLM(**kwargs)
     state = {}
@@ -153,16 +153,18 @@ def vllm_load_floor(cfg, model_path: str, reps: int) -> float:
 
 
 def start_sync_roles(cfg):
-    from rlhf_ray.backends.vllm import engine_env
+    from rlhf_ray.backends.vllm import EngineSpec, engine_env
     from rlhf_ray.coordinator.groups import LearnerGroup, base_env
     from rlhf_ray.workers.actors import LearnerActor, RolloutActor
+    from rlhf_ray.workers.learner import LearnerSpec
 
     res = cfg.resources
     engine = RolloutActor.options(num_cpus=res.rollout.num_cpus, max_concurrency=1, runtime_env={
-        "env_vars": {**base_env(res.rollout.threads), **engine_env(cfg)}}).remote(cfg, 0)
+        "env_vars": {**base_env(res.rollout.threads), **engine_env(EngineSpec.from_config(cfg))}}).remote(
+        EngineSpec.from_config(cfg), 0)
     n = cfg.learner.num_ranks
     actors = [LearnerActor.options(num_cpus=res.learner.num_cpus, max_concurrency=1, runtime_env={
-        "env_vars": base_env(res.learner.threads)}).remote(cfg, i, n) for i in range(n)]
+        "env_vars": base_env(res.learner.threads)}).remote(LearnerSpec.from_config(cfg), i) for i in range(n)]
     learners = LearnerGroup(actors, res.call_timeout_s)
     learners.setup().result()
     ray.get(engine.ping.remote())
@@ -242,13 +244,13 @@ def main() -> None:
     ap.add_argument("--name", default="weight_sync")
     args = ap.parse_args()
 
-    from rlhf_ray.backends.vllm import engine_env
+    from rlhf_ray.backends.vllm import EngineSpec, engine_env
 
     threads = _env.set_threads(1)
     quiet = _env.wait_for_quiet(args.quiet_wait)
     models = [tuple(int(x) for x in m.split("x")) for m in args.models.split(",")]
     base_cfg = _env.bench_config(_env.tiny_model())
-    os.environ.update(engine_env(base_cfg))  # for the in-process load floor, before vllm is imported
+    os.environ.update(engine_env(EngineSpec.from_config(base_cfg)))  # for the in-process load floor, before vllm is imported
     _env.set_threads(1)
     _env.start_ray(num_cpus=4)
     results = [run_model(h, layer_count, args) for h, layer_count in models]

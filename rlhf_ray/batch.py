@@ -14,7 +14,7 @@ Only the standard library and torch are imported here.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -60,7 +60,7 @@ class ExperienceBatch:
     old_values: torch.Tensor | None = None  # (B, R) float32
     advantages: torch.Tensor | None = None  # (B, R) float32
     returns: torch.Tensor | None = None  # (B, R) float32
-    meta: dict = field(default_factory=dict)  # small per-batch facts (e.g. tokens of the step)
+    bad_rows: torch.Tensor | None = None  # (B,) bool: quarantined samples (NaN/inf score, logprob or value)
 
     # ------------------------------------------------------------------ shape helpers
     def __len__(self) -> int:
@@ -79,8 +79,7 @@ class ExperienceBatch:
         return int(self.response_mask.sum())
 
     def _tensor_fields(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self)
-                if f.name != "meta" and getattr(self, f.name) is not None]
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
 
     # ------------------------------------------------------------------ transforms
     def replace(self, **changes) -> "ExperienceBatch":
@@ -88,12 +87,11 @@ class ExperienceBatch:
 
     def to(self, device: torch.device | str) -> "ExperienceBatch":
         """Every tensor moved to ``device`` (no copy when already there)."""
-        return self.replace(**{n: getattr(self, n).to(device) for n in self._tensor_fields()}, meta=dict(self.meta))
+        return self.replace(**{n: getattr(self, n).to(device) for n in self._tensor_fields()})
 
     def select(self, index: torch.Tensor | slice) -> "ExperienceBatch":
         """Rows ``index`` of every tensor (a new batch; tensors are not copied for slices)."""
-        return self.replace(**{n: getattr(self, n)[index] for n in self._tensor_fields()},
-                            meta=dict(self.meta))
+        return self.replace(**{n: getattr(self, n)[index] for n in self._tensor_fields()})
 
     def split(self, parts: int) -> list["ExperienceBatch"]:
         """``parts`` contiguous equal shards; raises if B is not divisible by ``parts``."""
@@ -114,8 +112,7 @@ class ExperienceBatch:
         if len(shapes) != 1:
             raise ValueError(f"cannot concat batches with different (P, R): {sorted(shapes)}")
         names = first._tensor_fields()
-        return first.replace(**{n: torch.cat([getattr(p, n) for p in parts]) for n in names},
-                             meta=dict(first.meta))
+        return first.replace(**{n: torch.cat([getattr(p, n) for p in parts]) for n in names})
 
     def trim(self) -> "ExperienceBatch":
         """Drop all-padding prompt columns on the left and response columns on the right."""
@@ -129,7 +126,46 @@ class ExperienceBatch:
         for n, t in out.items():
             if n not in ("input_ids", "attention_mask", "position_ids") and t.dim() == 2:
                 out[n] = t[:, :keep_r]
-        return self.replace(**out, meta=dict(self.meta))
+        return self.replace(**out)
+
+
+@dataclass
+class TrainUpdate:
+    """What a learner rank needs for its update beyond the slice it already holds from
+    ``compute_old`` (token ids, masks, its own old logprobs and values): only what the
+    advantages phase produced. Shapes match that slice: (B, R)."""
+
+    advantages: torch.Tensor  # (B, R) float32, whitened; 0 outside response_mask
+    returns: torch.Tensor  # (B, R) float32
+    response_mask: torch.Tensor  # (B, R) bool: the slice's mask with quarantined samples cleared
+
+    @staticmethod
+    def of(batch: ExperienceBatch) -> "TrainUpdate":
+        return TrainUpdate(batch.advantages, batch.returns, batch.response_mask)
+
+    def split(self, parts: int) -> list["TrainUpdate"]:
+        """``parts`` contiguous equal shards, matching ``ExperienceBatch.split``."""
+        B = self.advantages.shape[0]
+        if B % parts:
+            raise ValueError(f"cannot split an update of {B} rows into {parts} equal parts")
+        size = B // parts
+        fields = (self.advantages, self.returns, self.response_mask)
+        return [TrainUpdate(*(t[i * size:(i + 1) * size] for t in fields)) for i in range(parts)]
+
+    def apply_to(self, shard: ExperienceBatch) -> ExperienceBatch:
+        """``shard`` (with old logprobs and values) ready for the update: the new fields set, and
+        old logprobs/values zeroed outside the mask (a quarantined sample's may be NaN, and a
+        masked NaN would still poison a sum)."""
+        if shard.old_logprobs is None or shard.old_values is None:
+            raise ValueError("the shard has no old logprobs/values; compute_old must run before train")
+        if self.advantages.shape != shard.response_mask.shape:
+            raise ValueError(f"an update of shape {tuple(self.advantages.shape)} does not match the shard of "
+                             f"shape {tuple(shard.response_mask.shape)} kept from compute_old")
+        mask = self.response_mask
+        zero = torch.zeros((), dtype=torch.float32)
+        return shard.replace(advantages=self.advantages, returns=self.returns, response_mask=mask,
+                             old_logprobs=torch.where(mask, shard.old_logprobs, zero),
+                             old_values=torch.where(mask, shard.old_values, zero))
 
 
 def pack_generation(gen: Generation, pad_id: int, eos_ids: Sequence[int] = ()) -> ExperienceBatch:
@@ -171,6 +207,17 @@ def pack_generation(gen: Generation, pad_id: int, eos_ids: Sequence[int] = ()) -
         truncated=truncated,
         prompt_index=torch.tensor(gen.prompt_index, dtype=torch.long),
     )
+
+
+def decode_rows(batch: ExperienceBatch, tokenizer) -> tuple[list[str], list[str]]:
+    """Prompt and response texts of each row, padding and special tokens removed (``tokenizer``:
+    anything with a transformers-style ``decode``)."""
+    P = batch.prompt_len
+    prompts, responses = [], []
+    for ids, mask in zip(batch.input_ids, batch.attention_mask):
+        prompts.append(tokenizer.decode(ids[:P][mask[:P]].tolist(), skip_special_tokens=True))
+        responses.append(tokenizer.decode(ids[P:][mask[P:]].tolist(), skip_special_tokens=True))
+    return prompts, responses
 
 
 # --------------------------------------------------------------------------- padding-free packing

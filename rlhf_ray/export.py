@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 
-from rlhf_ray.coordinator.checkpoint import complete_checkpoints
+from rlhf_ray.checkpoint_files import complete_checkpoints
 
 
 def find_policy_dir(source: str) -> str:

@@ -28,7 +28,7 @@ import os
 import sys
 import time
 
-from rlhf_ray.train_config import PipelineConfig, validate_pipeline
+from rlhf_ray.supervised.config import PipelineConfig, validate_pipeline
 
 
 def preflight(cfg: PipelineConfig) -> None:
@@ -36,9 +36,9 @@ def preflight(cfg: PipelineConfig) -> None:
     spent: a bad RM file should not surface only after SFT."""
     from transformers import AutoTokenizer
 
-    from rlhf_ray.coordinator.supervised import prepare_model
-    from rlhf_ray.data.datasets import load_preference_data
     from rlhf_ray.data.demo_data import ensure_demo_data
+    from rlhf_ray.supervised.data import load_preference_data
+    from rlhf_ray.supervised.run import prepare_model
 
     if cfg.demo_data_dir:
         ensure_demo_data(cfg.demo_data_dir, seed=cfg.sft.seed)
@@ -60,6 +60,7 @@ def sample_digit_fraction(model_dir: str, prompts: list[str], max_new_tokens: in
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rlhf_ray.data.prompts import pad_token_id
     from rlhf_ray.rewards import digit_fraction
 
     tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
@@ -68,7 +69,7 @@ def sample_digit_fraction(model_dir: str, prompts: list[str], max_new_tokens: in
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=max_new_tokens,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+                             pad_token_id=pad_token_id(tok))
     answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     scores = digit_fraction(prompts, answers)
     return sum(scores) / len(scores)
@@ -92,8 +93,8 @@ def digit_check(cfg: PipelineConfig, run_dir: str) -> dict:
 
 def run_pipeline(cfg: PipelineConfig, ray_address: str | None = None) -> dict:
     """Run the configured stages in one Ray session; returns the summary."""
+    from rlhf_ray.coordinator.cluster import start_ray
     from rlhf_ray.coordinator.run import run as run_ppo
-    from rlhf_ray.coordinator.run import start_ray
     from rlhf_ray.launch import run_dir_for
     from rlhf_ray.train_rm import train_rm
     from rlhf_ray.train_sft import train_sft
@@ -155,7 +156,7 @@ def format_summary(s: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from rlhf_ray.config import config_to_dict
-    from rlhf_ray.coordinator.supervised import parse_cli
+    from rlhf_ray.supervised.run import parse_cli
 
     args, cfg = parse_cli("python -m rlhf_ray.pipeline", "Demo data -> SFT -> reward model -> PPO on one Ray cluster.",
                           PipelineConfig, validate_pipeline, sys.argv[1:] if argv is None else argv)
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config_to_dict(cfg), indent=2))
         return 0
     from rlhf_ray.config import ConfigError
-    from rlhf_ray.data.datasets import DataError
+    from rlhf_ray.data.records import DataError
 
     try:
         summary = run_pipeline(cfg, args.ray_address or os.environ.get("RAY_ADDRESS"))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import sys
 
-from rlhf_ray.train_config import RMRunConfig, validate_rm
+from rlhf_ray.supervised.config import RMRunConfig, validate_rm
 
 KEYS = ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy", "eval/reward_gap", "train/seconds")
 
@@ -33,8 +33,8 @@ def prepare(cfg: RMRunConfig):
     """Everything checked before Ray starts; returns the tokenised pairs."""
     from transformers import AutoTokenizer
 
-    from rlhf_ray.coordinator.supervised import check_train_size, prepare_demo_data, prepare_model
-    from rlhf_ray.data.datasets import load_preference_data
+    from rlhf_ray.supervised.data import load_preference_data
+    from rlhf_ray.supervised.run import check_train_size, prepare_demo_data, prepare_model
 
     prepare_model(cfg)
     prepare_demo_data(cfg)
@@ -60,7 +60,7 @@ def _note_new_head(path: str) -> None:
 
 def train_rm(cfg: RMRunConfig, ray_address: str | None = None) -> dict:
     """Train the reward model to the end; returns the summary (held-out accuracy before/after)."""
-    from rlhf_ray.coordinator.supervised import run_supervised
+    from rlhf_ray.supervised.run import run_supervised
     from rlhf_ray.workers.actors import RewardModelTrainerActor
 
     data = prepare(cfg)
@@ -74,7 +74,7 @@ def train_rm(cfg: RMRunConfig, ray_address: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhf_ray.coordinator.supervised import cli_main
+    from rlhf_ray.supervised.run import cli_main
 
     return cli_main("python -m rlhf_ray.train_rm", "Bradley-Terry reward model on Ray + DeepSpeed.", RMRunConfig, validate_rm, train_rm, argv)
 

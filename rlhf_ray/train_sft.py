@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 
-from rlhf_ray.train_config import SFTRunConfig, validate_sft
+from rlhf_ray.supervised.config import SFTRunConfig, validate_sft
 
 KEYS = ("train/loss", "train/token_accuracy", "eval/loss", "eval/token_accuracy", "train/seconds")
 
@@ -31,8 +31,8 @@ def prepare(cfg: SFTRunConfig):
     Returns the tokenised data."""
     from transformers import AutoTokenizer
 
-    from rlhf_ray.coordinator.supervised import check_train_size, prepare_demo_data, prepare_model
-    from rlhf_ray.data.datasets import load_sft_data
+    from rlhf_ray.supervised.data import load_sft_data
+    from rlhf_ray.supervised.run import check_train_size, prepare_demo_data, prepare_model
 
     prepare_model(cfg)
     prepare_demo_data(cfg)
@@ -47,7 +47,7 @@ def prepare(cfg: SFTRunConfig):
 
 def train_sft(cfg: SFTRunConfig, ray_address: str | None = None) -> dict:
     """Run SFT to the end; returns the summary (first/last losses, held-out metrics)."""
-    from rlhf_ray.coordinator.supervised import run_supervised
+    from rlhf_ray.supervised.run import run_supervised
     from rlhf_ray.workers.actors import SFTTrainerActor
 
     data = prepare(cfg)
@@ -61,7 +61,7 @@ def train_sft(cfg: SFTRunConfig, ray_address: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhf_ray.coordinator.supervised import cli_main
+    from rlhf_ray.supervised.run import cli_main
 
     return cli_main("python -m rlhf_ray.train_sft", "Supervised fine-tuning on Ray + DeepSpeed.", SFTRunConfig, validate_sft, train_sft, argv)
 

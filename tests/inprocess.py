@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from rlhf_ray.batch import ExperienceBatch, Generation, pack_generation
+from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate, pack_generation
 from rlhf_ray.config import Config, load_config
 
 PAD_ID = 0  # the tiny tokenizer's <pad>; real tokens are drawn from [4, vocab)
@@ -55,9 +55,9 @@ def build_learner(cfg: Config):
     """A set-up ``Learner`` (rank 0 of 1) and what ``setup`` returned. The address is loopback
     and the port free; a process that already has a default group ignores both."""
     from rlhf_ray.weight_sync.transport import free_port
-    from rlhf_ray.workers.learner import Learner
+    from rlhf_ray.workers.learner import Learner, LearnerSpec
 
-    learner = Learner(cfg, rank=0, world_size=1)
+    learner = Learner(LearnerSpec.from_config(cfg), rank=0)
     info = learner.setup("127.0.0.1", free_port())
     return learner, info
 
@@ -100,6 +100,14 @@ def synthetic_batch(B: int = 8, P: int = 7, R: int = 6, vocab: int = 512, seed: 
     noise = lambda scale: torch.randn(mask.shape, generator=g) * scale * mask  # noqa: E731
     return batch.replace(old_logprobs=(-3.0 + noise(0.1)) * mask, old_values=noise(0.1),
                          advantages=noise(1.0), returns=noise(1.0), ref_logprobs=(-3.0 + noise(0.1)) * mask)
+
+
+def train(learner, batch: ExperienceBatch, iteration: int) -> dict[str, float]:
+    """One update on ``batch`` as the coordinator drives it: ``compute_old`` (the rank keeps its
+    slice with its own old logprobs and values), then ``train`` with only ``batch``'s advantages,
+    returns and mask."""
+    learner.compute_old(batch)
+    return learner.train(TrainUpdate.of(batch), iteration)
 
 
 def with_learner_old(learner, batch: ExperienceBatch) -> ExperienceBatch:

@@ -26,7 +26,7 @@ from .masked import (
     masked_var,
     masked_whiten,
 )
-from .rewards import (
+from .shaping import (
     RunningMoments,
     apply_missing_eos_penalty,
     clip_scores,

@@ -170,6 +170,9 @@ def chunked_logprobs_and_entropy(
     if chunk <= 0:
         raise ValueError(f"chunk must be > 0, got {chunk}")
     B, R, V = logits.shape
+    if B * R == 0:  # e.g. a packed micro-batch whose samples were all quarantined: empty, still on the graph
+        empty = logits.float().sum(-1)
+        return empty, (empty.clone() if entropy != "none" else None)
     rows, row_tokens = logits.reshape(B * R, V), tokens.reshape(B * R)
     # One chunk saves nothing by recomputation: run it plainly.
     use_checkpoint = torch.is_grad_enabled() and logits.requires_grad and B * R > chunk

@@ -9,11 +9,11 @@ import datetime
 import math
 import os
 import warnings
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from rlhf_ray.config import Config, LearnerConfig, Sizes
+from rlhf_ray.config import LearnerConfig
 
 
 def dist_backend() -> str:
@@ -36,11 +36,6 @@ def init_distributed(master_addr: str, master_port: int, rank: int, world_size: 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=dist_backend(), auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
-
-
-def ds_config(cfg: Config, sizes: Sizes, hidden_size: int | None = None) -> dict:
-    """The DeepSpeed config dict for the PPO learner group."""
-    return learner_ds_config(cfg.learner, sizes.grad_accum_steps, cfg.model.dtype, hidden_size)
 
 
 def learner_ds_config(lrn: LearnerConfig, grad_accum_steps: int, dtype: str, hidden_size: int | None = None) -> dict:
@@ -227,6 +222,21 @@ def gathered(params: Sequence[torch.nn.Parameter], zero_stage: int) -> Iterator[
             yield
     else:
         yield
+
+
+def gather_full_state_dict(named_params: Iterable[tuple[str, torch.nn.Parameter]], zero_stage: int,
+                           keep: bool) -> dict[str, torch.Tensor]:
+    """Full CPU copies of ``named_params`` by name where ``keep`` is True, an empty dict elsewhere.
+
+    Under ZeRO-3 every rank must call it with the same parameters in the same order: each one is
+    gathered in turn (a collective every rank enters), so at most one parameter is held whole on
+    the device at a time. Usually one rank keeps (rank 0, which then writes or sends)."""
+    full: dict[str, torch.Tensor] = {}
+    for name, p in named_params:
+        with gathered([p], zero_stage):
+            if keep:
+                full[name] = p.data.detach().clone().cpu()
+    return full
 
 
 def param_shape(p: torch.nn.Parameter) -> tuple[int, ...]:

@@ -19,13 +19,14 @@ import functools
 import importlib.metadata
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from rlhf_ray.config import Config
+from rlhf_ray.config import Config, RolloutConfig
 from rlhf_ray.weight_sync.plan import from_wire
 from rlhf_ray.weight_sync.transport import from_array, new_sync_group, receive_buckets
 
@@ -86,30 +87,47 @@ def warn_if_unsupported_vllm() -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def engine_env(cfg: Config) -> dict[str, str]:
+@dataclass(frozen=True)
+class EngineSpec:
+    """What a rollout engine reads: the rollout section and a few facts from other sections."""
+
+    rollout: RolloutConfig
+    model_path: str  # model.path: the engines start from the policy checkpoint
+    dtype: str  # model.dtype (bfloat16 applies on GPU engines only)
+    num_gpus: float  # resources.rollout.num_gpus
+    threads: int  # resources.rollout.threads
+    seed: int
+
+    @staticmethod
+    def from_config(cfg: Config) -> "EngineSpec":
+        res = cfg.resources.rollout
+        return EngineSpec(cfg.rollout, cfg.model.path, cfg.model.dtype, res.num_gpus, res.threads, cfg.seed)
+
+
+def engine_env(spec: EngineSpec) -> dict[str, str]:
     """Environment variables the engine's process needs (set through the actor's runtime_env)."""
-    threads = str(cfg.resources.rollout.threads)
+    threads = str(spec.threads)
     env = {
         # In-process engine: ~2 s start instead of ~13 s on CPU, and no extra processes.
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "OMP_NUM_THREADS": threads,
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-        "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(cfg.rollout.kv_cache_gib))),
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(spec.rollout.kv_cache_gib))),
         "TOKENIZERS_PARALLELISM": "false",
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
     return env
 
 
-def engine_kwargs(cfg: Config, model_path: str, seed: int) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.LLM`` from the config. Warns (once per process) if the
+def engine_kwargs(spec: EngineSpec, model_path: str, seed: int) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM`` from the engine's spec. Warns (once per process) if the
     installed vLLM is outside :data:`SUPPORTED_VLLM`."""
     warn_if_unsupported_vllm()
-    r = cfg.rollout
-    on_gpu = torch.cuda.is_available() and cfg.resources.rollout.num_gpus > 0
+    r = spec.rollout
+    on_gpu = torch.cuda.is_available() and spec.num_gpus > 0
     kwargs: dict[str, Any] = dict(
         model=model_path,
-        dtype="bfloat16" if (on_gpu and cfg.model.dtype == "bfloat16") else "float32",
+        dtype="bfloat16" if (on_gpu and spec.dtype == "bfloat16") else "float32",
         enforce_eager=r.enforce_eager,
         max_model_len=r.max_model_len,
         seed=seed,
@@ -154,7 +172,3 @@ class WeightReceiver:
 
     def _rlhf_load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
-
-    def rlhf_weight_checksum(self) -> float:
-        """Sum of all parameters: a cheap fingerprint to compare across engines in tests."""
-        return float(sum(p.detach().double().sum() for p in self.model_runner.model.parameters()))  # type: ignore[attr-defined]

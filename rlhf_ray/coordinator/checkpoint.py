@@ -1,4 +1,4 @@
-"""Atomic, resumable checkpoints of a run.
+"""Atomic, resumable checkpoints of a PPO run.
 
 Layout of ``<run_dir>/checkpoints/iter_000010/``::
 
@@ -10,45 +10,24 @@ Layout of ``<run_dir>/checkpoints/iter_000010/``::
 A checkpoint is written under ``iter_000010.tmp`` and renamed into place only when complete,
 so a crash while saving leaves the previous checkpoints untouched and never a half one that
 looks whole. Directories without ``COMPLETE`` are ignored when resuming.
+
+The directory names and the atomic publishing step are ``rlhf_ray.checkpoint_files`` (shared
+with the supervised trainers; re-exported here for the coordinator); this module adds what is
+PPO's own: resolving ``--resume``, writing the learners' state with the coordinator's, and
+reading the coordinator's state back.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 
+from rlhf_ray.checkpoint_files import checkpoint_path, checkpoints_dir, complete_checkpoints, publish, run_dir_of
 from rlhf_ray.config import Config, config_to_dict
 
-
-def _name_pattern(prefix: str) -> re.Pattern:
-    return re.compile(rf"^{prefix}_(\d{{6,}})$")
-
-
-def checkpoints_dir(run_dir: str) -> str:
-    return os.path.join(run_dir, "checkpoints")
-
-
-def checkpoint_path(run_dir: str, number: int, prefix: str = "iter") -> str:
-    """``<run_dir>/checkpoints/<prefix>_<number, 6+ digits>``: the names ``complete_checkpoints`` finds."""
-    return os.path.join(checkpoints_dir(run_dir), f"{prefix}_{number:06d}")
-
-
-def complete_checkpoints(run_dir: str, prefix: str = "iter") -> list[str]:
-    """Complete checkpoints of a run, oldest first (``<prefix>_<number>``: iter for PPO runs,
-    step for the supervised trainers)."""
-    root = checkpoints_dir(run_dir)
-    if not os.path.isdir(root):
-        return []
-    pattern = _name_pattern(prefix)
-    found = []
-    for name in os.listdir(root):
-        m = pattern.match(name)
-        path = os.path.join(root, name)
-        if m and os.path.isfile(os.path.join(path, "COMPLETE")):
-            found.append((int(m.group(1)), path))
-    return [p for _, p in sorted(found)]
+__all__ = ["checkpoint_path", "checkpoints_dir", "complete_checkpoints", "load_coordinator_state", "publish",
+           "resolve_resume", "run_dir_of", "save_checkpoint"]
 
 
 def resolve_resume(target: str, cfg: Config) -> str:
@@ -71,10 +50,6 @@ def resolve_resume(target: str, cfg: Config) -> str:
     return found[-1]
 
 
-def run_dir_of(checkpoint: str) -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-
-
 def save_checkpoint(run_dir: str, iteration: int, coordinator_state: dict, cfg: Config, learners,
                     tokenizer_path: str | None) -> str:
     """Write checkpoint ``iter_<iteration>`` atomically; prune to checkpoint.keep_last."""
@@ -87,18 +62,6 @@ def save_checkpoint(run_dir: str, iteration: int, coordinator_state: dict, cfg: 
         json.dump({"coordinator": coordinator_state, "config": config_to_dict(cfg)}, fh, indent=2)
     publish(tmp, final, f"iteration {iteration}", cfg.checkpoint.keep_last)
     return final
-
-
-def publish(tmp: str, final: str, note: str, keep_last: int, prefix: str = "iter") -> None:
-    """Mark the fully written ``tmp`` COMPLETE, move it to ``final`` and delete all but the newest
-    ``keep_last`` complete checkpoints beside it."""
-    with open(os.path.join(tmp, "COMPLETE"), "w") as fh:
-        fh.write(note + "\n")
-    if os.path.isdir(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in complete_checkpoints(run_dir_of(final), prefix)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_coordinator_state(checkpoint: str) -> dict:

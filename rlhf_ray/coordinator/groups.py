@@ -13,13 +13,15 @@ import ray
 import torch
 
 from rlhf_ray.backends.deepspeed import dist_backend
-from rlhf_ray.backends.vllm import engine_env
-from rlhf_ray.batch import ExperienceBatch, Generation
+from rlhf_ray.backends.vllm import EngineSpec, engine_env
+from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate
 from rlhf_ray.config import Config
 from rlhf_ray.coordinator.pending import Pending, RayPending, Source, describe
 from rlhf_ray.coordinator.placement import actor_options, create_groups, placement_plan
 from rlhf_ray.weight_sync.plan import Bucket, plan_buckets
 from rlhf_ray.workers.actors import LearnerActor, ReferenceActor, RewardActor, RolloutActor
+from rlhf_ray.workers.frozen import ReferenceSpec, RewardSpec
+from rlhf_ray.workers.learner import LearnerSpec
 from rlhf_ray.workers.rollout import SamplingSpec
 
 
@@ -90,8 +92,10 @@ class LearnerGroup:
 
         return self._all("old logprobs/values", refs, cat)
 
-    def train(self, batch: ExperienceBatch, iteration: int) -> Pending[dict[str, float]]:
-        refs = [a.train.remote(s, iteration) for a, s in zip(self.actors, self._slices(batch))]
+    def train(self, update: TrainUpdate, iteration: int) -> Pending[dict[str, float]]:
+        """Each rank trains on the slice it kept from ``compute_old``; only the update's fields
+        (advantages, returns, mask) travel, one small object per rank."""
+        refs = [a.train.remote(u, iteration) for a, u in zip(self.actors, update.split(len(self.actors)))]
 
         def mean(parts: list[dict]) -> dict[str, float]:
             return {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
@@ -166,6 +170,11 @@ class Roles:
         self.reward = RewardClient([], timeout)
         self.learners = LearnerGroup([], timeout)
         self.placement: dict[str, dict] = {}
+        # Each role's actor class and the spec it is built from (its own settings, not the tree).
+        self.kinds = {"rollout": (RolloutActor, EngineSpec.from_config(cfg)),
+                      "reference": (ReferenceActor, ReferenceSpec.from_config(cfg)),
+                      "reward": (RewardActor, RewardSpec.from_config(cfg)),
+                      "learner": (LearnerActor, LearnerSpec.from_config(cfg))}
         try:
             self.engines += [self._spawn(("rollout", i)) for i in range(cfg.rollout.num_engines)]
             self.reference.actors.append(self._spawn(("reference", 0)))
@@ -179,26 +188,20 @@ class Roles:
 
     # ------------------------------------------------------------------ creating actors
     def _spawn(self, source: Source):
+        """Start the actor of ``source`` in its placement bundle, from its role's spec."""
         role, i = source
+        actor_cls, spec = self.kinds[role]
         res = getattr(self.cfg.resources, role)
         gen = self.generation.get(source, 0)
         name = f"{role}-{i}" + (f"-r{gen}" if gen else "")
         env = base_env(res.threads)
-        if role == "rollout":
-            env.update(engine_env(self.cfg))
-        opts = actor_options(self.pgs[role], i, res, name, env)
-        if role == "rollout":
-            return RolloutActor.options(**opts).remote(self.cfg, i)
-        if role == "reference":
-            return ReferenceActor.options(**opts).remote(self.cfg, i)
-        if role == "reward":
-            return RewardActor.options(**opts).remote(self.cfg, i)
-        return LearnerActor.options(**opts).remote(self.cfg, i, self.cfg.learner.num_ranks)
+        if isinstance(spec, EngineSpec):
+            env.update(engine_env(spec))
+        return actor_cls.options(**actor_options(self.pgs[role], i, res, name, env)).remote(spec, i)
 
     def _start_learners(self) -> None:
         self.learners.actors[:] = [self._spawn(("learner", i)) for i in range(self.cfg.learner.num_ranks)]
-        starting = LearnerGroup(self.learners.actors, self.cfg.resources.startup_timeout_s)
-        self.learner_info = starting.setup().result()
+        LearnerGroup(self.learners.actors, self.cfg.resources.startup_timeout_s).setup().result()
 
     def _ping(self, labelled: list[tuple[Source, object]]) -> None:
         """Wait until the actors are up (engines and frozen models load in their constructors)

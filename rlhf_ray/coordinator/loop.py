@@ -26,7 +26,7 @@ import torch
 from rlhf_ray.algorithms import (AdaptiveKLController, FixedKLController, RunningMoments, apply_missing_eos_penalty,
                                  clip_scores, compute_gae, explained_variance, kl_estimate, masked_mean,
                                  masked_whiten, normalize_scores, shape_token_rewards)
-from rlhf_ray.batch import ExperienceBatch, pack_generation
+from rlhf_ray.batch import ExperienceBatch, TrainUpdate, pack_generation
 from rlhf_ray.config import Config, resolve
 from rlhf_ray.coordinator.pending import Pending, RemoteCallError
 from rlhf_ray.data.prompts import PromptSampler, PromptSet
@@ -46,8 +46,8 @@ class Reward(Protocol):
 
 
 class Learners(Protocol):
-    def compute_old(self, batch: ExperienceBatch) -> Pending: ...
-    def train(self, batch: ExperienceBatch, iteration: int) -> Pending: ...
+    def compute_old(self, batch: ExperienceBatch) -> Pending: ...  # each rank keeps its slice
+    def train(self, update: TrainUpdate, iteration: int) -> Pending: ...
 
 
 class Sync(Protocol):
@@ -167,7 +167,8 @@ class PPOCoordinator:
             train_metrics = {"skipped_update": 1.0}
         else:
             with self._phase("update"):
-                train_metrics = self.learners.train(batch, self.iteration).result()
+                # Each rank kept its slice from compute_old: only the new fields travel.
+                train_metrics = self.learners.train(TrainUpdate.of(batch), self.iteration).result()
             self.weights_stale = True
         self._times["time/iteration"] = time.perf_counter() - t_start
         metrics = {"iteration": self.iteration, "prompt_indices": self._prompt_indices,
@@ -253,13 +254,12 @@ class PPOCoordinator:
                    for name in ("scores", "ref_logprobs", "old_logprobs", "old_values")}
             fix["ref_logprobs"] = torch.where(bad[:, None], fix["old_logprobs"], fix["ref_logprobs"])
             batch = batch.replace(**fix)
-        batch.meta["bad_rows"] = bad
-        return batch, n_bad
+        return batch.replace(bad_rows=bad), n_bad
 
     def _advantages(self, batch: ExperienceBatch) -> tuple[ExperienceBatch, dict[str, float]]:
         p, r = self.cfg.ppo, self.cfg.reward
         batch, n_bad = self._quarantine(batch)
-        bad = batch.meta["bad_rows"]
+        bad = batch.bad_rows
         mask = batch.response_mask
         scores = apply_missing_eos_penalty(batch.scores, batch.truncated, r.missing_eos_penalty)
         scores = clip_scores(scores, r.clip)
@@ -296,7 +296,7 @@ class PPOCoordinator:
         """Metrics over the usable samples (quarantined NaN/inf samples are counted separately).
         logprob_mismatch_* only on the iterations whose batch carries the engines' logprobs."""
         mask = batch.response_mask
-        good = ~batch.meta.get("bad_rows", torch.zeros(len(batch), dtype=torch.bool))
+        good = ~batch.bad_rows if batch.bad_rows is not None else torch.ones(len(batch), dtype=torch.bool)
         if not good.any():
             metrics = {"samples": float(len(batch)), "response_tokens": 0.0, "reward_mean": float("nan")}
         else:

@@ -1,5 +1,9 @@
-"""Prompts for PPO: loading (JSONL or a built-in offline generator), tokenising with the
-length limit, and a deterministic, checkpointable sampling order.
+"""Prompts for PPO: loading (JSONL, Parquet or a built-in offline generator), tokenising with
+the length limit, the pad id, and a deterministic, checkpointable sampling order.
+
+Prompt files are read by the same record reader as the supervised stages' prompt files
+(``rlhf_ray.data.records``: ``iter_rows`` and ``prompt_texts``), so errors name the file and
+line (JSONL) or record (Parquet) alike.
 
 The sampler walks shuffled epochs over the prompt set; its state is (epoch, position), so a
 resumed run draws exactly the batch that would have come next.
@@ -7,12 +11,12 @@ resumed run draws exactly the batch that would have come next.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass
 
 from rlhf_ray.config import DataConfig
+from rlhf_ray.data.records import DataError, file_format, iter_rows, prompt_texts
 
 _SUBJECTS = ["the cat", "a farmer", "my friend", "the robot", "a teacher", "the river", "our team"]
 _VERBS = ["counts", "sees", "finds", "builds", "needs", "sells", "paints"]
@@ -38,8 +42,9 @@ def builtin_prompts(name: str, n: int, seed: int) -> list[str]:
 
 
 def load_prompt_texts(cfg: DataConfig, seed: int) -> list[str]:
-    """Prompt strings from ``cfg.prompts``; raises a clear error for a missing file, a record
-    without the prompt field, or an empty set."""
+    """Prompt strings from ``cfg.prompts`` (a JSONL or Parquet file, or ``builtin:<name>``);
+    raises a clear error for a missing file, a line that is not JSON, a record without the prompt
+    field or whose prompt is not text, or an empty set."""
     src = cfg.prompts
     if src.startswith("builtin:"):
         texts = builtin_prompts(src.split(":", 1)[1], cfg.num_builtin_prompts, seed)
@@ -47,27 +52,21 @@ def load_prompt_texts(cfg: DataConfig, seed: int) -> list[str]:
         if not os.path.isfile(src):
             raise FileNotFoundError(f"prompt file {src!r} does not exist; set --data.prompts to a JSONL file "
                                     "or builtin:digits.")
-        texts = []
-        with open(src) as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{src}:{line_no} is not valid JSON: {exc}") from None
-                if not isinstance(record, dict) or cfg.prompt_field not in record:
-                    raise ValueError(f"{src}:{line_no} has no field {cfg.prompt_field!r}; set --data.prompt_field "
-                                     f"to the field that holds the prompt.")
-                value = record[cfg.prompt_field]
-                if value is None or isinstance(value, (bool, list, dict)):
-                    raise ValueError(f"{src}:{line_no}: field {cfg.prompt_field!r} is {json.dumps(value)}, not text; "
-                                     "fix or remove the record.")
-                texts.append(str(value))
+        # Anything but a Parquet extension is read as JSONL, as before Parquet was accepted.
+        texts = prompt_texts(iter_rows(src, file_format(src, default="jsonl")), cfg.prompt_field)
     if not texts:
         raise ValueError(f"prompt source {src!r} holds no prompts; point --data.prompts at a JSONL file with one "
                          f'{{"{cfg.prompt_field}": ...}} record per line, or use builtin:digits.')
     return texts
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id used for padding: the tokenizer's pad token, else its EOS (the one rule for PPO
+    batches and the supervised trainers' data and score head)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise DataError("the tokenizer has neither a pad nor an EOS token; set pad_token in tokenizer_config.json.")
+    return int(pad)
 
 
 @dataclass

@@ -6,6 +6,7 @@ from rlhf_ray.models.actor_critic import (
     disable_dropout,
     load_value_head,
     positions_from_mask,
+    response_positions,
     save_value_head,
 )
 from rlhf_ray.models.export import policy_parameter_names, policy_state_dict
@@ -20,5 +21,6 @@ __all__ = [
     "policy_parameter_names",
     "policy_state_dict",
     "positions_from_mask",
+    "response_positions",
     "save_value_head",
 ]

@@ -53,6 +53,13 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(dim=-1) - 1).clamp(min=0)
 
 
+def response_positions(response_len: int) -> slice:
+    """The positions (along T) whose outputs predict the last ``response_len`` tokens of a
+    right-aligned sequence: position t predicts token t + 1, so ``T-R-1 .. T-2``. E.g. T = 5,
+    R = 2: slice(-3, -1), positions 2 and 3 predict tokens 3 and 4."""
+    return slice(-response_len - 1, -1)
+
+
 def _is_dropout_name(name: str) -> bool:
     # Llama/Qwen2: attention_dropout; BERT: hidden_dropout_prob; T5: dropout_rate;
     # GPT-2: attn_pdrop / resid_pdrop / embd_pdrop; GPT-2 heads: summary_first_dropout.
@@ -222,7 +229,7 @@ class ActorCritic(nn.Module):
             if keep_index is not None:
                 return hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep_index).unsqueeze(0)
             if response_len is not None:
-                return hidden[:, -response_len - 1:-1]
+                return hidden[:, response_positions(response_len)]
             return hidden
 
         hidden = select(self._last_hidden(_body_of(self.policy), input_ids, attention_mask, position_ids))

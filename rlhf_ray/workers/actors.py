@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import ray
 
+from rlhf_ray.supervised.trainer import RewardModelTrainer, SFTTrainer
 from rlhf_ray.workers.frozen import ReferenceModel, RewardScorer
 from rlhf_ray.workers.learner import Learner
 from rlhf_ray.workers.rollout import RolloutEngine
-from rlhf_ray.workers.trainer import RewardModelTrainer, SFTTrainer
 
 RolloutActor = ray.remote(RolloutEngine)
 ReferenceActor = ray.remote(ReferenceModel)

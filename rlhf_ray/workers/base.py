@@ -7,8 +7,6 @@ import socket
 
 import torch
 
-from rlhf_ray.config import Config
-
 
 def set_threads(threads: int) -> None:
     """Pin torch/OpenMP thread counts. On a shared CPU, oversubscription makes every role slower
@@ -23,8 +21,7 @@ class RoleBase:
 
     role = "role"
 
-    def __init__(self, cfg: Config, index: int, threads: int) -> None:
-        self.cfg = cfg
+    def __init__(self, index: int, threads: int) -> None:
         self.index = index
         set_threads(threads)
 

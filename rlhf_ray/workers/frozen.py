@@ -8,15 +8,49 @@ loading/batching lives in ``FrozenModelRole`` and each role adds only its own ca
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 
 from rlhf_ray.algorithms import logprobs_from_logits
-from rlhf_ray.batch import ExperienceBatch, pack_rows
-from rlhf_ray.config import Config
-from rlhf_ray.models import positions_from_mask
+from rlhf_ray.batch import ExperienceBatch, decode_rows, pack_rows
+from rlhf_ray.config import Config, ReferenceConfig, RewardConfig
+from rlhf_ray.models import positions_from_mask, response_positions
 from rlhf_ray.rewards import load_reward_function
 from rlhf_ray.workers.base import RoleBase
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """What the reference role reads."""
+
+    reference: ReferenceConfig
+    path: str  # reference.path, or model.path
+    dtype: str  # model.dtype (bfloat16 applies on a GPU only)
+    num_gpus: float  # resources.reference.num_gpus
+    threads: int  # resources.reference.threads
+
+    @staticmethod
+    def from_config(cfg: Config) -> "ReferenceSpec":
+        res = cfg.resources.reference
+        return ReferenceSpec(cfg.reference, cfg.reference.path or cfg.model.path, cfg.model.dtype, res.num_gpus,
+                             res.threads)
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """What the reward role reads."""
+
+    reward: RewardConfig
+    policy_path: str  # model.path: the policy's tokenizer decodes the responses
+    dtype: str  # model.dtype (bfloat16 applies to a reward model on a GPU only)
+    num_gpus: float  # resources.reward.num_gpus
+    threads: int  # resources.reward.threads
+
+    @staticmethod
+    def from_config(cfg: Config) -> "RewardSpec":
+        res = cfg.resources.reward
+        return RewardSpec(cfg.reward, cfg.model.path, cfg.model.dtype, res.num_gpus, res.threads)
 
 
 class FrozenModelRole(RoleBase):
@@ -25,11 +59,11 @@ class FrozenModelRole(RoleBase):
     micro_batch_size = 16
     device = torch.device("cpu")
 
-    def _load(self, auto_cls, path: str, num_gpus: float) -> torch.nn.Module:
-        """Load for inference: on the GPU Ray assigned (bf16 when model.dtype says so), else CPU fp32."""
+    def _load(self, auto_cls, path: str, num_gpus: float, dtype_name: str) -> torch.nn.Module:
+        """Load for inference: on the GPU Ray assigned (bf16 when ``dtype_name`` says so), else CPU fp32."""
         on_gpu = num_gpus > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if on_gpu else "cpu")
-        dtype = torch.bfloat16 if (on_gpu and self.cfg.model.dtype == "bfloat16") else torch.float32
+        dtype = torch.bfloat16 if (on_gpu and dtype_name == "bfloat16") else torch.float32
         model = auto_cls.from_pretrained(path, dtype=dtype).to(self.device)
         model.eval().requires_grad_(False)
         return model
@@ -43,13 +77,13 @@ class ReferenceModel(FrozenModelRole):
 
     role = "reference"
 
-    def __init__(self, cfg: Config, index: int = 0) -> None:
-        super().__init__(cfg, index, cfg.resources.reference.threads)
+    def __init__(self, spec: ReferenceSpec, index: int = 0) -> None:
+        super().__init__(index, spec.threads)
         from transformers import AutoModelForCausalLM
 
-        self.micro_batch_size = cfg.reference.micro_batch_size
-        self.model = self._load(AutoModelForCausalLM, cfg.reference.path or cfg.model.path,
-                                cfg.resources.reference.num_gpus)
+        self.spec = spec
+        self.micro_batch_size = spec.reference.micro_batch_size
+        self.model = self._load(AutoModelForCausalLM, spec.path, spec.num_gpus, spec.dtype)
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     @torch.no_grad()
@@ -65,7 +99,7 @@ class ReferenceModel(FrozenModelRole):
         for mb in self._micro_batches(batch):
             r = mb.response_mask.shape[1]
             mask = mb.response_mask[:, :r]
-            if self.cfg.reference.packing and self._keeps_logits:
+            if self.spec.reference.packing and self._keeps_logits:
                 rows = pack_rows(mb)
                 # No KV cache: with one, transformers would not derive the per-sequence mask.
                 logits = self.model(input_ids=rows.input_ids, position_ids=rows.position_ids, use_cache=False,
@@ -76,7 +110,7 @@ class ReferenceModel(FrozenModelRole):
                 kwargs = {"logits_to_keep": r + 1} if self._keeps_logits else {}  # the LM head skips the prompt
                 logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask.long(),
                                     position_ids=mb.position_ids, **kwargs).logits
-                lp = logprobs_from_logits(logits[:, -r - 1:-1], mb.response_ids, temperature) * mask
+                lp = logprobs_from_logits(logits[:, response_positions(r)], mb.response_ids, temperature) * mask
             out[row: row + len(mb), :r] = lp.cpu()
             row += len(mb)
         return out
@@ -87,30 +121,26 @@ class RewardScorer(FrozenModelRole):
 
     role = "reward"
 
-    def __init__(self, cfg: Config, index: int = 0) -> None:
-        super().__init__(cfg, index, cfg.resources.reward.threads)
+    def __init__(self, spec: RewardSpec, index: int = 0) -> None:
+        super().__init__(index, spec.threads)
         from transformers import AutoTokenizer
 
-        self.micro_batch_size = cfg.reward.micro_batch_size
-        self.policy_tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+        self.spec = spec
+        r = spec.reward
+        self.micro_batch_size = r.micro_batch_size
+        self.policy_tokenizer = AutoTokenizer.from_pretrained(spec.policy_path)
         self.fn = None
-        if cfg.reward.kind == "function":
-            self.fn = load_reward_function(cfg.reward.function or "")
-        elif cfg.reward.kind == "model":
+        if r.kind == "function":
+            self.fn = load_reward_function(r.function or "")
+        elif r.kind == "model":
             from transformers import AutoModelForSequenceClassification
 
-            self.model = self._load(AutoModelForSequenceClassification, cfg.reward.model_path or "",
-                                    cfg.resources.reward.num_gpus)
-            self.rm_tokenizer = AutoTokenizer.from_pretrained(cfg.reward.model_path)
+            self.model = self._load(AutoModelForSequenceClassification, r.model_path or "", spec.num_gpus, spec.dtype)
+            self.rm_tokenizer = AutoTokenizer.from_pretrained(r.model_path)
 
     def decode(self, batch: ExperienceBatch) -> tuple[list[str], list[str]]:
         """Prompt and response texts (padding and special tokens removed)."""
-        P = batch.prompt_len
-        prompts, responses = [], []
-        for ids, mask in zip(batch.input_ids, batch.attention_mask):
-            prompts.append(self.policy_tokenizer.decode(ids[:P][mask[:P]].tolist(), skip_special_tokens=True))
-            responses.append(self.policy_tokenizer.decode(ids[P:][mask[P:]].tolist(), skip_special_tokens=True))
-        return prompts, responses
+        return decode_rows(batch, self.policy_tokenizer)
 
     @torch.no_grad()
     def score(self, batch: ExperienceBatch) -> torch.Tensor:
@@ -118,16 +148,16 @@ class RewardScorer(FrozenModelRole):
         prompts, responses = self.decode(batch)
         if self.fn is not None:
             return self._call_function(prompts, responses)
-        if self.cfg.reward.kind == "http":
+        if self.spec.reward.kind == "http":
             from rlhf_ray.reward_server import post_scores
 
-            r = self.cfg.reward
+            r = self.spec.reward
             return torch.tensor(post_scores(r.url or "", prompts, responses, r.http_timeout_s, r.http_retries),
                                 dtype=torch.float32)
         return self._run_model(prompts, responses)
 
     def _call_function(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        name = self.cfg.reward.function
+        name = self.spec.reward.function
         try:
             values = list(self.fn(prompts, responses))  # type: ignore[misc]
         except Exception as exc:

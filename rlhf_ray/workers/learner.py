@@ -25,6 +25,7 @@ The value head is trained outside the engine, in float32 on every ZeRO stage and
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
 import torch
@@ -33,8 +34,8 @@ import torch.distributed as dist
 from rlhf_ray.algorithms import chunked_logprobs_and_entropy, masked_sum, ppo_policy_loss, value_loss
 from rlhf_ray.backends import deepspeed as ds
 from rlhf_ray.backends.replicated import ReplicatedModule, replicate
-from rlhf_ray.batch import ExperienceBatch, pack_rows, parts_for_budget, token_balanced_parts
-from rlhf_ray.config import Config, resolve
+from rlhf_ray.batch import ExperienceBatch, TrainUpdate, pack_rows, parts_for_budget, token_balanced_parts
+from rlhf_ray.config import Config, LearnerConfig, ModelConfig, PPOConfig, resolve
 from rlhf_ray.models.actor_critic import VALUE_HEAD_PREFIX
 from rlhf_ray.weight_sync.plan import Bucket, TensorSpec, dtype_name
 from rlhf_ray.weight_sync.transport import free_port, new_sync_group, send_buckets, to_array
@@ -50,16 +51,44 @@ class _Forward(NamedTuple):
     entropy: torch.Tensor | None  # (B, R); None when not asked for
 
 
+@dataclass(frozen=True)
+class LearnerSpec:
+    """What a learner rank reads: its own sections of the config and a few facts from others."""
+
+    model: ModelConfig
+    learner: LearnerConfig
+    ppo: PPOConfig
+    seed: int
+    threads: int
+    temperature: float  # rollout.temperature: tokens are scored under the distribution they were sampled from
+    prompt_tokens: int  # data.max_prompt_tokens
+    response_tokens: int  # rollout.max_new_tokens
+    grad_accum_steps: int  # micro-batches per optimiser step per rank (nominal with a token budget)
+    total_steps: int  # optimiser steps over the run (the learning-rate schedule's horizon)
+    save_hf_policy: bool  # checkpoint.save_hf_policy
+    call_timeout_s: float  # resources.call_timeout_s: the group's collectives time out after it
+    sync_timeout_s: float  # sync.timeout_s
+
+    @staticmethod
+    def from_config(cfg: Config) -> "LearnerSpec":
+        sizes = resolve(cfg)
+        return LearnerSpec(cfg.model, cfg.learner, cfg.ppo, cfg.seed, cfg.resources.learner.threads,
+                           cfg.rollout.temperature, cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens,
+                           sizes.grad_accum_steps, cfg.ppo.iterations * sizes.optimizer_steps_per_iteration,
+                           cfg.checkpoint.save_hf_policy, cfg.resources.call_timeout_s, cfg.sync.timeout_s)
+
+
 class Learner(RoleBase):
     role = "learner"
 
-    def __init__(self, cfg: Config, rank: int, world_size: int) -> None:
-        super().__init__(cfg, rank, cfg.resources.learner.threads)
-        self.rank, self.world_size = rank, world_size
-        self.sizes = resolve(cfg)
+    def __init__(self, spec: LearnerSpec, rank: int) -> None:
+        super().__init__(rank, spec.threads)
+        self.spec = spec
+        self.rank, self.world_size = rank, spec.learner.num_ranks
         self.engine = None
         self.head: ReplicatedModule | None = None
         self.sync_group = None
+        self.shard: ExperienceBatch | None = None  # this rank's slice, kept from compute_old for train
 
     # ------------------------------------------------------------------ set-up
     def master_address(self) -> tuple[str, int]:
@@ -75,18 +104,18 @@ class Learner(RoleBase):
 
         from rlhf_ray.models import ActorCritic, policy_parameter_names
 
-        ds.init_distributed(master_addr, master_port, self.rank, self.world_size,
-                            self.cfg.resources.call_timeout_s)
-        m, lrn = self.cfg.model, self.cfg.learner
-        conf = ds.ds_config(self.cfg, self.sizes, ds.hidden_size_of(m.path))
-        torch.manual_seed(self.cfg.seed)  # the value head starts identical on every rank
+        spec = self.spec
+        ds.init_distributed(master_addr, master_port, self.rank, self.world_size, spec.call_timeout_s)
+        m, lrn = spec.model, spec.learner
+        conf = ds.learner_ds_config(lrn, spec.grad_accum_steps, m.dtype, ds.hidden_size_of(m.path))
+        torch.manual_seed(spec.seed)  # the value head starts identical on every rank
         dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
         with ds.zero3_loading(conf):
             model = ActorCritic.from_pretrained(
                 m.path, value_head_init_std=m.value_head_init_std, value_grad_to_body=m.value_grad_to_body,
                 separate_critic=m.separate_critic, critic_path=m.critic_path, torch_dtype=dtype)
         head = model.detach_value_head()
-        total_steps = self.cfg.ppo.iterations * self.sizes.optimizer_steps_per_iteration
+        total_steps = spec.total_steps
         optimizer = ds.build_optimizer(model, lrn)
         scheduler = ds.lr_scheduler(optimizer, lrn, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -108,15 +137,15 @@ class Learner(RoleBase):
     def _choose_checkpointing(self) -> bool:
         """model.gradient_checkpointing, or when unset: on only if one micro-batch's activations
         would not fit the device memory left after the model and optimiser (never on the CPU)."""
-        wanted = self.cfg.model.gradient_checkpointing
+        wanted = self.spec.model.gradient_checkpointing
         if wanted is not None:
             return wanted
         if self.device.type != "cuda":
             return False
         body = self.engine.module.policy.config.get_text_config()
-        lrn, longest = self.cfg.learner, self.cfg.data.max_prompt_tokens + self.cfg.rollout.max_new_tokens
+        lrn, longest = self.spec.learner, self.spec.prompt_tokens + self.spec.response_tokens
         tokens = lrn.micro_batch_tokens or lrn.micro_batch_size * longest
-        response_tokens = tokens * self.cfg.rollout.max_new_tokens // longest
+        response_tokens = tokens * self.spec.response_tokens // longest
         free, _ = torch.cuda.mem_get_info(self.device)
         local_params = sum(p.numel() for p in self.engine.module.parameters())  # this rank's share
         bodies = 2 if self.engine.module.critic_body is not None else 1
@@ -130,8 +159,8 @@ class Learner(RoleBase):
         prompt). With learner.packing the rows are laid end to end without padding first.
         ``entropy``: "grad" (it is in the loss), "log" (detached, for metrics) or "none"."""
         mask = mb.response_mask
-        temperature = self.cfg.rollout.temperature
-        if self.cfg.learner.packing:
+        temperature = self.spec.temperature
+        if self.spec.learner.packing:
             rows = pack_rows(mb)
             out = self.engine(rows.input_ids, None, rows.position_ids, keep_index=rows.keep_index)
             tokens = mb.response_ids[mask].unsqueeze(0)  # (1, N), in keep_index order
@@ -140,8 +169,8 @@ class Learner(RoleBase):
             tokens = mb.response_ids
         values = self.head.module(out.value_hidden)
         logprobs, ent = chunked_logprobs_and_entropy(out.logits, tokens, temperature, entropy,
-                                                     self.cfg.learner.logprob_chunk)
-        if self.cfg.learner.packing:  # (1, N) -> (B, R), zeros at padding
+                                                     self.spec.learner.logprob_chunk)
+        if self.spec.learner.packing:  # (1, N) -> (B, R), zeros at padding
             def unpack(t: torch.Tensor) -> torch.Tensor:
                 return torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(mask, t)
 
@@ -160,8 +189,9 @@ class Learner(RoleBase):
 
     @torch.no_grad()
     def compute_old(self, shard: ExperienceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Old logprobs and values (B, R) of this rank's slice at the current weights."""
-        lrn = self.cfg.learner
+        """Old logprobs and values (B, R) of this rank's slice at the current weights. The slice
+        is kept (with them) for ``train``, which then receives only the advantages phase's output."""
+        lrn = self.spec.learner
         R = shard.response_mask.shape[1]
         logprobs = torch.zeros(len(shard), R)
         values = torch.zeros(len(shard), R)
@@ -171,6 +201,7 @@ class Learner(RoleBase):
             r = f.logprobs.shape[1]
             logprobs[rows, :r] = (f.logprobs * mb.response_mask).float().cpu()
             values[rows, :r] = (f.values * mb.response_mask).cpu()
+        self.shard = shard.replace(old_logprobs=logprobs, old_values=values)
         return logprobs, values
 
     # ------------------------------------------------------------------ PPO update
@@ -179,7 +210,7 @@ class Learner(RoleBase):
         rank's micro-batches as row indices. With a token budget every rank splits its share into
         the same number of micro-batches (the most any rank needs): ZeRO-3 gathers parameters in
         every forward, so all ranks must run as many."""
-        lrn = self.cfg.learner
+        lrn = self.spec.learner
         tokens = torch.tensor([float(m.num_response_tokens()) for m in minis], dtype=torch.float64)
         if lrn.micro_batch_tokens > 0:
             lengths = [m.attention_mask.sum(-1).tolist() for m in minis]
@@ -195,31 +226,39 @@ class Learner(RoleBase):
         size = lrn.micro_batch_size
         return tokens.cpu().tolist(), [[torch.arange(i, i + size) for i in range(0, len(m), size)] for m in minis]
 
-    def train(self, shard: ExperienceBatch, iteration: int) -> dict[str, float]:
-        """One PPO update over this rank's slice; returns this rank's metrics.
+    def train(self, update: TrainUpdate, iteration: int) -> dict[str, float]:
+        """One PPO update over the slice kept from ``compute_old`` with ``update``'s advantages,
+        returns and mask; returns this rank's metrics.
 
         Metrics stay on the device until the end (no host sync per micro-batch); the only
         per-step sync is the value head's skip decision."""
-        p = self.cfg.ppo
+        if self.shard is None:
+            raise RuntimeError(f"learner rank {self.rank}: train() without compute_old() on this iteration's slice")
+        shard, self.shard = update.apply_to(self.shard), None
+        p = self.spec.ppo
         self.engine.train()
-        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + iteration * 31 + self.rank)
+        gen = torch.Generator().manual_seed(self.spec.seed * 7919 + iteration * 31 + self.rank)
         sums: dict[str, torch.Tensor] = {}
         tokens = 0.0
         pass_tokens = real_tokens = 0  # tokens through the body (padding included) / real tokens
         grad_norms: list = []
         head_norms: list[torch.Tensor] = []
         first_dev = None
+        skipped_steps = 0
         t0 = time.perf_counter()
         for _ in range(p.epochs):
             minis = shard.select(torch.randperm(len(shard), generator=gen)).split(p.mini_batches)
             counts, plans = self._step_plan(minis)
             for mini, count, parts in zip(minis, counts, plans):
+                if count == 0:  # all of this step's samples were quarantined, on every rank (the count is global)
+                    skipped_steps += 1
+                    continue
                 for j, rows in enumerate(parts):
                     micro = mini.select(rows).trim()
                     n_tok = float(micro.num_response_tokens())  # on the host, before the copy
                     real = int(micro.attention_mask.sum())
                     real_tokens += real
-                    pass_tokens += real if self.cfg.learner.packing else micro.input_ids.numel()
+                    pass_tokens += real if self.spec.learner.packing else micro.input_ids.numel()
                     self.engine.set_gradient_accumulation_boundary(j == len(parts) - 1)
                     stats = self._micro_step(micro.to(self.device), count)
                     dev = stats.pop("ratio_dev_max")
@@ -240,6 +279,7 @@ class Learner(RoleBase):
         metrics["value_head_grad_norm"] = float(torch.stack(head_norms).mean()) if head_norms else float("nan")
         metrics["onpolicy_ratio_dev"] = float(first_dev) if first_dev is not None else float("nan")
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        metrics["skipped_steps"] = float(skipped_steps)
         metrics["learner_tokens"] = float(pass_tokens)
         metrics["padding_fraction"] = 1.0 - real_tokens / max(pass_tokens, 1)
         metrics["update_seconds"] = time.perf_counter() - t0
@@ -248,7 +288,7 @@ class Learner(RoleBase):
     def _micro_step(self, mb: ExperienceBatch, step_tokens: float) -> dict[str, torch.Tensor]:
         """Forward and backward of one micro-batch; the engine steps at the boundary set by the
         caller. Returns detached per-token means over this micro-batch (device tensors)."""
-        p = self.cfg.ppo
+        p = self.spec.ppo
         mask = mb.response_mask
         f = self._forward(mb, entropy="grad" if p.entropy_coef > 0 else "log")
         pl = ppo_policy_loss(f.logprobs, mb.old_logprobs, mb.advantages, mask, p.clip_ratio,
@@ -300,7 +340,7 @@ class Learner(RoleBase):
         other ranks yield nothing but must drain it too, since gathering is collective."""
         for bucket in buckets:
             params = self._bucket_params(bucket)
-            with ds.gathered(params, self.cfg.learner.zero_stage):
+            with ds.gathered(params, self.spec.learner.zero_stage):
                 if self.rank == 0:
                     yield [p.data for p in params]
 
@@ -308,7 +348,7 @@ class Learner(RoleBase):
         """Collective transport: rank 0 broadcasts each bucket (every rank takes part in gathers)."""
         t0 = time.perf_counter()
         if self.rank == 0:
-            sent = send_buckets(self.sync_group, self._full_buckets(buckets), self.cfg.sync.timeout_s)
+            sent = send_buckets(self.sync_group, self._full_buckets(buckets), self.spec.sync_timeout_s)
         else:
             sent = 0
             for _ in self._full_buckets(buckets):
@@ -329,12 +369,9 @@ class Learner(RoleBase):
         ds.save_engine_state(self.engine, f"{path}/learner")
         if self.rank == 0:
             torch.save(self.head.state_dict(), f"{path}/learner/{HEAD_STATE}")
-        if self.cfg.checkpoint.save_hf_policy:
-            full = {}
-            for name, p in self.engine.module.named_parameters():
-                with ds.gathered([p], self.cfg.learner.zero_stage):
-                    if self.rank == 0:
-                        full[name] = p.data.detach().clone().cpu()
+        if self.spec.save_hf_policy:
+            full = ds.gather_full_state_dict(self.engine.module.named_parameters(), self.spec.learner.zero_stage,
+                                             keep=self.rank == 0)
             if self.rank == 0:
                 full.update({f"{VALUE_HEAD_PREFIX}{k}": v.detach().clone().cpu()
                              for k, v in self.head.module.state_dict().items()})
@@ -355,10 +392,7 @@ class Learner(RoleBase):
 
     def policy_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full policy weights under HF names on rank 0 (None elsewhere); all ranks must call."""
-        out = {}
-        for p, hf in self.sync_params:
-            with ds.gathered([p], self.cfg.learner.zero_stage):
-                if self.rank == 0:
-                    out[hf] = p.data.detach().clone().cpu()
+        out = ds.gather_full_state_dict(((hf, p) for p, hf in self.sync_params), self.spec.learner.zero_stage,
+                                        keep=self.rank == 0)
         return out if self.rank == 0 else None
 

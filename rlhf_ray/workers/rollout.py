@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from rlhf_ray.backends.vllm import engine_kwargs
+from rlhf_ray.backends.vllm import EngineSpec, engine_kwargs
 from rlhf_ray.batch import Generation
 from rlhf_ray.config import Config
 from rlhf_ray.weight_sync.plan import Bucket, to_wire
@@ -49,13 +49,13 @@ class _QuietBenignReload(logging.Filter):
 class RolloutEngine(RoleBase):
     role = "rollout"
 
-    def __init__(self, cfg: Config, index: int = 0, model_path: str | None = None) -> None:
-        super().__init__(cfg, index, cfg.resources.rollout.threads)
+    def __init__(self, spec: EngineSpec, index: int = 0, model_path: str | None = None) -> None:
+        super().__init__(index, spec.threads)
         from vllm import LLM
 
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietBenignReload())
-        self.model_path = model_path or cfg.model.path
-        self.llm = LLM(**engine_kwargs(cfg, self.model_path, seed=cfg.seed + 1000 * index))
+        self.model_path = model_path or spec.model_path
+        self.llm = LLM(**engine_kwargs(spec, self.model_path, seed=spec.seed + 1000 * index))
 
     def generate(self, prompt_ids: list[list[int]], prompt_index: list[int], spec: SamplingSpec) -> Generation:
         """Sample ``spec.n`` responses per prompt; logprobs are at the sampling temperature (NaN when
@@ -107,7 +107,4 @@ class RolloutEngine(RoleBase):
         nbytes = self.llm.collective_rpc("rlhf_load_arrays", args=(to_wire(buckets), arrays))[0]
         self.llm.reset_prefix_cache()
         return {"bytes": float(nbytes), "seconds": time.perf_counter() - t0}
-
-    def weight_checksum(self) -> float:
-        return float(self.llm.collective_rpc("rlhf_weight_checksum")[0])
 

@@ -75,7 +75,7 @@ def test_compute_old_matches_a_plain_transformers_forward(case):
     mask = batch.response_mask
     assert (logprobs[~mask] == 0).all() and (values[~mask] == 0).all()
     ref_lp, ref_v = ip.plain_forward(case.model, case.learner.policy_state_dict(), ip.value_head_state(case.learner),
-                                     batch, case.learner.cfg.rollout.temperature, case.learner.device)
+                                     batch, case.learner.spec.temperature, case.learner.device)
     assert float((logprobs - ref_lp).abs().max()) < BF16_TOL
     assert float((values - ref_v).abs().max()) < BF16_TOL
 
@@ -96,7 +96,7 @@ def test_one_update_moves_the_policy_with_finite_metrics(case):
     learner = case.learner
     batch = ip.with_learner_old(learner, ip.synthetic_batch())
     before, head_before = learner.policy_state_dict(), ip.value_head_state(learner)
-    metrics = learner.train(batch, iteration=0)
+    metrics = ip.train(learner, batch, iteration=0)
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     assert not bad, f"non-finite metrics: {bad}"
     assert metrics["grad_norm"] > 0
@@ -112,7 +112,7 @@ def test_checkpoint_round_trip_restores_weights_and_head(case, tmp_path):
 
     learner = case.learner
     batch = ip.with_learner_old(learner, ip.synthetic_batch())
-    learner.train(batch, iteration=1)
+    ip.train(learner, batch, iteration=1)
     assert learner.save_checkpoint(str(tmp_path / "ckpt"))
     saved, saved_head = learner.policy_state_dict(), ip.value_head_state(learner)
     exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ckpt" / "policy"), dtype=torch.float32)
@@ -120,13 +120,13 @@ def test_checkpoint_round_trip_restores_weights_and_head(case, tmp_path):
     assert ip.max_abs_diff(saved, exported) == 0
     assert ip.max_abs_diff(load_value_head(tmp_path / "ckpt" / "policy"), saved_head) == 0
 
-    learner.train(batch, iteration=2)
+    ip.train(learner, batch, iteration=2)
     target = learner.policy_state_dict()
     assert ip.max_abs_diff(saved, target) > 0
     assert learner.load_checkpoint(str(tmp_path / "ckpt"))
     assert ip.max_abs_diff(saved, learner.policy_state_dict()) == 0
     assert ip.max_abs_diff(saved_head, ip.value_head_state(learner)) == 0
-    learner.train(batch, iteration=2)
+    ip.train(learner, batch, iteration=2)
     assert ip.mean_abs_diff(target, learner.policy_state_dict()) < REPLAY_MEAN_TOL
 
 
@@ -137,7 +137,7 @@ def test_zero3_with_optimizer_offload_starts_and_trains(tiny_model):
     try:
         batch = ip.with_learner_old(learner, ip.synthetic_batch())
         before = learner.policy_state_dict()
-        metrics = learner.train(batch, iteration=0)
+        metrics = ip.train(learner, batch, iteration=0)
         assert all(math.isfinite(v) for v in metrics.values()), metrics
         assert ip.max_abs_diff(before, learner.policy_state_dict()) > 0
     finally:

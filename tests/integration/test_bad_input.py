@@ -10,7 +10,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_reward_function_with_wrong_length_fails_before_ray(tiny_llama, tmp_path):
-    from rlhf_ray.coordinator.run import prepare_inputs
+    from rlhf_ray.coordinator.preflight import prepare_inputs
 
     fn = tmp_path / "bad_reward.py"
     fn.write_text("def score(prompts, responses):\n    return [1.0]\n"
@@ -47,7 +47,7 @@ def test_roles_that_do_not_fit_fail_before_any_actor_starts(ray_cluster, tiny_ll
 
 
 def test_missing_reward_function_file_fails_before_ray(tiny_llama, tmp_path):
-    from rlhf_ray.coordinator.run import prepare_inputs
+    from rlhf_ray.coordinator.preflight import prepare_inputs
 
     cfg = small_config(tiny_llama, **{"reward.function": str(tmp_path / "nope.py") + ":score"})
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -55,7 +55,7 @@ def test_missing_reward_function_file_fails_before_ray(tiny_llama, tmp_path):
 
 
 def test_prompts_longer_than_the_limit(tiny_llama, tmp_path):
-    from rlhf_ray.coordinator.run import prepare_inputs
+    from rlhf_ray.coordinator.preflight import prepare_inputs
 
     long_prompts = tmp_path / "p.jsonl"
     long_prompts.write_text('{"prompt": "' + "one two three " * 40 + '"}\n{"prompt": "short"}\n')
@@ -71,7 +71,7 @@ def test_prompts_longer_than_the_limit(tiny_llama, tmp_path):
 
 
 def test_missing_model_directory(tmp_path):
-    from rlhf_ray.coordinator.run import prepare_inputs
+    from rlhf_ray.coordinator.preflight import prepare_inputs
 
     cfg = small_config(str(tmp_path / "no-model"))
     with pytest.raises(FileNotFoundError, match="no config.json"):
@@ -81,7 +81,7 @@ def test_missing_model_directory(tmp_path):
 def test_reward_endpoint_down_fails_before_ray(tiny_llama):
     import socket
 
-    from rlhf_ray.coordinator.run import prepare_inputs
+    from rlhf_ray.coordinator.preflight import prepare_inputs
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -116,7 +116,7 @@ def test_tokenizer_without_eos(tiny_llama, tmp_path):
 
     from transformers import AutoTokenizer
 
-    from rlhf_ray.coordinator.run import prepare_inputs
+    from rlhf_ray.coordinator.preflight import prepare_inputs
 
     model = tmp_path / "no-eos"
     shutil.copytree(tiny_llama, model)
@@ -130,7 +130,7 @@ def test_tokenizer_without_eos(tiny_llama, tmp_path):
 def test_hanging_reward_function_fails_the_probe_with_a_timeout(tiny_llama, tmp_path):
     import time
 
-    from rlhf_ray.coordinator.run import prepare_inputs
+    from rlhf_ray.coordinator.preflight import prepare_inputs
 
     fn = tmp_path / "hang.py"
     fn.write_text("import time\ndef hang(prompts, responses):\n    time.sleep(600)\n")

@@ -28,7 +28,7 @@ def _metrics(run_dir: str) -> list[dict]:
 def test_checkpoint_resume_and_export(ray_cluster, tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from rlhf_ray.coordinator.checkpoint import complete_checkpoints
+    from rlhf_ray.checkpoint_files import complete_checkpoints
     from rlhf_ray.coordinator.run import run
     from rlhf_ray.data.prompts import PromptSampler
     from rlhf_ray.export import export

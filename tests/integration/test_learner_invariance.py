@@ -37,19 +37,21 @@ def synthetic_batch(B: int = 8, P: int = 5, R: int = 6, vocab: int = 400, seed: 
 
 def _update(ray, model: str, ranks: int, batch: ExperienceBatch) -> tuple[dict, dict]:
     from rlhf_ray.coordinator.groups import LearnerGroup
+    from rlhf_ray.batch import TrainUpdate
     from rlhf_ray.workers.actors import LearnerActor
+    from rlhf_ray.workers.learner import LearnerSpec
 
     cfg = small_config(model, **{
         "learner.num_ranks": ranks, "learner.optimizer": "sgd", "learner.lr": 0.5, "learner.max_grad_norm": 0,
         "learner.micro_batch_size": 2, "ppo.mini_batches": 1, "ppo.epochs": 1, "rollout.prompts_per_iteration": 2,
         "rollout.samples_per_prompt": 4, "ppo.entropy_coef": 0.01})
-    actors = [LearnerActor.options(num_cpus=0.5).remote(cfg, r, ranks) for r in range(ranks)]
+    actors = [LearnerActor.options(num_cpus=0.5).remote(LearnerSpec.from_config(cfg), r) for r in range(ranks)]
     group = LearnerGroup(actors, timeout_s=300)
     try:
         group.setup().result()
-        # old logprobs from the learner itself, so the first ratio is exactly 1
-        old_lp, old_v = group.compute_old(batch).result()
-        metrics = group.train(batch.replace(old_logprobs=old_lp, old_values=old_v), iteration=0).result()
+        # old logprobs from the learner itself (each rank keeps its slice), so the first ratio is exactly 1
+        group.compute_old(batch).result()
+        metrics = group.train(TrainUpdate.of(batch), iteration=0).result()
         weights = group.policy_state_dict().result()
     finally:
         for a in actors:

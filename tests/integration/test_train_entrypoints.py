@@ -35,8 +35,8 @@ def test_train_sft_zero3_saves_the_model_it_evaluated(ray_cluster, tiny_llama, d
 
     from rlhf_ray import train_sft
     from rlhf_ray.algorithms.pairwise import sft_loss
-    from rlhf_ray.data.datasets import load_sft_data
-    from rlhf_ray.train_config import SFTDataConfig
+    from rlhf_ray.supervised.config import SFTDataConfig
+    from rlhf_ray.supervised.data import load_sft_data
 
     out = tmp_path / "sft"
     argv = ["--config", os.path.join(CONFIGS, "sft_cpu.yaml"), "--name", "it_sft", "--model.path", tiny_llama,
@@ -69,7 +69,7 @@ def test_sft_update_is_the_same_on_one_or_two_ranks(ray_cluster, tiny_llama, dem
     the same batches give the same model whether one rank accumulates 4 micro-batches or two
     ranks accumulate 2 each."""
     from rlhf_ray.config import load_config
-    from rlhf_ray.train_config import SFTRunConfig, validate_sft
+    from rlhf_ray.supervised.config import SFTRunConfig, validate_sft
     from rlhf_ray.train_sft import train_sft
 
     results = {}
@@ -98,9 +98,9 @@ def test_sft_resumed_mid_epoch_ends_with_the_same_model(ray_cluster, tiny_llama,
     order it had, so it ends with A's weights."""
     from safetensors.torch import load_file
 
+    from rlhf_ray.checkpoint_files import complete_checkpoints
     from rlhf_ray.config import ConfigError, load_config
-    from rlhf_ray.coordinator.checkpoint import complete_checkpoints
-    from rlhf_ray.train_config import SFTRunConfig, validate_sft
+    from rlhf_ray.supervised.config import SFTRunConfig, validate_sft
     from rlhf_ray.train_sft import train_sft
 
     def cfg(out, **extra):
@@ -141,9 +141,9 @@ def test_train_rm_reports_accuracy_and_the_reward_actor_agrees(ray_cluster, tiny
 
     from rlhf_ray import train_rm
     from rlhf_ray.batch import Generation, pack_generation
-    from rlhf_ray.data.datasets import holdout_split
+    from rlhf_ray.supervised.data import holdout_split
     from rlhf_ray.tiny_models import build_tiny_model
-    from rlhf_ray.workers.frozen import RewardScorer
+    from rlhf_ray.workers.frozen import RewardScorer, RewardSpec
 
     start = build_tiny_model(tmp_path / "rm0", kind="reward", tokenizer_seed=0)
     out = tmp_path / "rm"
@@ -159,7 +159,7 @@ def test_train_rm_reports_accuracy_and_the_reward_actor_agrees(ray_cluster, tiny
 
     # PPO's reward actor loads the checkpoint and ranks the held-out pairs as the trainer did.
     cfg = small_config(tiny_llama, **{"reward.kind": "model", "reward.model_path": str(out)})
-    scorer = RewardScorer(cfg)
+    scorer = RewardScorer(RewardSpec.from_config(cfg))
     with open(demo["preference.jsonl"]) as fh:
         records = [json.loads(line) for line in fh]
     _, held = holdout_split(len(records), 0.1, seed=0)
@@ -181,7 +181,7 @@ def test_train_rm_reports_accuracy_and_the_reward_actor_agrees(ray_cluster, tiny
 def test_pipeline_sft_rm_ppo(ray_cluster, tiny_llama, tmp_path):
     from rlhf_ray.config import load_config
     from rlhf_ray.pipeline import run_pipeline
-    from rlhf_ray.train_config import PipelineConfig, validate_pipeline
+    from rlhf_ray.supervised.config import PipelineConfig, validate_pipeline
 
     d, sft, rm = tmp_path / "data", str(tmp_path / "sft"), str(tmp_path / "rm")
     overrides = {

@@ -323,3 +323,11 @@ def test_detached_value_head_returns_the_hidden_states_it_reads(model_dirs):
     assert head(out.value_hidden.bfloat16()).dtype == torch.float32
     with pytest.raises(RuntimeError, match="already detached"):
         model.detach_value_head()
+
+
+def test_response_positions_hand_example():
+    from rlhf_ray.models import response_positions
+
+    tokens = torch.arange(5)  # T = 5, the last R = 2 tokens (3, 4) are the response
+    assert tokens[response_positions(2)].tolist() == [2, 3]  # the positions that predict them
+    assert tokens[response_positions(4)].tolist() == [0, 1, 2, 3]

@@ -7,7 +7,7 @@ pad id 0 and EOS id 2.
 import pytest
 import torch
 
-from rlhf_ray.batch import (ExperienceBatch, Generation, pack_generation, pack_rows, parts_for_budget,
+from rlhf_ray.batch import (ExperienceBatch, Generation, TrainUpdate, pack_generation, pack_rows, parts_for_budget,
                             token_balanced_parts)
 
 PAD, EOS = 0, 2
@@ -34,7 +34,7 @@ def _filled(batch: ExperienceBatch) -> ExperienceBatch:
     grid = torch.arange(B * R, dtype=torch.float32).reshape(B, R)
     return batch.replace(
         ref_logprobs=-grid, scores=torch.tensor([1.0, 2.0, 3.0]), old_logprobs=-grid - 0.5,
-        old_values=grid / 10, advantages=grid + 100, returns=grid + 200, meta={"step": 7},
+        old_values=grid / 10, advantages=grid + 100, returns=grid + 200, bad_rows=torch.tensor([False, True, False]),
     )
 
 
@@ -44,7 +44,6 @@ def _assert_same(a: ExperienceBatch, b: ExperienceBatch) -> None:
         x, y = getattr(a, name), getattr(b, name)
         assert x.dtype == y.dtype, name
         assert torch.equal(x, y), name
-    assert a.meta == b.meta
 
 
 # ---- pack_generation -----------------------------------------------------------
@@ -91,7 +90,7 @@ def test_pack_dtypes_shapes_and_helpers():
     assert len(b) == 3 and b.prompt_len == 3
     assert b.response_ids.tolist() == [[11, 12, EOS, PAD], [13, 14, 15, 16], [17, EOS, PAD, PAD]]
     assert b.num_response_tokens() == 9
-    assert b.ref_logprobs is None and b.advantages is None and b.meta == {}
+    assert b.ref_logprobs is None and b.advantages is None and b.bad_rows is None
 
 
 @pytest.mark.parametrize(
@@ -174,7 +173,7 @@ def test_select_rows_by_index_tensor():
     assert out.input_ids.tolist() == [b.input_ids[2].tolist(), b.input_ids[0].tolist()]
     assert out.scores.tolist() == [3.0, 1.0]
     assert out.advantages.tolist() == [b.advantages[2].tolist(), b.advantages[0].tolist()]
-    assert out.meta == {"step": 7} and out.meta is not b.meta
+    assert out.bad_rows.tolist() == [False, False]  # the typed per-row flags travel with their rows
 
 
 def test_select_leaves_unset_fields_unset():
@@ -322,3 +321,36 @@ def test_parts_for_budget_is_the_fewest_within_the_budget():
         if k > 1:  # one part fewer breaks the budget (for this greedy split)
             fewer = token_balanced_parts(lengths, k - 1)
             assert any(len(g) > 1 and sum(lengths[i] for i in g) > budget for g in fewer)
+
+
+# --------------------------------------------------------------------------- train updates
+
+
+def test_train_update_splits_like_the_batch_and_applies_to_the_kept_slice():
+    b = _filled(_packed())  # 3 rows
+    both = ExperienceBatch.concat([b, b])  # 6 rows, 2 ranks of 3
+    good = both.response_mask.clone()
+    good[1] = False  # row 1 quarantined
+    old = both.old_logprobs.clone()
+    old[1, 0] = float("nan")
+    both = both.replace(old_logprobs=old)
+    update = TrainUpdate(both.advantages * 2, both.returns * 3, good)
+    parts, slices = update.split(2), both.split(2)
+    assert [p.advantages.shape for p in parts] == [(3, 4), (3, 4)]
+    ready = parts[0].apply_to(slices[0])
+    assert torch.equal(ready.advantages, slices[0].advantages * 2) and torch.equal(ready.returns, slices[0].returns * 3)
+    assert torch.equal(ready.response_mask, good[:3])
+    assert ready.old_logprobs[1].tolist() == [0.0] * 4  # the NaN of the quarantined row is gone
+    assert torch.equal(ready.old_logprobs[0][good[0]], slices[0].old_logprobs[0][good[0]])
+    assert torch.equal(ready.input_ids, slices[0].input_ids)  # the rest is the kept slice's
+
+
+def test_train_update_refuses_a_mismatched_or_unscored_slice():
+    b = _filled(_packed())
+    update = TrainUpdate.of(b)
+    with pytest.raises(ValueError, match="does not match the shard"):
+        update.apply_to(ExperienceBatch.concat([b, b]))
+    with pytest.raises(ValueError, match="compute_old must run before train"):
+        update.apply_to(b.replace(old_logprobs=None))
+    with pytest.raises(ValueError, match="cannot split an update of 3 rows into 2"):
+        update.split(2)

@@ -8,13 +8,14 @@ The fake rollout's responses follow a fixed pattern with random tokens:
     sample 2: 5 tokens ending in EOS, finish "length" -> not truncated (EOS at the limit)
 """
 
+import dataclasses
 import math
 import time
 
 import pytest
 import torch
 
-from rlhf_ray.batch import ExperienceBatch, Generation
+from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate
 from rlhf_ray.config import Config, config_from_dict
 from rlhf_ray.coordinator.loop import NonFiniteError, PPOCoordinator
 from rlhf_ray.coordinator.pending import Done, RemoteCallError
@@ -208,8 +209,10 @@ def test_train_batch_has_advantages_and_returns_zero_at_masked_positions():
     (batch, _), = learners.train_calls
     mask = batch.response_mask
     assert mask.sum(-1).tolist() == LENGTHS
-    for name in ("advantages", "returns", "ref_logprobs", "old_logprobs", "old_values", "scores"):
-        assert getattr(batch, name) is not None, name
+    # Only what the advantages phase made travels to the ranks: they kept the rest from compute_old.
+    assert isinstance(batch, TrainUpdate)
+    assert sorted(f.name for f in dataclasses.fields(batch)) == ["advantages", "response_mask", "returns"]
+    assert learners.old_calls[0].response_mask.shape == (B, R)
     assert batch.advantages.shape == batch.returns.shape == (B, R)
     assert (batch.advantages[~mask] == 0).all()
     assert (batch.returns[~mask] == 0).all()
@@ -217,7 +220,7 @@ def test_train_batch_has_advantages_and_returns_zero_at_masked_positions():
     # whitened over the valid tokens (the default)
     assert batch.advantages[mask].mean().item() == pytest.approx(0.0, abs=1e-6)
     assert batch.advantages[mask].std().item() == pytest.approx(1.0, abs=1e-4)
-    assert batch.truncated.tolist() == [True, False, False]
+    assert learners.old_calls[0].truncated.tolist() == [True, False, False]
 
 
 def test_advantages_hand_values_without_kl_discount_or_whitening():
@@ -329,7 +332,7 @@ def test_non_finite_samples_are_quarantined(fakes, bad_row):
     assert not batch.response_mask[bad_row].any()  # contributes no token to any loss
     assert (batch.advantages[bad_row] == 0).all() and (batch.returns[bad_row] == 0).all()
     assert torch.isfinite(batch.advantages).all() and torch.isfinite(batch.returns).all()
-    good = [i for i in range(len(batch)) if i != bad_row]
+    good = [i for i in range(batch.advantages.shape[0]) if i != bad_row]
     assert batch.response_mask[good].any(-1).all()
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_ray.backends.deepspeed import (activation_bytes, build_optimizer, learner_ds_config, make_torch_optimizer,
-                                         needs_activation_checkpointing)
+from rlhf_ray.backends.deepspeed import (activation_bytes, build_optimizer, gather_full_state_dict, learner_ds_config,
+                                         make_torch_optimizer, needs_activation_checkpointing)
 from rlhf_ray.backends.replicated import ReplicatedModule, replicate
 from rlhf_ray.config import LearnerConfig
 
@@ -112,3 +112,16 @@ def test_replica_state_round_trips_with_its_schedule():
     assert torch.equal(b.module.weight, a.module.weight)
     assert b.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 2 / 4)
     assert isinstance(b, ReplicatedModule)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_gather_full_state_dict_copies_on_the_keeping_rank_only(stage):
+    # Below ZeRO-3 every rank holds full parameters: no collective, the same copies. (ZeRO-3 is
+    # covered by tests/integration/test_train_entrypoints.py, which saves an SFT model from it.)
+    model = torch.nn.Linear(3, 2)
+    full = gather_full_state_dict(model.named_parameters(), stage, keep=True)
+    assert list(full) == ["weight", "bias"]
+    for name, p in model.named_parameters():
+        assert torch.equal(full[name], p.detach()) and full[name].device.type == "cpu"
+        assert full[name].data_ptr() != p.data_ptr() and not full[name].requires_grad  # copies, not views
+    assert gather_full_state_dict(model.named_parameters(), stage, keep=False) == {}

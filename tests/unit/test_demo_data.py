@@ -81,9 +81,9 @@ def test_preferences_favour_more_digits():
 
 
 def test_cli_and_loaders_read_the_files(tmp_path, capsys):
-    from rlhf_ray.data.datasets import load_preference_data, load_sft_data
+    from rlhf_ray.supervised.config import PreferenceDataConfig, SFTDataConfig
+    from rlhf_ray.supervised.data import load_preference_data, load_sft_data
     from rlhf_ray.tiny_models import build_tokenizer
-    from rlhf_ray.train_config import PreferenceDataConfig, SFTDataConfig
 
     out = tmp_path / "demo"
     assert demo_data.main(["--out", str(out), "--sft", "20", "--pairs", "20", "--prompts", "8"]) == 0

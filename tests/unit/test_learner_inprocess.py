@@ -92,7 +92,7 @@ def test_compute_old_matches_a_plain_transformers_forward(case):
     mask = batch.response_mask
     assert (logprobs[~mask] == 0).all() and (values[~mask] == 0).all()
     ref_lp, ref_v = ip.plain_forward(case.model, case.learner.policy_state_dict(), ip.value_head_state(case.learner),
-                                     batch, case.learner.cfg.rollout.temperature, case.learner.device)
+                                     batch, case.learner.spec.temperature, case.learner.device)
     assert float(values.abs().max()) > 1e-3  # a non-zero head, so the comparison means something
     assert float((logprobs - ref_lp).abs().max()) < _tol(case.dtype)
     assert float((values - ref_v).abs().max()) < _tol(case.dtype)
@@ -114,7 +114,7 @@ def test_one_update_moves_the_policy_with_finite_metrics(case):
     learner = case.learner
     batch = ip.with_learner_old(learner, ip.synthetic_batch())
     before, head_before = learner.policy_state_dict(), ip.value_head_state(learner)
-    metrics = learner.train(batch, iteration=0)
+    metrics = ip.train(learner, batch, iteration=0)
     for key in ("policy_loss", "value_loss", "entropy", "clip_fraction", "grad_norm", "onpolicy_ratio_dev", "lr"):
         assert key in metrics, key
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
@@ -135,7 +135,7 @@ def test_checkpoint_round_trip_restores_weights_head_and_optimizer(case, tmp_pat
 
     learner = case.learner
     batch = ip.with_learner_old(learner, ip.synthetic_batch())
-    learner.train(batch, iteration=1)  # Adam moments and a scheduler step worth restoring
+    ip.train(learner, batch, iteration=1)  # Adam moments and a scheduler step worth restoring
     assert learner.save_checkpoint(str(tmp_path / "ckpt"))
     saved, saved_head = learner.policy_state_dict(), ip.value_head_state(learner)
     # the exported Hugging Face policy and value head are the learner's weights
@@ -144,14 +144,14 @@ def test_checkpoint_round_trip_restores_weights_head_and_optimizer(case, tmp_pat
     assert ip.max_abs_diff(saved, exported) == 0
     assert ip.max_abs_diff(load_value_head(tmp_path / "ckpt" / "policy"), saved_head) == 0
 
-    learner.train(batch, iteration=2)
+    ip.train(learner, batch, iteration=2)
     after_replay_target = learner.policy_state_dict()
     assert ip.max_abs_diff(saved, after_replay_target) > 0
     assert learner.load_checkpoint(str(tmp_path / "ckpt"))
     assert ip.max_abs_diff(saved, learner.policy_state_dict()) == 0
     assert ip.max_abs_diff(saved_head, ip.value_head_state(learner)) == 0
     # optimiser and scheduler state came back too: the same update again gives the same weights
-    learner.train(batch, iteration=2)
+    ip.train(learner, batch, iteration=2)
     assert ip.max_abs_diff(after_replay_target, learner.policy_state_dict()) == 0
 
 
@@ -166,10 +166,10 @@ def test_micro_batching_modes_match_the_plain_forward_and_start_on_policy(tiny_m
         batch = ip.synthetic_batch()
         logprobs, values = learner.compute_old(batch)
         ref_lp, ref_v = ip.plain_forward(tiny_model, learner.policy_state_dict(), ip.value_head_state(learner),
-                                         batch, learner.cfg.rollout.temperature, learner.device)
+                                         batch, learner.spec.temperature, learner.device)
         assert float((logprobs - ref_lp).abs().max()) < FP32_TOL
         assert float((values - ref_v).abs().max()) < FP32_TOL
-        metrics = learner.train(batch.replace(old_logprobs=logprobs, old_values=values), iteration=0)
+        metrics = ip.train(learner, batch, iteration=0)
         assert metrics["onpolicy_ratio_dev"] < 1e-5 and math.isfinite(metrics["policy_loss"])
     finally:
         ip.release(learner)
@@ -182,7 +182,7 @@ def test_optimizer_offload_starts_and_trains(tiny_model, stage):
         assert info["zero_stage"] == stage
         batch = ip.with_learner_old(learner, ip.synthetic_batch())
         before = learner.policy_state_dict()
-        metrics = learner.train(batch, iteration=0)
+        metrics = ip.train(learner, batch, iteration=0)
         bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
         assert not bad, f"non-finite metrics: {bad}"
         assert metrics["onpolicy_ratio_dev"] < 1e-5
@@ -198,9 +198,31 @@ def test_separate_critic_under_zero3_exports_only_the_policy(tiny_model, checkpo
         assert list(exported) == list(checkpoint)  # neither critic_body.* nor value_head.*
         batch = ip.with_learner_old(learner, ip.synthetic_batch())
         before = learner.policy_state_dict()
-        metrics = learner.train(batch, iteration=0)
+        metrics = ip.train(learner, batch, iteration=0)
         assert all(math.isfinite(v) for v in metrics.values()), metrics
         assert metrics["onpolicy_ratio_dev"] < 1e-5
+        assert ip.max_abs_diff(before, learner.policy_state_dict()) > 0
+    finally:
+        ip.release(learner)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_a_step_whose_samples_were_all_quarantined_is_skipped(tiny_model, packing):
+    # One usable sample in 8: one mini-batch of 4 has no valid token (skipped, counted), and in the
+    # other a micro-batch of 2 may have none (an empty packed row): the update still runs.
+    learner, _ = ip.build_learner(ip.learner_config(tiny_model, zero_stage=2, **{"learner.packing": packing}))
+    try:
+        from rlhf_ray.batch import TrainUpdate
+
+        batch = ip.synthetic_batch()
+        keep = torch.zeros(len(batch), dtype=torch.bool)
+        keep[0] = True
+        mask = batch.response_mask & keep[:, None]
+        learner.compute_old(batch)
+        before = learner.policy_state_dict()
+        metrics = learner.train(TrainUpdate(batch.advantages * mask, batch.returns * mask, mask), iteration=0)
+        assert metrics["skipped_steps"] == 1.0
+        assert all(math.isfinite(v) for k, v in metrics.items() if k != "grad_norm"), metrics
         assert ip.max_abs_diff(before, learner.policy_state_dict()) > 0
     finally:
         ip.release(learner)

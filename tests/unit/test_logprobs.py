@@ -248,3 +248,12 @@ def test_chunked_hand_example_and_errors():
         chunked_logprobs_and_entropy(logits, torch.tensor([[2, 1]]), entropy="yes")
     with pytest.raises(ValueError, match="chunk must be"):
         chunked_logprobs_and_entropy(logits, torch.tensor([[2, 1]]), chunk=0)
+
+
+def test_chunked_of_no_positions_is_empty_and_differentiable():
+    # A packed micro-batch whose samples were all quarantined has no response position.
+    logits = torch.zeros(1, 0, 7, requires_grad=True)
+    lp, ent = chunked_logprobs_and_entropy(logits, torch.zeros(1, 0, dtype=torch.long), entropy="grad")
+    assert lp.shape == ent.shape == (1, 0)
+    (lp.sum() + ent.sum()).backward()
+    assert logits.grad.shape == (1, 0, 7)

@@ -6,8 +6,9 @@ import re
 import pytest
 
 from rlhf_ray.config import DataConfig
-from rlhf_ray.data.prompts import (PromptSampler, PromptSet, builtin_prompts, load_prompt_texts, split_holdout,
-                                  tokenize_prompts)
+from rlhf_ray.data.prompts import (PromptSampler, PromptSet, builtin_prompts, load_prompt_texts, pad_token_id,
+                                  split_holdout, tokenize_prompts)
+from rlhf_ray.data.records import DataError
 
 
 class WordTokenizer:
@@ -147,6 +148,95 @@ def test_null_prompt_is_an_error(tmp_path):
     path = _jsonl(tmp_path, ['{"prompt": "ok"}', '{"prompt": null}'])
     with pytest.raises(ValueError, match=":2"):
         load_prompt_texts(DataConfig(prompts=path), seed=0)
+
+
+# ---- Parquet (the same record reader as the supervised stages) ---------------------------
+
+
+def _parquet(tmp_path, records: list[dict], name: str = "prompts.parquet") -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = str(tmp_path / name)
+    pq.write_table(pa.Table.from_pylist(records), path)
+    return path
+
+
+def test_parquet_prompts_equal_the_jsonl_ones(tmp_path):
+    records = [{"prompt": "first", "id": 1}, {"prompt": "second", "id": 2}, {"prompt": "third", "id": 3}]
+    jsonl = _jsonl(tmp_path, [json.dumps(r) for r in records])
+    for ext in ("parquet", "pq"):
+        path = _parquet(tmp_path, records, f"prompts.{ext}")
+        assert load_prompt_texts(DataConfig(prompts=path), seed=0) == ["first", "second", "third"]
+        assert load_prompt_texts(DataConfig(prompts=path), seed=0) == load_prompt_texts(DataConfig(prompts=jsonl),
+                                                                                          seed=0)
+
+
+def test_parquet_custom_field_and_numbers_as_text(tmp_path):
+    path = _parquet(tmp_path, [{"question": 7, "prompt": "not this"}, {"question": 12, "prompt": "nor this"}])
+    assert load_prompt_texts(DataConfig(prompts=path, prompt_field="question"), seed=0) == ["7", "12"]
+
+
+def test_parquet_missing_column_names_the_record_and_the_flag(tmp_path):
+    path = _parquet(tmp_path, [{"text": "a?"}, {"text": "b?"}])
+    with pytest.raises(DataError) as err:
+        load_prompt_texts(DataConfig(prompts=path), seed=0)
+    assert str(err.value) == (f"{path} record 0 has no field 'prompt'; set --data.prompt_field "
+                              "to the field that holds the prompt.")
+
+
+def test_parquet_null_prompt_names_the_record(tmp_path):
+    path = _parquet(tmp_path, [{"prompt": "ok"}, {"prompt": None}])
+    with pytest.raises(ValueError) as err:
+        load_prompt_texts(DataConfig(prompts=path), seed=0)
+    assert str(err.value) == f"{path} record 1: field 'prompt' is null, not text; fix or remove the record."
+
+
+def test_parquet_list_prompt_is_not_text(tmp_path):
+    path = _parquet(tmp_path, [{"prompt": ["a", "b"]}])
+    with pytest.raises(ValueError) as err:
+        load_prompt_texts(DataConfig(prompts=path), seed=0)
+    assert str(err.value) == f'{path} record 0: field \'prompt\' is ["a", "b"], not text; fix or remove the record.'
+
+
+def test_parquet_without_rows_is_an_empty_prompt_source(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = str(tmp_path / "empty.parquet")
+    pq.write_table(pa.table({"prompt": pa.array([], type=pa.string())}), path)
+    with pytest.raises(ValueError, match=rf"prompt source {re.escape(repr(path))} holds no prompts"):
+        load_prompt_texts(DataConfig(prompts=path), seed=0)
+
+
+def test_unreadable_parquet_names_the_file(tmp_path):
+    path = str(tmp_path / "broken.parquet")
+    with open(path, "w") as fh:
+        fh.write('{"prompt": "this is JSONL, not Parquet"}\n')
+    with pytest.raises(DataError, match=rf"^{re.escape(repr(path))} is not a readable Parquet file"):
+        load_prompt_texts(DataConfig(prompts=path), seed=0)
+
+
+def test_other_extensions_are_still_read_as_jsonl(tmp_path):
+    path = _jsonl(tmp_path, ['{"prompt": "a"}', '{"prompt": "b"}'], name="prompts.txt")
+    assert load_prompt_texts(DataConfig(prompts=path), seed=0) == ["a", "b"]
+
+
+# ---- pad_token_id -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("pad", "eos", "want"), [(0, 2, 0), (None, 2, 2), (5, None, 5)])
+def test_pad_token_id_is_the_pad_token_else_eos(pad, eos, want):
+    from types import SimpleNamespace
+
+    assert pad_token_id(SimpleNamespace(pad_token_id=pad, eos_token_id=eos)) == want
+
+
+def test_pad_token_id_needs_a_pad_or_eos_token():
+    from types import SimpleNamespace
+
+    with pytest.raises(DataError, match="neither a pad nor an EOS token; set pad_token"):
+        pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None))
 
 
 # ---- tokenize_prompts -------------------------------------------------------------------

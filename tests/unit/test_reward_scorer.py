@@ -29,13 +29,13 @@ def _gpt2_reward_model(path) -> str:
 def test_left_padded_batch_scores_like_each_text_alone(tmp_path):
     from transformers import AutoTokenizer
 
-    from rlhf_ray.workers.frozen import RewardScorer
+    from rlhf_ray.workers.frozen import RewardScorer, RewardSpec
 
     rm = _gpt2_reward_model(tmp_path / "rm")
     assert AutoTokenizer.from_pretrained(rm).padding_side == "left"
     cfg = load_config(None, {"model.path": rm, "reward.kind": "model", "reward.model_path": rm,
                              "reward.micro_batch_size": 4})
-    scorer = RewardScorer(cfg)
+    scorer = RewardScorer(RewardSpec.from_config(cfg))
     prompts = ["Write the number after 10:", "Hi", "a much longer prompt with many words in it", "x"]
     responses = [" 11", " there friend", "", " y z"]
     batched = scorer._run_model(prompts, responses)
@@ -58,11 +58,11 @@ def test_reference_logprobs_skip_the_prompt_and_match_the_full_model(tmp_path, p
 
     from rlhf_ray.batch import Generation, pack_generation
     from rlhf_ray.tiny_models import build_tiny_model
-    from rlhf_ray.workers.frozen import ReferenceModel
+    from rlhf_ray.workers.frozen import ReferenceModel, ReferenceSpec
 
     path = str(build_tiny_model(tmp_path / "ref", arch="llama", seed=3))
     cfg = load_config(None, {"model.path": path, "reference.micro_batch_size": 2, "reference.packing": packing})
-    ref = ReferenceModel(cfg)
+    ref = ReferenceModel(ReferenceSpec.from_config(cfg))
     assert ref._keeps_logits  # Llama takes logits_to_keep: the short path is the one tested
     gen = Generation(prompt_ids=[[5, 6, 7, 8], [9, 10], [11, 12, 13]],
                      response_ids=[[20, 21], [22, 23, 24, 25], [26]],

@@ -28,7 +28,7 @@ BLOCKER = textwrap.dedent(
 )
 
 MODULES = ("rlhf_ray.workers.learner", "rlhf_ray.workers.frozen", "rlhf_ray.workers.rollout",
-           "rlhf_ray.workers.trainer", "rlhf_ray.coordinator.loop", "rlhf_ray.backends.deepspeed")
+           "rlhf_ray.supervised.trainer", "rlhf_ray.coordinator.loop", "rlhf_ray.backends.deepspeed")
 
 
 def _run(code: str) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from rlhf_ray.config import ConfigError, iter_fields, load_config
-from rlhf_ray.train_config import (
+from rlhf_ray.supervised.config import (
     PipelineConfig,
     RMRunConfig,
     SFTRunConfig,
@@ -114,7 +114,7 @@ def test_trainer_checkpoint_settings_are_checked():
 def test_resume_point_picks_the_newest_complete_checkpoint_and_refuses_other_settings(tmp_path):
     import json
 
-    from rlhf_ray.coordinator.supervised import resume_point
+    from rlhf_ray.supervised.run import resume_point
 
     cfg = _sft(**{"train.output_dir": tmp_path, "train.resume": "true", "learner.num_ranks": 2,
                   "train.batch_size": 32})
@@ -136,10 +136,17 @@ def test_resume_point_picks_the_newest_complete_checkpoint_and_refuses_other_set
 
 
 def test_total_steps_is_the_schedule_horizon():
-    from rlhf_ray.coordinator.supervised import total_steps
+    from rlhf_ray.supervised.run import total_steps
 
     cfg = _sft(**{"train.epochs": 2, "train.batch_size": 32})
     assert total_steps(cfg, 360) == 22  # 11 full batches per epoch; the partial one is skipped
     assert total_steps(_sft(**{"train.epochs": 2, "train.batch_size": 32, "train.max_steps": 7}), 360) == 7
     with pytest.raises(ConfigError, match="lr_schedule"):
         _sft(**{"learner.lr_schedule": "step"})
+
+
+def test_ppo_learner_options_are_refused_not_ignored():
+    with pytest.raises(ConfigError) as err:
+        _sft(**{"learner.micro_batch_tokens": 512, "learner.forward_max_tokens": 256})
+    assert "--learner.micro_batch_tokens has no effect in SFT/RM training" in str(err.value)
+    assert "--learner.forward_max_tokens has no effect in SFT/RM training" in str(err.value)

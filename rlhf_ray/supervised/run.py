@@ -12,14 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, Sequence
 
+from rlhf_ray.checkpoint_files import checkpoints_dir, complete_checkpoints
 from rlhf_ray.config import ConfigError, config_to_dict, iter_fields, load_config, parse_overrides
-from rlhf_ray.coordinator.checkpoint import checkpoints_dir, complete_checkpoints
 from rlhf_ray.coordinator.metrics import MetricsSink
 from rlhf_ray.coordinator.pending import RayPending
 from rlhf_ray.coordinator.placement import RolePlacement, actor_options, check_fits, create_groups, role_bundle
+from rlhf_ray.data.records import DataError
 
 
 def parse_cli(prog: str, description: str, cls: type, validator: Callable,
@@ -199,7 +201,7 @@ def run_supervised(cfg, actor_cls, role: str, train, eval_set, tokenizer_path: s
                    keys: Sequence[str], ray_address: str | None = None) -> dict[str, Any]:
     """Start (or attach to) Ray, run the trainer ranks through ``fit``, shut them down; returns
     the summary, also written to ``<train.output_dir>/train_summary.json``."""
-    from rlhf_ray.coordinator.run import start_ray
+    from rlhf_ray.coordinator.cluster import start_ray
 
     resumed = resume_point(cfg) if cfg.train.resume else None  # before Ray: a mismatch fails fast
     if cfg.train.resume and resumed is None:
@@ -248,8 +250,6 @@ def prepare_demo_data(cfg) -> None:
 
 
 def check_train_size(n_train: int, cfg, what: str) -> None:
-    from rlhf_ray.data.datasets import DataError
-
     if n_train < cfg.train.batch_size:
         raise DataError(f"only {n_train} training {what} after the length policy, fewer than one optimiser step "
                          f"(--train.batch_size {cfg.train.batch_size}); add data or lower the batch size.")
@@ -259,13 +259,6 @@ def cli_main(prog: str, description: str, cls: type, validator: Callable, train:
              argv: list[str] | None) -> int:
     """The shared ``main`` of ``train_sft`` and ``train_rm``: parse, ``--dry-run``, train; bad
     inputs found before Ray starts exit 2 with the message."""
-    import json
-    import os
-    import sys
-
-    from rlhf_ray.config import ConfigError, config_to_dict
-    from rlhf_ray.data.datasets import DataError
-
     args, cfg = parse_cli(prog, description, cls, validator, sys.argv[1:] if argv is None else argv)
     if args.dry_run:
         print(json.dumps(config_to_dict(cfg), indent=2))

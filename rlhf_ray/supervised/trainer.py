@@ -14,6 +14,9 @@ divided by the unit count of the whole optimiser step over all ranks (one all-re
 DeepSpeed averages gradients over ranks, so each rank scales its loss by the world size and
 backpropagates without DeepSpeed's 1/accumulation scaling. The sum is the full-batch gradient
 however the batch is split over ranks and micro-batches.
+
+Plain classes, importable without Ray; their Ray shells are ``SFTTrainerActor`` and
+``RewardModelTrainerActor`` in ``rlhf_ray/workers/actors.py``.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ import torch.distributed as dist
 
 from rlhf_ray.algorithms.pairwise import pairwise_loss, sft_loss
 from rlhf_ray.backends import deepspeed as ds
-from rlhf_ray.data.datasets import PairBatch, SFTBatch, pad_token_id
-from rlhf_ray.train_config import TrainerRunConfig, resolve_trainer
+from rlhf_ray.checkpoint_files import checkpoint_path, publish
+from rlhf_ray.data.prompts import pad_token_id
+from rlhf_ray.supervised.config import TrainerRunConfig, resolve_trainer
+from rlhf_ray.supervised.data import PairBatch, SFTBatch
 from rlhf_ray.weight_sync.transport import free_port
 from rlhf_ray.workers.base import RoleBase
 
@@ -43,7 +48,8 @@ class SupervisedTrainer(RoleBase):
     metric_keys: tuple[str, ...] = ()  # sums returned by ``_loss`` besides "units"
 
     def __init__(self, cfg: TrainerRunConfig, rank: int, world_size: int) -> None:
-        super().__init__(cfg, rank, cfg.resources.threads)  # type: ignore[arg-type]
+        super().__init__(rank, cfg.resources.threads)
+        self.cfg = cfg  # the SFT/RM run's own tree (supervised/config.py)
         self.rank, self.world_size = rank, world_size
         self.sizes = resolve_trainer(cfg)
         self.engine = None
@@ -183,8 +189,6 @@ class SupervisedTrainer(RoleBase):
         """All ranks: DeepSpeed state (model, optimiser, scheduler; ZeRO shards) and the position in
         the data (``next_step`` of ``epoch``) as ``<output_dir>/checkpoints/step_<global step>``,
         written under ``.tmp`` and published by rank 0 once every rank has written."""
-        from rlhf_ray.coordinator.checkpoint import checkpoint_path, publish
-
         final = checkpoint_path(self.cfg.train.output_dir, self.global_step, prefix="step")
         tmp = final + ".tmp"
         if self.rank == 0:
@@ -214,12 +218,7 @@ class SupervisedTrainer(RoleBase):
         """Write a standard Hugging Face checkpoint (config, safetensors, tokenizer) to ``out_dir``.
         All ranks must call (ZeRO-3 gathers each parameter); rank 0 writes."""
         module = self.engine.module
-        stage = self.cfg.learner.zero_stage
-        full = {}
-        for name, p in module.named_parameters():
-            with ds.gathered([p], stage):
-                if self.rank == 0:
-                    full[name] = p.data.detach().clone().cpu()
+        full = ds.gather_full_state_dict(module.named_parameters(), self.cfg.learner.zero_stage, keep=self.rank == 0)
         if self.rank == 0:
             persistent = set(module.state_dict().keys())
             full.update({n: b.detach().clone().cpu() for n, b in module.named_buffers() if n in persistent})

@@ -9,16 +9,9 @@ import json
 import pytest
 import torch
 
-from rlhf_ray.data.datasets import (
-    DataError,
-    PairBatch,
-    holdout_split,
-    load_preference_data,
-    load_sft_data,
-    read_prompts,
-    read_records,
-)
-from rlhf_ray.train_config import PreferenceDataConfig, SFTDataConfig
+from rlhf_ray.supervised.config import PreferenceDataConfig, SFTDataConfig
+from rlhf_ray.supervised.data import PairBatch, holdout_split, load_preference_data, load_sft_data
+from rlhf_ray.data.records import DataError, read_prompts, read_records
 
 # A minimal chat template: "<|user|>text\n" per user turn, "<|assistant|>" opens the reply and
 # "</s>" closes it (so the rendered response carries its own EOS).

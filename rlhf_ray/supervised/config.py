@@ -1,6 +1,6 @@
 """Config trees of the two stages before PPO: supervised fine-tuning and reward-model training.
 
-Same conventions as ``config.py`` (frozen dataclasses, the string literal under a field is its
+Same conventions as ``rlhf_ray.config`` (frozen dataclasses, the string literal under a field is its
 ``--help`` text, YAML plus ``--section.field value`` overrides, one ``ConfigError`` listing every
 problem before anything starts). The learner section (``LearnerConfig``) and the per-rank
 resources (``RoleResources``) are the PPO tree's own; the data and training sections are new.
@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlhf_ray.config import Config, ConfigError, LearnerConfig, RoleResources, get_path
+from rlhf_ray.config import (Config, ConfigError, LearnerConfig, RoleResources, field_errors, optimizer_errors,
+                             raise_if_any, resource_errors)
 
 
 @dataclass(frozen=True)
@@ -192,27 +193,22 @@ _POSITIVE = ["data.max_len", "train.epochs", "train.batch_size", "train.placemen
              "learner.forward_batch_size", "learner.lr", "train.checkpoint_keep_last"]
 
 
+# The PPO learner's options that the supervised trainers do not have: refused instead of ignored.
+_PPO_ONLY = {"value_head_lr": None, "micro_batch_tokens": 0, "forward_max_tokens": 0}
+
+
 def _common_errors(cfg: TrainerRunConfig) -> list[str]:
-    errors = []
-    for key, choices in _CHOICES.items():
-        if get_path(cfg, key) not in choices:
-            errors.append(f"--{key} is {get_path(cfg, key)!r}; choose one of {list(choices)}.")
-    for key in _POSITIVE:
-        if not get_path(cfg, key) > 0:
-            errors.append(f"--{key} must be > 0 (got {get_path(cfg, key)!r}).")
+    errors = field_errors(cfg, _CHOICES, _POSITIVE) + optimizer_errors(cfg.learner)
+    errors += resource_errors(cfg.resources, "resources")
     if cfg.train.max_steps < 0:
         errors.append("--train.max_steps must be >= 0 (0: no limit).")
     if cfg.train.checkpoint_every < 0:
         errors.append("--train.checkpoint_every must be >= 0 (0: no checkpoints).")
     if not 0 <= cfg.data.eval_fraction < 1:
         errors.append(f"--data.eval_fraction must be in [0, 1) (got {cfg.data.eval_fraction}).")
-    if cfg.learner.value_head_lr is not None:
-        errors.append("--learner.value_head_lr has no effect here (no value head); unset it.")
-    if cfg.learner.warmup_steps < 0 or not 0 <= cfg.learner.min_lr_ratio <= 1:
-        errors.append("--learner.warmup_steps must be >= 0 and --learner.min_lr_ratio in [0, 1].")
-    r = cfg.resources
-    if r.num_cpus < 0 or r.num_gpus < 0 or r.threads < 1:
-        errors.append("--resources: num_cpus/num_gpus must be >= 0 and threads >= 1.")
+    for name, unset in _PPO_ONLY.items():
+        if getattr(cfg.learner, name) != unset:
+            errors.append(f"--learner.{name} has no effect in SFT/RM training (a PPO learner option); unset it.")
     if not cfg.train.output_dir:
         errors.append("--train.output_dir must name a directory for the trained model.")
     try:
@@ -222,14 +218,9 @@ def _common_errors(cfg: TrainerRunConfig) -> list[str]:
     return errors
 
 
-def _raise(errors: list[str]) -> None:
-    if errors:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
-
-
 def validate_sft(cfg: SFTRunConfig) -> TrainerSizes:
     """Check an SFT config as a whole; one ConfigError lists every problem."""
-    _raise(_common_errors(cfg))
+    raise_if_any(_common_errors(cfg))
     return resolve_trainer(cfg)
 
 
@@ -241,7 +232,7 @@ def validate_rm(cfg: RMRunConfig) -> TrainerSizes:
                       "or --data.eval_path.")
     if cfg.data.chosen_field == cfg.data.rejected_field:
         errors.append(f"--data.chosen_field and --data.rejected_field are both {cfg.data.chosen_field!r}.")
-    _raise(errors)
+    raise_if_any(errors)
     return resolve_trainer(cfg)
 
 
@@ -290,4 +281,4 @@ def validate_pipeline(cfg: PipelineConfig) -> None:
                       f"--ppo.reward.model_path {rm_out!r} (the --rm.train.output_dir).")
     if cfg.digit_check_prompts < 0:
         errors.append("--digit_check_prompts must be >= 0.")
-    _raise(errors)
+    raise_if_any(errors)

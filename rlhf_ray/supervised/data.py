@@ -1,143 +1,31 @@
-"""SFT examples and preference pairs from local JSONL or Parquet files.
+"""SFT examples and preference pairs: rendering records as text, the length policy, tokenising
+into padded tensors, and the train/eval splits.
 
-Reading goes through Hugging Face ``datasets`` (``Dataset.from_json`` / ``from_parquet``); field
-names come from the config, and records are rendered either as plain ``prompt`` + ``response``
-text or as chat messages through the tokenizer's chat template. Then the length policy
-(truncate / drop, both counted, or error) and tokenisation into padded tensors:
+Records come from ``records.py`` (JSONL or Parquet through Hugging Face ``datasets``; field names
+from the config), rendered either as plain ``prompt`` + ``response`` text or as chat messages
+through the tokenizer's chat template. Then the length policy (truncate / drop, both counted, or
+error) and tokenisation:
 
 - :class:`SFTBatch`: ``input_ids`` with a ``loss_mask`` that is True on response tokens only;
 - :class:`PairBatch`: chosen and rejected token ids of each pair, tokenised exactly as the PPO
   reward actor tokenises ``prompt + response`` when it scores (``workers/frozen.py``), so the
   reward model sees the same token sequences in training and in PPO.
 
-Every problem with a file (missing, empty, unreadable, a field absent, a record too long under
-``too_long: error``) raises :class:`DataError` naming the file, the record and the flag to change.
+Every problem with a record (a field absent, a record too long under ``too_long: error``, a split
+left empty) raises :class:`DataError` naming the file, the record and the flag to change.
 """
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
-from rlhf_ray.train_config import PreferenceDataConfig, SFTDataConfig
-
-
-class DataError(ValueError):
-    """A data file or record that cannot be used; the message says which and how to fix it."""
-
-
-# --------------------------------------------------------------------------- reading files
-
-
-def file_format(path: str, fmt: str = "auto") -> str:
-    """"jsonl" or "parquet", from ``fmt`` or (auto) the file extension."""
-    if fmt != "auto":
-        return fmt
-    ext = os.path.splitext(path)[1].lower()
-    if ext in (".jsonl", ".json"):
-        return "jsonl"
-    if ext in (".parquet", ".pq"):
-        return "parquet"
-    raise DataError(f"cannot tell the format of {path!r} from its extension; use .jsonl or .parquet, "
-                    "or set --data.format jsonl|parquet.")
-
-
-def _is_empty(path: str, fmt: str) -> bool:
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.ParquetFile(path).metadata.num_rows == 0
-        except Exception as exc:  # pyarrow raises several types for a corrupt file
-            raise DataError(f"{path!r} is not a readable Parquet file: {exc}") from None
-    with open(path, "rb") as fh:
-        return not any(line.strip() for line in fh)
-
-
-def read_records(path: str, fmt: str = "auto", flag: str = "--data.train_path"):
-    """A ``datasets.Dataset`` of the records in a JSONL or Parquet file (at least one)."""
-    import datasets
-
-    if not os.path.isfile(path):
-        raise DataError(f"data file {path!r} does not exist; set {flag} to a .jsonl or .parquet file "
-                        "(python -m rlhf_ray.data.demo_data --out DIR writes a demo set).")
-    fmt = file_format(path, fmt)
-    if _is_empty(path, fmt):
-        raise DataError(f"data file {path!r} holds no records; point {flag} at a non-empty file.")
-    datasets.disable_progress_bars()
-    try:
-        if fmt == "parquet":
-            return datasets.Dataset.from_parquet(path, keep_in_memory=True)
-        return datasets.Dataset.from_json(path, keep_in_memory=True)
-    except Exception as exc:  # datasets wraps parse errors in its own types; name the file instead
-        cause = exc.__cause__ or exc
-        raise DataError(f"cannot read {path!r} as {fmt}: {type(cause).__name__}: {cause}") from None
-
-
-def require_fields(ds, fields: dict[str, str], path: str) -> None:
-    """Every field (flag -> column) is a column and no record leaves it empty."""
-    for flag, name in fields.items():
-        if name not in ds.column_names:
-            raise DataError(f"{path!r} has no field {name!r} (columns: {ds.column_names}); set {flag} to the "
-                            "field that holds it.")
-        for i, value in enumerate(ds[name]):
-            if value is None:
-                raise DataError(f"{path!r} record {i} has no value for field {name!r} ({flag}).")
-
-
-def read_prompts(path: str, prompt_field: str = "prompt", fmt: str = "auto", template: str = "plain",
-                 tokenizer=None) -> list[str]:
-    """Prompt texts from a JSONL or Parquet file (plain text, or messages rendered as a chat
-    prompt that ends with the assistant's turn opening)."""
-    ds = read_records(path, fmt, flag="--data.prompts")
-    require_fields(ds, {"--data.prompt_field": prompt_field}, path)
-    if template == "chat":
-        _check_template(tokenizer)
-        return [tokenizer.apply_chat_template(_as_messages(v, path, i, prompt_field), tokenize=False,
-                                              add_generation_prompt=True) for i, v in enumerate(ds[prompt_field])]
-    return [str(v) for v in ds[prompt_field]]
-
-
-# --------------------------------------------------------------------------- chat rendering
-
-
-def _as_messages(value: Any, path: str, index: int, name: str) -> list[dict]:
-    """A message list from a field: a list of {role, content}, or a string (one user turn)."""
-    if isinstance(value, str):
-        return [{"role": "user", "content": value}]
-    if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                              for m in value):
-        raise DataError(f"{path!r} record {index}: field {name!r} must be a list of {{role, content}} messages "
-                        f"for --data.template chat, got {str(value)[:80]!r}.")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
-
-
-def _check_template(tokenizer) -> None:
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise DataError("--data.template chat needs a tokenizer with a chat template, and this model's has "
-                        "none; use --data.template plain or add chat_template to tokenizer_config.json.")
-
-
-def render_chat(tokenizer, messages: list[dict], path: str, index: int) -> tuple[str, str]:
-    """(prompt text, response text) of a conversation whose last turn is the assistant's.
-
-    The prompt is the template applied to every turn but the last with the generation prompt
-    (what a policy sees at generation time); the response is the rest of the full rendering,
-    including whatever closes the assistant turn."""
-    _check_template(tokenizer)
-    if not messages or messages[-1]["role"] != "assistant":
-        raise DataError(f"{path!r} record {index}: the conversation must end with an assistant message "
-                        "(the response to learn or score).")
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full.startswith(prompt):
-        raise DataError(f"{path!r} record {index}: the chat template does not render the prompt as a prefix "
-                        "of the conversation, so the response tokens cannot be located.")
-    return prompt, full[len(prompt):]
+from rlhf_ray.data.prompts import pad_token_id
+from rlhf_ray.supervised.config import PreferenceDataConfig, SFTDataConfig
+from rlhf_ray.data.records import DataError, as_messages, read_records, render_chat, require_fields
 
 
 # --------------------------------------------------------------------------- length policy
@@ -169,14 +57,6 @@ def _apply_limit(n_prompt: int, ids: list[int], max_len: int, policy: str,
     if policy == "drop" or n_prompt >= max_len:
         return None, False
     return ids[:max_len], True
-
-
-def pad_token_id(tokenizer) -> int:
-    """The id used for padding: the tokenizer's pad token, else its EOS."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise DataError("the tokenizer has neither a pad nor an EOS token; set pad_token in tokenizer_config.json.")
-    return int(pad)
 
 
 def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,7 +140,7 @@ def sft_texts(ds, cfg: SFTDataConfig, tokenizer, path: str) -> list[tuple[str, s
     """(prompt, response) texts of every record, per ``data.template``."""
     if cfg.template == "chat":
         require_fields(ds, {"--data.messages_field": cfg.messages_field}, path)
-        return [render_chat(tokenizer, _as_messages(m, path, i, cfg.messages_field), path, i)
+        return [render_chat(tokenizer, as_messages(m, f"{path!r} record {i}", cfg.messages_field), path, i)
                 for i, m in enumerate(ds[cfg.messages_field])]
     require_fields(ds, {"--data.prompt_field": cfg.prompt_field, "--data.response_field": cfg.response_field}, path)
     return [(str(p), str(r)) for p, r in zip(ds[cfg.prompt_field], ds[cfg.response_field])]
@@ -330,7 +210,7 @@ def preference_texts(ds, cfg: PreferenceDataConfig, tokenizer, path: str) -> Pre
         has_prompt = cfg.prompt_field in ds.column_names
         out = PreferenceTexts([], [], [], margins)
         for i, rec in enumerate(ds):
-            head = _as_messages(rec[cfg.prompt_field], path, i, cfg.prompt_field) if has_prompt else []
+            head = as_messages(rec[cfg.prompt_field], f"{path!r} record {i}", cfg.prompt_field) if has_prompt else []
             full = []
             for name in (cfg.chosen_field, cfg.rejected_field):
                 side = rec[name]
@@ -338,7 +218,7 @@ def preference_texts(ds, cfg: PreferenceDataConfig, tokenizer, path: str) -> Pre
                     raise DataError(f"{path!r} record {i}: {name!r} is a plain response but the record has no "
                                     f"prompt field {cfg.prompt_field!r}; give messages or set --data.prompt_field.")
                 turns = [{"role": "assistant", "content": side}] if isinstance(side, str) else \
-                    _as_messages(side, path, i, name)
+                    as_messages(side, f"{path!r} record {i}", name)
                 prompt, response = render_chat(tokenizer, head + turns, path, i)
                 full.append(prompt + response)
             out.prompts.append(prompt)

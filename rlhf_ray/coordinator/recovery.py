@@ -1,0 +1,64 @@
+"""What a run does when a role fails: replace the actor, or restart the learner group from the
+last checkpoint, and redo the iteration; or give up with the reason."""
+
+from __future__ import annotations
+
+from rlhf_ray.config import Config
+from rlhf_ray.coordinator import checkpoint as ckpt
+from rlhf_ray.coordinator.pending import RemoteCallError, describe
+
+
+class Recovery:
+    """What to do when a role fails mid-run.
+
+    * A rollout engine, the reference or the reward actor that died or hung is replaced in its
+      placement bundle (an engine also gets the current weights) and the iteration is redone
+      with the same prompts: the coordinator rolled its state back, so no sample is lost or
+      counted twice.
+    * A learner rank that died or hung takes the whole group down with it (its collectives
+      cannot continue): the group is restarted and reloaded from the last complete checkpoint
+      (or from the initial model if there is none), and the iterations since are redone.
+    * A role that raised an error (bad reward function, bad data) is not retried: the same
+      input would fail again. Restarts are bounded by resources.max_actor_restarts and
+      resources.max_learner_restarts."""
+
+    def __init__(self, cfg: Config, roles, coord, run_dir: str, initial_state: dict, say) -> None:
+        self.cfg, self.roles, self.coord, self.run_dir = cfg, roles, coord, run_dir
+        self.initial_state, self.say = initial_state, say
+        self.actor_restarts = self.learner_restarts = 0
+
+    def counters(self) -> dict[str, float]:
+        return {"faults/actor_restarts": float(self.actor_restarts),
+                "faults/learner_restarts": float(self.learner_restarts)}
+
+    def handle(self, exc: RemoteCallError) -> int:
+        """Recover from ``exc``; returns the iteration the run continues from."""
+        role = exc.source[0]
+        if exc.kind == "error":
+            raise exc
+        res = self.cfg.resources
+        if role != "learner":
+            if self.actor_restarts >= res.max_actor_restarts:
+                raise RuntimeError(f"giving up after {self.actor_restarts} actor replacements "
+                                   f"(--resources.max_actor_restarts): {exc}") from exc
+            self.actor_restarts += 1
+            self.say(f"{describe(exc.source)} {exc.kind} (phase {exc.phase}); replacing it and redoing "
+                     f"iteration {self.coord.iteration}")
+            self.roles.replace(exc.source)
+            self.coord.mark_weights_stale()
+            return self.coord.iteration
+        if self.learner_restarts >= res.max_learner_restarts:
+            raise RuntimeError(f"giving up after {self.learner_restarts} learner-group restarts "
+                               f"(--resources.max_learner_restarts): {exc}") from exc
+        self.learner_restarts += 1
+        found = ckpt.complete_checkpoints(self.run_dir)
+        self.say(f"{describe(exc.source)} {exc.kind} (phase {exc.phase}); restarting the learner group from "
+                 f"{found[-1] if found else 'the initial model (no checkpoint yet)'}")
+        self.roles.restart_learners()
+        if found:
+            self.roles.learners.load_checkpoint(found[-1]).result()
+            self.coord.load_state_dict(ckpt.load_coordinator_state(found[-1]))
+        else:
+            self.coord.load_state_dict(self.initial_state)
+        self.coord.mark_weights_stale()
+        return self.coord.iteration

@@ -1,0 +1,140 @@
+"""The package's import graph: nothing imports upward, and there is no cycle.
+
+Layers, lowest first (ARCHITECTURE.md draws them); a module may import its own layer or lower:
+
+0. pure definitions: the config trees, the typed batches, the math, checkpoint file names
+1. models, data, weight-sync planning, reward functions, tiny models
+2. engine backends (DeepSpeed, vLLM)
+3. roles: the PPO workers and the supervised trainer (plain classes; Ray shells in workers/actors.py)
+4. drivers: the PPO coordinator and the supervised run
+5. entry points (python -m ...)
+
+Every ``import`` counts, also the ones inside functions. Read from the source with ``ast``;
+nothing is imported.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "rlhf_ray"
+
+LAYERS: list[tuple[str, ...]] = [
+    ("rlhf_ray.config", "rlhf_ray.batch", "rlhf_ray.algorithms", "rlhf_ray.checkpoint_files",
+     "rlhf_ray.supervised.config", "rlhf_ray.supervised"),  # (the package's __init__ is a docstring)
+    ("rlhf_ray.models", "rlhf_ray.data", "rlhf_ray.weight_sync", "rlhf_ray.rewards", "rlhf_ray.reward_server",
+     "rlhf_ray.tiny_models", "rlhf_ray.supervised.data"),
+    ("rlhf_ray.backends",),
+    ("rlhf_ray.workers", "rlhf_ray.supervised.trainer"),
+    ("rlhf_ray.coordinator", "rlhf_ray.supervised.run"),
+    ("rlhf_ray.launch", "rlhf_ray.train_sft", "rlhf_ray.train_rm", "rlhf_ray.pipeline", "rlhf_ray.export"),
+]
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def layer_of(module: str) -> int | None:
+    best = None
+    for i, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if module == prefix or module.startswith(prefix + "."):
+                if best is None or len(prefix) > best[1]:
+                    best = (i, len(prefix))
+    return best[0] if best else None
+
+
+def imports_of(module: str, path: Path, known: set[str]) -> set[str]:
+    """The package modules ``module`` imports (``from a import b`` counts as a.b when that is a module)."""
+    is_package = path.name == "__init__.py"
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from .x import y
+                anchor = module.split(".") if is_package else module.split(".")[:-1]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        out |= {n for n in names if n in known and n != module}
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    known = set(mods)
+    return {m: imports_of(m, p, known) for m, p in mods.items()}
+
+
+def upward_edges(g: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} (layer {layer_of(m)}) imports {t} (layer {layer_of(t)})"
+                  for m, targets in g.items() if m != "rlhf_ray"
+                  for t in targets if t != "rlhf_ray" and layer_of(t) > layer_of(m))
+
+
+def cycles(g: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(g.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(g):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_every_module_has_a_layer():
+    unplaced = sorted(m for m in modules() if m != "rlhf_ray" and layer_of(m) is None)
+    assert not unplaced, f"add these modules to a layer in LAYERS: {unplaced}"
+
+
+def test_nothing_imports_upward():
+    assert not upward_edges(graph()), "\n".join(upward_edges(graph()))
+
+
+def test_no_import_cycles():
+    assert not cycles(graph())
+
+
+def test_the_checks_find_an_upward_edge_and_a_cycle():
+    real = graph()
+    assert "rlhf_ray.batch" in real["rlhf_ray.workers.learner"]  # imports are read
+    bad = {**real, "rlhf_ray.workers.learner": real["rlhf_ray.workers.learner"] | {"rlhf_ray.coordinator.loop"}}
+    assert upward_edges(bad) == ["rlhf_ray.workers.learner (layer 3) imports rlhf_ray.coordinator.loop (layer 4)"]
+    loop = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(loop) == [["a", "b", "c"]]
