@@ -33,6 +33,10 @@ class Generation:
     def __len__(self) -> int:
         return len(self.response_ids)
 
+    def rows(self, indices: Sequence[int]) -> "Generation":
+        """The samples at ``indices``, in that order."""
+        return Generation(*([getattr(self, f.name)[i] for i in indices] for f in dataclasses.fields(Generation)))
+
     @staticmethod
     def concat(parts: Sequence["Generation"]) -> "Generation":
         out = Generation([], [], [], [], [])
@@ -132,16 +136,19 @@ class ExperienceBatch:
 @dataclass
 class TrainUpdate:
     """What a learner rank needs for its update beyond the slice it already holds from
-    ``compute_old`` (token ids, masks, its own old logprobs and values): only what the
-    advantages phase produced. Shapes match that slice: (B, R)."""
+    ``compute_old`` (token ids, masks, the engines' logprobs, its own old logprobs and values):
+    only what the score and advantages phases produced. Shapes match that slice: (B, R)."""
 
-    advantages: torch.Tensor  # (B, R) float32, whitened; 0 outside response_mask
-    returns: torch.Tensor  # (B, R) float32
+    advantages: torch.Tensor  # (B, R) float32; 0 outside response_mask
+    returns: torch.Tensor  # (B, R) float32 value targets (zeros for critic-free estimators)
     response_mask: torch.Tensor  # (B, R) bool: the slice's mask with quarantined samples cleared
+    ref_logprobs: torch.Tensor | None = None  # (B, R) float32, only with the KL penalty in the loss
+    kl_coef: float = 0.0  # weight of the KL loss term (ppo.kl_in loss)
 
     @staticmethod
-    def of(batch: ExperienceBatch) -> "TrainUpdate":
-        return TrainUpdate(batch.advantages, batch.returns, batch.response_mask)
+    def of(batch: ExperienceBatch, with_ref: bool = False, kl_coef: float = 0.0) -> "TrainUpdate":
+        return TrainUpdate(batch.advantages, batch.returns, batch.response_mask,
+                           batch.ref_logprobs if with_ref else None, kl_coef)
 
     def split(self, parts: int) -> list["TrainUpdate"]:
         """``parts`` contiguous equal shards, matching ``ExperienceBatch.split``."""
@@ -149,8 +156,12 @@ class TrainUpdate:
         if B % parts:
             raise ValueError(f"cannot split an update of {B} rows into {parts} equal parts")
         size = B // parts
-        fields = (self.advantages, self.returns, self.response_mask)
-        return [TrainUpdate(*(t[i * size:(i + 1) * size] for t in fields)) for i in range(parts)]
+
+        def rows(t: torch.Tensor | None, i: int) -> torch.Tensor | None:
+            return None if t is None else t[i * size:(i + 1) * size]
+
+        return [TrainUpdate(rows(self.advantages, i), rows(self.returns, i), rows(self.response_mask, i),
+                            rows(self.ref_logprobs, i), self.kl_coef) for i in range(parts)]
 
     def apply_to(self, shard: ExperienceBatch) -> ExperienceBatch:
         """``shard`` (with old logprobs and values) ready for the update: the new fields set, and
@@ -163,9 +174,10 @@ class TrainUpdate:
                              f"shape {tuple(shard.response_mask.shape)} kept from compute_old")
         mask = self.response_mask
         zero = torch.zeros((), dtype=torch.float32)
+        ref = None if self.ref_logprobs is None else torch.where(mask, self.ref_logprobs, zero)
         return shard.replace(advantages=self.advantages, returns=self.returns, response_mask=mask,
                              old_logprobs=torch.where(mask, shard.old_logprobs, zero),
-                             old_values=torch.where(mask, shard.old_values, zero))
+                             old_values=torch.where(mask, shard.old_values, zero), ref_logprobs=ref)
 
 
 def pack_generation(gen: Generation, pad_id: int, eos_ids: Sequence[int] = ()) -> ExperienceBatch:

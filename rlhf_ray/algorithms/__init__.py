@@ -9,6 +9,8 @@ Vocabulary: B sequences, R response tokens, V vocab. Masks are bool, True = coun
 """
 
 from .gae import GAEOutput, check_right_padded, compute_gae
+from .estimators import (grpo_advantages, group_baseline_scores, group_counts, reinforce_pp_advantages,
+                         rloo_advantages)
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate
 from .logprobs import chunked_logprobs_and_entropy, entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
 from .losses import (
@@ -19,6 +21,10 @@ from .losses import (
     value_loss,
 )
 from .pairwise import PairwiseLossOutput, SFTLossOutput, pairwise_loss, sft_loss
+from .overlong import overlong_penalty
+from .policy_loss import (AGGREGATION_MODES, CORRECTION_MODES, RATIO_LEVELS, CorrectionOutput,
+                          SurrogateOutput, aggregate, clipped_surrogate, kl_loss_tokens,
+                          rollout_correction, sequence_log_ratio)
 from .masked import (
     explained_variance,
     masked_mean,
@@ -65,4 +71,9 @@ __all__ = [
     "shape_token_rewards",
     "token_mean_loss",
     "value_loss",
+    # critic-free estimators, policy-loss pieces, overlong shaping
+    "AGGREGATION_MODES", "CORRECTION_MODES", "RATIO_LEVELS", "CorrectionOutput", "SurrogateOutput",
+    "aggregate", "clipped_surrogate", "grpo_advantages", "group_baseline_scores", "group_counts",
+    "kl_loss_tokens", "overlong_penalty", "reinforce_pp_advantages", "rloo_advantages",
+    "rollout_correction", "sequence_log_ratio",
 ]

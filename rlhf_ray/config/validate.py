@@ -22,6 +22,11 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "data.too_long": ("drop", "truncate", "error"),
     "reward.kind": ("function", "model", "http"),
     "ppo.kl_estimator": ("k1", "k2", "k3"),
+    "ppo.kl_in": ("reward", "loss"),
+    "ppo.estimator": ("gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"),
+    "ppo.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
+    "ppo.ratio": ("token", "sequence"),
+    "ppo.rollout_correction": ("none", "tis", "icepop"),
     "learner.zero_stage": (0, 1, 2, 3),
     "learner.optimizer": ("adamw", "sgd"),
     "learner.lr_schedule": ("constant", "cosine", "linear"),
@@ -136,6 +141,41 @@ def _ppo_errors(cfg: Config) -> list[str]:
         errors.append(f"--ppo.kl_coef 0 with --ppo.kl_target {p.kl_target}: the adaptive controller multiplies the "
                       "coefficient, so it can never leave 0; start --ppo.kl_coef above 0 (e.g. 0.02) or unset "
                       "--ppo.kl_target for no KL penalty.")
+    return errors + _family_errors(cfg)
+
+
+def _family_errors(cfg: Config) -> list[str]:
+    """Estimators, KL placement, off-policy correction and DAPO's pieces."""
+    p, r, errors = cfg.ppo, cfg.rollout, []
+    if p.kl_in == "reward" and p.kl_estimator != "k1":
+        errors.append(f"--ppo.kl_estimator {p.kl_estimator} with --ppo.kl_in reward: only k1 is an unbiased "
+                      "per-token reward (k2 and k3 estimate KL for a loss term; as rewards they bias the return). "
+                      "Set --ppo.kl_in loss to use it as a loss term, or --ppo.kl_estimator k1.")
+    if r.samples_per_prompt < 2 and p.uses_groups:
+        what = "--ppo.dynamic_sampling" if p.dynamic_sampling else f"--ppo.estimator {p.estimator}"
+        errors.append(f"{what} compares the samples of one prompt: --rollout.samples_per_prompt must be >= 2 "
+                      f"(got {r.samples_per_prompt}).")
+    if not p.uses_critic and cfg.model.separate_critic:
+        errors.append(f"--model.separate_critic with --ppo.estimator {p.estimator}: a critic-free estimator "
+                      "trains no value network; unset --model.separate_critic or use --ppo.estimator gae.")
+    if p.correction_cap <= 0 or not 0 <= p.correction_low < 1 < p.correction_high:
+        errors.append("--ppo.correction_cap must be > 0 and --ppo.correction_low < 1 < --ppo.correction_high "
+                      f"(got {p.correction_cap}, {p.correction_low}, {p.correction_high}).")
+    if p.max_extra_generations < 0:
+        errors.append(f"--ppo.max_extra_generations must be >= 0 (got {p.max_extra_generations}).")
+    if p.dynamic_sampling and r.async_generation:
+        errors.append("--ppo.dynamic_sampling with --rollout.async_generation: the extra generations would race "
+                      "the batch in flight; use one of them.")
+    if not 0 <= p.overlong_buffer <= r.max_new_tokens:
+        errors.append(f"--ppo.overlong_buffer must be in [0, --rollout.max_new_tokens {r.max_new_tokens}] "
+                      f"(got {p.overlong_buffer}); 0 turns the overlong penalty off.")
+    if p.overlong_penalty < 0:
+        errors.append(f"--ppo.overlong_penalty must be >= 0 (got {p.overlong_penalty}).")
+    if r.top_p < 1 or r.top_k > 0:
+        errors.append(f"--rollout.top_p {r.top_p} / --rollout.top_k {r.top_k}: the engines would sample from the "
+                      "truncated distribution while the learner and the reference score the full softmax, so the "
+                      "PPO ratio and the KL would be silently wrong. Use top_p 1 and top_k -1 (temperature is "
+                      "handled exactly).")
     return errors
 
 

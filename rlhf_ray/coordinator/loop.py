@@ -24,10 +24,10 @@ from typing import Iterator, Protocol
 import torch
 
 from rlhf_ray.algorithms import (AdaptiveKLController, FixedKLController, RunningMoments, apply_missing_eos_penalty,
-                                 clip_scores, compute_gae, explained_variance, kl_estimate, masked_mean,
-                                 masked_whiten, normalize_scores, shape_token_rewards)
-from rlhf_ray.batch import ExperienceBatch, TrainUpdate, pack_generation
+                                 clip_scores, kl_estimate, normalize_scores, overlong_penalty)
+from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate, pack_generation
 from rlhf_ray.config import Config, resolve
+from rlhf_ray.coordinator.advantages import estimate_advantages
 from rlhf_ray.coordinator.pending import Pending, RemoteCallError
 from rlhf_ray.data.prompts import PromptSampler, PromptSet
 from rlhf_ray.workers.rollout import SamplingSpec
@@ -102,7 +102,10 @@ class PPOCoordinator:
         self._times[f"time/{name}"] = time.perf_counter() - t0
 
     def _checks_logprobs(self, iteration: int) -> bool:
-        """Whether the batch of ``iteration`` carries the engines' logprobs (sync.check_logprobs_every)."""
+        """Whether the batch of ``iteration`` carries the engines' logprobs: every iteration with an
+        off-policy correction (it needs them), else every sync.check_logprobs_every."""
+        if self.cfg.ppo.rollout_correction != "none":
+            return True
         every = self.cfg.sync.check_logprobs_every
         return every > 0 and iteration % every == 0
 
@@ -153,6 +156,10 @@ class PPOCoordinator:
                 gen = self._pending.result()
             sync_metrics = {}
         self._pending, self.pending_prompts, self._prompt_indices = None, None, idx
+        scores, sampling_metrics = None, {}
+        if self.cfg.ppo.dynamic_sampling:
+            with self._phase("dynamic_sampling"):
+                gen, scores, sampling_metrics = self._varied_groups(gen)
         batch = pack_generation(gen, self.pad_id, self.eos_ids)
         if self.cfg.rollout.async_generation:
             sync_metrics = sync_metrics or self._sync_if_stale()
@@ -160,7 +167,7 @@ class PPOCoordinator:
             self._pending = self.rollout.generate([self.prompts.token_ids[i] for i in self.pending_prompts],
                                                   self._spec(self.iteration + 1))
         with self._phase("score"):
-            batch = self._score(batch)
+            batch = self._score(batch, scores)
         with self._phase("advantages"):
             batch, adv_metrics = self._advantages(batch)
         if adv_metrics["skipped_samples"] == len(batch):
@@ -168,11 +175,16 @@ class PPOCoordinator:
         else:
             with self._phase("update"):
                 # Each rank kept its slice from compute_old: only the new fields travel.
-                train_metrics = self.learners.train(TrainUpdate.of(batch), self.iteration).result()
+                # With the KL in the loss the ranks also need the reference logprobs and this
+                # iteration's coefficient (the one the metrics report).
+                in_loss = self.cfg.ppo.kl_in == "loss"
+                update = TrainUpdate.of(batch, with_ref=in_loss, kl_coef=adv_metrics["kl_coef"] if in_loss else 0.0)
+                train_metrics = self.learners.train(update, self.iteration).result()
             self.weights_stale = True
         self._times["time/iteration"] = time.perf_counter() - t_start
         metrics = {"iteration": self.iteration, "prompt_indices": self._prompt_indices,
-                   **self._batch_metrics(batch), **adv_metrics, **train_metrics, **sync_metrics, **self._times}
+                   **self._batch_metrics(batch), **adv_metrics, **train_metrics, **sync_metrics, **sampling_metrics,
+                   **self._times}
         self._check_sync(metrics)
         metrics["tokens_per_second"] = metrics["response_tokens"] / self._times["time/iteration"]
         metrics["samples_per_second"] = len(batch) / self._times["time/iteration"]
@@ -220,15 +232,46 @@ class PPOCoordinator:
                 f"exceeds --sync.max_logprob_mismatch {limit}: the engines are not running the learner's weights "
                 "(or sample at a different temperature). Check the sync transport, or unset the limit to only report.")
 
-    def _score(self, batch: ExperienceBatch) -> ExperienceBatch:
-        """Reference logprobs, reward and old logprobs/values, all three in flight at once."""
+    def _score(self, batch: ExperienceBatch, scores: torch.Tensor | None = None) -> ExperienceBatch:
+        """Reference logprobs, reward and old logprobs/values, all three in flight at once (the
+        reward is not asked again when dynamic sampling already scored the batch)."""
         shared = self.put(batch)
         ref = self.reference.logprobs(shared, self.cfg.rollout.temperature)
-        rew = self.reward.score(shared)
+        rew = self.reward.score(shared) if scores is None else None
         old = self.learners.compute_old(batch)
         old_logprobs, old_values = old.result()
-        return batch.replace(ref_logprobs=ref.result(), scores=rew.result(), old_logprobs=old_logprobs,
-                             old_values=old_values)
+        return batch.replace(ref_logprobs=ref.result(), scores=rew.result() if rew is not None else scores,
+                             old_logprobs=old_logprobs, old_values=old_values)
+
+    def _varied_groups(self, gen: Generation) -> tuple[Generation, torch.Tensor, dict[str, float]]:
+        """DAPO's dynamic sampling: keep the prompt groups whose samples got different scores
+        (a group of equal scores has zero group-relative advantage everywhere), generating more
+        prompts (at most ppo.max_extra_generations rounds) until rollout.prompts_per_iteration
+        groups are kept; a batch still short is filled with dropped groups, in order. Returns the
+        batch's samples with group ids renumbered 0..P-1, their scores, and the counts."""
+        P, spec = self.cfg.rollout.prompts_per_iteration, self._spec(self.iteration)
+        kept: list[tuple[Generation, torch.Tensor]] = []
+        dropped: list[tuple[Generation, torch.Tensor]] = []
+        rounds = 0
+        while True:
+            scores = self.reward.score(self.put(pack_generation(gen, self.pad_id, self.eos_ids))).result()
+            for group in dict.fromkeys(gen.prompt_index):  # groups in order of appearance
+                rows = [i for i, g in enumerate(gen.prompt_index) if g == group]
+                s = scores[rows]
+                varied = bool(torch.isfinite(s).all()) and float(s.max() - s.min()) > 0
+                (kept if varied else dropped).append((gen.rows(rows), s))
+            if len(kept) >= P or rounds >= self.cfg.ppo.max_extra_generations:
+                break
+            rounds += 1
+            idx = self.sampler.next(P)
+            self._prompt_indices = list(self._prompt_indices) + list(idx)
+            gen = self.rollout.generate([self.prompts.token_ids[i] for i in idx], spec).result()
+        chosen = (kept + dropped)[:P]
+        for new_id, (g, _) in enumerate(chosen):
+            g.prompt_index = [new_id] * len(g)
+        metrics = {"dynamic/extra_generations": float(rounds), "dynamic/dropped_groups": float(len(dropped)),
+                   "dynamic/filled_groups": float(max(0, P - len(kept)))}
+        return Generation.concat([g for g, _ in chosen]), torch.cat([s for _, s in chosen]), metrics
 
     def _quarantine(self, batch: ExperienceBatch) -> tuple[ExperienceBatch, int]:
         """Samples with NaN/inf in their score, reference/old logprobs or values are kept in the
@@ -256,23 +299,29 @@ class PPOCoordinator:
             batch = batch.replace(**fix)
         return batch.replace(bad_rows=bad), n_bad
 
-    def _advantages(self, batch: ExperienceBatch) -> tuple[ExperienceBatch, dict[str, float]]:
+    def _prepared_scores(self, batch: ExperienceBatch) -> torch.Tensor:
+        """(B,) scores after the missing-EOS and overlong penalties, clipping and normalisation."""
         p, r = self.cfg.ppo, self.cfg.reward
-        batch, n_bad = self._quarantine(batch)
-        bad = batch.bad_rows
-        mask = batch.response_mask
         scores = apply_missing_eos_penalty(batch.scores, batch.truncated, r.missing_eos_penalty)
+        if p.overlong_buffer > 0:
+            scores = scores + overlong_penalty(batch.response_mask.sum(-1), self.cfg.rollout.max_new_tokens,
+                                               p.overlong_buffer, p.overlong_penalty)
         scores = clip_scores(scores, r.clip)
         if r.normalize:
             self.score_moments.update(scores)
             scores = normalize_scores(scores, self.score_moments.mean, self.score_moments.std)
+        return scores
+
+    def _advantages(self, batch: ExperienceBatch) -> tuple[ExperienceBatch, dict[str, float]]:
+        p = self.cfg.ppo
+        batch, n_bad = self._quarantine(batch)
+        valid = ~batch.bad_rows
+        mask = batch.response_mask
+        scores = self._prepared_scores(batch)
         kl = kl_estimate(batch.old_logprobs, batch.ref_logprobs, p.kl_estimator) * mask
         kl_coef = self.kl_ctl.value
-        rewards = shape_token_rewards(scores, kl, mask, kl_coef)
-        gae = compute_gae(rewards, batch.old_values, mask, p.gamma, p.lam)
-        good = mask & ~bad[:, None]
-        advantages = masked_whiten(gae.advantages, good) if p.whiten_advantages else gae.advantages * good
-        usable = ~bad if n_bad < len(batch) else torch.ones_like(bad)
+        out = estimate_advantages(p, scores, kl, kl_coef, batch.old_values, batch.prompt_index, mask, valid)
+        usable = valid if n_bad < len(batch) else torch.ones_like(valid)
         kl_per_seq = kl.sum(-1)[usable]
         kl_k2_per_seq = (kl_estimate(batch.old_logprobs, batch.ref_logprobs, "k2") * mask).sum(-1)[usable]
         if n_bad < len(batch):
@@ -283,14 +332,11 @@ class PPOCoordinator:
             # and zero only where policy and reference agree on every sampled token.
             "kl_k2_mean": float(kl_k2_per_seq.mean()),
             "kl_coef": float(kl_coef),
-            "shaped_reward_mean": float(rewards.sum(-1).mean()),
-            "advantage_mean_raw": float(masked_mean(gae.advantages, mask)),
-            "return_mean": float(masked_mean(gae.returns, mask)),
-            "value_mean": float(masked_mean(batch.old_values, mask)),
-            "explained_variance": float(explained_variance(batch.old_values, gae.returns, good)),
+            **out.metrics,
             "skipped_samples": float(n_bad),
         }
-        return batch.replace(advantages=advantages, returns=gae.returns * good, response_mask=good), metrics
+        good = mask & valid[:, None]
+        return batch.replace(advantages=out.advantages, returns=out.returns, response_mask=good), metrics
 
     def _batch_metrics(self, batch: ExperienceBatch) -> dict[str, float]:
         """Metrics over the usable samples (quarantined NaN/inf samples are counted separately).

@@ -345,7 +345,8 @@ class ActorCritic(nn.Module):
             state_dict = self.state_dict()
         policy_sd, head_sd, critic_sd = self.split_state_dict(state_dict)
         self.policy.save_pretrained(str(out), state_dict=policy_sd)
-        save_value_head(head_sd, out)
+        if head_sd:  # a critic-free run has no value head to save
+            save_value_head(head_sd, out)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out))
         if self.critic_body is not None:

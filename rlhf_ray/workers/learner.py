@@ -31,7 +31,8 @@ from typing import Iterator, NamedTuple
 import torch
 import torch.distributed as dist
 
-from rlhf_ray.algorithms import chunked_logprobs_and_entropy, masked_sum, ppo_policy_loss, value_loss
+from rlhf_ray.algorithms import (aggregate, chunked_logprobs_and_entropy, clipped_surrogate, kl_loss_tokens,
+                                 masked_sum, rollout_correction, value_loss)
 from rlhf_ray.backends import deepspeed as ds
 from rlhf_ray.backends.replicated import ReplicatedModule, replicate
 from rlhf_ray.batch import ExperienceBatch, TrainUpdate, pack_rows, parts_for_budget, token_balanced_parts
@@ -47,7 +48,7 @@ HEAD_STATE = "value_head_state.pt"  # the value head's weights, optimiser and sc
 
 class _Forward(NamedTuple):
     logprobs: torch.Tensor  # (B, R)
-    values: torch.Tensor  # (B, R)
+    values: torch.Tensor | None  # (B, R); None without a critic
     entropy: torch.Tensor | None  # (B, R); None when not asked for
 
 
@@ -121,7 +122,8 @@ class Learner(RoleBase):
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
         self.device = self.engine.device  # cuda:0 of the GPU Ray assigned, or cpu
-        self.head = replicate(head, lrn, total_steps, self.device, self.world_size)
+        # Critic-free estimators train no value network: the head is dropped, not trained.
+        self.head = replicate(head, lrn, total_steps, self.device, self.world_size) if spec.ppo.uses_critic else None
         self.checkpointing = self._choose_checkpointing()
         if self.checkpointing:
             self.engine.module.policy.gradient_checkpointing_enable()
@@ -130,7 +132,7 @@ class Learner(RoleBase):
         params = dict(self.engine.module.named_parameters())
         self.sync_params = [(params[inner], hf) for inner, hf in policy_parameter_names(self.engine.module)]
         n = sum(int(getattr(p, "ds_numel", p.numel())) for p in params.values())
-        n += sum(p.numel() for p in self.head.params)
+        n += sum(p.numel() for p in self.head.params) if self.head is not None else 0
         return {"rank": self.rank, "parameters": n, "zero_stage": lrn.zero_stage,
                 "gradient_checkpointing": self.checkpointing}
 
@@ -167,14 +169,15 @@ class Learner(RoleBase):
         else:
             out = self.engine(mb.input_ids, mb.attention_mask.long(), mb.position_ids, response_len=mask.shape[1])
             tokens = mb.response_ids
-        values = self.head.module(out.value_hidden)
+        values = self.head.module(out.value_hidden) if self.head is not None else None
         logprobs, ent = chunked_logprobs_and_entropy(out.logits, tokens, temperature, entropy,
                                                      self.spec.learner.logprob_chunk)
         if self.spec.learner.packing:  # (1, N) -> (B, R), zeros at padding
             def unpack(t: torch.Tensor) -> torch.Tensor:
                 return torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(mask, t)
 
-            logprobs, values = unpack(logprobs), unpack(values)
+            logprobs = unpack(logprobs)
+            values = unpack(values) if values is not None else None
             ent = unpack(ent) if ent is not None else None
         return _Forward(logprobs, values, ent)
 
@@ -200,31 +203,31 @@ class Learner(RoleBase):
             f = self._forward(mb, entropy="none")
             r = f.logprobs.shape[1]
             logprobs[rows, :r] = (f.logprobs * mb.response_mask).float().cpu()
-            values[rows, :r] = (f.values * mb.response_mask).cpu()
+            if f.values is not None:  # critic-free estimators have no values: they stay 0
+                values[rows, :r] = (f.values * mb.response_mask).cpu()
         self.shard = shard.replace(old_logprobs=logprobs, old_values=values)
         return logprobs, values
 
     # ------------------------------------------------------------------ PPO update
-    def _step_plan(self, minis: list[ExperienceBatch]) -> tuple[list[float], list[list[torch.Tensor]]]:
-        """For each mini-batch (one optimiser step): its token count over all ranks, and this
-        rank's micro-batches as row indices. With a token budget every rank splits its share into
-        the same number of micro-batches (the most any rank needs): ZeRO-3 gathers parameters in
-        every forward, so all ranks must run as many."""
+    def _step_plan(self, minis: list[ExperienceBatch]) -> tuple[list[tuple[float, float]], list[list[torch.Tensor]]]:
+        """For each mini-batch (one optimiser step): its valid token and sequence counts over all
+        ranks (one all-reduce), and this rank's micro-batches as row indices. With a token budget
+        every rank splits its share into the same number of micro-batches (the most any rank
+        needs): ZeRO-3 gathers parameters in every forward, so all ranks must run as many."""
         lrn = self.spec.learner
-        tokens = torch.tensor([float(m.num_response_tokens()) for m in minis], dtype=torch.float64)
+        counts = torch.tensor([[float(m.num_response_tokens()), float(m.response_mask.any(-1).sum())]
+                               for m in minis], dtype=torch.float64, device=self.device)
+        dist.all_reduce(counts)
+        counts = [tuple(c) for c in counts.cpu().tolist()]
         if lrn.micro_batch_tokens > 0:
             lengths = [m.attention_mask.sum(-1).tolist() for m in minis]
-            parts = torch.tensor([parts_for_budget(ls, lrn.micro_batch_tokens) for ls in lengths], dtype=torch.float64)
-            tokens, parts = tokens.to(self.device), parts.to(self.device)
-            dist.all_reduce(tokens)
+            parts = torch.tensor([parts_for_budget(ls, lrn.micro_batch_tokens) for ls in lengths], device=self.device)
             dist.all_reduce(parts, op=dist.ReduceOp.MAX)
-            counts, k = tokens.cpu().tolist(), parts.cpu().long().tolist()
-            plans = [[torch.tensor(g) for g in token_balanced_parts(ls, kk)] for ls, kk in zip(lengths, k)]
+            plans = [[torch.tensor(g) for g in token_balanced_parts(ls, int(k))]
+                     for ls, k in zip(lengths, parts.cpu().tolist())]
             return counts, plans
-        tokens = tokens.to(self.device)
-        dist.all_reduce(tokens)
         size = lrn.micro_batch_size
-        return tokens.cpu().tolist(), [[torch.arange(i, i + size) for i in range(0, len(m), size)] for m in minis]
+        return counts, [[torch.arange(i, i + size) for i in range(0, len(m), size)] for m in minis]
 
     def train(self, update: TrainUpdate, iteration: int) -> dict[str, float]:
         """One PPO update over the slice kept from ``compute_old`` with ``update``'s advantages,
@@ -249,7 +252,7 @@ class Learner(RoleBase):
         for _ in range(p.epochs):
             minis = shard.select(torch.randperm(len(shard), generator=gen)).split(p.mini_batches)
             counts, plans = self._step_plan(minis)
-            for mini, count, parts in zip(minis, counts, plans):
+            for mini, (count, sequences), parts in zip(minis, counts, plans):
                 if count == 0:  # all of this step's samples were quarantined, on every rank (the count is global)
                     skipped_steps += 1
                     continue
@@ -260,13 +263,14 @@ class Learner(RoleBase):
                     real_tokens += real
                     pass_tokens += real if self.spec.learner.packing else micro.input_ids.numel()
                     self.engine.set_gradient_accumulation_boundary(j == len(parts) - 1)
-                    stats = self._micro_step(micro.to(self.device), count)
+                    stats = self._micro_step(micro.to(self.device), count, sequences, update.kl_coef)
                     dev = stats.pop("ratio_dev_max")
                     first_dev = dev if first_dev is None else first_dev
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v * n_tok
                     tokens += n_tok
-                head_norms.append(self.head.step(engine_stepped=self.engine.was_step_applied()))
+                if self.head is not None:
+                    head_norms.append(self.head.step(engine_stepped=self.engine.was_step_applied()))
                 norm = self.engine.get_global_grad_norm()
                 norm = self._grad_norm if norm is None else norm
                 if norm is not None:
@@ -276,7 +280,8 @@ class Learner(RoleBase):
         metrics = {k: v / max(tokens, 1.0) for k, v in zip(keys, values)}
         norms = [float(n) for n in grad_norms]
         metrics["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
-        metrics["value_head_grad_norm"] = float(torch.stack(head_norms).mean()) if head_norms else float("nan")
+        if self.head is not None:
+            metrics["value_head_grad_norm"] = float(torch.stack(head_norms).mean()) if head_norms else float("nan")
         metrics["onpolicy_ratio_dev"] = float(first_dev) if first_dev is not None else float("nan")
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         metrics["skipped_steps"] = float(skipped_steps)
@@ -285,38 +290,61 @@ class Learner(RoleBase):
         metrics["update_seconds"] = time.perf_counter() - t0
         return metrics
 
-    def _micro_step(self, mb: ExperienceBatch, step_tokens: float) -> dict[str, torch.Tensor]:
+    def _micro_step(self, mb: ExperienceBatch, step_tokens: float, step_sequences: float,
+                    kl_coef: float) -> dict[str, torch.Tensor]:
         """Forward and backward of one micro-batch; the engine steps at the boundary set by the
-        caller. Returns detached per-token means over this micro-batch (device tensors)."""
+        caller. The policy loss is aggregated by ppo.loss_agg over the whole step's token and
+        sequence counts (all ranks), so any split of the step sums to the same update. Returns
+        detached per-token means over this micro-batch (device tensors)."""
         p = self.spec.ppo
         mask = mb.response_mask
         f = self._forward(mb, entropy="grad" if p.entropy_coef > 0 else "log")
-        pl = ppo_policy_loss(f.logprobs, mb.old_logprobs, mb.advantages, mask, p.clip_ratio,
-                             clip_ratio_high=p.clip_ratio_high, dual_clip=p.dual_clip, num_tokens=step_tokens)
-        vl = value_loss(f.values, mb.old_values, mb.returns, mask, clip_range=p.value_clip, num_tokens=step_tokens)
-        entropy = masked_sum(f.entropy, mask) / step_tokens
-        loss = pl.loss + p.vf_coef * vl.loss - p.entropy_coef * entropy
-        # Undo DeepSpeed's mean over ranks; the step's token count already normalises.
+        corr = rollout_correction(mb.old_logprobs, mb.rollout_logprobs, mask, p.rollout_correction,
+                                  cap=p.correction_cap, low=p.correction_low, high=p.correction_high)
+        sur = clipped_surrogate(f.logprobs, mb.old_logprobs, mb.advantages, corr.mask, p.clip_ratio,
+                                clip_ratio_high=p.clip_ratio_high, dual_clip=p.dual_clip, ratio=p.ratio)
+        per_token = sur.per_token * corr.weights
+        if p.kl_in == "loss":
+            per_token = per_token + kl_coef * kl_loss_tokens(f.logprobs, mb.ref_logprobs, p.kl_estimator, mask=mask)
+
+        def agg(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            return aggregate(x, m, p.loss_agg, step_tokens=step_tokens, step_sequences=step_sequences,
+                             max_len=self.spec.response_tokens)
+
+        loss = agg(per_token, corr.mask) - p.entropy_coef * agg(f.entropy, mask)
+        if self.head is not None:
+            vl = value_loss(f.values, mb.old_values, mb.returns, mask, clip_range=p.value_clip, num_tokens=step_tokens)
+            loss = loss + p.vf_coef * vl.loss
+        # Undo DeepSpeed's mean over ranks; the step's counts already normalise.
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
         if self.engine.is_gradient_accumulation_boundary() and self.engine.get_global_grad_norm() is None:
             # ZeRO-0 in fp32 clips without keeping the norm: take it from the reduced gradients.
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            grads = [q.grad for q in self.engine.module.parameters() if q.grad is not None]
             self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
         else:
             self._grad_norm = None
         self.engine.step()
         with torch.no_grad():
-            local = mask.sum().clamp(min=1).float()
-            ratio_dev = ((f.logprobs - mb.old_logprobs).exp() - 1).abs().masked_fill(~mask, 0).max()
-            return {
-                "policy_loss": pl.loss.detach() * step_tokens / local,
-                "value_loss": vl.loss.detach() * step_tokens / local,
-                "clip_fraction": pl.clip_fraction,
-                "value_clip_fraction": vl.clip_fraction,
-                "policy_kl": pl.policy_kl,
-                "entropy": masked_sum(f.entropy.detach(), mask) / local,
-                "ratio_dev_max": ratio_dev,
+            def mean(x: torch.Tensor) -> torch.Tensor:
+                return masked_sum(x.float(), mask) / mask.sum().clamp(min=1)
+
+            log_ratio = sur.log_ratio
+            stats = {
+                "policy_loss": mean(sur.per_token.detach()),
+                "clip_fraction": mean(sur.clipped),
+                "policy_kl": mean(log_ratio.exp() - 1 - log_ratio),  # k3 of KL(old || new)
+                "entropy": mean(f.entropy.detach()),
+                "ratio_dev_max": ((f.logprobs - mb.old_logprobs).exp() - 1).abs().masked_fill(~mask, 0).max(),
             }
+            if self.head is not None:
+                stats.update(value_loss=vl.loss.detach() * step_tokens / mask.sum().clamp(min=1),
+                             value_clip_fraction=vl.clip_fraction)
+            if p.kl_in == "loss":
+                stats["kl_loss"] = mean(kl_loss_tokens(f.logprobs, mb.ref_logprobs, p.kl_estimator, mask=mask))
+            if p.rollout_correction != "none":
+                stats.update({"correction/weight_mean": corr.weight_mean, "correction/weight_max": corr.weight_max,
+                              "correction/fraction": corr.corrected_fraction})
+            return stats
 
     # ------------------------------------------------------------------ weight sync
     def weight_specs(self) -> list[TensorSpec]:
@@ -367,14 +395,15 @@ class Learner(RoleBase):
         ``path/learner``; rank 0 also writes the full actor-critic as a Hugging Face policy plus
         value head under ``path/policy`` when checkpoint.save_hf_policy is set."""
         ds.save_engine_state(self.engine, f"{path}/learner")
-        if self.rank == 0:
+        if self.rank == 0 and self.head is not None:
             torch.save(self.head.state_dict(), f"{path}/learner/{HEAD_STATE}")
         if self.spec.save_hf_policy:
             full = ds.gather_full_state_dict(self.engine.module.named_parameters(), self.spec.learner.zero_stage,
                                              keep=self.rank == 0)
-            if self.rank == 0:
+            if self.rank == 0 and self.head is not None:
                 full.update({f"{VALUE_HEAD_PREFIX}{k}": v.detach().clone().cpu()
                              for k, v in self.head.module.state_dict().items()})
+            if self.rank == 0:
                 tokenizer = None
                 if tokenizer_path:
                     from transformers import AutoTokenizer
@@ -387,7 +416,8 @@ class Learner(RoleBase):
     def load_checkpoint(self, path: str) -> bool:
         """All ranks: restore model, optimiser and scheduler state saved by ``save_checkpoint``."""
         ds.load_engine_state(self.engine, f"{path}/learner", self.rank)
-        self.head.load_state_dict(torch.load(f"{path}/learner/{HEAD_STATE}", map_location=self.device))
+        if self.head is not None:
+            self.head.load_state_dict(torch.load(f"{path}/learner/{HEAD_STATE}", map_location=self.device))
         return True
 
     def policy_state_dict(self) -> dict[str, torch.Tensor] | None:

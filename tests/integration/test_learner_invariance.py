@@ -35,7 +35,7 @@ def synthetic_batch(B: int = 8, P: int = 5, R: int = 6, vocab: int = 400, seed: 
         advantages=randn(), returns=randn())
 
 
-def _update(ray, model: str, ranks: int, batch: ExperienceBatch) -> tuple[dict, dict]:
+def _update(ray, model: str, ranks: int, batch: ExperienceBatch, **overrides) -> tuple[dict, dict]:
     from rlhf_ray.coordinator.groups import LearnerGroup
     from rlhf_ray.batch import TrainUpdate
     from rlhf_ray.workers.actors import LearnerActor
@@ -44,7 +44,7 @@ def _update(ray, model: str, ranks: int, batch: ExperienceBatch) -> tuple[dict, 
     cfg = small_config(model, **{
         "learner.num_ranks": ranks, "learner.optimizer": "sgd", "learner.lr": 0.5, "learner.max_grad_norm": 0,
         "learner.micro_batch_size": 2, "ppo.mini_batches": 1, "ppo.epochs": 1, "rollout.prompts_per_iteration": 2,
-        "rollout.samples_per_prompt": 4, "ppo.entropy_coef": 0.01})
+        "rollout.samples_per_prompt": 4, "ppo.entropy_coef": 0.01, **overrides})
     actors = [LearnerActor.options(num_cpus=0.5).remote(LearnerSpec.from_config(cfg), r) for r in range(ranks)]
     group = LearnerGroup(actors, timeout_s=300)
     try:
@@ -59,10 +59,12 @@ def _update(ray, model: str, ranks: int, batch: ExperienceBatch) -> tuple[dict, 
     return metrics, weights
 
 
-def test_one_rank_and_two_ranks_make_the_same_update(ray_cluster, tiny_llama):
+@pytest.mark.parametrize("overrides", [{}, {"ppo.loss_agg": "seq_mean_token_sum_norm", "ppo.estimator": "grpo"}],
+                         ids=["token_mean-gae", "dr_grpo"])
+def test_one_rank_and_two_ranks_make_the_same_update(ray_cluster, tiny_llama, overrides):
     batch = synthetic_batch()
-    m1, w1 = _update(ray_cluster, tiny_llama, 1, batch)
-    m2, w2 = _update(ray_cluster, tiny_llama, 2, batch)
+    m1, w1 = _update(ray_cluster, tiny_llama, 1, batch, **overrides)
+    m2, w2 = _update(ray_cluster, tiny_llama, 2, batch, **overrides)
     assert m1["grad_norm"] > 0
     assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4)
     assert set(w1) == set(w2)

@@ -161,10 +161,9 @@ def test_impossible_settings_name_the_flag_and_the_fix(overrides, message):
         ["--ppo.value_clip", "null"],
         ["--ppo.vf_coef", "0", "--ppo.entropy_coef", "0", "--ppo.kl_coef", "0", "--ppo.kl_target", "null"],
         ["--ppo.kl_coef", "0.01", "--ppo.kl_target", "0.05"],
-        ["--ppo.kl_estimator", "k3"],  # any estimator in the reward, as before
+        ["--ppo.kl_estimator", "k3", "--ppo.kl_in", "loss"],  # k2/k3 as a loss term
         ["--learner.max_grad_norm", "0", "--learner.weight_decay", "0", "--learner.adam_betas", "[0, 0.999]"],
         ["--rollout.top_k", "-1"],
-        ["--rollout.top_k", "1"],
         ["--reward.clip", "5"],
         ["--sync.max_logprob_mismatch", "0"],
     ],
@@ -215,3 +214,39 @@ def test_validate_rejects_exactly_what_the_ppo_math_rejects(overrides):
     except ConfigError:
         rejected = True
     assert rejected == _math_rejects(unchecked.ppo, unchecked.reward.clip), overrides
+
+
+# ---- the PPO family -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--ppo.kl_estimator", "k2"], "--ppo.kl_estimator k2 with --ppo.kl_in reward: only k1 is an unbiased"),
+        (["--ppo.estimator", "grpo", "--rollout.samples_per_prompt", "1", "--rollout.prompts_per_iteration", "64"],
+         "--ppo.estimator grpo compares the samples of one prompt: --rollout.samples_per_prompt must be >= 2"),
+        (["--ppo.estimator", "rloo", "--rollout.samples_per_prompt", "1", "--rollout.prompts_per_iteration", "64"],
+         "--ppo.estimator rloo compares"),
+        (["--ppo.dynamic_sampling", "true", "--rollout.samples_per_prompt", "1",
+          "--rollout.prompts_per_iteration", "64"], "--ppo.dynamic_sampling compares"),
+        (["--ppo.estimator", "grpo", "--model.separate_critic", "true"], "a critic-free estimator trains no value"),
+        (["--ppo.dynamic_sampling", "true", "--rollout.async_generation", "true"], "would race the batch in flight"),
+        (["--ppo.overlong_buffer", "99"], "--ppo.overlong_buffer must be in [0, --rollout.max_new_tokens"),
+        (["--ppo.correction_low", "1.5"], "--ppo.correction_low < 1 < --ppo.correction_high"),
+        (["--rollout.top_p", "0.9"], "the learner and the reference score the full softmax"),
+        (["--rollout.top_k", "50"], "the learner and the reference score the full softmax"),
+        (["--ppo.estimator", "ppo"], "--ppo.estimator is 'ppo'; choose one of"),
+    ],
+)
+def test_family_settings_that_cannot_work_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        _load(overrides)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
+def test_every_estimator_loads_with_groups(estimator):
+    cfg = _load(["--ppo.estimator", estimator, "--ppo.kl_in", "loss", "--ppo.kl_estimator", "k3",
+                 "--ppo.loss_agg", "seq_mean_token_sum_norm", "--ppo.ratio", "sequence",
+                 "--ppo.rollout_correction", "tis", "--ppo.overlong_buffer", "4"])
+    assert cfg.ppo.estimator == estimator

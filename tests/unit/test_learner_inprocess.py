@@ -226,3 +226,55 @@ def test_a_step_whose_samples_were_all_quarantined_is_skipped(tiny_model, packin
         assert ip.max_abs_diff(before, learner.policy_state_dict()) > 0
     finally:
         ip.release(learner)
+
+
+# --------------------------------------------------------------------------- the PPO family in the learner
+
+
+@pytest.mark.parametrize("overrides", [
+    {"ppo.estimator": "grpo", "rollout.samples_per_prompt": 2, "rollout.prompts_per_iteration": 4},
+    {"ppo.kl_in": "loss", "ppo.kl_estimator": "k3", "ppo.loss_agg": "seq_mean_token_mean"},
+    {"ppo.ratio": "sequence", "ppo.loss_agg": "seq_mean_token_sum_norm"},
+    {"ppo.rollout_correction": "tis"},
+    {"ppo.rollout_correction": "icepop"},
+], ids=["grpo-critic-free", "kl-loss-seq-mean", "gspo-dr-grpo", "tis", "icepop"])
+def test_family_modes_train_and_start_on_policy(tiny_model, overrides):
+    from rlhf_ray.batch import TrainUpdate
+
+    learner, info = ip.build_learner(ip.learner_config(tiny_model, zero_stage=2, **overrides))
+    try:
+        batch = ip.synthetic_batch()
+        batch = batch.replace(rollout_logprobs=ip.with_learner_old(learner, batch).old_logprobs - 0.01)
+        old_lp, _ = learner.compute_old(batch)
+        before = learner.policy_state_dict()
+        kl_coef = 0.1 if overrides.get("ppo.kl_in") == "loss" else 0.0
+        metrics = learner.train(TrainUpdate.of(batch, with_ref=kl_coef > 0, kl_coef=kl_coef), iteration=0)
+        assert metrics["onpolicy_ratio_dev"] < 1e-5 and math.isfinite(metrics["policy_loss"])
+        assert ip.max_abs_diff(before, learner.policy_state_dict()) > 0
+        critic_free = overrides.get("ppo.estimator") == "grpo"
+        assert (learner.head is None) == critic_free
+        assert ("value_loss" in metrics) != critic_free and ("value_head_grad_norm" in metrics) != critic_free
+        assert info["parameters"] == sum(t.numel() for t in before.values()) + (0 if critic_free else 65)
+        if critic_free:
+            _, values = learner.compute_old(batch)
+            assert torch.equal(values, torch.zeros_like(values))
+        if "ppo.rollout_correction" in overrides:
+            # engine logprobs 0.01 below the learner's: w = exp(0.01) on every token
+            assert metrics["correction/weight_mean"] == pytest.approx(math.exp(0.01), rel=1e-4)
+        if "ppo.kl_in" in overrides:
+            assert "kl_loss" in metrics
+    finally:
+        ip.release(learner)
+
+
+def test_critic_free_checkpoint_has_no_value_head(tiny_model, tmp_path):
+    learner, _ = ip.build_learner(ip.learner_config(tiny_model, zero_stage=2, **{
+        "ppo.estimator": "rloo", "rollout.samples_per_prompt": 2, "rollout.prompts_per_iteration": 4}))
+    try:
+        ip.train(learner, ip.synthetic_batch(), iteration=0)
+        learner.save_checkpoint(str(tmp_path / "ck"))
+        assert not (tmp_path / "ck" / "policy" / "value_head.safetensors").exists()
+        assert (tmp_path / "ck" / "policy" / "config.json").exists()
+        learner.load_checkpoint(str(tmp_path / "ck"))
+    finally:
+        ip.release(learner)

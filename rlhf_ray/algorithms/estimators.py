@@ -1,0 +1,274 @@
+"""Critic-free advantage estimators: GRPO, Dr. GRPO, RLOO and REINFORCE++.
+
+Each prompt is sampled several times; the samples of one prompt form a group
+and share a group id (``groups``, e.g. the prompt's index; ids need not be
+contiguous or sorted). The baseline of a sample comes from the other samples
+of its group instead of from a critic.
+
+- GRPO (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, sec. 4.1.2):
+  ``A = (s - mean_g) / (std_g + eps)``, std with Bessel's correction as in
+  TRL's GRPOTrainer and veRL's ``compute_grpo_outcome_advantage``.
+- Dr. GRPO (Liu et al. 2025, arXiv:2503.20783, sec. 3.1): the same without
+  the division by the std, which biases towards too easy / too hard prompts.
+- RLOO (Ahmadian et al. 2024, arXiv:2402.14740, eq. 4; Kool et al. 2019):
+  ``A_i = s_i - mean of the other samples of the group``.
+- REINFORCE++ (Hu 2025, arXiv:2501.03262, sec. 3): discounted return of the
+  shaped per-token reward, whitened over the whole batch.
+
+Validity: a quarantined sample is passed with an all-False mask row (or with
+``valid`` False). It gets advantage 0 and is left out of every group statistic,
+so that it cannot move any other sample's advantage, even if its score is NaN.
+Shapes: B samples, R response tokens; masks are bool, True = counts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .masked import _check_mask, _zero_masked, masked_whiten
+
+
+def _float_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32: bf16 / fp16 / integer scores are promoted, float64 kept."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_groups(groups: torch.Tensor, batch: int | None) -> None:
+    """Raise unless ``groups`` is an integer (B,) tensor (B = ``batch`` if given)."""
+    if groups.dim() != 1 or (batch is not None and groups.shape[0] != batch):
+        want = "(B,)" if batch is None else f"({batch},)"
+        raise ValueError(f"groups must have shape {want}, got {tuple(groups.shape)}")
+    if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
+        raise ValueError(f"groups must be an integer tensor of group ids, got dtype {groups.dtype}")
+
+
+def _resolve_valid(valid: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
+    """``valid`` checked against the (B,) bool ``default``, or ``default`` if None."""
+    if valid is None:
+        return default
+    if valid.dtype != torch.bool or valid.shape != default.shape:
+        raise ValueError(
+            f"valid must be a bool tensor of shape {tuple(default.shape)} (True = sample "
+            f"counts), got dtype {valid.dtype} and shape {tuple(valid.shape)}"
+        )
+    return valid
+
+
+def _check_outcome_inputs(
+    scores: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None
+) -> torch.Tensor:
+    """Validate the common arguments; return the (B,) bool validity."""
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be 1-D (B,), got shape {tuple(scores.shape)}")
+    if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[0] != scores.shape[0]:
+        raise ValueError(
+            f"mask must be a bool (B, R) tensor with B = {scores.shape[0]}, got dtype "
+            f"{mask.dtype} and shape {tuple(mask.shape)}"
+        )
+    _check_groups(groups, scores.shape[0])
+    return _resolve_valid(valid, mask.any(dim=-1))
+
+
+def _dense_ids(groups: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Group ids renumbered 0..G-1 (long (B,)) and G.
+
+    ``torch.unique`` syncs with the host once (its output size is data
+    dependent); fine for a once-per-step computation.
+    """
+    unique, dense = torch.unique(groups, return_inverse=True)
+    return dense, unique.numel()
+
+
+def _group_stats(
+    scores: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample statistics of its group's valid samples.
+
+    Returns ``(count, centered, sq_dev_sum)``, each (B,): the number of valid
+    samples in the sample's group (long), ``score - group mean`` (0 for an
+    invalid sample) and the group's sum of squared deviations from its mean.
+    Invalid scores are replaced by 0 before any arithmetic (they may be NaN).
+    """
+    dtype = _float_dtype(scores.dtype)
+    # index_add (not a one-hot matmul) keeps full precision even when TF32
+    # matmuls are enabled.
+    dense, num_groups = _dense_ids(groups)
+    x = torch.where(valid, scores.to(dtype), torch.zeros((), dtype=dtype, device=scores.device))
+    counts = torch.zeros(num_groups, dtype=torch.long, device=scores.device)
+    counts = counts.index_add(0, dense, valid.long())
+    sums = torch.zeros(num_groups, dtype=dtype, device=scores.device).index_add(0, dense, x)
+    means = sums / counts.clamp(min=1).to(dtype)
+    # Two passes (centre, then square) for accuracy, as in masked._var.
+    centered = torch.where(valid, x - means[dense], torch.zeros_like(x))
+    sq = torch.zeros(num_groups, dtype=dtype, device=scores.device)
+    sq = sq.index_add(0, dense, centered.square())
+    return counts[dense], centered, sq[dense]
+
+
+def _broadcast(per_sample: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, R) on the valid tokens of valid samples, 0 elsewhere."""
+    keep = mask & valid[:, None]
+    return torch.where(keep, per_sample[:, None], torch.zeros_like(per_sample)[:, None])
+
+
+def group_counts(groups: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Number of valid samples in each sample's group.
+
+    Args:
+        groups: integer (B,) group ids (any values, any order).
+        valid: bool (B,), True = the sample counts; None = all count.
+
+    Returns:
+        Long (B,): for sample i, how many valid samples share ``groups[i]``
+        (an invalid sample still gets its group's count of valid samples).
+    """
+    _check_groups(groups, None)
+    valid = _resolve_valid(valid, torch.ones_like(groups, dtype=torch.bool))
+    dense, num_groups = _dense_ids(groups)
+    counts = torch.zeros(num_groups, dtype=torch.long, device=groups.device)
+    return counts.index_add(0, dense, valid.long())[dense]
+
+
+def grpo_advantages(
+    scores: torch.Tensor,
+    groups: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    std_norm: bool = True,
+    eps: float = 1e-6,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GRPO outcome advantages, broadcast to every valid response token.
+
+    ``A_i = (s_i - mean_g) / (std_g + eps)`` with ``std_norm``, else
+    ``A_i = s_i - mean_g`` (Dr. GRPO). Mean and unbiased std (n - 1) are over
+    the valid samples of the group. A group with a single valid sample has no
+    baseline and gets advantage 0 (veRL instead gives it its raw score). A
+    group whose scores are all equal gets 0 in both variants.
+
+    Args:
+        scores: float (B,) outcome reward per sample.
+        groups: integer (B,) group id per sample (the prompt's index).
+        mask: bool (B, R) response mask, True = real token.
+        std_norm: divide by the group std (GRPO); False = Dr. GRPO.
+        eps: added to the std before dividing, > 0 (veRL's 1e-6).
+        valid: bool (B,), True = sample counts; default ``mask.any(-1)``.
+
+    Returns:
+        Float (B, R) advantages (dtype of ``scores``, at least float32), 0 at
+        padding and on invalid samples.
+    """
+    valid = _check_outcome_inputs(scores, groups, mask, valid)
+    if std_norm and eps <= 0:
+        raise ValueError(f"eps must be > 0 when std_norm is on, got {eps}")
+    counts, centered, sq_dev = _group_stats(scores, groups, valid)
+    alone = counts < 2
+    if std_norm:
+        var = sq_dev / (counts - 1).clamp(min=1).to(sq_dev.dtype)
+        centered = centered / (var.sqrt() + eps)
+    per_sample = torch.where(alone, torch.zeros_like(centered), centered)
+    return _broadcast(per_sample, mask, valid)
+
+
+def rloo_advantages(
+    scores: torch.Tensor,
+    groups: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages, broadcast to every valid token.
+
+    ``A_i = s_i - (sum_{j != i} s_j) / (n - 1)`` over the n valid samples of
+    the group, computed as ``n / (n - 1) * (s_i - mean_g)`` (the same number).
+    A group with one valid sample gets 0.
+
+    Args:
+        scores: float (B,) outcome reward per sample.
+        groups: integer (B,) group id per sample.
+        mask: bool (B, R) response mask, True = real token.
+        valid: bool (B,), True = sample counts; default ``mask.any(-1)``.
+
+    Returns:
+        Float (B, R) advantages (dtype of ``scores``, at least float32), 0 at
+        padding and on invalid samples.
+    """
+    valid = _check_outcome_inputs(scores, groups, mask, valid)
+    counts, centered, _ = _group_stats(scores, groups, valid)
+    n = counts.to(centered.dtype)
+    per_sample = torch.where(
+        counts < 2, torch.zeros_like(centered), centered * n / (n - 1.0).clamp(min=1.0)
+    )
+    return _broadcast(per_sample, mask, valid)
+
+
+def group_baseline_scores(
+    scores: torch.Tensor, groups: torch.Tensor, *, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Scores minus their group's mean over valid samples (REINFORCE++-baseline).
+
+    Subtracted before reward shaping, as in REINFORCE++-baseline (Hu 2025,
+    arXiv:2501.03262 v3+; veRL's ``reinforce_plus_plus_baseline``).
+
+    Args:
+        scores: float (B,) outcome reward per sample.
+        groups: integer (B,) group id per sample.
+        valid: bool (B,), True = sample counts; None = all count.
+
+    Returns:
+        Float (B,) (dtype of ``scores``, at least float32); 0 for invalid
+        samples and for a group's only valid sample.
+    """
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be 1-D (B,), got shape {tuple(scores.shape)}")
+    _check_groups(groups, scores.shape[0])
+    valid = _resolve_valid(valid, torch.ones_like(scores, dtype=torch.bool))
+    return _group_stats(scores, groups, valid)[1]
+
+
+def reinforce_pp_advantages(
+    token_rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ advantages: batch-whitened discounted returns of token rewards.
+
+    ``G_t = sum_{k >= t, k valid} gamma^(k - t) r_k`` (k - t counts positions,
+    so a hole in the mask is a step whose reward is 0), then
+    ``A = masked_whiten(G)`` over all valid tokens of the batch.
+
+    Args:
+        token_rewards: float (B, R) shaped per-token rewards (score at the last
+            token minus kl_coef * KL per token; see ``shape_token_rewards``).
+        mask: bool (B, R) response mask, True = real token. Rewards at masked
+            positions are ignored.
+        gamma: discount in [0, 1]; 1 (the usual choice) sums the rewards.
+        valid: bool (B,), True = sample counts; default ``mask.any(-1)``.
+            Tokens of invalid samples count as padding.
+
+    Returns:
+        ``(advantages, returns)``, float (B, R) of ``token_rewards``' dtype,
+        0 at padding and on invalid samples. The whitening statistics are
+        those of this batch (local to the caller's rank).
+    """
+    _check_mask(token_rewards, mask, "token_rewards")
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be 2-D (B, R), got shape {tuple(mask.shape)}")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+    keep = mask & _resolve_valid(valid, mask.any(dim=-1))[:, None]
+    rewards = _zero_masked(token_rewards, keep)
+    if gamma == 1.0:
+        # Undiscounted: a reversed cumulative sum, no loop over R.
+        returns = rewards.flip(1).cumsum(1).flip(1)
+    else:
+        running = torch.zeros_like(rewards[:, 0])
+        reversed_returns = []
+        for t in reversed(range(rewards.shape[1])):
+            running = rewards[:, t] + gamma * running
+            reversed_returns.append(running)
+        returns = torch.stack(reversed_returns[::-1], dim=1) if reversed_returns else rewards
+    returns = _zero_masked(returns, keep)
+    return masked_whiten(returns, keep), returns
