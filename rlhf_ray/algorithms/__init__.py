@@ -16,14 +16,13 @@ from .logprobs import chunked_logprobs_and_entropy, entropy_from_logits, logprob
 from .losses import (
     PolicyLossOutput,
     ValueLossOutput,
-    ppo_policy_loss,
     token_mean_loss,
     value_loss,
 )
 from .pairwise import PairwiseLossOutput, SFTLossOutput, pairwise_loss, sft_loss
 from .overlong import overlong_penalty
 from .policy_loss import (AGGREGATION_MODES, CORRECTION_MODES, RATIO_LEVELS, CorrectionOutput,
-                          SurrogateOutput, aggregate, clipped_surrogate, kl_loss_tokens,
+                          SurrogateOutput, aggregate, clipped_surrogate, kl_loss_tokens, ppo_policy_loss,
                           rollout_correction, sequence_log_ratio)
 from .masked import (
     explained_variance,

@@ -1,4 +1,5 @@
-"""PPO policy and value losses over response tokens.
+"""The value loss, the token-mean aggregation and the clip-argument checks (the policy losses are in
+policy_loss.py).
 
 Normalisation: every loss here is ``sum over valid tokens / num_tokens``.
 ``num_tokens`` defaults to the local valid-token count, but trainers pass the
@@ -84,70 +85,6 @@ def _check_clip_args(
     if dual_clip is not None and dual_clip <= 1:
         raise ValueError(f"dual_clip must be > 1 (Ye et al. 2020), got {dual_clip}")
     return eps_high
-
-
-def ppo_policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_ratio: float,
-    *,
-    clip_ratio_high: float | None = None,
-    dual_clip: float | None = None,
-    num_tokens: float | torch.Tensor | None = None,
-) -> PolicyLossOutput:
-    """Clipped-surrogate PPO policy loss (Schulman et al. 2017, arXiv:1707.06347, eq. 7).
-
-    With ``r = exp(logprobs - old_logprobs)`` and advantage ``A``, per token::
-
-        loss_t = max(-A * r, -A * clip(r, 1 - clip_ratio, 1 + clip_ratio_high))
-
-    Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with
-    Deep Reinforcement Learning", arXiv:1912.09729), for ``A < 0`` only::
-
-        loss_t = min(loss_t, dual_clip * |A|)        (dual_clip = c > 1)
-
-    which bounds the loss when r is very large for a bad action. Tokens with
-    ``A >= 0`` are unaffected.
-
-    Args:
-        logprobs: float (B, R) log pi(token) under the current policy (with grad).
-        old_logprobs: float (B, R) log pi_old(token) from the rollout (no grad).
-        advantages: float (B, R) advantages (no grad).
-        mask: bool (B, R), True = real response token. Inputs at masked
-            positions change neither the loss nor its gradient.
-        clip_ratio: epsilon of the lower bound 1 - clip_ratio, in (0, 1].
-        clip_ratio_high: epsilon of the upper bound; None = ``clip_ratio``
-            (a larger value is DAPO's "clip-higher", arXiv:2503.14476).
-        dual_clip: the constant c > 1 of dual clip; None disables it.
-        num_tokens: loss divisor, see :func:`token_mean_loss`.
-
-    Returns:
-        PolicyLossOutput; ``clip_fraction`` counts tokens where the clipped
-        term was strictly larger (so the token's gradient is zero).
-    """
-    _check_same_shape(logprobs, old_logprobs=old_logprobs, advantages=advantages)
-    _check_mask(logprobs, mask, "logprobs")
-    eps_high = _check_clip_args(clip_ratio, clip_ratio_high, dual_clip)
-
-    # Zero the padding before exp(): exp of garbage can be inf, and inf in a
-    # discarded branch still turns the gradient into NaN (0 * inf).
-    log_ratio = _zero_masked(logprobs - old_logprobs, mask)
-    adv = _zero_masked(advantages, mask)
-    ratio = torch.exp(log_ratio)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_ratio, 1.0 + eps_high)
-    per_token = torch.maximum(unclipped, clipped)
-    if dual_clip is not None:
-        per_token = torch.where(adv < 0, torch.minimum(per_token, -dual_clip * adv), per_token)
-
-    loss = token_mean_loss(per_token, mask, num_tokens)
-    with torch.no_grad():
-        clip_fraction = _mean((clipped > unclipped).to(ratio.dtype), mask, None, False)
-        policy_kl = _mean(ratio - 1.0 - log_ratio, mask, None, False)
-        ratio_mean = _mean(ratio, mask, None, False)
-    return PolicyLossOutput(loss, clip_fraction, policy_kl, ratio_mean)
 
 
 def value_loss(

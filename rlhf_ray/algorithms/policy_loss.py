@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from .kl import kl_estimate
-from .losses import _check_clip_args, _check_same_shape
+from .losses import PolicyLossOutput, _check_clip_args, _check_same_shape, token_mean_loss
 from .masked import _check_mask, _mean, _zero_masked, masked_mean, masked_sum
 
 RATIO_LEVELS = ("token", "sequence")
@@ -131,6 +131,58 @@ def clipped_surrogate(
         per_token = torch.where(adv < 0, torch.minimum(per_token, -dual_clip * adv), per_token)
     chosen = (clipped > unclipped).detach() & mask
     return SurrogateOutput(_zero_masked(per_token, mask), chosen, log_ratio.detach())
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_ratio: float,
+    *,
+    clip_ratio_high: float | None = None,
+    dual_clip: float | None = None,
+    num_tokens: float | torch.Tensor | None = None,
+) -> PolicyLossOutput:
+    """Clipped-surrogate PPO policy loss (Schulman et al. 2017, arXiv:1707.06347, eq. 7).
+
+    With ``r = exp(logprobs - old_logprobs)`` and advantage ``A``, per token::
+
+        loss_t = max(-A * r, -A * clip(r, 1 - clip_ratio, 1 + clip_ratio_high))
+
+    Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with
+    Deep Reinforcement Learning", arXiv:1912.09729), for ``A < 0`` only::
+
+        loss_t = min(loss_t, dual_clip * |A|)        (dual_clip = c > 1)
+
+    which bounds the loss when r is very large for a bad action. Tokens with
+    ``A >= 0`` are unaffected.
+
+    Args:
+        logprobs: float (B, R) log pi(token) under the current policy (with grad).
+        old_logprobs: float (B, R) log pi_old(token) from the rollout (no grad).
+        advantages: float (B, R) advantages (no grad).
+        mask: bool (B, R), True = real response token. Inputs at masked
+            positions change neither the loss nor its gradient.
+        clip_ratio: epsilon of the lower bound 1 - clip_ratio, in (0, 1].
+        clip_ratio_high: epsilon of the upper bound; None = ``clip_ratio``
+            (a larger value is DAPO's "clip-higher", arXiv:2503.14476).
+        dual_clip: the constant c > 1 of dual clip; None disables it.
+        num_tokens: loss divisor, see :func:`token_mean_loss`.
+
+    Returns:
+        PolicyLossOutput; ``clip_fraction`` counts tokens where the clipped
+        term was strictly larger (so the token's gradient is zero).
+    """
+    sur = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_ratio,
+                            clip_ratio_high=clip_ratio_high, dual_clip=dual_clip)
+    loss = token_mean_loss(sur.per_token, mask, num_tokens)
+    with torch.no_grad():
+        ratio = torch.exp(sur.log_ratio)
+        clip_fraction = _mean(sur.clipped.to(ratio.dtype), mask, None, False)
+        policy_kl = _mean(ratio - 1.0 - sur.log_ratio, mask, None, False)
+        ratio_mean = _mean(ratio, mask, None, False)
+    return PolicyLossOutput(loss, clip_fraction, policy_kl, ratio_mean)
 
 
 def _check_count(name: str, value: float | torch.Tensor) -> None:
