@@ -15,9 +15,13 @@ import re
 import shutil
 
 
+OLD_SUFFIX = ".old"  # a checkpoint being replaced by a new save of the same number
+
+
 def name_pattern(prefix: str) -> re.Pattern:
-    """Matches ``<prefix>_<number>`` (6 or more digits); group 1 is the number."""
-    return re.compile(rf"^{prefix}_(\d{{6,}})$")
+    """Matches ``<prefix>_<number>`` (6 or more digits), optionally with the ``.old`` suffix of a
+    checkpoint being replaced; group 1 is the number, group 2 the suffix."""
+    return re.compile(rf"^{prefix}_(\d{{6,}})({re.escape(OLD_SUFFIX)})?$")
 
 
 def checkpoints_dir(run_dir: str) -> str:
@@ -41,22 +45,48 @@ def complete_checkpoints(run_dir: str, prefix: str = "iter") -> list[str]:
     if not os.path.isdir(root):
         return []
     pattern = name_pattern(prefix)
-    found = []
-    for name in os.listdir(root):
+    found: dict[int, str] = {}
+    for name in sorted(os.listdir(root), key=lambda n: n.endswith(OLD_SUFFIX)):  # a primary before its .old
         m = pattern.match(name)
         path = os.path.join(root, name)
         if m and os.path.isfile(os.path.join(path, "COMPLETE")):
-            found.append((int(m.group(1)), path))
-    return [p for _, p in sorted(found)]
+            found.setdefault(int(m.group(1)), path)
+    return [found[n] for n in sorted(found)]
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    """Flush every file and directory under ``root`` (and ``root``) to disk."""
+    for here, _, files in os.walk(root):
+        for name in files:
+            _fsync(os.path.join(here, name))
+        _fsync(here)
 
 
 def publish(tmp: str, final: str, note: str, keep_last: int, prefix: str = "iter") -> None:
     """Mark the fully written ``tmp`` COMPLETE, move it to ``final`` and delete all but the newest
-    ``keep_last`` complete checkpoints beside it."""
+    ``keep_last`` complete checkpoints beside it.
+
+    Everything is flushed to disk before the rename (a crash or power loss after it finds the
+    checkpoint whole). A checkpoint already at ``final`` (the same number saved again) is first
+    renamed to ``<final>.old``, which :func:`complete_checkpoints` still finds until the new one
+    is in place, so there is no moment without a complete checkpoint of that number."""
     with open(os.path.join(tmp, "COMPLETE"), "w") as fh:
         fh.write(note + "\n")
+    _fsync_tree(tmp)
+    previous = final + OLD_SUFFIX
     if os.path.isdir(final):
-        shutil.rmtree(final)
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(final, previous)
     os.replace(tmp, final)
+    _fsync(os.path.dirname(final))
+    shutil.rmtree(previous, ignore_errors=True)
     for old in complete_checkpoints(run_dir_of(final), prefix)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

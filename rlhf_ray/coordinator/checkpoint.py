@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 from rlhf_ray.checkpoint_files import checkpoint_path, checkpoints_dir, complete_checkpoints, publish, run_dir_of
@@ -30,13 +31,23 @@ __all__ = ["checkpoint_path", "checkpoints_dir", "complete_checkpoints", "load_c
            "resolve_resume", "run_dir_of", "save_checkpoint"]
 
 
+def run_name_pattern(cfg: Config) -> re.Pattern:
+    """The directory names logging.run_dir gives runs of this config's name: ``{name}`` exactly,
+    ``{time}`` anything (so --resume auto for ``ppo`` never picks a run of ``ppo2``)."""
+    base = os.path.basename(cfg.logging.run_dir)
+    parts = re.split(r"(\{name\}|\{time\})", base)
+    regex = "".join(re.escape(cfg.name) if x == "{name}" else ".+" if x == "{time}" else re.escape(x) for x in parts)
+    return re.compile(f"^{regex}$")
+
+
 def resolve_resume(target: str, cfg: Config) -> str:
     """A checkpoint directory from ``--resume``: a checkpoint, a run directory (its latest
     complete checkpoint), or ``auto`` (the newest run of this config's name that has one)."""
     if target == "auto":
         parent = os.path.dirname(cfg.logging.run_dir.format(name=cfg.name, time="x")) or "."
         runs = [os.path.join(parent, d) for d in os.listdir(parent)] if os.path.isdir(parent) else []
-        candidates = [c for r in runs if os.path.basename(r).startswith(cfg.name) for c in complete_checkpoints(r)]
+        own = run_name_pattern(cfg)
+        candidates = [c for r in runs if own.match(os.path.basename(r)) for c in complete_checkpoints(r)]
         if not candidates:
             raise FileNotFoundError(f"--resume auto found no complete checkpoint under {parent!r} for runs named "
                                     f"{cfg.name!r}; pass a run or checkpoint directory instead.")

@@ -10,6 +10,21 @@ import re
 from typing import Any
 
 
+def _parse(line: str) -> dict | None:
+    """One record, or None for a blank line or one cut short by a crash while it was written."""
+    try:
+        row = json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def read_records(path: str) -> list[dict]:
+    """The records of a JSONL metrics file; a last line cut short by a crash mid-write is skipped."""
+    with open(path) as fh:
+        return [row for line in fh if (row := _parse(line)) is not None]
+
+
 class MetricsSink:
     def __init__(self, run_dir: str, tensorboard: bool = True, ray_metrics: bool = True,
                  filename: str = "metrics.jsonl") -> None:
@@ -56,7 +71,7 @@ class MetricsSink:
         checkpoint, or after a resume), so the file keeps exactly one record per iteration."""
         self._fh.close()
         with open(self.path) as fh:
-            keep = [line for line in fh if line.strip() and json.loads(line)["iteration"] < iteration]
+            keep = [line for line in fh if (row := _parse(line)) is not None and row.get("iteration", iteration) < iteration]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as fh:
             fh.writelines(keep)

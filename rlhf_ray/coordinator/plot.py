@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
+
+from rlhf_ray.coordinator.metrics import read_records
 
 
 def read_metrics(path: str) -> list[dict]:
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return read_records(path)
 
 
 def write_plot(metrics_path: str, out_png: str,

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from rlhf_ray.checkpoint_files import checkpoints_dir, complete_checkpoints
 from rlhf_ray.config import ConfigError, config_to_dict, iter_fields, load_config, parse_overrides
-from rlhf_ray.coordinator.metrics import MetricsSink
+from rlhf_ray.coordinator.metrics import MetricsSink, read_records
 from rlhf_ray.coordinator.pending import RayPending
 from rlhf_ray.coordinator.placement import RolePlacement, actor_options, check_fits, create_groups, role_bundle
 from rlhf_ray.data.records import DataError
@@ -136,9 +136,7 @@ def resume_point(cfg) -> tuple[str, dict] | None:
 def _rows_before(metrics_path: str, epoch: int) -> list[dict]:
     if not os.path.exists(metrics_path):
         return []
-    with open(metrics_path) as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
-    return [r for r in rows if r.get("epoch", epoch) < epoch]
+    return [r for r in read_records(metrics_path) if r.get("epoch", epoch) < epoch]
 
 
 def fit(group: TrainerGroup, cfg, tokenizer_path: str, keys: Sequence[str],

@@ -67,3 +67,73 @@ def test_resume_auto_picks_the_newest_run_of_this_name(tmp_path):
     ckpt.save_checkpoint(new, 2, {}, _cfg(), FakeLearners(), None)
     os.utime(os.path.join(old, "checkpoints", "iter_000005", "COMPLETE"), (1, 1))
     assert ckpt.resolve_resume("auto", cfg) == os.path.join(new, "checkpoints", "iter_000002")
+
+
+def test_resume_auto_ignores_runs_of_a_longer_name(tmp_path):
+    # "ppo" must not pick up "ppo2-...": the run directory format names {name} exactly.
+    cfg = config_from_dict({"name": "ppo", "logging": {"run_dir": str(tmp_path / "{name}-{time}")}})
+    mine, other = str(tmp_path / "ppo-20261127-100000"), str(tmp_path / "ppo2-20261127-110000")
+    ckpt.save_checkpoint(mine, 3, {}, _cfg(), FakeLearners(), None)
+    ckpt.save_checkpoint(other, 9, {}, _cfg(), FakeLearners(), None)
+    os.utime(os.path.join(mine, "checkpoints", "iter_000003", "COMPLETE"), (1, 1))  # other is newer
+    assert ckpt.resolve_resume("auto", cfg) == os.path.join(mine, "checkpoints", "iter_000003")
+    assert ckpt.run_name_pattern(cfg).match("ppo-x") and not ckpt.run_name_pattern(cfg).match("ppo2-x")
+
+
+def test_saving_the_same_number_again_never_leaves_it_missing(tmp_path, monkeypatch):
+    run_dir = str(tmp_path)
+    ckpt.save_checkpoint(run_dir, 4, {"iteration": 4, "v": 1}, _cfg(keep_last=1), FakeLearners(), None)
+    # A crash right after the old copy was moved aside, before the new one is renamed into place:
+    from rlhf_ray import checkpoint_files
+
+    real_replace = os.replace
+
+    def crash_on_the_second_rename(src, dst):
+        real_replace(src, dst)
+        if src.endswith(".tmp"):
+            raise RuntimeError("crash")
+        if dst.endswith(checkpoint_files.OLD_SUFFIX):
+            raise RuntimeError("crash between the two renames")
+
+    monkeypatch.setattr(checkpoint_files.os, "replace", crash_on_the_second_rename)
+    with pytest.raises(RuntimeError, match="between the two renames"):
+        ckpt.save_checkpoint(run_dir, 4, {"iteration": 4, "v": 2}, _cfg(keep_last=1), FakeLearners(), None)
+    monkeypatch.undo()
+    found = ckpt.complete_checkpoints(run_dir)
+    assert len(found) == 1 and ckpt.load_coordinator_state(found[0]) == {"iteration": 4, "v": 1}
+    # the next save of that number completes and removes the moved-aside copy
+    ckpt.save_checkpoint(run_dir, 4, {"iteration": 4, "v": 3}, _cfg(keep_last=1), FakeLearners(), None)
+    found = ckpt.complete_checkpoints(run_dir)
+    assert [os.path.basename(p) for p in found] == ["iter_000004"]
+    assert ckpt.load_coordinator_state(found[0]) == {"iteration": 4, "v": 3}
+    assert not os.path.exists(found[0] + checkpoint_files.OLD_SUFFIX)
+
+
+def test_publish_flushes_the_checkpoint_before_the_rename(tmp_path, monkeypatch):
+    from rlhf_ray import checkpoint_files
+
+    synced, renamed = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(checkpoint_files.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        or real_fsync(fd))
+    monkeypatch.setattr(checkpoint_files.os, "replace", lambda a, b: renamed.append(len(synced)) or real_replace(a, b))
+    ckpt.save_checkpoint(str(tmp_path), 1, {}, _cfg(), FakeLearners(), None)
+    tmp = str(tmp_path / "checkpoints" / "iter_000001.tmp")
+    before = synced[: renamed[0]]
+    assert {tmp + "/learner/rank0.pt", tmp + "/COMPLETE", tmp + "/coordinator.json", tmp} <= set(before)
+
+
+def test_a_metrics_line_cut_short_by_a_crash_does_not_stop_a_resume(tmp_path):
+    from rlhf_ray.coordinator.metrics import MetricsSink, read_records
+
+    sink = MetricsSink(str(tmp_path), tensorboard=False, ray_metrics=False)
+    for i in range(3):
+        sink.write({"iteration": i, "reward_mean": 0.5})
+    sink.close()
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"iteration": 3, "reward_me')  # the crash
+    assert [r["iteration"] for r in read_records(str(tmp_path / "metrics.jsonl"))] == [0, 1, 2]
+    sink = MetricsSink(str(tmp_path), tensorboard=False, ray_metrics=False)
+    sink.truncate_from(2)
+    sink.close()
+    assert [r["iteration"] for r in read_records(str(tmp_path / "metrics.jsonl"))] == [0, 1]
