@@ -81,12 +81,18 @@ def run_config(model: str, task: str, estimator: str, args) -> Any:
 
 
 def wait_for_names_released(timeout_s: float = 60.0) -> None:
-    """Roles name their actors by role and rank ("rollout-0", ...): the previous run's names must
-    be free before the next run starts its roles (a kill releases them asynchronously)."""
+    """Roles name their actors ("rollout-0", ...) and placement groups ("rlhf-rollout", ...) by
+    role: the previous run's names must be free before the next run starts its roles (a kill and
+    a removal release them asynchronously)."""
     import ray
 
+    def taken() -> bool:
+        groups = ray.util.placement_group_table().values()
+        return bool(ray.util.list_named_actors()) or any(
+            g.get("name", "").startswith("rlhf-") and g.get("state") != "REMOVED" for g in groups)
+
     t0 = time.time()
-    while ray.util.list_named_actors() and time.time() - t0 < timeout_s:
+    while taken() and time.time() - t0 < timeout_s:
         time.sleep(0.5)
 
 
@@ -168,6 +174,7 @@ def plot(runs: list[dict], tasks: list[str], estimators: list[str], path: str) -
     fig.suptitle("ppo.estimator on the tiny Llama: 8 prompts x 4 samples x 16 tokens, kl_coef 0.05 (k1 in reward), "
                  "lr 5e-4, seed 0", fontsize=10)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -6,8 +6,11 @@ creates the roles (vLLM rollout engines, reference, reward, DeepSpeed learner ra
 placement groups, and runs the PPO loop. Metrics go to ``<run_dir>/metrics.jsonl`` and
 TensorBoard; the run ends with a summary of reward and KL at start and end.
 
-Works unchanged under ``ray job submit --working-dir . -- python -m rlhf_ray.launch ...``.
-``--dry-run`` prints the resolved config and the placement plan and exits.
+Under ``ray job submit --working-dir . -- python -m rlhf_ray.launch ...`` the job runs in Ray's
+temporary copy of the working directory, which Ray deletes: a relative ``logging.run_dir`` is
+refused there (pass an absolute one). ``--dry-run`` prints the resolved config and the placement
+plan and exits. Errors in the inputs (data, reward function, models) and failed runs print one
+message; ``--debug`` adds the traceback.
 Checkpoints: every ``--checkpoint.every`` iterations and on Ctrl-C/SIGTERM; ``--resume PATH|auto``.
 """
 
@@ -32,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--dry-run", action="store_true", help="print resolved config and placement plan, then exit")
     parser.add_argument("--ray-address", default=None, help="attach to this Ray cluster (default: RAY_ADDRESS or a new local one)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its message")
     parser.add_argument("--resume", default=None, metavar="PATH|auto",
                         help="continue from a checkpoint, a run directory's latest checkpoint, or auto (newest run of this name)")
     return parser
@@ -47,8 +51,20 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config]:
     return args, cfg
 
 
-def run_dir_for(cfg: Config) -> str:
-    return cfg.logging.run_dir.format(name=cfg.name, time=time.strftime("%Y%m%d-%H%M%S"))
+RAY_WORKING_DIR_COPY = os.sep + os.path.join("runtime_resources", "working_dir_files") + os.sep
+
+
+def run_dir_for(cfg: Config, cwd: str | None = None) -> str:
+    """The run directory, absolute. Refused when it would land in the copy of the working
+    directory that ``ray job submit --working-dir`` unpacks (Ray deletes it with the cluster)."""
+    path = os.path.abspath(os.path.join(cwd or os.getcwd(),
+                                        cfg.logging.run_dir.format(name=cfg.name, time=time.strftime("%Y%m%d-%H%M%S"))))
+    if RAY_WORKING_DIR_COPY in path:
+        raise ConfigError(f"--logging.run_dir {cfg.logging.run_dir!r} resolves to {path}, inside the temporary copy of "
+                          "the working directory that Ray made for this job and deletes with the cluster: the run's "
+                          "checkpoints and metrics would vanish. Pass an absolute directory that outlives the job, "
+                          "e.g. --logging.run_dir /shared/runs/{name}-{time}.")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,11 +78,28 @@ def main(argv: list[str] | None = None) -> int:
         for p in plan:
             print("  " + p.describe())
         return 0
+    from rlhf_ray.coordinator.loop import NonFiniteError, SyncMismatchError
+    from rlhf_ray.coordinator.pending import RemoteCallError
     from rlhf_ray.coordinator.run import run
 
-    summary = run(cfg, run_dir_for(cfg), ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"),
-                  resume=args.resume)
+    try:
+        summary = run(cfg, run_dir_for(cfg), ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"),
+                      resume=args.resume)
+    except (ValueError, FileNotFoundError, ImportError, TimeoutError) as exc:  # the inputs: before Ray starts
+        return _fail(exc, 2, args.debug)
+    except (RemoteCallError, NonFiniteError, SyncMismatchError) as exc:  # a run that could not go on
+        return _fail(exc, 1, args.debug)
     return 0 if summary.get("completed") or summary.get("stopped") else 1
+
+
+def _fail(exc: BaseException, code: int, debug: bool) -> int:
+    """One message (the error says what, why and how to fix); the traceback only with --debug."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc)
+    print(f"error: {exc}" + ("" if debug else "\n(run with --debug for the traceback)"), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

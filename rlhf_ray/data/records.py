@@ -102,9 +102,12 @@ def iter_rows(path: str, fmt: str) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))  # without its newline the column is on this line
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_no} is not valid JSON: {exc}") from None
+                # One position: the file's line and the decoder's column on it (its own "line 1" is
+                # this line, since each line is decoded alone).
+                raise DataError(f"{path}:{line_no}:{exc.colno} is not valid JSON ({exc.msg}); each line must be "
+                                "one JSON object, e.g. {\"prompt\": \"...\"}.") from None
             yield f"{path}:{line_no}", record
 
 
