@@ -34,7 +34,8 @@ What it leaves out: the other ``ppo`` options (loss_agg, kl_in loss, ratio seque
 correction, dynamic sampling, overlong buffer) stay at their defaults; no held-out evaluation
 (``eval.every 0``), no checkpoints. The vLLM engine runs eagerly (``rollout.enforce_eager
 true``, unlike the demo): each of the 10 runs would otherwise spend ~10-15 s compiling, more
-than the compiled decode saves over 60 short iterations (``--compiled`` turns it back on). The
+than the compiled decode saves over 100 short iterations (``--compiled`` turns it back on). Start-up
+(~40 s per run here: engine, reference, reward and two DeepSpeed ranks) is ~half of each run. The
 s/it figures are this shared VM's at the time; compare them within one invocation only.
 
 Run (repository root, ~15-20 minutes on 2 loaded cores):
@@ -185,7 +186,7 @@ def plot(runs: list[dict], tasks: list[str], estimators: list[str], path: str) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--iterations", type=int, default=60, help="PPO iterations per run")
+    ap.add_argument("--iterations", type=int, default=100, help="PPO iterations per run")
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
     ap.add_argument("--estimators", default=",".join(ESTIMATORS), help="comma list of ppo.estimator values")
     ap.add_argument("--compiled", action="store_true", help="compile the engine's model (the demo's setting)")

@@ -247,7 +247,7 @@ class Learner(RoleBase):
         grad_norms: list = []
         head_norms: list[torch.Tensor] = []
         first_dev = None
-        skipped_steps = 0
+        skipped_steps = nonfinite_steps = 0
         t0 = time.perf_counter()
         for _ in range(p.epochs):
             minis = shard.select(torch.randperm(len(shard), generator=gen)).split(p.mini_batches)
@@ -269,8 +269,10 @@ class Learner(RoleBase):
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v * n_tok
                     tokens += n_tok
+                stepped = self.engine.was_step_applied() and not self._skip_step
+                nonfinite_steps += int(not stepped)
                 if self.head is not None:
-                    head_norms.append(self.head.step(engine_stepped=self.engine.was_step_applied()))
+                    head_norms.append(self.head.step(engine_stepped=stepped))
                 norm = self.engine.get_global_grad_norm()
                 norm = self._grad_norm if norm is None else norm
                 if norm is not None:
@@ -285,6 +287,7 @@ class Learner(RoleBase):
         metrics["onpolicy_ratio_dev"] = float(first_dev) if first_dev is not None else float("nan")
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         metrics["skipped_steps"] = float(skipped_steps)
+        metrics["nonfinite_steps"] = float(nonfinite_steps)  # optimiser steps skipped for a non-finite gradient
         metrics["learner_tokens"] = float(pass_tokens)
         metrics["padding_fraction"] = 1.0 - real_tokens / max(pass_tokens, 1)
         metrics["update_seconds"] = time.perf_counter() - t0
@@ -317,13 +320,20 @@ class Learner(RoleBase):
             loss = loss + p.vf_coef * vl.loss
         # Undo DeepSpeed's mean over ranks; the step's counts already normalise.
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        self._grad_norm, self._skip_step = None, False
         if self.engine.is_gradient_accumulation_boundary() and self.engine.get_global_grad_norm() is None:
-            # ZeRO-0 in fp32 clips without keeping the norm: take it from the reduced gradients.
+            # ZeRO-0 in fp32 clips without keeping the norm and steps whatever the gradient holds
+            # (ZeRO-1/2/3 and bf16 skip a non-finite step): take the norm from the reduced
+            # gradients, and skip a non-finite step here: drop the gradients and leave the
+            # optimiser and its schedule untouched, as DeepSpeed does when it skips.
             grads = [q.grad for q in self.engine.module.parameters() if q.grad is not None]
-            self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+            if grads:
+                self._grad_norm = torch.nn.utils.get_total_norm(grads)
+                self._skip_step = not bool(torch.isfinite(self._grad_norm))  # one host sync, ZeRO-0 fp32 only
+        if self._skip_step:
+            self.engine.zero_grad()
         else:
-            self._grad_norm = None
-        self.engine.step()
+            self.engine.step()
         with torch.no_grad():
             def mean(x: torch.Tensor) -> torch.Tensor:
                 return masked_sum(x.float(), mask) / mask.sum().clamp(min=1)

@@ -278,3 +278,25 @@ def test_critic_free_checkpoint_has_no_value_head(tiny_model, tmp_path):
         learner.load_checkpoint(str(tmp_path / "ck"))
     finally:
         ip.release(learner)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_non_finite_gradient_step_is_skipped_on_every_stage(tiny_model, stage):
+    # fp32 ZeRO-0 used to apply it (DeepSpeed clips there but does not check); ZeRO-1/2/3 skip it.
+    from rlhf_ray.batch import TrainUpdate
+
+    learner, _ = ip.build_learner(ip.learner_config(tiny_model, zero_stage=stage, mini_batches=1, micro_batch_size=8))
+    try:
+        batch = ip.synthetic_batch()
+        learner.compute_old(batch)
+        before, head_before = learner.policy_state_dict(), ip.value_head_state(learner)
+        nan_adv = torch.where(batch.response_mask, torch.full_like(batch.advantages, float("nan")), 0.0)
+        metrics = learner.train(TrainUpdate(nan_adv, batch.returns, batch.response_mask), iteration=0)
+        assert metrics["nonfinite_steps"] == 1.0
+        assert ip.max_abs_diff(before, learner.policy_state_dict()) == 0.0
+        assert ip.max_abs_diff(head_before, ip.value_head_state(learner)) == 0.0
+        # and the next finite update trains normally
+        metrics = ip.train(learner, batch, iteration=1)
+        assert metrics["nonfinite_steps"] == 0.0 and ip.max_abs_diff(before, learner.policy_state_dict()) > 0
+    finally:
+        ip.release(learner)
