@@ -22,7 +22,8 @@ import os
 import sys
 import time
 
-from rlhf_ray.config import Config, ConfigError, config_to_dict, iter_fields, load_config, parse_overrides, resolve
+from rlhf_ray.config import (Config, ConfigError, config_to_dict, iter_fields, load_config, parse_overrides, redacted,
+                             resolve)
 from rlhf_ray.coordinator.placement import placement_plan
 
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = resolve(cfg)
     plan = placement_plan(cfg)
     if args.dry_run:
-        print(json.dumps(config_to_dict(cfg), indent=2))
+        print(json.dumps(redacted(config_to_dict(cfg)), indent=2))
         print("\nsizes:", json.dumps(sizes.__dict__))
         print("placement plan (one placement group per role):")
         for p in plan:

@@ -155,13 +155,13 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhf_ray.config import config_to_dict
+    from rlhf_ray.config import config_to_dict, redacted
     from rlhf_ray.supervised.run import parse_cli
 
     args, cfg = parse_cli("python -m rlhf_ray.pipeline", "Demo data -> SFT -> reward model -> PPO on one Ray cluster.",
                           PipelineConfig, validate_pipeline, sys.argv[1:] if argv is None else argv)
     if args.dry_run:
-        print(json.dumps(config_to_dict(cfg), indent=2))
+        print(json.dumps(redacted(config_to_dict(cfg)), indent=2))
         return 0
     from rlhf_ray.config import ConfigError
     from rlhf_ray.data.records import DataError

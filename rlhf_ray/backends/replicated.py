@@ -30,7 +30,8 @@ class ReplicatedModule:
     Args:
         module: the module, moved to ``device`` (its parameters stay float32).
         optimizer: over ``module``'s parameters.
-        scheduler: stepped once per optimiser step (skipped steps included, like DeepSpeed's).
+        scheduler: stepped once per applied optimiser step (DeepSpeed does not step its own
+            schedule on a skipped step either, so body and head stay in lock-step).
         max_grad_norm: clip threshold of this module's gradient norm (0: no clipping).
         world_size: data-parallel ranks that hold a replica (1: no communication).
     """
@@ -62,8 +63,8 @@ class ReplicatedModule:
         # One host sync per optimiser step: whether to apply it.
         if engine_stepped and bool(torch.isfinite(norm)):
             self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         return norm.detach()
 
     def state_dict(self) -> dict:

@@ -6,6 +6,7 @@ A run's config comes from a YAML file plus dotted overrides (``--ppo.clip_ratio 
 :mod:`.loading`), is validated as a whole before anything starts (:mod:`.validate`), and is
 never mutated afterwards. Batch sizes that depend on each other are derived once by
 :func:`resolve` (:mod:`.sizes`); :mod:`.docs` turns the field docstrings into help text.
+Whatever is saved or printed of a config goes through :func:`redacted` (URL secrets masked).
 
 Import everything from here (``from rlhf_ray.config import Config, load_config``); the
 submodules are the layout, not the interface. The package imports only the standard
@@ -13,7 +14,14 @@ library (and yaml lazily, to read files and CLI values).
 """
 
 from rlhf_ray.config.docs import field_docs, iter_fields
-from rlhf_ray.config.loading import config_from_dict, config_to_dict, load_config, parse_overrides
+from rlhf_ray.config.loading import (
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_overrides,
+    redact_url,
+    redacted,
+)
 from rlhf_ray.config.schema import (
     CheckpointConfig,
     Config,
@@ -41,6 +49,6 @@ __all__ = [
     "LoggingConfig", "ModelConfig", "PPOConfig", "ReferenceConfig", "ResourcesConfig", "RewardConfig",
     "RoleResources", "RolloutConfig", "Sizes", "SyncConfig", "config_from_dict", "config_to_dict", "field_docs",
     "get_path", "iter_fields", "load_config", "parse_overrides", "resolve", "validate", "field_errors", "optimizer_errors",
-    "raise_if_any", "resource_errors",
+    "raise_if_any", "resource_errors", "redact_url", "redacted",
 ]
 # _divide (not in __all__) stays importable from here as it was from the single-module config.

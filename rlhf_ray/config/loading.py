@@ -4,6 +4,10 @@ Every value is converted to its field's annotated type (a CLI string is read lik
 scalar first); unknown keys and wrong types raise ConfigError naming the dotted key.
 :func:`load_config` then validates the whole tree.
 
+What is saved or printed goes through :func:`redacted` first: a URL in the config (the reward
+endpoint's) may carry a password or a token, which must not end up in ``config.json``, a
+checkpoint or a terminal log.
+
 Standard library only; yaml is imported when a file or a CLI value is read.
 """
 
@@ -13,6 +17,7 @@ import dataclasses
 import difflib
 import types
 import typing
+import urllib.parse
 from typing import Any, Callable, Mapping
 
 from rlhf_ray.config.schema import Config, ConfigError, FrozenDict, is_config_class
@@ -106,6 +111,60 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         return x
 
     return fix(out)
+
+
+MASK = "***"
+# Query-parameter names that hold secrets contain one of these (case-insensitive); over-matching
+# ("author", "monkey") only hides a harmless value in a saved copy.
+SECRET_WORDS = ("token", "key", "secret", "password", "passwd", "auth", "signature", "credential")
+
+
+def _redact_pairs(text: str) -> str:
+    """``a=1&token=x`` -> ``a=1&token=***``; names are matched after percent-decoding, everything
+    else is kept byte for byte."""
+    out = []
+    for piece in text.split("&"):
+        name, eq, _ = piece.partition("=")
+        if eq and any(w in urllib.parse.unquote_plus(name).lower() for w in SECRET_WORDS):
+            piece = f"{name}={MASK}"
+        out.append(piece)
+    return "&".join(out)
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the secrets of a URL masked: the password of its userinfo (a userinfo without
+    a password is masked whole: ``https://<token>@host`` is a common way to pass a token) and the
+    values of query and fragment parameters whose names look like secrets (:data:`SECRET_WORDS`).
+    A string that is no URL with a scheme and a host comes back unchanged."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:  # e.g. an unbalanced "[" in the host
+        return text
+    if not (parts.scheme and parts.netloc):
+        return text
+    netloc = parts.netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:{MASK}@{hostport}" if colon else f"{MASK}@{hostport}"
+    query, fragment = _redact_pairs(parts.query), _redact_pairs(parts.fragment)
+    if (netloc, query, fragment) == (parts.netloc, parts.query, parts.fragment):
+        return text
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
+
+
+def redacted(tree: Any) -> Any:
+    """A copy of a config dict (as from :func:`config_to_dict`) with every string that is a URL
+    passed through :func:`redact_url`; use it for everything that is saved or printed. The input
+    is not changed. A resumed run never reads these copies back: its config comes from the YAML
+    and the command line again."""
+    if isinstance(tree, Mapping):
+        return {k: redacted(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [redacted(v) for v in tree]
+    if isinstance(tree, str):
+        return redact_url(tree)
+    return tree
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

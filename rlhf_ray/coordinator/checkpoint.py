@@ -25,7 +25,7 @@ import re
 import shutil
 
 from rlhf_ray.checkpoint_files import checkpoint_path, checkpoints_dir, complete_checkpoints, publish, run_dir_of
-from rlhf_ray.config import Config, config_to_dict
+from rlhf_ray.config import Config, config_to_dict, redacted
 
 __all__ = ["checkpoint_path", "checkpoints_dir", "complete_checkpoints", "load_coordinator_state", "publish",
            "resolve_resume", "run_dir_of", "save_checkpoint"]
@@ -70,7 +70,8 @@ def save_checkpoint(run_dir: str, iteration: int, coordinator_state: dict, cfg: 
     os.makedirs(tmp)
     learners.save_checkpoint(tmp, tokenizer_path).result()
     with open(os.path.join(tmp, "coordinator.json"), "w") as fh:
-        json.dump({"coordinator": coordinator_state, "config": config_to_dict(cfg)}, fh, indent=2)
+        # The config is a record (secrets in URLs masked); resume reads only "coordinator".
+        json.dump({"coordinator": coordinator_state, "config": redacted(config_to_dict(cfg))}, fh, indent=2)
     publish(tmp, final, f"iteration {iteration}", cfg.checkpoint.keep_last)
     return final
 

@@ -16,7 +16,7 @@ import time
 from typing import Callable
 
 from rlhf_ray.batch import decode_rows
-from rlhf_ray.config import Config, config_to_dict
+from rlhf_ray.config import Config, config_to_dict, redacted
 from rlhf_ray.coordinator import checkpoint as ckpt
 from rlhf_ray.coordinator.metrics import MetricsSink, format_eval_line, format_line
 from rlhf_ray.coordinator.pending import RemoteCallError
@@ -267,6 +267,15 @@ def print_summary(summary: dict) -> None:
               f"{ev['last']['eval/reward_mean']:.3f} after {ev['last']['iteration']}")
 
 
+def write_config(cfg: Config, run_dir: str) -> str:
+    """``<run_dir>/config.json``, the config as a record with secrets in URLs masked (``redacted``):
+    a resumed run takes its config from the YAML and command line again, never from here."""
+    path = os.path.join(run_dir, "config.json")
+    with open(path, "w") as fh:
+        json.dump(redacted(config_to_dict(cfg)), fh, indent=2)
+    return path
+
+
 def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str | None = None) -> dict:
     """Run PPO to ``ppo.iterations``; returns the summary (also written to <run_dir>/summary.json).
 
@@ -286,8 +295,7 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
         run_dir = ckpt.run_dir_of(resume_from)
     os.makedirs(run_dir, exist_ok=True)
     print(f"run directory: {os.path.abspath(run_dir)}")
-    with open(os.path.join(run_dir, "config.json"), "w") as fh:
-        json.dump(config_to_dict(cfg), fh, indent=2)
+    write_config(cfg, run_dir)
     with open(os.path.join(run_dir, "ray.json"), "w") as fh:
         json.dump(start_ray(ray_address), fh)
     check_fits(placement_plan(cfg), ray.cluster_resources())

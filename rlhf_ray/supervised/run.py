@@ -17,7 +17,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from rlhf_ray.checkpoint_files import checkpoints_dir, complete_checkpoints
-from rlhf_ray.config import ConfigError, config_to_dict, iter_fields, load_config, parse_overrides
+from rlhf_ray.config import ConfigError, config_to_dict, iter_fields, load_config, parse_overrides, redacted
 from rlhf_ray.coordinator.metrics import MetricsSink, read_records
 from rlhf_ray.coordinator.pending import RayPending
 from rlhf_ray.coordinator.placement import RolePlacement, actor_options, check_fits, create_groups, role_bundle
@@ -217,7 +217,7 @@ def run_supervised(cfg, actor_cls, role: str, train, eval_set, tokenizer_path: s
         group.shutdown()
     summary = {"stage": role, **summarize(history, cfg.train.output_dir, time.perf_counter() - t0)}
     with open(os.path.join(cfg.train.output_dir, "train_summary.json"), "w") as fh:
-        json.dump({**summary, "config": config_to_dict(cfg)}, fh, indent=2)
+        json.dump({**summary, "config": redacted(config_to_dict(cfg))}, fh, indent=2)
     return summary
 
 
@@ -259,7 +259,7 @@ def cli_main(prog: str, description: str, cls: type, validator: Callable, train:
     inputs found before Ray starts exit 2 with the message."""
     args, cfg = parse_cli(prog, description, cls, validator, sys.argv[1:] if argv is None else argv)
     if args.dry_run:
-        print(json.dumps(config_to_dict(cfg), indent=2))
+        print(json.dumps(redacted(config_to_dict(cfg)), indent=2))
         print("sizes:", json.dumps(validator(cfg).__dict__))
         return 0
     try:
