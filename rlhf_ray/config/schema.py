@@ -64,7 +64,13 @@ class DataConfig:
     prompts: str = "builtin:digits"
     """Prompt source: a JSONL file path, or builtin:<name> for an offline generated demo set."""
     prompt_field: str = "prompt"
-    """Field holding the prompt text in each JSONL record."""
+    """Field holding the prompt in each record: text (data.template plain), or a user message or a list of
+    {role, content} messages (data.template chat)."""
+    template: str = "plain"
+    """plain: each prompt is text, tokenised with the tokenizer's special tokens (its BOS) unless it already begins
+    with BOS. chat: each prompt is rendered with the policy tokenizer's chat template up to the assistant's turn and
+    tokenised without adding special tokens (the template writes them). The SFT and RM data's --data.template
+    tokenise their prompts the same way, so use the value the policy and reward model were trained with."""
     num_builtin_prompts: int = 512
     """How many prompts a builtin generator produces."""
     max_prompt_tokens: int = 64

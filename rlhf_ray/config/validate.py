@@ -20,6 +20,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "model.build_tiny": (None, "llama", "qwen2"),
     "model.dtype": ("float32", "bfloat16"),
     "data.too_long": ("drop", "truncate", "error"),
+    "data.template": ("plain", "chat"),
     "reward.kind": ("function", "model", "http"),
     "ppo.kl_estimator": ("k1", "k2", "k3"),
     "ppo.kl_in": ("reward", "loss"),

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 
 from rlhf_ray.config import Config
-from rlhf_ray.data.prompts import PromptSet, load_prompt_texts, pad_token_id, split_holdout, tokenize_prompts
+from rlhf_ray.data.prompts import PromptSet, load_prompts, pad_token_id, split_holdout
 
 
 @dataclass
@@ -34,10 +34,9 @@ def eval_prompt_set(cfg: Config, prompts: PromptSet, tokenizer) -> tuple[PromptS
     if ev.prompts is None:
         prompts, held = split_holdout(prompts, ev.holdout, cfg.seed)
     else:
-        data = dataclasses.replace(cfg.data, prompts=ev.prompts)
-        held = tokenize_prompts(load_prompt_texts(data, cfg.seed), tokenizer, data.max_prompt_tokens, data.too_long)
+        held = load_prompts(dataclasses.replace(cfg.data, prompts=ev.prompts), tokenizer, cfg.seed)
     k = min(ev.max_prompts, len(held.token_ids))
-    return prompts, PromptSet(held.texts[:k], held.token_ids[:k], held.dropped, held.truncated)
+    return prompts, dataclasses.replace(held, texts=held.texts[:k], token_ids=held.token_ids[:k])
 
 
 def _check_model_dir(path: str, what: str, flag: str) -> None:
@@ -103,9 +102,11 @@ def prepare_inputs(cfg: Config) -> Inputs:
         raise ValueError(f"the tokenizer at {cfg.model.path!r} has no EOS token; responses could never end. "
                          "Set eos_token in its tokenizer_config.json.")
     pad_id = pad_token_id(tok)
-    texts = load_prompt_texts(cfg.data, cfg.seed)
-    prompts = tokenize_prompts(texts, tok, cfg.data.max_prompt_tokens, cfg.data.too_long)
+    prompts = load_prompts(cfg.data, tok, cfg.seed)
+    print(f"prompts from {cfg.data.prompts}: {prompts.describe()}", flush=True)
     prompts, eval_prompts = eval_prompt_set(cfg, prompts, tok)
+    if eval_prompts is not None and cfg.eval.prompts is not None:
+        print(f"evaluation prompts from {cfg.eval.prompts}: {eval_prompts.describe()}", flush=True)
     if cfg.reward.kind == "function":
         probe_reward_function(cfg.reward.function or "", prompts.texts[:2], cfg.resources.call_timeout_s)
     elif cfg.reward.kind == "http":

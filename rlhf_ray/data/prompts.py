@@ -3,7 +3,13 @@ the length limit, the pad id, and a deterministic, checkpointable sampling order
 
 Prompt files are read by the same record reader as the supervised stages' prompt files
 (``rlhf_ray.data.records``: ``iter_rows`` and ``prompt_texts``), so errors name the file and
-line (JSONL) or record (Parquet) alike.
+line (JSONL) or record (Parquet) alike. Blank lines hold no prompt; they are counted
+(``PromptSet.blank``) and reported by the pre-flight, not dropped unseen.
+
+``data.template`` says what a prompt is: plain text, or (chat) a user message or message list
+rendered with the tokenizer's chat template. Either way it is tokenised by the rule the SFT and
+reward-model data use (``rlhf_ray.data.rm_inputs.prompt_ids``), so the policy and the reward
+model see in PPO the prompt ids they were trained on (one BOS, never two).
 
 The sampler walks shuffled epochs over the prompt set; its state is (epoch, position), so a
 resumed run draws exactly the batch that would have come next.
@@ -11,12 +17,14 @@ resumed run draws exactly the batch that would have come next.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from dataclasses import dataclass
 
 from rlhf_ray.config import DataConfig
 from rlhf_ray.data.records import DataError, file_format, iter_rows, prompt_texts
+from rlhf_ray.data.rm_inputs import prompt_ids
 
 _SUBJECTS = ["the cat", "a farmer", "my friend", "the robot", "a teacher", "the river", "our team"]
 _VERBS = ["counts", "sees", "finds", "builds", "needs", "sells", "paints"]
@@ -41,23 +49,36 @@ def builtin_prompts(name: str, n: int, seed: int) -> list[str]:
     return out
 
 
-def load_prompt_texts(cfg: DataConfig, seed: int) -> list[str]:
-    """Prompt strings from ``cfg.prompts`` (a JSONL or Parquet file, or ``builtin:<name>``);
-    raises a clear error for a missing file, a line that is not JSON, a record without the prompt
-    field or whose prompt is not text, or an empty set."""
+def _read_prompt_texts(cfg: DataConfig, seed: int, tokenizer) -> tuple[list[str], int]:
+    """(prompt texts, blank lines skipped) of ``cfg.prompts``, per ``cfg.template``."""
     src = cfg.prompts
+    blank: list[int] = []
     if src.startswith("builtin:"):
         texts = builtin_prompts(src.split(":", 1)[1], cfg.num_builtin_prompts, seed)
+        if cfg.template == "chat":  # each generated prompt is a user turn
+            texts = prompt_texts(((f"{src} prompt {i}", {"prompt": t}) for i, t in enumerate(texts)), "prompt",
+                                 "chat", tokenizer)
     else:
         if not os.path.isfile(src):
             raise FileNotFoundError(f"prompt file {src!r} does not exist; set --data.prompts to a JSONL file "
                                     "or builtin:digits.")
         # Anything but a Parquet extension is read as JSONL, as before Parquet was accepted.
-        texts = prompt_texts(iter_rows(src, file_format(src, default="jsonl")), cfg.prompt_field)
+        texts = prompt_texts(iter_rows(src, file_format(src, default="jsonl"), blank), cfg.prompt_field,
+                             cfg.template, tokenizer)
     if not texts:
-        raise ValueError(f"prompt source {src!r} holds no prompts; point --data.prompts at a JSONL file with one "
-                         f'{{"{cfg.prompt_field}": ...}} record per line, or use builtin:digits.')
-    return texts
+        only = f" (only {len(blank)} blank lines)" if blank else ""
+        raise ValueError(f"prompt source {src!r} holds no prompts{only}; point --data.prompts at a JSONL file with "
+                         f'one {{"{cfg.prompt_field}": ...}} record per line, or use builtin:digits.')
+    return texts, len(blank)
+
+
+def load_prompt_texts(cfg: DataConfig, seed: int, tokenizer=None) -> list[str]:
+    """Prompt strings from ``cfg.prompts`` (a JSONL or Parquet file, or ``builtin:<name>``), as
+    text or (``cfg.template`` chat, which needs ``tokenizer``) rendered with the chat template;
+    raises a clear error for a missing file, a line that is not JSON, a record without the prompt
+    field or whose prompt is not text, or an empty set. Blank lines are skipped; :func:`load_prompts`
+    also counts them."""
+    return _read_prompt_texts(cfg, seed, tokenizer)[0]
 
 
 def pad_token_id(tokenizer) -> int:
@@ -73,15 +94,22 @@ def pad_token_id(tokenizer) -> int:
 class PromptSet:
     texts: list[str]
     token_ids: list[list[int]]
-    dropped: int  # prompts removed for being too long
+    dropped: int  # prompts removed for being too long (or empty)
     truncated: int  # prompts cut to max_prompt_tokens
+    blank: int = 0  # blank lines of the prompt file, skipped (they hold no record)
+
+    def describe(self) -> str:
+        return (f"{len(self.token_ids)} prompts ({self.blank} blank lines skipped, {self.dropped} dropped as too "
+                f"long or empty, {self.truncated} truncated)")
 
 
-def tokenize_prompts(texts: list[str], tokenizer, max_tokens: int, too_long: str) -> PromptSet:
-    """Tokenise prompts and apply the length policy (drop / truncate keeping the end / error)."""
+def tokenize_prompts(texts: list[str], tokenizer, max_tokens: int, too_long: str, chat: bool = False) -> PromptSet:
+    """Tokenise prompts (``rm_inputs.prompt_ids``: the tokenizer's special tokens for plain text
+    that does not already begin with BOS, none for a ``chat`` rendering) and apply the length
+    policy (drop / truncate keeping the end / error)."""
     kept_texts, kept_ids, dropped, truncated = [], [], 0, 0
     for i, text in enumerate(texts):
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = prompt_ids(tokenizer, text, chat)
         if not ids:
             dropped += 1
             continue
@@ -102,6 +130,14 @@ def tokenize_prompts(texts: list[str], tokenizer, max_tokens: int, too_long: str
     return PromptSet(kept_texts, kept_ids, dropped, truncated)
 
 
+def load_prompts(cfg: DataConfig, tokenizer, seed: int) -> PromptSet:
+    """The prompts of ``cfg`` read (:func:`load_prompt_texts`), tokenised under the length policy
+    (:func:`tokenize_prompts`, per ``cfg.template``) and counted: blank lines, drops, truncations."""
+    texts, blank = _read_prompt_texts(cfg, seed, tokenizer)
+    out = tokenize_prompts(texts, tokenizer, cfg.max_prompt_tokens, cfg.too_long, chat=cfg.template == "chat")
+    return dataclasses.replace(out, blank=blank)
+
+
 def split_holdout(prompts: PromptSet, k: int, seed: int) -> tuple[PromptSet, PromptSet]:
     """Hold ``k`` prompts out of ``prompts``: (training set, held-out set), disjoint, each in the
     original order. The held-out subset depends only on ``seed`` and the set's size."""
@@ -112,11 +148,12 @@ def split_holdout(prompts: PromptSet, k: int, seed: int) -> tuple[PromptSet, Pro
     held = sorted(random.Random(seed * 7919 + 17).sample(range(n), k))
     held_set = set(held)
 
-    def pick(idx: list[int], dropped: int = 0, truncated: int = 0) -> PromptSet:
-        return PromptSet([prompts.texts[i] for i in idx], [prompts.token_ids[i] for i in idx], dropped, truncated)
+    def pick(idx: list[int], dropped: int = 0, truncated: int = 0, blank: int = 0) -> PromptSet:
+        return PromptSet([prompts.texts[i] for i in idx], [prompts.token_ids[i] for i in idx], dropped, truncated,
+                         blank)
 
     train = [i for i in range(n) if i not in held_set]
-    return pick(train, prompts.dropped, prompts.truncated), pick(held)
+    return pick(train, prompts.dropped, prompts.truncated, prompts.blank), pick(held)
 
 
 class PromptSampler:

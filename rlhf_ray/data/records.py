@@ -81,12 +81,14 @@ def read_records(path: str, fmt: str = "auto", flag: str = "--data.train_path"):
         raise DataError(f"cannot read {path!r} as {fmt}: {type(cause).__name__}: {cause}") from None
 
 
-def iter_rows(path: str, fmt: str) -> Iterator[tuple[str, Any]]:
+def iter_rows(path: str, fmt: str, blank_lines: list[int] | None = None) -> Iterator[tuple[str, Any]]:
     """``(where, record)`` of every record of an existing JSONL or Parquet file, in file order.
 
-    ``where`` names the record in messages: ``path:line`` for JSONL (1-based line; blank lines
-    are skipped, read lazily, so an error names the first bad line) and ``path record i`` for
-    Parquet (0-based row). A record is whatever the line holds, not necessarily an object."""
+    ``where`` names the record in messages: ``path:line`` for JSONL (1-based line; read lazily,
+    so an error names the first bad line) and ``path record i`` for Parquet (0-based row). A
+    record is whatever the line holds, not necessarily an object. Blank (or all-whitespace)
+    JSONL lines hold no record and are skipped; their line numbers are appended to
+    ``blank_lines`` when given, so the caller can say how many there were."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -100,6 +102,8 @@ def iter_rows(path: str, fmt: str) -> Iterator[tuple[str, Any]]:
     with open(path) as fh:
         for line_no, line in enumerate(fh, 1):
             if not line.strip():
+                if blank_lines is not None:
+                    blank_lines.append(line_no)
                 continue
             try:
                 record = json.loads(line.rstrip("\r\n"))  # without its newline the column is on this line

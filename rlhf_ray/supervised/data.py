@@ -7,9 +7,10 @@ through the tokenizer's chat template. Then the length policy (truncate / drop, 
 error) and tokenisation:
 
 - :class:`SFTBatch`: ``input_ids`` with a ``loss_mask`` that is True on response tokens only;
-- :class:`PairBatch`: chosen and rejected token ids of each pair, tokenised exactly as the PPO
-  reward actor tokenises ``prompt + response`` when it scores (``workers/frozen.py``), so the
-  reward model sees the same token sequences in training and in PPO.
+- :class:`PairBatch`: chosen and rejected token ids of each pair, built by the rule of
+  ``rlhf_ray/data/rm_inputs.py`` (prompt ids + response ids + EOS), the rule by which the PPO
+  reward role (``workers/frozen.py``) builds what it scores, so the reward model sees the same
+  token sequences in training and in PPO.
 
 Every problem with a record (a field absent, a record too long under ``too_long: error``, a split
 left empty) raises :class:`DataError` naming the file, the record and the flag to change.
@@ -24,8 +25,9 @@ from typing import Sequence
 import torch
 
 from rlhf_ray.data.prompts import pad_token_id
-from rlhf_ray.supervised.config import PreferenceDataConfig, SFTDataConfig
 from rlhf_ray.data.records import DataError, as_messages, read_records, render_chat, require_fields
+from rlhf_ray.data.rm_inputs import encode_prompts, encode_responses
+from rlhf_ray.supervised.config import PreferenceDataConfig, SFTDataConfig
 
 
 # --------------------------------------------------------------------------- length policy
@@ -107,10 +109,11 @@ class SFTBatch:
 
 def tokenize_sft(pairs: Sequence[tuple[str, str]], tokenizer, max_len: int, too_long: str, add_eos: bool,
                  chat: bool, where: str) -> tuple[SFTBatch, LengthStats]:
-    """Tokenise (prompt, response) texts; the prompt gets the tokenizer's special tokens (plain),
-    or none (chat: the template wrote them); the response none, plus EOS if ``add_eos``."""
+    """Tokenise (prompt, response) texts; the prompt as PPO tokenises it (``rm_inputs.encode_prompts``:
+    special tokens for a plain prompt, none for a chat rendering, no second BOS); the response
+    without special tokens, plus EOS if ``add_eos``."""
     stats = LengthStats(records=len(pairs))
-    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=not chat)["input_ids"]
+    prompts = encode_prompts(tokenizer, [p for p, _ in pairs], chat)
     responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     rows, masks = [], []
@@ -191,11 +194,11 @@ class PairBatch:
 
 @dataclass
 class PreferenceTexts:
-    """Texts of each pair as the reward model reads them: prompt + response, and the prompt alone."""
+    """Each pair's two sides as (prompt, response) texts: a chat side's prompt is the template's
+    rendering up to the assistant's turn, its response the rest (``render_chat``)."""
 
-    prompts: list[str]
-    chosen: list[str]
-    rejected: list[str]
+    chosen: list[tuple[str, str]]
+    rejected: list[tuple[str, str]]
     margins: list[float] | None = field(default=None)
 
 
@@ -208,41 +211,41 @@ def preference_texts(ds, cfg: PreferenceDataConfig, tokenizer, path: str) -> Pre
     if cfg.template == "chat":
         require_fields(ds, sides, path)
         has_prompt = cfg.prompt_field in ds.column_names
-        out = PreferenceTexts([], [], [], margins)
+        out = PreferenceTexts([], [], margins)
         for i, rec in enumerate(ds):
             head = as_messages(rec[cfg.prompt_field], f"{path!r} record {i}", cfg.prompt_field) if has_prompt else []
-            full = []
-            for name in (cfg.chosen_field, cfg.rejected_field):
+            for name, texts in ((cfg.chosen_field, out.chosen), (cfg.rejected_field, out.rejected)):
                 side = rec[name]
                 if isinstance(side, str) and not head:
                     raise DataError(f"{path!r} record {i}: {name!r} is a plain response but the record has no "
                                     f"prompt field {cfg.prompt_field!r}; give messages or set --data.prompt_field.")
                 turns = [{"role": "assistant", "content": side}] if isinstance(side, str) else \
                     as_messages(side, f"{path!r} record {i}", name)
-                prompt, response = render_chat(tokenizer, head + turns, path, i)
-                full.append(prompt + response)
-            out.prompts.append(prompt)
-            out.chosen.append(full[0])
-            out.rejected.append(full[1])
+                texts.append(render_chat(tokenizer, head + turns, path, i))
         return out
     require_fields(ds, {"--data.prompt_field": cfg.prompt_field, **sides}, path)
     prompts = [str(p) for p in ds[cfg.prompt_field]]
-    return PreferenceTexts(prompts, [p + str(c) for p, c in zip(prompts, ds[cfg.chosen_field])],
-                           [p + str(r) for p, r in zip(prompts, ds[cfg.rejected_field])], margins)
+    return PreferenceTexts([(p, str(c)) for p, c in zip(prompts, ds[cfg.chosen_field])],
+                           [(p, str(r)) for p, r in zip(prompts, ds[cfg.rejected_field])], margins)
+
+
+def _side_ids(tokenizer, side: list[tuple[str, str]], chat: bool) -> list[tuple[list[int], int]]:
+    """(ids, number of prompt tokens) of each (prompt, response): the reward model's input by the
+    rule of ``rm_inputs`` (the one the PPO reward role scores by), each response finished with EOS."""
+    prompts = encode_prompts(tokenizer, [p for p, _ in side], chat)
+    responses = encode_responses(tokenizer, [r for _, r in side], finished=True)
+    return [(p + r, len(p)) for p, r in zip(prompts, responses)]
 
 
 def tokenize_pairs(texts: PreferenceTexts, tokenizer, max_len: int, too_long: str, chat: bool,
                    where: str) -> tuple[PairBatch, LengthStats]:
     """Tokenise both sides of each pair; a pair is kept or dropped as a whole."""
-    stats = LengthStats(records=len(texts.prompts))
-    special = not chat  # the reward actor calls tokenizer(prompt + response) with the defaults
-    n_prompt = [len(x) for x in tokenizer(texts.prompts, add_special_tokens=special)["input_ids"]]
-    chosen = tokenizer(texts.chosen, add_special_tokens=special)["input_ids"]
-    rejected = tokenizer(texts.rejected, add_special_tokens=special)["input_ids"]
+    stats = LengthStats(records=len(texts.chosen))
+    chosen, rejected = _side_ids(tokenizer, texts.chosen, chat), _side_ids(tokenizer, texts.rejected, chat)
     keep_c, keep_r, keep_m = [], [], []
-    for i, (n_p, c, r) in enumerate(zip(n_prompt, chosen, rejected)):
-        c2, cut_c = _apply_limit(n_p, list(c), max_len, too_long, f"{where} pair {i} (chosen)")
-        r2, cut_r = _apply_limit(n_p, list(r), max_len, too_long, f"{where} pair {i} (rejected)")
+    for i, ((c, n_c), (r, n_r)) in enumerate(zip(chosen, rejected)):
+        c2, cut_c = _apply_limit(n_c, c, max_len, too_long, f"{where} pair {i} (chosen)")
+        r2, cut_r = _apply_limit(n_r, r, max_len, too_long, f"{where} pair {i} (rejected)")
         if c2 is None or r2 is None:
             stats.dropped += 1
             continue

@@ -15,6 +15,8 @@ import torch
 from rlhf_ray.algorithms import logprobs_from_logits
 from rlhf_ray.batch import ExperienceBatch, decode_rows, pack_rows
 from rlhf_ray.config import Config, ReferenceConfig, RewardConfig
+from rlhf_ray.data.prompts import pad_token_id
+from rlhf_ray.data.rm_inputs import decode_pair, pair_ids, same_tokenizer
 from rlhf_ray.models import positions_from_mask, response_positions
 from rlhf_ray.rewards import load_reward_function
 from rlhf_ray.workers.base import RoleBase
@@ -117,7 +119,14 @@ class ReferenceModel(FrozenModelRole):
 
 
 class RewardScorer(FrozenModelRole):
-    """One scalar per sample, from a sequence-classification reward model or a Python function."""
+    """One scalar per sample, from a sequence-classification reward model or a Python function.
+
+    A reward model scores the token sequence it was trained on (``rlhf_ray/data/rm_inputs.py``):
+    the prompt ids as the loader built them and the response ids as sampled, EOS included when
+    the engine produced it. When the policy and the reward model share a tokenizer (the SFT ->
+    RM -> PPO pipeline) those are the batch's ids as they are; otherwise the ids are decoded with
+    the policy's tokenizer and encoded with the reward model's by the rule training used. A
+    function or an endpoint gets texts with the special tokens removed (``decode``)."""
 
     role = "reward"
 
@@ -137,6 +146,10 @@ class RewardScorer(FrozenModelRole):
 
             self.model = self._load(AutoModelForSequenceClassification, r.model_path or "", spec.num_gpus, spec.dtype)
             self.rm_tokenizer = AutoTokenizer.from_pretrained(r.model_path)
+            self.shares_tokenizer = same_tokenizer(self.policy_tokenizer, self.rm_tokenizer)
+            # The head reads the last token that is not the config's pad id: pad with that id.
+            config_pad = getattr(self.model.config, "pad_token_id", None)
+            self.pad_id = int(config_pad) if config_pad is not None else pad_token_id(self.rm_tokenizer)
 
     def decode(self, batch: ExperienceBatch) -> tuple[list[str], list[str]]:
         """Prompt and response texts (padding and special tokens removed)."""
@@ -145,16 +158,29 @@ class RewardScorer(FrozenModelRole):
     @torch.no_grad()
     def score(self, batch: ExperienceBatch) -> torch.Tensor:
         """(B,) float32 scores."""
+        if self.spec.reward.kind == "model":
+            return self._run_model(self.model_inputs(batch))
         prompts, responses = self.decode(batch)
         if self.fn is not None:
             return self._call_function(prompts, responses)
-        if self.spec.reward.kind == "http":
-            from rlhf_ray.reward_server import post_scores
+        from rlhf_ray.reward_server import post_scores
 
-            r = self.spec.reward
-            return torch.tensor(post_scores(r.url or "", prompts, responses, r.http_timeout_s, r.http_retries),
-                                dtype=torch.float32)
-        return self._run_model(prompts, responses)
+        r = self.spec.reward
+        return torch.tensor(post_scores(r.url or "", prompts, responses, r.http_timeout_s, r.http_retries),
+                            dtype=torch.float32)
+
+    def model_inputs(self, batch: ExperienceBatch) -> list[list[int]]:
+        """The reward model's input ids of each row: prompt ids then response ids, padding removed."""
+        P = batch.prompt_len
+        rows = []
+        for ids, mask in zip(batch.input_ids, batch.attention_mask):
+            prompt, response = ids[:P][mask[:P]].tolist(), ids[P:][mask[P:]].tolist()
+            if self.shares_tokenizer:
+                rows.append(prompt + response)
+                continue
+            p_text, r_text, finished = decode_pair(self.policy_tokenizer, prompt, response)
+            rows.append(pair_ids(self.rm_tokenizer, p_text, r_text, chat=False, finished=finished)[0])
+        return rows
 
     def _call_function(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         name = self.spec.reward.function
@@ -171,15 +197,20 @@ class RewardScorer(FrozenModelRole):
             raise ValueError(f"reward function {name} returned a non-number: {exc}") from None
         return out
 
-    def _run_model(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        tok = self.rm_tokenizer
-        texts = [p + r for p, r in zip(prompts, responses)]
+    def _run_model(self, rows: list[list[int]]) -> torch.Tensor:
+        """(len(rows),) float32 scores of token-id rows, in micro-batches left-padded with ``pad_id``."""
         out = []
-        for i in range(0, len(texts), self.micro_batch_size):
-            enc = tok(texts[i: i + self.micro_batch_size], return_tensors="pt", padding=True).to(self.device)
+        for i in range(0, len(rows), self.micro_batch_size):
+            chunk = rows[i: i + self.micro_batch_size]
+            width = max(len(r) for r in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for j, r in enumerate(chunk):
+                ids[j, width - len(r):] = torch.tensor(r, dtype=torch.long)
+                mask[j, width - len(r):] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
             # Positions count real tokens only, so a left-padded row scores as it would alone
             # (RoPE models are shift-invariant anyway; absolute-position models are not).
-            out.append(self.model(**enc, position_ids=positions_from_mask(enc["attention_mask"])).logits[:, 0]
-                       .float().cpu())
+            out.append(self.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
+                       .logits[:, 0].float().cpu())
         return torch.cat(out)
-

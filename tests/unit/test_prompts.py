@@ -6,9 +6,9 @@ import re
 import pytest
 
 from rlhf_ray.config import DataConfig
-from rlhf_ray.data.prompts import (PromptSampler, PromptSet, builtin_prompts, load_prompt_texts, pad_token_id,
-                                  split_holdout, tokenize_prompts)
-from rlhf_ray.data.records import DataError
+from rlhf_ray.data.prompts import (PromptSampler, PromptSet, builtin_prompts, load_prompt_texts, load_prompts,
+                                  pad_token_id, split_holdout, tokenize_prompts)
+from rlhf_ray.data.records import DataError, iter_rows
 
 
 class WordTokenizer:
@@ -91,6 +91,37 @@ def test_jsonl_prompts_in_file_order(tmp_path):
         '{"prompt": 42}',  # non-string values become text
     ])
     assert load_prompt_texts(DataConfig(prompts=path), seed=0) == ["first", "second", "42"]
+
+
+def test_blank_lines_are_counted_not_dropped_unseen(tmp_path):
+    path = _jsonl(tmp_path, ['{"prompt": "a bb"}', "", '{"prompt": "ccc"}', "  \t", "", '{"prompt": "d"}'])
+    out = load_prompts(DataConfig(prompts=path), WordTokenizer(), seed=0)
+    assert out.texts == ["a bb", "ccc", "d"]
+    assert (out.blank, out.dropped, out.truncated) == (3, 0, 0)
+    assert out.describe() == "3 prompts (3 blank lines skipped, 0 dropped as too long or empty, 0 truncated)"
+    train, held = split_holdout(out, 1, seed=0)
+    assert (train.blank, held.blank) == (3, 0)  # the file's counts stay with the training set
+    lines: list[int] = []
+    assert [r for _, r in iter_rows(path, "jsonl", lines)] == [{"prompt": "a bb"}, {"prompt": "ccc"}, {"prompt": "d"}]
+    assert lines == [2, 4, 5]
+
+
+def test_a_file_of_blank_lines_says_so(tmp_path):
+    path = _jsonl(tmp_path, ["", " "])
+    with pytest.raises(ValueError, match=r"holds no prompts \(only 2 blank lines\)"):
+        load_prompts(DataConfig(prompts=path), WordTokenizer(), seed=0)
+
+
+def test_preflight_prints_the_blank_line_count(tmp_path, capsys):
+    from rlhf_ray.config import load_config
+    from rlhf_ray.coordinator.preflight import prepare_inputs
+    from rlhf_ray.tiny_models import build_tiny_model
+
+    model = str(build_tiny_model(tmp_path / "m", arch="llama", seed=0))
+    path = _jsonl(tmp_path, [json.dumps({"prompt": f"Write the number after {i}:"}) for i in range(8)] + ["", ""])
+    inputs = prepare_inputs(load_config(None, {"model.path": model, "data.prompts": path, "eval.every": 0}))
+    assert inputs.prompts.blank == 2
+    assert f"prompts from {path}: 8 prompts (2 blank lines skipped, 0 dropped" in capsys.readouterr().out
 
 
 def test_jsonl_custom_field(tmp_path):
@@ -291,6 +322,59 @@ def test_tokenize_accepts_a_tuple_of_ids_and_returns_lists():
     out = tokenize_prompts(["x"], lambda text, add_special_tokens: {"input_ids": (7, 8)}, 4, "drop")
     assert out.token_ids == [[7, 8]]
     assert isinstance(out.token_ids[0], list)
+
+
+# ---- data.template and BOS (the rule of rlhf_ray/data/rm_inputs.py) ------------------------
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def bos_tok():
+    """The tiny byte-level tokenizer adding BOS first (as Llama's does), with a chat template
+    that writes BOS itself."""
+    from tokenizers import processors
+
+    from rlhf_ray.tiny_models import build_tokenizer
+
+    t = build_tokenizer(seed=0)
+    t.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                                        special_tokens=[("<s>", t.bos_token_id)])
+    t.chat_template = CHAT_TEMPLATE
+    return t
+
+
+def test_chat_template_prompts_get_one_bos(tmp_path, bos_tok):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    path = _jsonl(tmp_path, [json.dumps({"prompt": "what is 2 plus 3?"}), json.dumps({"prompt": messages})])
+    out = load_prompts(DataConfig(prompts=path, template="chat"), bos_tok, seed=0)
+    assert out.texts == ["<s><|user|>what is 2 plus 3?\n<|assistant|>",
+                         "<s><|system|>Be brief.\n<|user|>hi\n<|assistant|>"]
+    for text, ids in zip(out.texts, out.token_ids):
+        assert ids == bos_tok(text, add_special_tokens=False)["input_ids"]
+        assert ids.count(bos_tok.bos_token_id) == 1 and ids[0] == bos_tok.bos_token_id
+    # Before data.template, such a rendering got the tokenizer's BOS on top of the template's.
+    assert bos_tok(out.texts[0])["input_ids"][:2] == [bos_tok.bos_token_id] * 2
+
+
+def test_plain_prompts_get_the_tokenizers_bos_once(tmp_path, bos_tok):
+    path = _jsonl(tmp_path, ['{"prompt": "what is 2 plus 3?"}', '{"prompt": "<s>what is 2 plus 3?"}'])
+    out = load_prompts(DataConfig(prompts=path), bos_tok, seed=0)
+    assert out.token_ids[0] == out.token_ids[1] == bos_tok("what is 2 plus 3?")["input_ids"]
+    assert out.token_ids[0].count(bos_tok.bos_token_id) == 1
+
+
+def test_builtin_prompts_as_chat(bos_tok):
+    cfg = DataConfig(num_builtin_prompts=3, template="chat")
+    assert load_prompt_texts(cfg, seed=0, tokenizer=bos_tok) == [
+        f"<s><|user|>{t}\n<|assistant|>" for t in builtin_prompts("digits", 3, seed=0)]
+
+
+def test_chat_template_needs_a_tokenizer_with_one(tmp_path):
+    path = _jsonl(tmp_path, ['{"prompt": "hi"}'])
+    with pytest.raises(DataError, match="--data.template chat needs a tokenizer with a chat template"):
+        load_prompts(DataConfig(prompts=path, template="chat"), WordTokenizer(), seed=0)
 
 
 # ---- PromptSampler ---------------------------------------------------------------------

@@ -3,15 +3,17 @@ policy with its counts, and the errors for missing files and fields, empty files
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
 import pytest
 import torch
 
+from rlhf_ray.data.records import DataError, read_prompts, read_records
+from rlhf_ray.data.rm_inputs import pair_ids
 from rlhf_ray.supervised.config import PreferenceDataConfig, SFTDataConfig
 from rlhf_ray.supervised.data import PairBatch, holdout_split, load_preference_data, load_sft_data
-from rlhf_ray.data.records import DataError, read_prompts, read_records
 
 # A minimal chat template: "<|user|>text\n" per user turn, "<|assistant|>" opens the reply and
 # "</s>" closes it (so the rendered response carries its own EOS).
@@ -31,10 +33,19 @@ def tok():
 
 @pytest.fixture()
 def chat_tok(tok):
-    import copy
-
     t = copy.deepcopy(tok)
     t.chat_template = CHAT_TEMPLATE
+    return t
+
+
+@pytest.fixture()
+def bos_tok(tok):
+    """The tiny tokenizer adding BOS first, as Llama's does."""
+    from tokenizers import processors
+
+    t = copy.deepcopy(tok)
+    t.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                                        special_tokens=[("<s>", t.bos_token_id)])
     return t
 
 
@@ -234,14 +245,40 @@ def pref_cfg(path: str, **kw) -> PreferenceDataConfig:
     return dataclasses.replace(PreferenceDataConfig(train_path=path, eval_fraction=0.0), **kw)
 
 
-def test_pairs_tokenise_like_the_reward_actor(tmp_path, tok):
+def test_pairs_tokenise_by_the_reward_input_rule(tmp_path, tok):
     data = load_preference_data(pref_cfg(write_jsonl(tmp_path / "p.jsonl", PAIRS)), tok, 0)
     b = data.train
+    eos = tok.eos_token_id
     for i, rec in enumerate(PAIRS):
-        # workers/frozen.py scores tokenizer(prompt + response) with the defaults.
-        assert b.chosen_ids[i][b.chosen_mask[i]].tolist() == tok(rec["prompt"] + rec["chosen"])["input_ids"]
-        assert b.rejected_ids[i][b.rejected_mask[i]].tolist() == tok(rec["prompt"] + rec["rejected"])["input_ids"]
+        # The prompt with the tokenizer's special tokens, the response alone, then EOS: the ids the
+        # PPO reward role reads for this prompt and a response that ended with EOS (rm_inputs.py).
+        for side, ids, mask in (("chosen", b.chosen_ids, b.chosen_mask), ("rejected", b.rejected_ids, b.rejected_mask)):
+            want = tok(rec["prompt"])["input_ids"] + tok(rec[side], add_special_tokens=False)["input_ids"] + [eos]
+            assert ids[i][mask[i]].tolist() == want
+            assert want == pair_ids(tok, rec["prompt"], rec[side], chat=False)[0]
     assert b.margin is None
+
+
+def test_a_prompt_that_begins_with_bos_gets_no_second_one(tmp_path, bos_tok):
+    """A pre-rendered prompt that starts with the BOS text keeps that one BOS (SFT, RM and PPO alike)."""
+    recs = [{"prompt": "<s>Q: 2 plus 3? A:", "chosen": " 5", "rejected": " five"},
+            {"prompt": "Q: 2 plus 3? A:", "chosen": " 5", "rejected": " five"}]
+    b = load_preference_data(pref_cfg(write_jsonl(tmp_path / "p.jsonl", recs)), bos_tok, 0).train
+    first, second = b.chosen_ids[0][b.chosen_mask[0]].tolist(), b.chosen_ids[1][b.chosen_mask[1]].tolist()
+    assert first == second and first.count(bos_tok.bos_token_id) == 1 and first[0] == bos_tok.bos_token_id
+    sft = load_sft_data(sft_cfg(write_jsonl(tmp_path / "s.jsonl", [{"prompt": r["prompt"], "response": r["chosen"]}
+                                                                    for r in recs])), bos_tok, 0).train
+    assert sft.input_ids[0].tolist() == sft.input_ids[1].tolist() == first
+
+
+def test_a_chat_response_ends_at_its_first_eos(tmp_path, chat_tok):
+    """A template that writes text after the closing EOS (e.g. a newline): the reward model is
+    trained on the response up to its EOS, which is where generation stops in PPO."""
+    t = copy.deepcopy(chat_tok)
+    t.chat_template = CHAT_TEMPLATE.replace("</s>{% endif %}", "</s>\n{% endif %}")
+    recs = [{"prompt": [{"role": "user", "content": "2 plus 3?"}], "chosen": "5", "rejected": "five"}]
+    b = load_preference_data(pref_cfg(write_jsonl(tmp_path / "p.jsonl", recs), template="chat"), t, 0).train
+    assert t.decode(b.chosen_ids[0][b.chosen_mask[0]]) == "<|user|>2 plus 3?\n<|assistant|>5</s>"
 
 
 def test_pairs_from_parquet_with_custom_fields_and_margin(tmp_path, tok):
@@ -264,7 +301,8 @@ def test_pair_length_policy_counts_pairs(tmp_path, tok):
     trunc = load_preference_data(pref_cfg(path, max_len=30), tok, 0)
     assert (trunc.stats["train"].kept, trunc.stats["train"].truncated, trunc.stats["train"].dropped) == (4, 1, 0)
     assert trunc.train.rejected_mask.sum(1).max() == 30
-    assert trunc.train.chosen_mask[3].sum() == len(tok("Count: 1")["input_ids"])  # the short side is untouched
+    # The short side is untouched: prompt, response and EOS.
+    assert trunc.train.chosen_mask[3].sum() == len(tok("Count:")["input_ids"] + tok(" 1")["input_ids"]) + 1
     drop = load_preference_data(pref_cfg(path, max_len=30, too_long="drop"), tok, 0)
     assert (drop.stats["train"].kept, drop.stats["train"].dropped) == (3, 1)  # the whole pair goes
     with pytest.raises(DataError, match=r"pair 3 \(rejected\)"):
