@@ -38,7 +38,7 @@ than the compiled decode saves over 100 short iterations (``--compiled`` turns i
 (~40 s per run here: engine, reference, reward and two DeepSpeed ranks) is ~half of each run. The
 s/it figures are this shared VM's at the time; compare them within one invocation only.
 
-Run (repository root, ~15-20 minutes on 2 loaded cores):
+Run (repository root; 14.5 minutes on 2 cores at load average 6-12, ~85 s per run):
     .venv/bin/python -m benchmarks.estimators
     .venv/bin/python -m benchmarks.estimators --iterations 20 --tasks digits --estimators gae,grpo --name est_smoke
 """

@@ -20,3 +20,8 @@ vs_trl --also-shared --also-async
 rollout_efficiency --repeats 21
 weight_sync
 RUNS
+# Rows whose benchmarks compare inside one invocation and take no --quiet-wait.
+for bench in packing estimators vs_trl_grpo; do
+    echo "=== $bench"
+    "$PY" -m "benchmarks.$bench"
+done
