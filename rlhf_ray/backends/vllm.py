@@ -28,7 +28,7 @@ from packaging.version import InvalidVersion, Version
 
 from rlhf_ray.config import Config, RolloutConfig
 from rlhf_ray.weight_sync.plan import from_wire
-from rlhf_ray.weight_sync.transport import from_array, new_sync_group, receive_buckets
+from rlhf_ray.weight_sync.transport import destroy_sync_group, from_array, new_sync_group, receive_buckets
 
 RECEIVER_CLS = "rlhf_ray.backends.vllm.WeightReceiver"
 
@@ -153,6 +153,11 @@ class WeightReceiver:
 
     def rlhf_init_sync_group(self, master_addr: str, master_port: int, rank: int, world_size: int,
                              backend: str, timeout_s: float) -> None:
+        """Join the broadcast group as group rank ``rank``. A group from before (the sync group is
+        rebuilt when an engine or the learners are replaced) is aborted and dropped first, so its
+        communicators are gone before the new ones exist."""
+        destroy_sync_group(getattr(self, "_rlhf_group", None))
+        self._rlhf_group = None  # the last reference: the old group is freed here
         self._rlhf_group = new_sync_group(master_addr, master_port, rank, world_size, backend, timeout_s)
         self._rlhf_timeout = timeout_s
 

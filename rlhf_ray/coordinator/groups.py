@@ -128,11 +128,17 @@ class WeightSync:
         return [("rollout", i) for i in range(len(self.engines))]
 
     def rebuild(self) -> None:
-        """(Re)create the broadcast group: at start, and after an engine or learner was replaced."""
+        """(Re)create the broadcast group: at start, and after an engine or learner was replaced.
+        Each member aborts its old group first. The group's store listens on 127.0.0.1 when every
+        member runs on learner rank 0's machine, else on that node's address."""
         if self.cfg.sync.transport != "collective":
             return
         timeout = self.cfg.sync.timeout_s
-        addr, port = RayPending([self.learners.actors[0].sync_address.remote()], [("learner", 0)],
+        members = [self.learners.actors[0], *self.engines]
+        pings = RayPending([a.ping.remote() for a in members], [("learner", 0), *self._engine_sources()],
+                           "sync group members", timeout).result()
+        loopback = len({p["node_ip"] for p in pings}) == 1
+        addr, port = RayPending([self.learners.actors[0].sync_address.remote(loopback)], [("learner", 0)],
                                 "sync address", timeout, lambda xs: xs[0]).result()
         world = 1 + len(self.engines)
         refs = [a.init_sync_group.remote(addr, port, world, timeout) for a in self.learners.actors]

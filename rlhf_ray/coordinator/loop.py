@@ -28,7 +28,7 @@ from rlhf_ray.algorithms import (AdaptiveKLController, FixedKLController, Runnin
 from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate, pack_generation
 from rlhf_ray.config import Config, resolve
 from rlhf_ray.coordinator.advantages import estimate_advantages
-from rlhf_ray.coordinator.pending import Pending, RemoteCallError
+from rlhf_ray.coordinator.pending import Done, Pending, RemoteCallError
 from rlhf_ray.data.prompts import PromptSampler, PromptSet
 from rlhf_ray.workers.rollout import SamplingSpec
 
@@ -198,10 +198,11 @@ class PPOCoordinator:
         """The policy after ``self.iteration`` updates on the evaluation prompts: the engines get the
         latest weights, generate with eval's sampling settings (greedy by default), and the reward
         role scores the responses. Training state (prompt order, KL controller, score moments) is
-        not touched. With async generation a batch in flight is unaffected: the engine finishes it
-        before it takes the sync. Returns (metrics, the scored batch)."""
+        not touched. With async generation the batch in flight is awaited first and kept for the
+        next step (see ``_await_pending_generation``). Returns (metrics, the scored batch)."""
         if self.eval_prompts is None:
             raise ValueError("this coordinator has no evaluation prompts; set --eval.every > 0.")
+        waited = self._await_pending_generation()
         t0 = time.perf_counter()
         self._sync_if_stale()
         gen = self.rollout.generate(self.eval_prompts.token_ids, self.eval_spec).result()
@@ -218,8 +219,30 @@ class PPOCoordinator:
             "eval/samples": float(len(batch)),
             "eval/nonfinite_scores": float((~finite).sum()),
             "time/eval": time.perf_counter() - t0,
+            "time/eval_wait_generation": waited,  # the next step's batch, awaited before the sync
         }
         return metrics, batch.replace(scores=scores)
+
+    def _await_pending_generation(self) -> float:
+        """Async generation: wait for the batch in flight and keep its result for the next step,
+        which trains on it as if evaluation had not happened. Otherwise the evaluation's weight
+        sync would queue behind that generation on the engines (an actor runs one call at a
+        time) while learner rank 0 already waits in the broadcast, so the generation's time would
+        count against sync.timeout_s. Returns the seconds waited (0 without a batch in flight).
+
+        If the generation failed, the next step generates the same prompts again (as after a
+        rollback): ``pending_prompts`` is kept, the failed call is dropped."""
+        if self._pending is None:
+            return 0.0
+        t0 = time.perf_counter()
+        try:
+            with self._phase("generate"):
+                gen = self._pending.result()
+        except BaseException:
+            self._pending = None
+            raise
+        self._pending = Done(gen)
+        return time.perf_counter() - t0
 
     def _check_sync(self, metrics: dict) -> None:
         limit = self.cfg.sync.max_logprob_mismatch

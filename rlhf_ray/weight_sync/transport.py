@@ -2,7 +2,8 @@
 
 * collective: a dedicated process group between learner rank 0 (rank 0 of the group) and
   every rollout engine worker, created from a TCPStore so it never touches the default
-  group of either side (DeepSpeed's on the learner, vLLM's on the engine). gloo on CPU,
+  group of either side (DeepSpeed's on the learner, vLLM's on the engine). Rank 0 serves the
+  store on the group's address only, at a port reserved when it is chosen. gloo on CPU,
   NCCL on GPU. Each bucket is one ``broadcast`` of a flat tensor; both ends keep two buckets
   in flight, so packing (learner) and loading (engine) overlap the transfer.
 * object_store: each bucket is one flat numpy array put into Ray's object store: one copy
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import socket
+import time
 import warnings
 from collections import deque
 from typing import Iterable, Iterator, Sequence
@@ -26,44 +28,100 @@ from rlhf_ray.weight_sync.plan import Bucket, dtype_from_name, flatten, unflatte
 
 
 def free_port() -> int:
+    """A port that was free a moment ago. Racy: another process may take it before the caller
+    binds it. Where this package hosts a store itself it uses :func:`reserve_port` instead."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return int(s.getsockname()[1])
 
 
+def reserve_port(host: str, port: int = 0) -> socket.socket:
+    """A TCP socket listening on ``host`` only (not every interface), at ``port`` (0: one the
+    kernel picks, read it with ``getsockname()[1]``). Handed to :func:`new_sync_group` or
+    :func:`hosted_store` as the store's listening socket, the port stays ours from the moment it
+    is chosen: no other process can take it in between (as it can after :func:`free_port`)."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    return socket.create_server((host, port), family=family, backlog=128)
+
+
+def hosted_store(listener: socket.socket, world_size: int | None, timeout_s: float, *,
+                 wait_for_workers: bool, multi_tenant: bool = False) -> dist.TCPStore:
+    """The server side of a TCPStore that listens on ``listener`` (from :func:`reserve_port`).
+
+    TCPStore's own server binds every interface (torch 2.13: ``*:port``, whatever host it is
+    given), and its protocol has no authentication; given a listening socket
+    (``master_listen_fd``) it serves on that socket's address only. The store takes the socket
+    over and closes it when it is destroyed, so the Python object is detached here.
+    ``multi_tenant``: a later ``TCPStore(host, port, is_master=True, multi_tenant=True)`` in this
+    process (what ``torch.distributed.init_process_group`` creates on rank 0) reuses this server
+    instead of binding the port again."""
+    host, port = listener.getsockname()[:2]
+    timeout = datetime.timedelta(seconds=timeout_s)
+    return dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout, wait_for_workers=wait_for_workers,
+                         multi_tenant=multi_tenant, master_listen_fd=listener.detach())
+
+
 def new_sync_group(master_addr: str, master_port: int, rank: int, world_size: int,
-                   backend: str, timeout_s: float) -> dist.ProcessGroup:
+                   backend: str, timeout_s: float, listener: socket.socket | None = None) -> dist.ProcessGroup:
     """A process group of ``world_size`` members, independent of the default group.
 
-    All members must call this concurrently; rank 0 hosts the TCPStore."""
+    All members must call this concurrently; rank 0 hosts the TCPStore, on ``master_addr`` only:
+    on ``listener`` (from :func:`reserve_port`, which avoids a race for the port), or else on a
+    socket it binds to ``master_addr:master_port`` now. Release the group with
+    :func:`destroy_sync_group`."""
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"unknown sync backend {backend!r}; use gloo (CPU) or nccl (GPU)")
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0,
-                          timeout=timeout, wait_for_workers=True)
+    if rank == 0:
+        store = hosted_store(listener or reserve_port(master_addr, master_port), world_size, timeout_s,
+                             wait_for_workers=True)
+    else:
+        store = dist.TCPStore(master_addr, master_port, world_size, is_master=False, timeout=timeout)
     if backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, world_size, timeout)
-    if backend == "nccl":  # GPU only
-        opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, world_size, opts)
-    raise ValueError(f"unknown sync backend {backend!r}; use gloo (CPU) or nccl (GPU)")
+    opts = dist.ProcessGroupNCCL.Options()  # GPU only
+    opts._timeout = timeout
+    return dist.ProcessGroupNCCL(store, rank, world_size, opts)
+
+
+def destroy_sync_group(group: dist.ProcessGroup | None) -> None:
+    """Abort ``group``'s communication before the caller drops its last reference to it.
+
+    NCCL: ``abort()`` (ncclCommAbort) frees the communicators at once without waiting for peers,
+    which may be dead after a replacement; torch 2.13's ProcessGroupNCCL.hpp offers it "instead of
+    relying on ProcessGroupNCCL destructor" (``shutdown()``, which ``destroy_process_group`` calls,
+    is meant for a normal exit). gloo: ``abort()`` is the Backend no-op; the group's connections,
+    threads and TCPStore (the server, on rank 0) close when the object is freed, i.e. when the
+    caller drops it. Either way the caller must then drop its reference."""
+    if group is not None:
+        group.abort()
 
 
 def send_buckets(group: dist.ProcessGroup, bucket_tensors: Iterable[list[torch.Tensor]], timeout_s: float,
                  in_flight: int = 2) -> int:
     """Sender side (group rank 0): broadcast each bucket as one flat tensor. Broadcasts are
     asynchronous, so the next bucket is flattened (and, under ZeRO-3, gathered) while earlier
-    ones are on the wire; at most ``in_flight`` flat buffers are alive. Returns bytes sent."""
-    timeout = datetime.timedelta(seconds=timeout_s)
+    ones are on the wire; at most ``in_flight`` flat buffers are alive. Returns bytes sent.
+
+    ``timeout_s`` bounds the whole send, not each wait: a receiver that stops answering makes
+    this raise within ``timeout_s`` of the call (a ``RuntimeError`` from ``Work.wait``)."""
+    deadline = time.monotonic() + timeout_s
     pending: deque[tuple[dist.Work, torch.Tensor]] = deque()
+
+    def wait_oldest() -> None:
+        # At least 1 ms: a zero timeout means "no timeout" to Work.wait.
+        left = max(deadline - time.monotonic(), 1e-3)
+        pending.popleft()[0].wait(datetime.timedelta(seconds=left))
+
     sent = 0
     for tensors in bucket_tensors:
         flat = flatten(tensors).contiguous()
         pending.append((group.broadcast(flat, 0), flat))
         sent += flat.numel() * flat.element_size()
         if len(pending) >= in_flight:
-            pending.popleft()[0].wait(timeout)
+            wait_oldest()
     while pending:
-        pending.popleft()[0].wait(timeout)
+        wait_oldest()
     return sent
 
 
