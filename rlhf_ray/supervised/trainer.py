@@ -36,7 +36,7 @@ from rlhf_ray.checkpoint_files import checkpoint_path, publish
 from rlhf_ray.data.prompts import pad_token_id
 from rlhf_ray.supervised.config import TrainerRunConfig, resolve_trainer
 from rlhf_ray.supervised.data import PairBatch, SFTBatch
-from rlhf_ray.weight_sync.transport import free_port
+from rlhf_ray.weight_sync.transport import serve_rendezvous
 from rlhf_ray.workers.base import RoleBase
 
 
@@ -59,8 +59,10 @@ class SupervisedTrainer(RoleBase):
 
     # ------------------------------------------------------------------ set-up
     def master_address(self) -> tuple[str, int]:
-        """Where the group (rank 0) listens; call on rank 0 before ``setup``."""
-        return self.node_ip(), free_port()
+        """Where the group (rank 0) listens; call on rank 0 before ``setup``. The rendezvous store
+        starts here, on this node's address only, at a port held from now on (``serve_rendezvous``)."""
+        host, port, self._master_store = serve_rendezvous(self.node_ip(), self.cfg.train.call_timeout_s)
+        return host, port
 
     def setup(self, master_addr: str, master_port: int, total_steps: int) -> dict:
         """Join the group, load the model (sharded under ZeRO-3) and build the engine; the

@@ -61,6 +61,17 @@ def hosted_store(listener: socket.socket, world_size: int | None, timeout_s: flo
                          multi_tenant=multi_tenant, master_listen_fd=listener.detach())
 
 
+def serve_rendezvous(host: str, timeout_s: float) -> tuple[str, int, dist.TCPStore]:
+    """Rank 0's side of a torch.distributed group's env:// rendezvous, started before the group:
+    a store on ``host`` only, at a port the kernel picks, kept up by the caller (hold the returned
+    store). ``init_process_group`` on rank 0 then creates its store with ``multi_tenant=True``,
+    which reuses this server instead of binding the port again, so the port cannot be taken in
+    between. Returns (host, port, store)."""
+    listener = reserve_port(host)
+    host, port = listener.getsockname()[:2]
+    return host, port, hosted_store(listener, None, timeout_s, wait_for_workers=False, multi_tenant=True)
+
+
 def new_sync_group(master_addr: str, master_port: int, rank: int, world_size: int,
                    backend: str, timeout_s: float, listener: socket.socket | None = None) -> dist.ProcessGroup:
     """A process group of ``world_size`` members, independent of the default group.

@@ -39,8 +39,8 @@ from rlhf_ray.batch import ExperienceBatch, TrainUpdate, pack_rows, parts_for_bu
 from rlhf_ray.config import Config, LearnerConfig, ModelConfig, PPOConfig, resolve
 from rlhf_ray.models.actor_critic import VALUE_HEAD_PREFIX
 from rlhf_ray.weight_sync.plan import Bucket, TensorSpec, dtype_name
-from rlhf_ray.weight_sync.transport import (destroy_sync_group, hosted_store, new_sync_group, reserve_port,
-                                            send_buckets, to_array)
+from rlhf_ray.weight_sync.transport import (destroy_sync_group, new_sync_group, reserve_port, send_buckets,
+                                            serve_rendezvous, to_array)
 from rlhf_ray.workers.base import RoleBase
 
 
@@ -101,10 +101,7 @@ class Learner(RoleBase):
         creates rank 0's store with ``multi_tenant=True``, which reuses this server instead of
         binding the port again. So the port cannot be taken in between (as after ``free_port``)
         and the store does not listen on every interface."""
-        listener = reserve_port(self.node_ip())
-        host, port = listener.getsockname()[:2]
-        self._master_store = hosted_store(listener, None, self.spec.call_timeout_s, wait_for_workers=False,
-                                          multi_tenant=True)
+        host, port, self._master_store = serve_rendezvous(self.node_ip(), self.spec.call_timeout_s)
         return host, port
 
     def setup(self, master_addr: str, master_port: int) -> dict:
