@@ -159,6 +159,26 @@ def start_roles(cfg):
             time.sleep(1.0)
 
 
+def coordinator_steps(cfg, iterations: int) -> list[dict]:
+    """``iterations`` PPO steps on freshly started roles (shut down afterwards): their metric rows.
+    Starts the private Ray cluster if it is not running."""
+    import ray
+
+    from benchmarks import _env
+    from rlhf_ray.coordinator.loop import PPOCoordinator
+    from rlhf_ray.coordinator.preflight import prepare_inputs
+
+    inputs = prepare_inputs(cfg)
+    _env.start_ray(num_cpus=4)
+    roles = start_roles(cfg)
+    try:
+        coord = PPOCoordinator(cfg, inputs.prompts, inputs.pad_id, inputs.eos_ids, roles.rollout, roles.reference,
+                               roles.reward, roles.learners, roles.weight_sync, put=ray.put)
+        return [coord.step() for _ in range(iterations)]
+    finally:
+        roles.shutdown()
+
+
 def run_size(model: str, size: tuple[int, int, int], args, dissect: bool) -> dict[str, Any]:
     import ray
 

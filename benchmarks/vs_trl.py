@@ -68,11 +68,7 @@ SHARED = dict(lr=5e-4, kl_coef=0.05, epochs=1, mini_batches=2, clip=0.2, value_c
 
 
 def run_ours(model: str, args, separate_critic: bool, async_generation: bool = False) -> dict[str, Any]:
-    import ray
-
-    from rlhf_ray.coordinator.loop import PPOCoordinator
-    from rlhf_ray.coordinator.preflight import prepare_inputs
-    from benchmarks.ppo_throughput import start_roles
+    from benchmarks.ppo_throughput import coordinator_steps
 
     s = SHARED
     cfg = _env.bench_config(model, **{
@@ -86,15 +82,7 @@ def run_ours(model: str, args, separate_critic: bool, async_generation: bool = F
         "model.separate_critic": separate_critic, "model.value_head_init_std": 0.0,
         "rollout.async_generation": async_generation,
     })
-    inputs = prepare_inputs(cfg)
-    _env.start_ray(num_cpus=4)
-    roles = start_roles(cfg)
-    try:
-        coord = PPOCoordinator(cfg, inputs.prompts, inputs.pad_id, inputs.eos_ids, roles.rollout, roles.reference,
-                               roles.reward, roles.learners, roles.weight_sync, put=ray.put)
-        rows = [coord.step() for _ in range(args.iters)]
-    finally:
-        roles.shutdown()
+    rows = coordinator_steps(cfg, args.iters)
     timed = rows[args.warmup:]
     it = _env.mean([r["time/iteration"] for r in timed])
     return {

@@ -77,11 +77,7 @@ DIFFERENCES = {
 
 
 def run_ours(model: str, args) -> dict[str, Any]:
-    import ray
-
-    from benchmarks.ppo_throughput import start_roles
-    from rlhf_ray.coordinator.loop import PPOCoordinator
-    from rlhf_ray.coordinator.preflight import prepare_inputs
+    from benchmarks.ppo_throughput import coordinator_steps
 
     s = SHARED
     cfg = _env.bench_config(model, **{
@@ -95,15 +91,7 @@ def run_ours(model: str, args) -> dict[str, Any]:
         "learner.num_ranks": args.ranks, "learner.zero_stage": 2,
         "learner.micro_batch_size": PROMPTS * SAMPLES // s["mini_batches"] // args.ranks,
     })
-    inputs = prepare_inputs(cfg)
-    _env.start_ray(num_cpus=4)
-    roles = start_roles(cfg)
-    try:
-        coord = PPOCoordinator(cfg, inputs.prompts, inputs.pad_id, inputs.eos_ids, roles.rollout, roles.reference,
-                               roles.reward, roles.learners, roles.weight_sync, put=ray.put)
-        rows = [coord.step() for _ in range(args.iters)]
-    finally:
-        roles.shutdown()
+    rows = coordinator_steps(cfg, args.iters)
     timed = rows[args.warmup:]
     it = _env.mean([r["time/iteration"] for r in timed])
     return {
