@@ -61,7 +61,7 @@ def _note_new_head(path: str) -> None:
 def train_rm(cfg: RMRunConfig, ray_address: str | None = None) -> dict:
     """Train the reward model to the end; returns the summary (held-out accuracy before/after)."""
     from rlhf_ray.supervised.run import run_supervised
-    from rlhf_ray.workers.actors import RewardModelTrainerActor
+    from rlhf_ray.supervised.actors import RewardModelTrainerActor
 
     data = prepare(cfg)
     summary = run_supervised(cfg, RewardModelTrainerActor, "rm", data.train, data.eval, cfg.model.path, KEYS,

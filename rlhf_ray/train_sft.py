@@ -48,7 +48,7 @@ def prepare(cfg: SFTRunConfig):
 def train_sft(cfg: SFTRunConfig, ray_address: str | None = None) -> dict:
     """Run SFT to the end; returns the summary (first/last losses, held-out metrics)."""
     from rlhf_ray.supervised.run import run_supervised
-    from rlhf_ray.workers.actors import SFTTrainerActor
+    from rlhf_ray.supervised.actors import SFTTrainerActor
 
     data = prepare(cfg)
     summary = run_supervised(cfg, SFTTrainerActor, "sft", data.train, data.eval, cfg.model.path, KEYS, ray_address)

@@ -6,7 +6,8 @@ the config, ``data/records.py`` (JSONL/Parquet reading, shared with PPO's prompt
 
     config.py    the SFT, RM and pipeline config trees (``validate_sft``, ``validate_rm``, ...)
     data.py      tokenised SFT examples and preference pairs, the length policy, train/eval splits
-    trainer.py   one DeepSpeed ZeRO rank of SFT or RM training (plain classes; Ray shells in workers/actors.py)
+    trainer.py   one DeepSpeed ZeRO rank of SFT or RM training (plain classes)
+    actors.py    their Ray shells
     run.py       the driver: CLI, the trainer group in a placement group, the epoch loop, summary
 
 Entry points: ``python -m rlhf_ray.train_sft``, ``python -m rlhf_ray.train_rm``,

@@ -16,7 +16,7 @@ backpropagates without DeepSpeed's 1/accumulation scaling. The sum is the full-b
 however the batch is split over ranks and micro-batches.
 
 Plain classes, importable without Ray; their Ray shells are ``SFTTrainerActor`` and
-``RewardModelTrainerActor`` in ``rlhf_ray/workers/actors.py``.
+``RewardModelTrainerActor`` in ``rlhf_ray/supervised/actors.py``.
 """
 
 from __future__ import annotations

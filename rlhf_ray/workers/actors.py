@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ray
 
-from rlhf_ray.supervised.trainer import RewardModelTrainer, SFTTrainer
 from rlhf_ray.workers.frozen import ReferenceModel, RewardScorer
 from rlhf_ray.workers.learner import Learner
 from rlhf_ray.workers.rollout import RolloutEngine
@@ -17,5 +16,3 @@ RolloutActor = ray.remote(RolloutEngine)
 ReferenceActor = ray.remote(ReferenceModel)
 RewardActor = ray.remote(RewardScorer)
 LearnerActor = ray.remote(Learner)
-SFTTrainerActor = ray.remote(SFTTrainer)
-RewardModelTrainerActor = ray.remote(RewardModelTrainer)

@@ -26,22 +26,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from rlhf_ray.algorithms import (aggregate, chunked_logprobs_and_entropy, clipped_surrogate, kl_loss_tokens,
-                                 masked_sum, rollout_correction, value_loss)
+from rlhf_ray.algorithms import chunked_logprobs_and_entropy
 from rlhf_ray.backends import deepspeed as ds
 from rlhf_ray.backends.replicated import ReplicatedModule, replicate
 from rlhf_ray.batch import ExperienceBatch, TrainUpdate, pack_rows, parts_for_budget, token_balanced_parts
 from rlhf_ray.config import Config, LearnerConfig, ModelConfig, PPOConfig, resolve
 from rlhf_ray.models.actor_critic import VALUE_HEAD_PREFIX
-from rlhf_ray.weight_sync.plan import Bucket, TensorSpec, dtype_name
-from rlhf_ray.weight_sync.transport import (destroy_sync_group, new_sync_group, reserve_port, send_buckets,
-                                            serve_rendezvous, to_array)
+from rlhf_ray.weight_sync.transport import serve_rendezvous
 from rlhf_ray.workers.base import RoleBase
+from rlhf_ray.workers.learner_sync import WeightSender
+from rlhf_ray.workers.objective import ppo_objective
 
 
 HEAD_STATE = "value_head_state.pt"  # the value head's weights, optimiser and schedule, beside the engine's
@@ -80,7 +79,7 @@ class LearnerSpec:
                            cfg.checkpoint.save_hf_policy, cfg.resources.call_timeout_s, cfg.sync.timeout_s)
 
 
-class Learner(RoleBase):
+class Learner(WeightSender, RoleBase):
     role = "learner"
 
     def __init__(self, spec: LearnerSpec, rank: int) -> None:
@@ -308,24 +307,9 @@ class Learner(RoleBase):
         sequence counts (all ranks), so any split of the step sums to the same update. Returns
         detached per-token means over this micro-batch (device tensors)."""
         p = self.spec.ppo
-        mask = mb.response_mask
         f = self._forward(mb, entropy="grad" if p.entropy_coef > 0 else "log")
-        corr = rollout_correction(mb.old_logprobs, mb.rollout_logprobs, mask, p.rollout_correction,
-                                  cap=p.correction_cap, low=p.correction_low, high=p.correction_high)
-        sur = clipped_surrogate(f.logprobs, mb.old_logprobs, mb.advantages, corr.mask, p.clip_ratio,
-                                clip_ratio_high=p.clip_ratio_high, dual_clip=p.dual_clip, ratio=p.ratio)
-        per_token = sur.per_token * corr.weights
-        if p.kl_in == "loss":
-            per_token = per_token + kl_coef * kl_loss_tokens(f.logprobs, mb.ref_logprobs, p.kl_estimator, mask=mask)
-
-        def agg(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-            return aggregate(x, m, p.loss_agg, step_tokens=step_tokens, step_sequences=step_sequences,
-                             max_len=self.spec.response_tokens)
-
-        loss = agg(per_token, corr.mask) - p.entropy_coef * agg(f.entropy, mask)
-        if self.head is not None:
-            vl = value_loss(f.values, mb.old_values, mb.returns, mask, clip_range=p.value_clip, num_tokens=step_tokens)
-            loss = loss + p.vf_coef * vl.loss
+        loss, stats = ppo_objective(p, mb, f.logprobs, f.values, f.entropy, step_tokens=step_tokens,
+                                    step_sequences=step_sequences, kl_coef=kl_coef, max_len=self.spec.response_tokens)
         # Undo DeepSpeed's mean over ranks; the step's counts already normalise.
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
         self._grad_norm, self._skip_step = None, False
@@ -342,108 +326,7 @@ class Learner(RoleBase):
             self.engine.zero_grad()
         else:
             self.engine.step()
-        with torch.no_grad():
-            def mean(x: torch.Tensor) -> torch.Tensor:
-                return masked_sum(x.float(), mask) / mask.sum().clamp(min=1)
-
-            log_ratio = sur.log_ratio
-            stats = {
-                "policy_loss": mean(sur.per_token.detach()),
-                "clip_fraction": mean(sur.clipped),
-                "policy_kl": mean(log_ratio.exp() - 1 - log_ratio),  # k3 of KL(old || new)
-                "entropy": mean(f.entropy.detach()),
-                "ratio_dev_max": ((f.logprobs - mb.old_logprobs).exp() - 1).abs().masked_fill(~mask, 0).max(),
-            }
-            if self.head is not None:
-                stats.update(value_loss=vl.loss.detach() * step_tokens / mask.sum().clamp(min=1),
-                             value_clip_fraction=vl.clip_fraction)
-            if p.kl_in == "loss":
-                stats["kl_loss"] = mean(kl_loss_tokens(f.logprobs, mb.ref_logprobs, p.kl_estimator, mask=mask))
-            if p.rollout_correction != "none":
-                stats.update({"correction/weight_mean": corr.weight_mean, "correction/weight_max": corr.weight_max,
-                              "correction/fraction": corr.corrected_fraction})
-            return stats
-
-    # ------------------------------------------------------------------ weight sync
-    def weight_specs(self) -> list[TensorSpec]:
-        """The policy tensors (never the value head) under the engine's names."""
-        return [TensorSpec(hf, ds.param_shape(p), dtype_name(p.dtype)) for p, hf in self.sync_params]
-
-    def sync_address(self, loopback: bool = False) -> tuple[str, int]:
-        """Where the weight-sync group's store will listen; call on rank 0 before
-        ``init_sync_group``. 127.0.0.1 when ``loopback`` (every member of the group runs on this
-        machine), else this node's address: never every interface. The port is reserved now (a
-        listening socket, kept until ``init_sync_group`` serves the store on it)."""
-        stale = getattr(self, "_sync_listener", None)
-        if stale is not None:  # an address handed out before whose group was never built
-            stale.close()
-        host = "127.0.0.1" if loopback else self.node_ip()
-        self._sync_listener = reserve_port(host)
-        return host, self._sync_listener.getsockname()[1]
-
-    def init_sync_group(self, master_addr: str, master_port: int, world_size: int, timeout_s: float) -> None:
-        """Rank 0 joins the broadcast group with the rollout engines as its group rank 0.
-
-        A group from before (a replaced engine or learner, a rebuild) is aborted and dropped
-        first, so its communicators and TCPStore are gone before the new ones exist."""
-        if self.rank != 0:
-            return
-        destroy_sync_group(self.sync_group)
-        self.sync_group = None  # the last reference: the old group and its store are freed here
-        listener, self._sync_listener = getattr(self, "_sync_listener", None), None
-        if listener is not None and listener.getsockname()[:2] != (master_addr, master_port):
-            listener.close()  # not the address sync_address gave: new_sync_group binds that one itself
-            listener = None
-        self.sync_group = new_sync_group(master_addr, master_port, 0, world_size, ds.dist_backend(), timeout_s,
-                                         listener=listener)
-
-    def _bucket_params(self, bucket: Bucket) -> list[torch.nn.Parameter]:
-        by_name = {hf: p for p, hf in self.sync_params}
-        return [by_name[s.name] for s in bucket.specs]
-
-    def _full_buckets(self, buckets: list[Bucket]) -> Iterator[list[torch.Tensor]]:
-        """Each bucket's full tensors, yielded on rank 0 while they are gathered (ZeRO-3); the
-        other ranks yield nothing but must drain it too, since gathering is collective. Rank 0
-        must drain it as well when it fails to send a bucket (see ``broadcast_weights``)."""
-        for bucket in buckets:
-            params = self._bucket_params(bucket)
-            with ds.gathered(params, self.spec.learner.zero_stage):
-                if self.rank == 0:
-                    yield [p.data for p in params]
-
-    def broadcast_weights(self, buckets: list[Bucket]) -> dict[str, float]:
-        """Collective transport: rank 0 broadcasts each bucket (every rank takes part in gathers).
-
-        Under ZeRO-3 the other ranks wait in the gather of rank 0's next bucket, a collective of
-        the learner group. If the send fails (an engine died or stopped answering: at most
-        sync.timeout_s, see ``send_buckets``), rank 0 still runs the remaining gathers before it
-        raises, so the other ranks return at once instead of waiting in a gather until the
-        group's own timeout (resources.call_timeout_s)."""
-        t0 = time.perf_counter()
-        full = self._full_buckets(buckets)
-        sent = 0
-        try:
-            if self.rank == 0:
-                sent = send_buckets(self.sync_group, full, self.spec.sync_timeout_s)
-        finally:
-            for _ in full:  # other ranks: every gather; rank 0: those left after a failed send
-                pass
-        return {"bytes": float(sent), "seconds": time.perf_counter() - t0}
-
-    def export_arrays(self, buckets: list[Bucket]) -> list:
-        """Object-store transport: rank 0 puts one flat array per bucket; returns the refs. As in
-        ``broadcast_weights``, rank 0 finishes the gathers even if a put fails."""
-        import ray
-
-        full = self._full_buckets(buckets)
-        refs = []
-        try:
-            for tensors in full:
-                refs.append(ray.put(to_array(tensors)))
-        finally:
-            for _ in full:
-                pass
-        return refs
+        return stats
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str, tokenizer_path: str | None = None) -> bool:

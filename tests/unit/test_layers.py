@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
      "rlhf_ray.tiny_models", "rlhf_ray.supervised.data"),
     ("rlhf_ray.backends",),
     ("rlhf_ray.workers", "rlhf_ray.supervised.trainer"),
-    ("rlhf_ray.coordinator", "rlhf_ray.supervised.run"),
+    ("rlhf_ray.coordinator", "rlhf_ray.supervised.run", "rlhf_ray.supervised.actors"),
     ("rlhf_ray.launch", "rlhf_ray.train_sft", "rlhf_ray.train_rm", "rlhf_ray.pipeline", "rlhf_ray.export"),
 ]
 
