@@ -212,6 +212,38 @@ def start_ray(num_cpus: int = 4) -> None:
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
 
 
+def trainer_clock():
+    """A transformers ``TrainerCallback`` that timestamps the start of training and every step
+    end, and keeps every logged dict: ``(callback, stamps, logs)`` (the lists fill as TRL runs)."""
+    from transformers import TrainerCallback
+
+    stamps: list[float] = []
+    logged: list[dict] = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+        def on_log(self, _args, _state, _control, logs=None, **k):
+            logged.append(dict(logs or {}))
+
+    return Clock(), stamps, logged
+
+
+def save_figure(fig, path: str) -> str:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # --------------------------------------------------------------------------- output
 
 

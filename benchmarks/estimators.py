@@ -174,11 +174,7 @@ def plot(runs: list[dict], tasks: list[str], estimators: list[str], path: str) -
                 ax.legend(fontsize=8)
     fig.suptitle("ppo.estimator on the tiny Llama: 8 prompts x 4 samples x 16 tokens, kl_coef 0.05 (k1 in reward), "
                  "lr 5e-4, seed 0", fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _env.save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- main

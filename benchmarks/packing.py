@@ -18,7 +18,6 @@ generation, the other roles (see ``benchmarks.ppo_throughput`` for a whole itera
 from __future__ import annotations
 
 import argparse
-import random
 import time
 
 from benchmarks._env import bench_config, median, print_table, save_results, set_threads, tiny_model

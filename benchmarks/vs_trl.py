@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -151,7 +150,7 @@ class DigitFractionRewardModel(nn.Module):
 def run_trl(model: str, args) -> dict[str, Any]:
     import transformers
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     from rlhf_ray.config import DataConfig
@@ -186,21 +185,10 @@ def run_trl(model: str, args) -> dict[str, Any]:
         learning_rate=s["lr"], lr_scheduler_type="constant", adam_beta1=s["adam_betas"][0],
         adam_beta2=s["adam_betas"][1], weight_decay=0.0, num_sample_generations=0,
     )
-    stamps: list[float] = []
-    logs_seen: list[dict] = []
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            stamps.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k):
-            stamps.append(time.perf_counter())
-
-        def on_log(self, _args, _state, _control, logs=None, **k):
-            logs_seen.append(dict(logs or {}))
+    clock, stamps, logs_seen = _env.trainer_clock()
 
     trainer = PPOTrainer(args=config, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
-                         train_dataset=train, value_model=value, eval_dataset=evals, callbacks=[Clock()])
+                         train_dataset=train, value_model=value, eval_dataset=evals, callbacks=[clock])
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # one printed dict per update is noise here; on_log still sees them

@@ -130,7 +130,7 @@ def run_trl(model: str, args) -> dict[str, Any]:
     import torch
     import transformers
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.trainer_callback import PrinterCallback
 
     hide_vllm_from_trl()
@@ -170,21 +170,10 @@ def run_trl(model: str, args) -> dict[str, Any]:
         adam_beta2=s["adam_betas"][1], weight_decay=0.0, max_grad_norm=s["max_grad_norm"],
         dataloader_num_workers=0, log_completions=False,
     )
-    stamps: list[float] = []
-    logs_seen: list[dict] = []
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            stamps.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k):
-            stamps.append(time.perf_counter())
-
-        def on_log(self, _args, _state, _control, logs=None, **k):
-            logs_seen.append(dict(logs or {}))
+    clock, stamps, logs_seen = _env.trainer_clock()
 
     trainer = GRPOTrainer(model=policy, reward_funcs=digit_fraction_reward, args=config, train_dataset=train,
-                          processing_class=tok, callbacks=[Clock()])
+                          processing_class=tok, callbacks=[clock])
     trainer.remove_callback(PrinterCallback)  # one printed dict per step is noise here; on_log still sees them
     trainer.train()
     # one iteration = one generation + its optimiser steps
@@ -218,8 +207,6 @@ def run_trl(model: str, args) -> dict[str, Any]:
 
 
 def plot(runs: list[dict], path: str) -> str:
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,11 +223,7 @@ def plot(runs: list[dict], path: str) -> str:
         ax.set_xlabel("iteration (one generation of 8 prompts x 4 samples)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _env.save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- main
