@@ -237,32 +237,46 @@ def decode_rows(batch: ExperienceBatch, tokenizer) -> tuple[list[str], list[str]
 
 @dataclass
 class PackedRows:
-    """The real tokens of a padded batch laid end to end in one row, with no padding.
+    """The real tokens of a padded batch laid end to end in a few rows, with (almost) no padding.
 
-    ``N`` is the number of response tokens (``response_mask.sum()``), ``T`` the number of real
-    tokens (``attention_mask.sum()``). A model given ``input_ids`` and ``position_ids`` with no
-    attention mask sees one sequence per run of positions that counts up from 0 (transformers
-    derives a block-diagonal causal mask from the restarts), so each sequence attends to itself
-    only, as in the padded batch, and no FLOP is spent on padding.
+    ``N`` is the number of response tokens (``response_mask.sum()``); the batch becomes ``K``
+    rows of ``L`` tokens. A model given ``input_ids`` and ``position_ids`` with no attention
+    mask sees one sequence per run of positions that counts up from 0 (transformers derives a
+    block-diagonal causal mask from the restarts), so each sequence attends to itself only, as
+    in the padded batch. A row shorter than ``L`` ends in a filler run (token 0, positions from
+    0) that attends only to itself and whose outputs are never read.
+
+    Why rows and not one row: SDPA and eager attention build the block-diagonal mask as a
+    dense (L x L) matrix and score every query against every key in the row, so one row of the
+    whole micro-batch costs O(T^2) attention (16 sequences of 1k tokens in one 16k row: 16x the
+    padded batch's attention, ~13x slower updates measured on CPU). Rows no longer than the
+    longest sequence keep the attention cost at most the padded batch's while the linear layers
+    (most of the FLOPs) still skip the padding.
     """
 
-    input_ids: torch.Tensor  # (1, T) long
-    position_ids: torch.Tensor  # (1, T) long, restarting at 0 for each sequence
-    keep_index: torch.Tensor  # (N,) long: position in the row whose output predicts each response token
+    input_ids: torch.Tensor  # (K, L) long
+    position_ids: torch.Tensor  # (K, L) long, restarting at 0 for each sequence
+    keep_index: torch.Tensor  # (N,) long: index into the flattened (K*L) positions predicting each response token
 
     @property
     def num_tokens(self) -> int:
-        return int(self.input_ids.shape[1])
+        """Tokens through the model, filler included (K * L)."""
+        return int(self.input_ids.numel())
 
 
-def pack_rows(batch: ExperienceBatch) -> PackedRows:
-    """Pack ``batch`` (left-padded prompts, right-padded responses) into one row.
+def pack_rows(batch: ExperienceBatch, row_tokens: int | None = None) -> PackedRows:
+    """Pack ``batch`` (left-padded prompts, right-padded responses) into rows of at most
+    ``row_tokens`` tokens (None: the longest sequence's length; a longer sequence gets a row of
+    its own), placing the longest sequences first, each into the first row it fits (first-fit
+    decreasing).
 
-    Response token ``j`` of sequence ``i`` is predicted at row position
-    ``offset_i + prompt_len_i - 1 + j``; ``keep_index`` lists these in row-major order of
-    ``response_mask``, so a (B, R) tensor ``t`` matches the packed outputs as ``t[response_mask]``.
-    E.g. prompts [5, 6] and [7], responses [8] and [9, 10]: input_ids [[5, 6, 8, 7, 9, 10]],
-    position_ids [[0, 1, 2, 0, 1, 2]], keep_index [1, 3, 4].
+    Response token ``j`` of sequence ``i``, placed in row ``k`` at column ``c_i``, is predicted at
+    flat position ``k * L + c_i + prompt_len_i - 1 + j``; ``keep_index`` lists these in row-major
+    order of ``response_mask``, so a (B, R) tensor ``t`` matches the packed outputs as
+    ``t[response_mask]``. E.g. prompts [5, 6] and [7], responses [8] and [9, 10] (3 tokens each):
+    by default two rows, input_ids [[5, 6, 8], [7, 9, 10]], position_ids [[0, 1, 2], [0, 1, 2]],
+    keep_index [1, 3, 4] (row 1 starts at flat position 3); with ``row_tokens=6`` one row,
+    input_ids [[5, 6, 8, 7, 9, 10]], position_ids [[0, 1, 2, 0, 1, 2]], the same keep_index.
     """
     mask = batch.attention_mask
     P = batch.prompt_len
@@ -270,11 +284,28 @@ def pack_rows(batch: ExperienceBatch) -> PackedRows:
     if bool((prompt_lens == 0).any()):
         raise ValueError("every sequence needs at least one prompt token (it predicts the first response token)")
     lengths = mask.sum(-1)
-    offsets = lengths.cumsum(0) - lengths
+    cap = int(lengths.max()) if row_tokens is None else max(int(row_tokens), int(lengths.max()))
+    fill: list[int] = []  # tokens placed in each row so far
+    row_of, col_of = [0] * len(lengths), [0] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda k: (-int(lengths[k]), k)):
+        n = int(lengths[i])
+        k = next((r for r, f in enumerate(fill) if f + n <= cap), len(fill))
+        if k == len(fill):
+            fill.append(0)
+        row_of[i], col_of[i] = k, fill[k]
+        fill[k] += n
+    K, L = len(fill), max(fill)
+    start = torch.tensor(row_of) * L + torch.tensor(col_of)  # (B,) flat position of each sequence's first token
+    rank = mask.long().cumsum(-1) - 1  # (B, T): index of each real token within its sequence
+    dest = (start.unsqueeze(-1) + rank)[mask]  # flat position of each real token, row-major
+    input_ids = torch.zeros(K * L, dtype=batch.input_ids.dtype)
+    input_ids[dest] = batch.input_ids[mask]
+    # Filler positions count up from 0 after each row's last sequence; real ones are overwritten.
+    position_ids = (torch.arange(L) - torch.tensor(fill).unsqueeze(-1)).clamp(min=0).reshape(-1)
+    position_ids[dest] = batch.position_ids[mask].to(position_ids.dtype)
     R = batch.response_mask.shape[1]
-    index = (offsets + prompt_lens - 1).unsqueeze(-1) + torch.arange(R)
-    return PackedRows(input_ids=batch.input_ids[mask].unsqueeze(0),
-                      position_ids=batch.position_ids[mask].unsqueeze(0),
+    index = (start + prompt_lens - 1).unsqueeze(-1) + torch.arange(R)
+    return PackedRows(input_ids=input_ids.view(K, L), position_ids=position_ids.view(K, L),
                       keep_index=index[batch.response_mask])
 
 

@@ -150,7 +150,7 @@ class ReferenceConfig:
     micro_batch_size: int = 16
     """Sequences per reference forward pass."""
     packing: bool = True
-    """Lay each pass's sequences end to end in one row, without padding (see learner.packing)."""
+    """Lay each pass's sequences end to end, without padding (see learner.packing)."""
 
 
 @dataclass(frozen=True)
@@ -270,9 +270,10 @@ class LearnerConfig:
     backward pass recomputes it chunk by chunk, so the float32 copy of the (positions x vocab) logits
     never exists whole (at a 152k vocabulary, 4096 positions take 2.5 GB in float32)."""
     packing: bool = True
-    """Lay each pass's sequences end to end in one row, without padding (the attention stays within each
-    sequence; needs a model whose attention honours packed position ids: Llama, Qwen2, Mistral, ... with
-    sdpa, eager or flash attention). false: pad to the longest prompt and response."""
+    """Lay each pass's sequences end to end, without padding, in rows no longer than its longest sequence
+    (the attention stays within each sequence and costs at most the padded batch's; needs a model whose
+    attention honours packed position ids: Llama, Qwen2, Mistral, ... with sdpa, eager or flash
+    attention). false: pad to the longest prompt and response."""
     optimizer: str = "adamw"
     """adamw or sgd."""
     lr: float = 1e-5

@@ -3,6 +3,7 @@
 from rlhf_ray.models.actor_critic import (
     ActorCritic,
     ActorCriticOutput,
+    causal_lm_logits_at,
     disable_dropout,
     load_value_head,
     positions_from_mask,
@@ -16,6 +17,7 @@ __all__ = [
     "ActorCritic",
     "ActorCriticOutput",
     "ValueHead",
+    "causal_lm_logits_at",
     "disable_dropout",
     "load_value_head",
     "policy_parameter_names",

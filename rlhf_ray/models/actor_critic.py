@@ -112,6 +112,16 @@ def _body_of(model: PreTrainedModel) -> nn.Module:
     return body
 
 
+def causal_lm_logits_at(model: PreTrainedModel, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                        keep_index: torch.Tensor) -> torch.Tensor:
+    """Logits (1, N, V) of a ``*ForCausalLM`` at ``keep_index``, N indices into the flattened
+    (K*L) positions of packed rows (``rlhf_ray.batch.PackedRows``): the body runs over the rows
+    with no attention mask and no KV cache (so transformers derives the per-sequence mask from
+    the position restarts), the LM head only at the kept positions (as in ``ActorCritic``)."""
+    hidden = _body_of(model)(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    return model.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep_index).unsqueeze(0))
+
+
 def _hidden_size(config: PretrainedConfig) -> int:
     return int(config.get_text_config().hidden_size)
 

@@ -17,7 +17,7 @@ from rlhf_ray.batch import ExperienceBatch, decode_rows, pack_rows
 from rlhf_ray.config import Config, ReferenceConfig, RewardConfig
 from rlhf_ray.data.prompts import pad_token_id
 from rlhf_ray.data.rm_inputs import decode_pair, pair_ids, same_tokenizer
-from rlhf_ray.models import positions_from_mask, response_positions
+from rlhf_ray.models import causal_lm_logits_at, positions_from_mask, response_positions
 from rlhf_ray.rewards import load_reward_function
 from rlhf_ray.workers.base import RoleBase
 
@@ -87,25 +87,24 @@ class ReferenceModel(FrozenModelRole):
         self.micro_batch_size = spec.reference.micro_batch_size
         self.model = self._load(AutoModelForCausalLM, spec.path, spec.num_gpus, spec.dtype)
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._has_body = self.model.base_model is not self.model  # packing runs the body, then the LM head
 
     @torch.no_grad()
     def logprobs(self, batch: ExperienceBatch, temperature: float) -> torch.Tensor:
         """(B, R) float32 logprobs of the response tokens at ``temperature``; 0 at padding.
 
-        With reference.packing each micro-batch's sequences are laid end to end in one row
-        (``pack_rows``), so no FLOP is spent on padding; the LM head runs only at the positions
-        that predict response tokens either way."""
+        With reference.packing each micro-batch's sequences are laid end to end in rows no longer
+        than its longest sequence (``pack_rows``), so (almost) no FLOP is spent on padding; the LM
+        head runs only at the positions that predict response tokens either way."""
         R = batch.response_mask.shape[1]
         out = torch.zeros(len(batch), R, dtype=torch.float32)
         row = 0
         for mb in self._micro_batches(batch):
             r = mb.response_mask.shape[1]
             mask = mb.response_mask[:, :r]
-            if self.spec.reference.packing and self._keeps_logits:
+            if self.spec.reference.packing and self._has_body:
                 rows = pack_rows(mb)
-                # No KV cache: with one, transformers would not derive the per-sequence mask.
-                logits = self.model(input_ids=rows.input_ids, position_ids=rows.position_ids, use_cache=False,
-                                    logits_to_keep=rows.keep_index).logits  # (1, N, V)
+                logits = causal_lm_logits_at(self.model, rows.input_ids, rows.position_ids, rows.keep_index)
                 flat = logprobs_from_logits(logits, mb.response_ids[mask].unsqueeze(0), temperature)
                 lp = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
             else:

@@ -9,8 +9,9 @@ Micro-batches: ``learner.micro_batch_size`` sequences, or with ``learner.micro_b
 the fewest micro-batches of similar token counts that stay within that budget (the same
 count on every rank); the engine's accumulation boundary is set per micro-batch, so the
 count may change from step to step. With ``learner.packing`` (default) a micro-batch's
-sequences are laid end to end in one row: no FLOP is spent on padding, and the attention
-stays within each sequence (``rlhf_ray.batch.pack_rows``).
+sequences are laid end to end in rows no longer than its longest sequence: (almost) no FLOP
+is spent on padding, the attention stays within each sequence and costs at most the padded
+batch's (``rlhf_ray.batch.pack_rows``).
 
 Loss normalisation: token-level losses are divided by the token count of the whole
 optimiser step (all ranks, all micro-batches), obtained by one all-reduce per epoch.

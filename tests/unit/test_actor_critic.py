@@ -284,15 +284,18 @@ def test_packed_rows_give_the_padded_forward_logits_and_values(model_dirs, arch)
     model = ActorCritic.from_pretrained(model_dirs[arch], value_head_init_std=0.1).eval()
     batch = _varied_batch()
     R = batch.response_mask.shape[1]
+    mask = batch.response_mask
     with torch.no_grad():
         padded = model(batch.input_ids, batch.attention_mask.long(), batch.position_ids, response_len=R)
-        rows = pack_rows(batch)
-        packed = model(rows.input_ids, None, rows.position_ids, keep_index=rows.keep_index)
-    mask = batch.response_mask
-    assert packed.logits.shape == (1, int(mask.sum()), padded.logits.shape[-1])
-    assert rows.num_tokens < batch.input_ids.numel()  # the padding is gone
-    torch.testing.assert_close(packed.logits[0], padded.logits[mask], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(packed.values[0], padded.values[mask], atol=1e-5, rtol=1e-5)
+    # Default rows (9 tokens: [seq 0], [seq 2, seq 3], [seq 1 + a filler run]) and one row.
+    for rows in (pack_rows(batch), pack_rows(batch, row_tokens=10**6)):
+        with torch.no_grad():
+            packed = model(rows.input_ids, None, rows.position_ids, keep_index=rows.keep_index)
+        assert packed.logits.shape == (1, int(mask.sum()), padded.logits.shape[-1])
+        assert rows.num_tokens < batch.input_ids.numel()  # the padding is gone
+        torch.testing.assert_close(packed.logits[0], padded.logits[mask], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed.values[0], padded.values[mask], atol=1e-5, rtol=1e-5)
+    assert pack_rows(batch).input_ids.shape == (3, 9)
 
 
 def test_packing_without_the_sequence_restarts_would_leak_attention(model_dirs):
@@ -301,7 +304,7 @@ def test_packing_without_the_sequence_restarts_would_leak_attention(model_dirs):
 
     model = ActorCritic.from_pretrained(model_dirs["llama"]).eval()
     batch = _varied_batch()
-    rows = pack_rows(batch)
+    rows = pack_rows(batch, row_tokens=10**6)  # one row
     R = batch.response_mask.shape[1]
     with torch.no_grad():
         padded = model(batch.input_ids, batch.attention_mask.long(), batch.position_ids, response_len=R)

@@ -262,13 +262,36 @@ def test_pack_rows_hand_example():
     # The docstring's example: prompts [5, 6] and [7], responses [8] and [9, 10].
     gen = Generation([[5, 6], [7]], [[8], [9, 10]], [[-1.0], [-1.0, -2.0]], ["stop", "stop"], [0, 1])
     batch = pack_generation(gen, pad_id=0)
-    rows = pack_rows(batch)
-    assert rows.input_ids.tolist() == [[5, 6, 8, 7, 9, 10]]
-    assert rows.position_ids.tolist() == [[0, 1, 2, 0, 1, 2]]
+    rows = pack_rows(batch)  # rows of at most the longest sequence (3 tokens)
+    assert rows.input_ids.tolist() == [[5, 6, 8], [7, 9, 10]]
+    assert rows.position_ids.tolist() == [[0, 1, 2], [0, 1, 2]]
     assert rows.keep_index.tolist() == [1, 3, 4]
-    assert rows.num_tokens == 6
+    one = pack_rows(batch, row_tokens=6)
+    assert one.input_ids.tolist() == [[5, 6, 8, 7, 9, 10]]
+    assert one.position_ids.tolist() == [[0, 1, 2, 0, 1, 2]]
+    assert one.keep_index.tolist() == [1, 3, 4]
+    assert rows.num_tokens == one.num_tokens == 6
     # The predicted tokens, read at keep_index + 1, are the responses in response_mask order.
-    assert rows.input_ids[0, rows.keep_index + 1].tolist() == batch.response_ids[batch.response_mask].tolist()
+    for r in (rows, one):
+        assert r.input_ids.reshape(-1)[r.keep_index + 1].tolist() == batch.response_ids[batch.response_mask].tolist()
+
+
+def test_pack_rows_first_fit_decreasing_with_a_filler_run():
+    # Lengths 5, 2, 3, 1 (prompt + response): cap 5 -> rows [seq 0], [seq 2, seq 1], [seq 3 + filler].
+    gen = Generation([[1, 2, 3], [4], [5, 6], [7]], [[8, 9], [10], [11], []], [[0.0] * 2, [0.0], [0.0], []],
+                     ["stop"] * 4, [0, 1, 2, 3])
+    batch = pack_generation(gen, pad_id=0)
+    rows = pack_rows(batch)
+    assert rows.input_ids.tolist() == [[1, 2, 3, 8, 9], [5, 6, 11, 4, 10], [7, 0, 0, 0, 0]]
+    # The filler run restarts at 0, so it is a sequence of its own and attends only to itself.
+    assert rows.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
+    assert rows.keep_index.tolist() == [2, 3, 8, 6]
+    assert rows.input_ids.reshape(-1)[rows.keep_index + 1].tolist() == batch.response_ids[batch.response_mask].tolist()
+    # No row is longer than the longest sequence, so the attention costs at most the padded batch's.
+    assert rows.input_ids.shape[1] == int(batch.attention_mask.sum(-1).max())
+    # A cap below the longest sequence is raised to it; a large one gives a single row.
+    assert pack_rows(batch, row_tokens=2).input_ids.shape == (3, 5)
+    assert pack_rows(batch, row_tokens=100).input_ids.shape == (1, 11)
 
 
 def test_pack_rows_of_a_trimmed_slice_matches_the_whole():
@@ -277,7 +300,7 @@ def test_pack_rows_of_a_trimmed_slice_matches_the_whole():
     batch = pack_generation(gen, pad_id=0)
     whole = pack_rows(batch)
     part = pack_rows(batch.select(torch.tensor([1, 2])).trim())
-    assert part.input_ids.tolist() == [[7, 13, 8, 9]]
+    assert part.input_ids.tolist() == [[7, 13], [8, 9]]
     assert part.keep_index.tolist() == [0]  # sequence 2 has no response token
     assert whole.keep_index.tolist() == [2, 3, 4, 6]
 
