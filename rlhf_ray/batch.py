@@ -295,16 +295,17 @@ def pack_rows(batch: ExperienceBatch, row_tokens: int | None = None) -> PackedRo
         row_of[i], col_of[i] = k, fill[k]
         fill[k] += n
     K, L = len(fill), max(fill)
-    start = torch.tensor(row_of) * L + torch.tensor(col_of)  # (B,) flat position of each sequence's first token
+    dev = mask.device
+    start = torch.tensor(row_of, device=dev) * L + torch.tensor(col_of, device=dev)  # (B,) flat position of each sequence's first token
     rank = mask.long().cumsum(-1) - 1  # (B, T): index of each real token within its sequence
     dest = (start.unsqueeze(-1) + rank)[mask]  # flat position of each real token, row-major
-    input_ids = torch.zeros(K * L, dtype=batch.input_ids.dtype)
+    input_ids = torch.zeros(K * L, dtype=batch.input_ids.dtype, device=dev)
     input_ids[dest] = batch.input_ids[mask]
     # Filler positions count up from 0 after each row's last sequence; real ones are overwritten.
-    position_ids = (torch.arange(L) - torch.tensor(fill).unsqueeze(-1)).clamp(min=0).reshape(-1)
+    position_ids = (torch.arange(L, device=dev) - torch.tensor(fill, device=dev).unsqueeze(-1)).clamp(min=0).reshape(-1)
     position_ids[dest] = batch.position_ids[mask].to(position_ids.dtype)
     R = batch.response_mask.shape[1]
-    index = (start + prompt_lens - 1).unsqueeze(-1) + torch.arange(R)
+    index = (start + prompt_lens - 1).unsqueeze(-1) + torch.arange(R, device=dev)
     return PackedRows(input_ids=input_ids.view(K, L), position_ids=position_ids.view(K, L),
                       keep_index=index[batch.response_mask])
 
