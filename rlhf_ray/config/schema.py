@@ -37,6 +37,21 @@ class FrozenDict(dict):
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank r of the adapters (PEFT); 0 trains every weight (full fine-tuning). With r > 0 only the adapters
+    (and the value head) are trained, the reference is the base model with the adapters off, and a weight sync
+    sends only the adapted layers' merged weights."""
+    alpha: float = 16.0
+    """LoRA alpha: the adapter's update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input; must stay 0: PPO's first on-policy ratio must be exactly 1 (refused otherwise)."""
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    """Names (last component) of the linear layers that get adapters; the default covers every projection of a
+    Llama/Qwen2-style block."""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     path: str = "artifacts/tiny-llama"
     """Policy (SFT) checkpoint directory in Hugging Face format. The reference model defaults to it."""
@@ -57,6 +72,8 @@ class ModelConfig:
     """Recompute activations in the backward pass to save memory (~1/3 more step time). Unset (null):
     on only when one micro-batch's activations would not fit the GPU memory left after the model and
     optimiser (never on the CPU); true/false force it."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters (model.lora.rank > 0 turns them on)."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +164,10 @@ class RewardConfig:
 class ReferenceConfig:
     path: str | None = None
     """Frozen reference (SFT) checkpoint; defaults to model.path."""
+    from_learner: bool | None = None
+    """Where reference logprobs come from. true: the learner ranks compute them with the LoRA adapters switched off
+    (the base model; no reference actor, no second copy of the weights); needs model.lora.rank > 0. false: the
+    separate reference role. Unset (null): true with LoRA (unless reference.path is set), else false."""
     micro_batch_size: int = 16
     """Sequences per reference forward pass."""
     packing: bool = True

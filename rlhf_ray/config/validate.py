@@ -57,7 +57,7 @@ _NON_NEGATIVE = {
 def validate(cfg: Config) -> Sizes:
     """Check the whole config; raise one ConfigError listing every problem. Returns the sizes."""
     errors = [*_basic_errors(cfg), *_ppo_errors(cfg), *_learner_errors(cfg), *_rollout_errors(cfg),
-              *_reward_errors(cfg), *_eval_errors(cfg), *_resource_errors(cfg)]
+              *_reward_errors(cfg), *_eval_errors(cfg), *_resource_errors(cfg), *lora_errors(cfg)]
     try:
         sizes = resolve(cfg)
     except ConfigError as exc:
@@ -266,4 +266,40 @@ def _resource_errors(cfg: Config) -> list[str]:
         errors.append("--model.critic_path is set but --model.separate_critic is false; set it true or drop the path.")
     for role in ("learner", "rollout", "reference", "reward"):
         errors += resource_errors(getattr(res, role), f"resources.{role}")
+    return errors
+
+
+# --------------------------------------------------------------------------- LoRA and the reference's source
+
+
+def reference_from_learner(cfg: Config) -> bool:
+    """Whether the learner ranks compute the reference logprobs (base model = adapters off) instead
+    of a separate reference role: reference.from_learner, or when unset, on with LoRA unless a
+    separate reference checkpoint (reference.path) was asked for."""
+    wanted = cfg.reference.from_learner
+    if wanted is not None:
+        return wanted
+    return cfg.model.lora.rank > 0 and not cfg.reference.path
+
+
+def lora_errors(cfg: Config) -> list[str]:
+    """model.lora and reference.from_learner."""
+    lora, errors = cfg.model.lora, []
+    if lora.rank < 0:
+        errors.append(f"--model.lora.rank must be >= 0 (got {lora.rank}); 0 turns LoRA off.")
+    if lora.rank > 0:
+        if not lora.alpha > 0:
+            errors.append(f"--model.lora.alpha must be > 0 (got {lora.alpha}); the update is scaled by alpha / rank.")
+        if lora.dropout != 0:
+            errors.append(f"--model.lora.dropout is {lora.dropout}: dropout makes the forward random, so PPO's "
+                          "on-policy ratio would not be 1 and the reference would not be the base model; set it to 0.")
+        if not lora.target_modules or any(not t for t in lora.target_modules):
+            errors.append("--model.lora.target_modules is empty; name the linear layers to adapt, e.g. "
+                          "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj].")
+    if cfg.reference.from_learner and lora.rank == 0:
+        errors.append("--reference.from_learner true needs LoRA: the base model is the policy with its adapters "
+                      "off. Set --model.lora.rank > 0, or --reference.from_learner false.")
+    if cfg.reference.from_learner and cfg.reference.path:
+        errors.append(f"--reference.from_learner true uses the policy's base model ({cfg.model.path}), but "
+                      f"--reference.path is {cfg.reference.path}; drop one of them.")
     return errors

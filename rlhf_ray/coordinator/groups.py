@@ -16,6 +16,7 @@ from rlhf_ray.backends.deepspeed import dist_backend
 from rlhf_ray.backends.vllm import EngineSpec, engine_env
 from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate
 from rlhf_ray.config import Config
+from rlhf_ray.config.validate import reference_from_learner
 from rlhf_ray.coordinator.pending import Pending, RayPending, Source, describe
 from rlhf_ray.coordinator.placement import actor_options, create_groups, placement_plan
 from rlhf_ray.weight_sync.plan import Bucket, plan_buckets
@@ -54,6 +55,21 @@ class ReferenceClient:
     def logprobs(self, batch_ref, temperature: float) -> Pending[torch.Tensor]:
         return RayPending([self.actors[0].logprobs.remote(batch_ref, temperature)], [("reference", 0)],
                           "reference logprobs", self.timeout_s, lambda xs: xs[0])
+
+
+class LearnerReferenceClient:
+    """Reference logprobs from the learner ranks, each over its slice of the batch, with the LoRA
+    adapters off (the base model; reference.from_learner): no reference actor, no second copy."""
+
+    actors: list = []  # no actor of its own
+
+    def __init__(self, learners: "LearnerGroup") -> None:
+        self.learners = learners
+
+    def logprobs(self, batch_ref, temperature: float) -> Pending[torch.Tensor]:
+        refs = [a.reference_logprobs.remote(batch_ref, temperature) for a in self.learners.actors]
+        return RayPending(refs, self.learners.sources(), "reference logprobs (learners, adapters off)",
+                          self.learners.timeout_s, torch.cat)
 
 
 class RewardClient:
@@ -172,9 +188,11 @@ class Roles:
         self.generation: dict[Source, int] = {}  # restarts per actor, for unique names
         self.engines: list = []
         self.rollout = RolloutGroup(self.engines, timeout)
-        self.reference = ReferenceClient([], timeout)
         self.reward = RewardClient([], timeout)
         self.learners = LearnerGroup([], timeout)
+        self.reference_from_learner = reference_from_learner(cfg)
+        self.reference = LearnerReferenceClient(self.learners) if self.reference_from_learner \
+            else ReferenceClient([], timeout)
         self.placement: dict[str, dict] = {}
         # Each role's actor class and the spec it is built from (its own settings, not the tree).
         self.kinds = {"rollout": (RolloutActor, EngineSpec.from_config(cfg)),
@@ -183,11 +201,15 @@ class Roles:
                       "learner": (LearnerActor, LearnerSpec.from_config(cfg))}
         try:
             self.engines += [self._spawn(("rollout", i)) for i in range(cfg.rollout.num_engines)]
-            self.reference.actors.append(self._spawn(("reference", 0)))
+            if not self.reference_from_learner:
+                self.reference.actors.append(self._spawn(("reference", 0)))
             self.reward.actors.append(self._spawn(("reward", 0)))
             self._start_learners()
             self._ping(self.labelled_actors())
             self.weight_sync = WeightSync(cfg, self.learners, self.engines)
+            print("reference logprobs: " + ("the learner ranks, policy with its LoRA adapters off (base model; no "
+                                            "reference actor)" if self.reference_from_learner else
+                                            f"the reference actor ({cfg.reference.path or cfg.model.path})"))
         except BaseException:
             self.shutdown()  # never leave half a system holding the cluster's resources
             raise
@@ -218,7 +240,7 @@ class Roles:
 
     def labelled_actors(self) -> list[tuple[Source, object]]:
         return ([(("rollout", i), e) for i, e in enumerate(self.engines)]
-                + [(("reference", 0), self.reference.actors[0]), (("reward", 0), self.reward.actors[0])]
+                + [(("reference", 0), a) for a in self.reference.actors] + [(("reward", 0), self.reward.actors[0])]
                 + [(("learner", i), a) for i, a in enumerate(self.learners.actors)])
 
     # ------------------------------------------------------------------ replacing actors

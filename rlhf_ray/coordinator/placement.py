@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlhf_ray.config import Config, RoleResources
+from rlhf_ray.config.validate import reference_from_learner
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,15 @@ def role_bundle(res: RoleResources) -> dict[str, float]:
 
 
 def placement_plan(cfg: Config) -> list[RolePlacement]:
+    """One entry per role; no reference role when the learners compute the reference (LoRA)."""
     r = cfg.resources
-    return [
+    plan = [
         RolePlacement("rollout", cfg.rollout.num_engines, role_bundle(r.rollout), r.strategy),
         RolePlacement("reference", 1, role_bundle(r.reference), r.strategy),
         RolePlacement("reward", 1, role_bundle(r.reward), r.strategy),
         RolePlacement("learner", cfg.learner.num_ranks, role_bundle(r.learner), r.strategy),
     ]
+    return [p for p in plan if not (p.role == "reference" and reference_from_learner(cfg))]
 
 
 def check_fits(plan: list[RolePlacement], cluster: dict[str, float]) -> None:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from rlhf_ray.models.lora import LoraSpec, add_lora
 from rlhf_ray.models.value_head import ValueHead
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -294,10 +295,13 @@ class ActorCritic(nn.Module):
         separate_critic: bool = False,
         critic_path: str | Path | None = None,
         torch_dtype: torch.dtype = torch.float32,
+        lora: LoraSpec | None = None,
     ) -> ActorCritic:
         """Load the policy from ``path``; the value head from ``path/value_head.safetensors``
         if present (else a fresh head); a separate critic body from ``critic_path``, else
         ``path/critic/`` if saved there, else ``path`` itself (policy weights, body only).
+        ``lora``: add fresh LoRA adapters to the policy (and its own to a separate critic body)
+        and freeze the rest of the bodies (``rlhf_ray.models.lora``); the value head stays trainable.
         """
         path = Path(path)
         policy = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
@@ -316,6 +320,10 @@ class ActorCritic(nn.Module):
         head_sd = load_value_head(path)
         if head_sd is not None:
             model.value_head.load_state_dict(head_sd, strict=True)
+        if lora is not None:
+            add_lora(model.policy, lora, "policy")
+            if critic_body is not None:
+                add_lora(critic_body, lora, "critic body")
         return model
 
     @staticmethod

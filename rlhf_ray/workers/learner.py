@@ -37,7 +37,8 @@ from rlhf_ray.backends import deepspeed as ds
 from rlhf_ray.backends.replicated import ReplicatedModule, replicate
 from rlhf_ray.batch import ExperienceBatch, TrainUpdate, pack_rows, parts_for_budget, token_balanced_parts
 from rlhf_ray.config import Config, LearnerConfig, ModelConfig, PPOConfig, resolve
-from rlhf_ray.models.actor_critic import VALUE_HEAD_PREFIX
+from rlhf_ray.models.actor_critic import CRITIC_PREFIX, POLICY_PREFIX, VALUE_HEAD_PREFIX
+from rlhf_ray.models.lora import ADAPTER_SUBDIR, LoraSpec, adapter_state_dict, adapters_disabled, save_adapter
 from rlhf_ray.weight_sync.transport import serve_rendezvous
 from rlhf_ray.workers.base import RoleBase
 from rlhf_ray.workers.learner_sync import WeightSender
@@ -45,6 +46,12 @@ from rlhf_ray.workers.objective import ppo_objective
 
 
 HEAD_STATE = "value_head_state.pt"  # the value head's weights, optimiser and schedule, beside the engine's
+
+
+def lora_spec(m: ModelConfig) -> LoraSpec | None:
+    """The adapters model.lora asks for, or None for full fine-tuning (rank 0)."""
+    lora = m.lora
+    return LoraSpec(lora.rank, lora.alpha, lora.dropout, tuple(lora.target_modules)) if lora.rank > 0 else None
 
 
 class _Forward(NamedTuple):
@@ -111,7 +118,8 @@ class Learner(WeightSender, RoleBase):
         ``rlhf_ray.backends.replicated``); the engine holds the body (and a separate critic)."""
         import deepspeed
 
-        from rlhf_ray.models import ActorCritic, policy_parameter_names
+        from rlhf_ray.models import ActorCritic
+        from rlhf_ray.models.export import export_plan
 
         spec = self.spec
         ds.init_distributed(master_addr, master_port, self.rank, self.world_size, spec.call_timeout_s)
@@ -122,7 +130,8 @@ class Learner(WeightSender, RoleBase):
         with ds.zero3_loading(conf):
             model = ActorCritic.from_pretrained(
                 m.path, value_head_init_std=m.value_head_init_std, value_grad_to_body=m.value_grad_to_body,
-                separate_critic=m.separate_critic, critic_path=m.critic_path, torch_dtype=dtype)
+                separate_critic=m.separate_critic, critic_path=m.critic_path, torch_dtype=dtype,
+                lora=lora_spec(m))
         head = model.detach_value_head()
         total_steps = spec.total_steps
         optimizer = ds.build_optimizer(model, lrn)
@@ -138,11 +147,16 @@ class Learner(WeightSender, RoleBase):
             if self.engine.module.critic_body is not None:
                 self.engine.module.critic_body.gradient_checkpointing_enable()
         params = dict(self.engine.module.named_parameters())
-        self.sync_params = [(params[inner], hf) for inner, hf in policy_parameter_names(self.engine.module)]
-        n = sum(int(getattr(p, "ds_numel", p.numel())) for p in params.values())
-        n += sum(p.numel() for p in self.head.params) if self.head is not None else 0
-        return {"rank": self.rank, "parameters": n, "zero_stage": lrn.zero_stage,
-                "gradient_checkpointing": self.checkpointing}
+        # A sync sends what training changes: every policy tensor, or with LoRA the adapted layers merged.
+        plan = export_plan(self.engine.module.policy, POLICY_PREFIX, changed_only=True)
+        self.sync_params = [(params[inner], hf) for inner, hf in plan.plain]
+        self.sync_merged = plan.merged
+        numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731
+        n = sum(numel(p) for p in params.values())
+        trainable = sum(numel(p) for p in params.values() if p.requires_grad)
+        head = sum(p.numel() for p in self.head.params) if self.head is not None else 0
+        return {"rank": self.rank, "parameters": n + head, "trainable_parameters": trainable + head,
+                "zero_stage": lrn.zero_stage, "gradient_checkpointing": self.checkpointing}
 
     def _choose_checkpointing(self) -> bool:
         """model.gradient_checkpointing, or when unset: on only if one micro-batch's activations
@@ -215,6 +229,28 @@ class Learner(WeightSender, RoleBase):
                 values[rows, :r] = (f.values * mb.response_mask).cpu()
         self.shard = shard.replace(old_logprobs=logprobs, old_values=values)
         return logprobs, values
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: ExperienceBatch, temperature: float) -> torch.Tensor:
+        """(B, R) float32 reference logprobs of this rank's slice of ``batch`` (``batch.split`` over
+        the ranks, as the coordinator slices it for ``compute_old``), computed by the base model:
+        the policy with its LoRA adapters off (reference.from_learner). Every rank must call it
+        (ZeRO-3 gathers in each forward); 0 at padding."""
+        if temperature != self.spec.temperature:
+            raise ValueError(f"reference at temperature {temperature}, but the learner scores at "
+                             f"{self.spec.temperature} (rollout.temperature)")
+        if not self.sync_merged and self.spec.model.lora.rank == 0:
+            raise RuntimeError("reference_logprobs needs LoRA (model.lora.rank > 0): without adapters the "
+                               "learner's policy is not the reference; use the reference role.")
+        shard = batch.split(self.world_size)[self.rank]
+        lrn = self.spec.learner
+        out = torch.zeros(shard.response_mask.shape)
+        with adapters_disabled(self.engine.module.policy):
+            for rows in self._parts(shard, lrn.forward_max_tokens, lrn.forward_batch_size):
+                mb = shard.select(rows).trim().to(self.device)
+                f = self._forward(mb, entropy="none")
+                out[rows, :f.logprobs.shape[1]] = (f.logprobs * mb.response_mask).float().cpu()
+        return out
 
     # ------------------------------------------------------------------ PPO update
     def _step_plan(self, minis: list[ExperienceBatch]) -> tuple[list[tuple[float, float]], list[list[torch.Tensor]]]:
@@ -338,8 +374,7 @@ class Learner(WeightSender, RoleBase):
         if self.rank == 0 and self.head is not None:
             torch.save(self.head.state_dict(), f"{path}/learner/{HEAD_STATE}")
         if self.spec.save_hf_policy:
-            full = ds.gather_full_state_dict(self.engine.module.named_parameters(), self.spec.learner.zero_stage,
-                                             keep=self.rank == 0)
+            full = self._hf_state_dict()
             if self.rank == 0 and self.head is not None:
                 full.update({f"{VALUE_HEAD_PREFIX}{k}": v.detach().clone().cpu()
                              for k, v in self.head.module.state_dict().items()})
@@ -350,8 +385,29 @@ class Learner(WeightSender, RoleBase):
 
                     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
                 self.engine.module.save_pretrained(f"{path}/policy", tokenizer=tokenizer, state_dict=full)
+            self._save_adapter(f"{path}/policy/{ADAPTER_SUBDIR}")
         dist.barrier()
         return True
+
+    def _hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The ActorCritic's bodies as HF weights (LoRA layers merged) on rank 0; all ranks call."""
+        from rlhf_ray.models.export import export_plan
+
+        module, keep = self.engine.module, self.rank == 0
+        full = self.gather_export(export_plan(module.policy, POLICY_PREFIX), keep, POLICY_PREFIX)
+        if module.critic_body is not None:
+            full.update(self.gather_export(export_plan(module.critic_body, CRITIC_PREFIX), keep, CRITIC_PREFIX))
+        return full
+
+    def _save_adapter(self, out_dir: str) -> None:
+        """With LoRA: the policy's adapters alone in PEFT's format (all ranks call; rank 0 writes)."""
+        spec = lora_spec(self.spec.model)
+        if spec is None:
+            return
+        named = [(n, p) for n, p in self.engine.module.policy.named_parameters() if ".lora_" in n]
+        full = ds.gather_full_state_dict(named, self.spec.learner.zero_stage, keep=self.rank == 0)
+        if self.rank == 0:
+            save_adapter(adapter_state_dict(full.items()), spec, out_dir, base_model=self.spec.model.path)
 
     def load_checkpoint(self, path: str) -> bool:
         """All ranks: restore model, optimiser and scheduler state saved by ``save_checkpoint``."""
@@ -359,10 +415,3 @@ class Learner(WeightSender, RoleBase):
         if self.head is not None:
             self.head.load_state_dict(torch.load(f"{path}/learner/{HEAD_STATE}", map_location=self.device))
         return True
-
-    def policy_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full policy weights under HF names on rank 0 (None elsewhere); all ranks must call."""
-        out = ds.gather_full_state_dict(((hf, p) for p, hf in self.sync_params), self.spec.learner.zero_stage,
-                                        keep=self.rank == 0)
-        return out if self.rank == 0 else None
-

@@ -1,7 +1,12 @@
 """The learner's side of the weight sync, mixed into ``Learner``: the policy tensors' specs, the
 broadcast group with the engines (rank 0 is its group rank 0), and sending the buckets over it
 or putting them in the object store. Under ZeRO-3 every rank takes part in the gathers; only
-rank 0 sends. Uses the learner's ``spec``, ``rank``, ``sync_params`` and ``node_ip``.
+rank 0 sends. Uses the learner's ``spec``, ``rank``, ``sync_params``, ``sync_merged`` and ``node_ip``.
+
+What is sent: ``sync_params`` (parameter, HF name) as they are, and with LoRA ``sync_merged``, HF
+name -> an adapted layer's W, A, B, sent as the merged weight ``W + (alpha / r) B A``. With LoRA
+``sync_params`` holds only the frozen tensors vLLM needs beside the merged ones to rebuild a fused
+layer (``rlhf_ray.models.export``), so a sync moves the adapted layers only, not the whole model.
 """
 
 from __future__ import annotations
@@ -12,14 +17,21 @@ from typing import Iterator
 import torch
 
 from rlhf_ray.backends import deepspeed as ds
+from rlhf_ray.models.actor_critic import POLICY_PREFIX
+from rlhf_ray.models.export import ExportPlan, export_plan
+from rlhf_ray.models.lora import MergedParams
 from rlhf_ray.weight_sync.plan import Bucket, TensorSpec, dtype_name
 from rlhf_ray.weight_sync.transport import destroy_sync_group, new_sync_group, reserve_port, send_buckets, to_array
 
 
 class WeightSender:
+    sync_merged: dict[str, MergedParams] = {}  # HF name -> an adapted layer's parameters (LoRA only)
+
     def weight_specs(self) -> list[TensorSpec]:
-        """The policy tensors (never the value head) under the engine's names."""
-        return [TensorSpec(hf, ds.param_shape(p), dtype_name(p.dtype)) for p, hf in self.sync_params]
+        """The policy tensors a sync sends (never the value head) under the engine's names."""
+        specs = [TensorSpec(hf, ds.param_shape(p), dtype_name(p.dtype)) for p, hf in self.sync_params]
+        return specs + [TensorSpec(hf, ds.param_shape(m.base), dtype_name(m.base.dtype))
+                        for hf, m in self.sync_merged.items()]
 
     def sync_address(self, loopback: bool = False) -> tuple[str, int]:
         """Where the weight-sync group's store will listen; call on rank 0 before
@@ -50,18 +62,27 @@ class WeightSender:
                                          listener=listener)
 
     def _bucket_params(self, bucket: Bucket) -> list[torch.nn.Parameter]:
+        """The parameters to gather for ``bucket``: each plain tensor, W, A and B of a merged one."""
         by_name = {hf: p for p, hf in self.sync_params}
-        return [by_name[s.name] for s in bucket.specs]
+        out: list[torch.nn.Parameter] = []
+        for s in bucket.specs:
+            out.extend(self.sync_merged[s.name].params if s.name in self.sync_merged else [by_name[s.name]])
+        return out
+
+    def _sync_tensor(self, name: str, by_name: dict[str, torch.nn.Parameter]) -> torch.Tensor:
+        merged = self.sync_merged.get(name)
+        return merged.value() if merged is not None else by_name[name].data
 
     def _full_buckets(self, buckets: list[Bucket]) -> Iterator[list[torch.Tensor]]:
         """Each bucket's full tensors, yielded on rank 0 while they are gathered (ZeRO-3); the
         other ranks yield nothing but must drain it too, since gathering is collective. Rank 0
         must drain it as well when it fails to send a bucket (see ``broadcast_weights``)."""
+        by_name = {hf: p for p, hf in self.sync_params}
         for bucket in buckets:
             params = self._bucket_params(bucket)
             with ds.gathered(params, self.spec.learner.zero_stage):
                 if self.rank == 0:
-                    yield [p.data for p in params]
+                    yield [self._sync_tensor(s.name, by_name) for s in bucket.specs]
 
     def broadcast_weights(self, buckets: list[Bucket]) -> dict[str, float]:
         """Collective transport: rank 0 broadcasts each bucket (every rank takes part in gathers).
@@ -96,3 +117,22 @@ class WeightSender:
             for _ in full:
                 pass
         return refs
+
+    # ------------------------------------------------------------------ full exports (all ranks call)
+    def gather_export(self, plan: ExportPlan, keep: bool, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Full CPU copies of every tensor of ``plan`` (merged layers merged) under ``prefix`` + HF
+        name where ``keep``, an empty dict elsewhere; one parameter (or one W, A, B) at a time."""
+        stage = self.spec.learner.zero_stage
+        params = dict(self.engine.module.named_parameters())
+        out = ds.gather_full_state_dict(((prefix + hf, params[name]) for name, hf in plan.plain), stage, keep)
+        for hf, merged in plan.merged.items():
+            with ds.gathered(merged.params, stage):
+                if keep:
+                    out[prefix + hf] = merged.value().cpu()
+        return plan.in_order(out, prefix)
+
+    def policy_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full policy weights under HF names on rank 0 (adapted layers merged; None elsewhere);
+        all ranks must call."""
+        out = self.gather_export(export_plan(self.engine.module.policy, POLICY_PREFIX), keep=self.rank == 0)
+        return out if self.rank == 0 else None
