@@ -385,7 +385,21 @@ class LoggingConfig:
     print_samples: int = 1
     """Example responses printed every log_every iterations."""
     log_every: int = 10
-    """Print a full metrics line every this many iterations."""
+    """Print a full metrics line every this many iterations (without a terminal: the progress line)."""
+    wandb: str | None = None
+    """Weights & Biases project to log to as well (pip install rlhf_ray[wandb]); WANDB_MODE=offline
+    writes the run locally (under WANDB_DIR, default <run_dir>/wandb) for a later `wandb sync`."""
+    wandb_name: str | None = None
+    """W&B run name (default: the run directory's name)."""
+    dump_rollouts_every: int = 0
+    """Every this many iterations write the batch's prompts, responses, rewards, per-sample KL and
+    advantages to <run_dir>/rollouts/iter_NNNNNN.jsonl (0: never)."""
+    ray_namespace: str = "rlhf_ray-{run}"
+    """Ray namespace of the run's actors ({run}: the run directory's name); printed at start and saved
+    in <run_dir>/ray.json, for ray.get_actor("rollout-0", namespace=...) from another shell."""
+    filter_warnings: bool = True
+    """Send known non-actionable library notices (accelerator detection, deprecations inside
+    dependencies, thread binding, weight-loading bars) to <run_dir>/library_notices.log instead of the terminal."""
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,18 @@
 """The Ray cluster a run uses: attach to one, or start a local one (its dashboard on loopback),
-first ending what a killed earlier run left behind (``local_cluster.py``)."""
+first ending what a killed earlier run left behind (``local_cluster.py``).
+
+The run's actors live in a named Ray namespace (``logging.ray_namespace``, by default the run
+directory's name), recorded in ``<run_dir>/ray.json`` and printed at start, so another shell can
+reach them: ``ray.init(address="auto", namespace=NS); ray.get_actor("rollout-0")``.
+"""
 
 from __future__ import annotations
 
 import atexit
+import os
 
 from rlhf_ray.coordinator.local_cluster import record, reap_orphans
+from rlhf_ray.coordinator.metrics import EXPORTED_PREFIX
 
 
 def _remember_local_cluster() -> None:
@@ -22,26 +29,47 @@ def _remember_local_cluster() -> None:
     atexit.register(lambda: path.unlink(missing_ok=True))
 
 
-def start_ray(address: str | None) -> dict:
-    """Attach to ``address`` or start a local cluster whose dashboard listens on 127.0.0.1 only.
-    Returns where to watch: the dashboard URL and this node's Prometheus metrics endpoint."""
+def namespace_for(template: str, run_dir: str) -> str:
+    """``logging.ray_namespace`` with ``{run}`` filled in by the run directory's name: unique per
+    run, so two runs on one cluster never collide on the actor names ``rollout-0``, ..."""
+    return template.format(run=os.path.basename(os.path.normpath(run_dir)))
+
+
+def metrics_urls(node_ip: str, port: int | None) -> tuple[str | None, str | None]:
+    """(URL to open on the driver's machine, URL for other machines) of a node's Prometheus
+    endpoint. Ray 2.60's metrics agent listens on every interface (0.0.0.0), and the driver runs
+    on that node, so loopback works here; the node address is for a scraper elsewhere (and may not
+    be reachable from a laptop: a cloud VM's private address)."""
+    if not port:
+        return None, None
+    return f"http://127.0.0.1:{port}/metrics", f"http://{node_ip}:{port}/metrics"
+
+
+def start_ray(address: str | None, namespace: str | None = None) -> dict:
+    """Attach to ``address`` or start a local cluster whose dashboard listens on 127.0.0.1 only,
+    with the driver (and so every actor it creates) in ``namespace``. Returns where to watch and
+    find things: dashboard URL, Prometheus endpoint, exported metric prefix, namespace. When Ray
+    was already initialised (a test, a notebook), its namespace is kept and reported."""
     import ray
 
     if not ray.is_initialized():
         env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
         if address:
-            ray.init(address=address, runtime_env=env, log_to_driver=True)
+            ray.init(address=address, namespace=namespace, runtime_env=env, log_to_driver=True)
         else:
             ended = reap_orphans()
             if ended:
                 print(f"ended {len(ended)} process(es) of a local Ray cluster left behind by a run that was killed")
             # The dashboard (an HTTP API that can submit jobs) listens on loopback only.
-            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env,
-                     log_to_driver=True)
+            ray.init(address="local", namespace=namespace, include_dashboard=True, dashboard_host="127.0.0.1",
+                     runtime_env=env, log_to_driver=True)
             _remember_local_cluster()
     ctx = ray.get_runtime_context()
     node = next((n for n in ray.nodes() if n["NodeID"] == ctx.get_node_id()), {})
-    where = {"dashboard": None, "metrics": None}
+    local, remote = metrics_urls(node.get("NodeManagerAddress", ""), node.get("MetricsExportPort"))
+    where = {"dashboard": None, "metrics": local, "metrics_other_machines": remote,
+             "metric_prefix": EXPORTED_PREFIX, "namespace": ctx.namespace,
+             "gcs_address": getattr(ctx, "gcs_address", None)}
     try:
         from ray._private.worker import global_worker
 
@@ -49,8 +77,18 @@ def start_ray(address: str | None) -> dict:
         where["dashboard"] = f"http://{url}" if url else None
     except Exception:  # attached clients may not know the dashboard address
         pass
-    if node.get("MetricsExportPort"):
-        where["metrics"] = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-    print(f"Ray dashboard: {where['dashboard'] or 'not available'}; Prometheus metrics (rlhf_*): "
-          f"{where['metrics'] or 'not available'}")
+    print(banner(where))
     return where
+
+
+def banner(where: dict) -> str:
+    """What the start-up prints about the cluster: every name and address exactly as a user
+    types or opens it."""
+    metrics = where["metrics"] or "not available"
+    if where.get("metrics_other_machines"):
+        metrics += f" (from another machine: {where['metrics_other_machines']})"
+    ns = where["namespace"]
+    return (f"Ray dashboard: {where['dashboard'] or 'not available'}\n"
+            f"Prometheus metrics ({where['metric_prefix']}*): {metrics}\n"
+            f"Ray namespace of the actors: {ns!r} (from another shell: "
+            f"ray.init(address='auto', namespace={ns!r}); ray.get_actor('rollout-0'))")

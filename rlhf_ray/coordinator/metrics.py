@@ -1,5 +1,10 @@
-"""Where per-iteration metrics go: metrics.jsonl, TensorBoard, Ray custom metrics (dashboard /
-Prometheus) and the terminal."""
+"""Where per-iteration metrics go: metrics.jsonl, TensorBoard, Weights & Biases (optional), Ray
+custom metrics (dashboard / Prometheus) and the terminal.
+
+Ray custom metrics: the gauge for ``reward_mean`` is created as ``rlhf_reward_mean`` and Ray 2.60
+exports every custom metric with its own ``ray_`` prefix, so Prometheus (and a PromQL query) sees
+``ray_rlhf_reward_mean``: ``EXPORTED_PREFIX`` is the name users type, printed at start.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,20 @@ import json
 import math
 import os
 import re
-from typing import Any
+from typing import Any, Callable
+
+GAUGE_PREFIX = "rlhf_"
+EXPORTED_PREFIX = "ray_" + GAUGE_PREFIX  # Ray prefixes custom metrics with "ray_" on export
+
+
+def gauge_name(key: str) -> str:
+    """The Ray gauge's name for a metric key (``time/generate`` -> ``rlhf_time_generate``)."""
+    return GAUGE_PREFIX + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
+def exported_name(key: str) -> str:
+    """The name Prometheus shows for a metric key (``ray_rlhf_time_generate``)."""
+    return "ray_" + gauge_name(key)
 
 
 def _parse(line: str) -> dict | None:
@@ -26,8 +44,11 @@ def read_records(path: str) -> list[dict]:
 
 
 class MetricsSink:
+    """One JSONL file plus its mirrors: TensorBoard, Ray gauges, and ``extra`` (e.g. a W&B run's
+    ``log``), each called with the record's finite numbers."""
+
     def __init__(self, run_dir: str, tensorboard: bool = True, ray_metrics: bool = True,
-                 filename: str = "metrics.jsonl") -> None:
+                 filename: str = "metrics.jsonl", extra: Callable[[dict[str, float]], None] | None = None) -> None:
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, filename)
         self._fh = open(self.path, "a", buffering=1)
@@ -40,22 +61,24 @@ class MetricsSink:
             except ImportError:  # tensorboard not installed: JSONL still has everything
                 self._tb = None
         self._gauges: dict[str, Any] | None = {} if ray_metrics else None
+        self._extra = extra
 
     def _gauge(self, key: str):
         from ray.util.metrics import Gauge
 
         assert self._gauges is not None
         if key not in self._gauges:
-            name = "rlhf_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
-            self._gauges[key] = Gauge(name, description=f"rlhf_ray per-iteration metric {key}")
+            self._gauges[key] = Gauge(gauge_name(key), description=f"rlhf_ray per-iteration metric {key}")
         return self._gauges[key]
 
     def write(self, metrics: dict[str, Any]) -> None:
         self._fh.write(json.dumps(metrics, default=float) + "\n")
         step = int(metrics["iteration"])
-        for key, value in metrics.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                continue
+        scalars = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if self._extra is not None:
+            self._extra(scalars)
+        for key, value in scalars.items():
             if self._tb is not None:
                 self._tb.add_scalar(key, value, step)
             if self._gauges is not None:
@@ -98,3 +121,18 @@ def format_eval_line(m: dict[str, Any]) -> str:
     return (f"eval after {m['iteration']} iterations: reward {m['eval/reward_mean']:.4g}  "
             f"len {m['eval/response_length']:.4g}  truncated {m['eval/truncation_rate']:.2g}  "
             f"({int(m['eval/samples'])} responses, {m['time/eval']:.1f} s)")
+
+
+def format_progress(done: int, total: int, elapsed_s: float, history: list[dict]) -> str:
+    """The progress part of a plain line (no terminal to draw a bar on): iterations done of the
+    run's total, elapsed time and the time left at the recent pace (last 10 iterations)."""
+    recent = [r["time/iteration"] for r in history[-10:] if "time/iteration" in r]
+    left = max(total - done, 0) * (sum(recent) / len(recent)) if recent else float("nan")
+    return f"  [{done}/{total} {100.0 * done / max(total, 1):.0f}%, {_clock(elapsed_s)} elapsed, ~{_clock(left)} left]"
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
-from typing import Callable
+from typing import IO, Callable
 
 from rlhf_ray.batch import decode_rows
 from rlhf_ray.config import Config, config_to_dict, redacted
 from rlhf_ray.coordinator import checkpoint as ckpt
-from rlhf_ray.coordinator.metrics import MetricsSink, format_eval_line, format_line
+from rlhf_ray.coordinator.metrics import MetricsSink, format_eval_line, format_line, format_progress
 from rlhf_ray.coordinator.pending import RemoteCallError
 from rlhf_ray.coordinator.preflight import Inputs
 from rlhf_ray.coordinator.recovery import Recovery
+from rlhf_ray.coordinator.rollout_dump import RolloutDumper
 
 
 def sample_lines(batch, tokenizer, k: int) -> list[str]:
@@ -76,9 +78,12 @@ class Records:
     in-memory history; iterations that run again after a restart or a resume are forgotten
     first, so each file keeps one record per iteration."""
 
-    def __init__(self, run_dir: str, tensorboard: bool, with_eval: bool) -> None:
-        self.metrics = MetricsSink(run_dir, tensorboard=tensorboard)
-        self.evals = MetricsSink(run_dir, tensorboard=tensorboard, filename="eval.jsonl") if with_eval else None
+    def __init__(self, run_dir: str, tensorboard: bool, with_eval: bool, wandb=None) -> None:
+        extra = wandb.log if wandb is not None else None
+        self.wandb = wandb
+        self.metrics = MetricsSink(run_dir, tensorboard=tensorboard, extra=extra)
+        self.evals = (MetricsSink(run_dir, tensorboard=tensorboard, filename="eval.jsonl", extra=extra)
+                      if with_eval else None)
         self.history: list[dict] = []
         self.eval_history: list[dict] = []
         self.evaluated_at = -1
@@ -106,6 +111,8 @@ class Records:
         self.metrics.close()
         if self.evals is not None:
             self.evals.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 class Run:
@@ -119,12 +126,18 @@ class Run:
             ``restart_learners()``, ``shutdown()``, ``placement``.
         coord: the PPO coordinator (``step``, ``evaluate``, ``state_dict``, ...) over those roles.
         say: where progress lines go (the progress bar's ``write`` in a terminal).
+        wandb: a ``WandbRun`` to mirror the records to, or None.
+        stream: where the progress bar draws (stderr); it is drawn only when that is a terminal,
+            else a plain progress line is said every logging.log_every iterations.
     """
 
     def __init__(self, cfg: Config, run_dir: str, inputs: Inputs, roles, coord,
-                 say: Callable[[str], None] = print) -> None:
+                 say: Callable[[str], None] = print, wandb=None, stream: IO[str] | None = None) -> None:
         self.cfg, self.run_dir, self.inputs, self.roles, self.coord = cfg, run_dir, inputs, roles, coord
-        self.records = Records(run_dir, cfg.logging.tensorboard, inputs.eval_prompts is not None)
+        self.records = Records(run_dir, cfg.logging.tensorboard, inputs.eval_prompts is not None, wandb)
+        self.dumper = RolloutDumper(run_dir, cfg.logging.dump_rollouts_every, inputs.tokenizer, cfg.ppo.kl_estimator)
+        self.stream = stream
+        self.started = time.perf_counter()
         self.initial_state = coord.state_dict()
         self.recovery = Recovery(cfg, roles, coord, run_dir, self.initial_state, self._say)
         self.stop = StopFlag()
@@ -134,7 +147,8 @@ class Run:
         self.bar = None
 
     def _say(self, line: str) -> None:
-        (self.bar.write if self.bar is not None else self._say_fn)(line)
+        drawn = self.bar is not None and not self.bar.disable
+        (self.bar.write if drawn else self._say_fn)(line)  # bar.write keeps the bar below the line
 
     # ------------------------------------------------------------------ the steps of a run
     def resume(self, checkpoint: str) -> None:
@@ -185,12 +199,17 @@ class Run:
         """Record one iteration: files, progress bar, and every logging.log_every a full line."""
         metrics.update(self.recovery.counters())
         self.records.add(metrics)
-        if self.bar is not None:
+        self.dumper.maybe_dump(int(metrics["iteration"]), self.coord.last_batch)
+        drawn = self.bar is not None and not self.bar.disable
+        if drawn:
             self.bar.update(1)
             self.bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl_mean']:.3f}",
                                  s_it=f"{metrics['time/iteration']:.2f}")
         if metrics["iteration"] % self.cfg.logging.log_every == 0:
-            self._say(format_line(metrics))
+            progress = (format_progress(int(metrics["iteration"]) + 1, self.cfg.ppo.iterations,
+                                        time.perf_counter() - self.started, self.records.history)
+                        if not drawn and self.cfg.logging.progress_bar else "")
+            self._say(format_line(metrics) + progress)
             for line in sample_lines(self.coord.last_batch, self.inputs.tokenizer, self.cfg.logging.print_samples):
                 self._say(line)
 
@@ -217,6 +236,7 @@ class Run:
         """Close the records, write the plot and summary.json, stop the roles; returns the summary."""
         from rlhf_ray.coordinator.plot import write_plot
 
+        self.dumper.close()
         self.records.close()
         records, cfg = self.records, self.cfg
         summary = {**summarize(records.history), "completed": self.completed, "stopped": self.stop.requested,
@@ -239,8 +259,13 @@ class Run:
         from tqdm import tqdm
 
         self.stop.install()
-        self.bar = tqdm(total=self.cfg.ppo.iterations, initial=self.coord.iteration,
-                        disable=not self.cfg.logging.progress_bar, dynamic_ncols=True)
+        stream = self.stream if self.stream is not None else sys.stderr
+        # A bar redraws itself with carriage returns: in a log file (or `ray job submit`'s log)
+        # every frame stays, so without a terminal log() says a plain progress line instead.
+        tty = hasattr(stream, "isatty") and stream.isatty()
+        self.started = time.perf_counter()
+        self.bar = tqdm(total=self.cfg.ppo.iterations, initial=self.coord.iteration, file=stream,
+                        disable=not (self.cfg.logging.progress_bar and tty), dynamic_ncols=True)
         try:
             if resume_from:
                 self.resume(resume_from)
@@ -283,25 +308,33 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
     the run then continues in the checkpoint's run directory."""
     import ray
 
-    from rlhf_ray.coordinator.cluster import start_ray
+    from rlhf_ray.coordinator import quiet
+    from rlhf_ray.coordinator.cluster import namespace_for, start_ray
     from rlhf_ray.coordinator.groups import Roles
     from rlhf_ray.coordinator.loop import PPOCoordinator
     from rlhf_ray.coordinator.placement import check_fits, placement_plan
     from rlhf_ray.coordinator.preflight import prepare_inputs
+    from rlhf_ray.coordinator.wandb_log import WandbRun, require_wandb
 
+    clock = StartupClock()
+    require_wandb(cfg.logging)  # a missing optional extra fails before anything starts
     inputs = prepare_inputs(cfg)
+    clock.lap("inputs")
     resume_from = ckpt.resolve_resume(resume, cfg) if resume else None
     if resume_from:
         run_dir = ckpt.run_dir_of(resume_from)
     os.makedirs(run_dir, exist_ok=True)
     print(f"run directory: {os.path.abspath(run_dir)}")
     write_config(cfg, run_dir)
+    where = start_ray(ray_address, namespace_for(cfg.logging.ray_namespace, run_dir))
     with open(os.path.join(run_dir, "ray.json"), "w") as fh:
-        json.dump(start_ray(ray_address), fh)
+        json.dump(where, fh, indent=2)
+    notices = quiet.install(run_dir) if cfg.logging.filter_warnings else None
+    clock.lap("ray")
     check_fits(placement_plan(cfg), ray.cluster_resources())
-    t0 = time.perf_counter()
     roles = Roles(cfg)
-    print(f"roles up in {time.perf_counter() - t0:.1f} s: {cfg.rollout.num_engines} rollout engine(s), reference, "
+    clock.lap("roles")
+    print(f"roles up in {clock.phases['roles']:.1f} s: {cfg.rollout.num_engines} rollout engine(s), reference, "
           f"reward, {cfg.learner.num_ranks} learner rank(s) (ZeRO-{cfg.learner.zero_stage})")
     with open(os.path.join(run_dir, "placement.json"), "w") as fh:
         json.dump(roles.placement, fh, indent=2)
@@ -309,7 +342,40 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
         coord = PPOCoordinator(cfg, inputs.prompts, inputs.pad_id, inputs.eos_ids, roles.rollout, roles.reference,
                                roles.reward, roles.learners, roles.weight_sync, put=ray.put,
                                eval_prompts=inputs.eval_prompts)
+        wandb = WandbRun(cfg.logging, run_dir, redacted(config_to_dict(cfg)), resume=bool(resume_from)) \
+            if cfg.logging.wandb else None
     except BaseException:
         roles.shutdown()
         raise
-    return Run(cfg, run_dir, inputs, roles, coord).execute(resume_from)
+    clock.lap("coordinator")
+    print(clock.line() + (f"; W&B: {wandb.where}" if wandb is not None else ""))
+    clock.save(os.path.join(run_dir, "startup.json"))
+    try:
+        return Run(cfg, run_dir, inputs, roles, coord, wandb=wandb).execute(resume_from)
+    finally:
+        if notices is not None:
+            notices.close()
+            if notices.summary():
+                print(notices.summary())
+
+
+class StartupClock:
+    """Seconds per start-up phase, from ``run()``'s call to the first iteration: inputs (models,
+    tokenizer, prompts, reward probe), ray (start or attach), roles (actors: process start and
+    imports, model loads, engine build and compilation, DeepSpeed init, sync group), coordinator."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase], self.last = now - self.last, now
+
+    def line(self) -> str:
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
+        return f"start-up {self.last - self.t0:.1f} s ({parts})"
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as fh:
+            json.dump({"total_s": self.last - self.t0, **{f"{k}_s": v for k, v in self.phases.items()}}, fh, indent=2)
