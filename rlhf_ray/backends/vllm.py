@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -166,14 +167,43 @@ class WeightReceiver:
         and load them in one in-place reload that consumes the buckets as they arrive. Returns
         bytes received."""
         buckets = from_wire(wire_plan)
-        self._rlhf_load(receive_buckets(self._rlhf_group, buckets, self._rlhf_device(), self._rlhf_timeout))
+        self._rlhf_load(receive_buckets(self._rlhf_group, buckets, self._rlhf_device(), self._rlhf_timeout),
+                        is_partial(buckets))
         return sum(b.nbytes for b in buckets)
 
     def rlhf_load_arrays(self, wire_plan: list, arrays: list) -> int:
         """Load a sync's weights given as one flat array per bucket (object-store transport)."""
         buckets, device = from_wire(wire_plan), self._rlhf_device()
-        self._rlhf_load(item for array, bucket in zip(arrays, buckets) for item in from_array(array, bucket, device))
+        self._rlhf_load((item for array, bucket in zip(arrays, buckets) for item in from_array(array, bucket, device)),
+                        is_partial(buckets))
         return sum(b.nbytes for b in buckets)
 
-    def _rlhf_load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
+    def _rlhf_load(self, weights: Iterable[tuple[str, torch.Tensor]], partial: bool = False) -> None:
+        """One in-place reload. ``partial``: the sync sends only the layers that changed (LoRA), so
+        vLLM's per-layer "Failed to load weights" / "weights were not loaded" warnings for the
+        others (norms, embeddings: unchanged, and vLLM keeps them) are expected and dropped."""
+        if not partial:
+            self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
+            return
+        loggers = [logging.getLogger(n) for n in _RELOAD_LOGGERS]
+        for lg in loggers:
+            lg.addFilter(_skipped_layers_filter)
+        try:
+            self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
+        finally:
+            for lg in loggers:
+                lg.removeFilter(_skipped_layers_filter)
+
+
+_RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace")
+
+
+def _skipped_layers_filter(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return "Failed to load weights" not in message and "weights were not loaded" not in message
+
+
+def is_partial(buckets: list) -> bool:
+    """Whether a sync's plan leaves layers out (a LoRA sync: only the adapted layers): every full
+    sync of a causal LM holds its input embeddings, a LoRA sync never does (they are not adapted)."""
+    return not any("embed_tokens" in s.name or ".wte." in s.name for b in buckets for s in b.specs)
