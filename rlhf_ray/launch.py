@@ -3,8 +3,13 @@
 Validates the config and the inputs before starting anything, then attaches to a Ray cluster
 (``--ray-address`` or ``RAY_ADDRESS``) or starts a local one with its dashboard on 127.0.0.1,
 creates the roles (vLLM rollout engines, reference, reward, DeepSpeed learner ranks) in their
-placement groups, and runs the PPO loop. Metrics go to ``<run_dir>/metrics.jsonl`` and
-TensorBoard; the run ends with a summary of reward and KL at start and end.
+placement groups, and runs the PPO loop. It prints the run directory, the dashboard, the
+Prometheus endpoint (metrics named ``ray_rlhf_*``), the actors' Ray namespace and the start-up
+phases (also in ``<run_dir>/ray.json`` and ``startup.json``). Metrics go to
+``<run_dir>/metrics.jsonl``, TensorBoard and, with ``--logging.wandb PROJECT``, Weights & Biases;
+``--logging.dump_rollouts_every N`` writes samples to ``<run_dir>/rollouts/``. Without a terminal
+the progress bar becomes a plain line every ``logging.log_every`` iterations. The run ends with a
+summary of reward and KL at start and end.
 
 Under ``ray job submit --working-dir . -- python -m rlhf_ray.launch ...`` the job runs in Ray's
 temporary copy of the working directory, which Ray deletes: a relative ``logging.run_dir`` is
@@ -16,15 +21,18 @@ Checkpoints: every ``--checkpoint.every`` iterations and on Ctrl-C/SIGTERM; ``--
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import time
 
-from rlhf_ray.config import (Config, ConfigError, config_to_dict, iter_fields, load_config, parse_overrides, redacted,
-                             resolve)
-from rlhf_ray.coordinator.placement import placement_plan
+STARTED_AT = time.perf_counter()  # start-up is reported from here (see coordinator.run.StartupClock)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from rlhf_ray.config import (Config, ConfigError, config_to_dict, iter_fields, load_config,  # noqa: E402
+                             parse_overrides, redacted, resolve)
+from rlhf_ray.coordinator.placement import placement_plan  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = run(cfg, run_dir_for(cfg), ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"),
-                      resume=args.resume)
+                      resume=args.resume, started_at=STARTED_AT)
     except (ValueError, FileNotFoundError, ImportError, TimeoutError) as exc:  # the inputs: before Ray starts
         return _fail(exc, 2, args.debug)
     except (RemoteCallError, NonFiniteError, SyncMismatchError) as exc:  # a run that could not go on

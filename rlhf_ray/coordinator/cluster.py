@@ -3,7 +3,7 @@ first ending what a killed earlier run left behind (``local_cluster.py``).
 
 The run's actors live in a named Ray namespace (``logging.ray_namespace``, by default the run
 directory's name), recorded in ``<run_dir>/ray.json`` and printed at start, so another shell can
-reach them: ``ray.init(address="auto", namespace=NS); ray.get_actor("rollout-0")``.
+reach them: ``ray.init(address=GCS, namespace=NS); ray.get_actor("rollout-0")`` (both printed).
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def banner(where: dict) -> str:
     metrics = where["metrics"] or "not available"
     if where.get("metrics_other_machines"):
         metrics += f" (from another machine: {where['metrics_other_machines']})"
-    ns = where["namespace"]
+    ns, address = where["namespace"], where.get("gcs_address") or "auto"
     return (f"Ray dashboard: {where['dashboard'] or 'not available'}\n"
             f"Prometheus metrics ({where['metric_prefix']}*): {metrics}\n"
             f"Ray namespace of the actors: {ns!r} (from another shell: "
-            f"ray.init(address='auto', namespace={ns!r}); ray.get_actor('rollout-0'))")
+            f"ray.init(address={address!r}, namespace={ns!r}); ray.get_actor('rollout-0'))")

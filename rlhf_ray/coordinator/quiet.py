@@ -115,6 +115,9 @@ def wrap_printer(printer: Callable[[dict], None], log: NoticeLog) -> Callable[[d
     """A Ray worker-output handler that passes ``printer`` only the lines to show."""
 
     def handler(data: dict) -> None:
+        if data.get("pid") == "autoscaler":  # Ray's own event stream: its printer picks what to show
+            printer(data)
+            return
         shown = log.split(list(data.get("lines", [])), _label(data))
         if shown:
             printer({**data, "lines": shown})

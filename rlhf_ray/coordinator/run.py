@@ -301,11 +301,13 @@ def write_config(cfg: Config, run_dir: str) -> str:
     return path
 
 
-def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str | None = None) -> dict:
+def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str | None = None,
+        started_at: float | None = None) -> dict:
     """Run PPO to ``ppo.iterations``; returns the summary (also written to <run_dir>/summary.json).
 
     ``resume``: a checkpoint, a run directory, or "auto" (see ``checkpoint.resolve_resume``);
-    the run then continues in the checkpoint's run directory."""
+    the run then continues in the checkpoint's run directory. ``started_at``: the launcher's
+    ``time.perf_counter()`` at start, so the start-up figure includes its imports."""
     import ray
 
     from rlhf_ray.coordinator import quiet
@@ -316,7 +318,7 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
     from rlhf_ray.coordinator.preflight import prepare_inputs
     from rlhf_ray.coordinator.wandb_log import WandbRun, require_wandb
 
-    clock = StartupClock()
+    clock = StartupClock(started_at)
     require_wandb(cfg.logging)  # a missing optional extra fails before anything starts
     inputs = prepare_inputs(cfg)
     clock.lap("inputs")
@@ -360,13 +362,16 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
 
 
 class StartupClock:
-    """Seconds per start-up phase, from ``run()``'s call to the first iteration: inputs (models,
+    """Seconds per start-up phase, from the launcher's start to the first iteration: imports, inputs (models,
     tokenizer, prompts, reward probe), ray (start or attach), roles (actors: process start and
     imports, model loads, engine build and compilation, DeepSpeed init, sync group), coordinator."""
 
-    def __init__(self) -> None:
+    def __init__(self, started_at: float | None = None) -> None:
         self.t0 = self.last = time.perf_counter()
         self.phases: dict[str, float] = {}
+        if started_at is not None:  # the launcher's imports (torch, transformers, Ray) come first
+            self.t0 = self.last = started_at
+            self.lap("imports")
 
     def lap(self, phase: str) -> None:
         now = time.perf_counter()

@@ -51,7 +51,8 @@ class WandbRun:
     @property
     def where(self) -> str:
         """The run's URL online, its directory offline."""
-        return self.run.url or self.run.dir
+        offline = self.run.settings.mode in ("offline", "dryrun")
+        return self.run.dir if offline else (self.run.url or self.run.dir)
 
     def log(self, scalars: dict[str, float]) -> None:
         self.run.log(dict(scalars))

@@ -79,7 +79,7 @@ def test_sigterm_stops_cleanly_with_a_checkpoint(tiny_llama, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "rlhf_ray.launch", "--config", "configs/demo_cpu.yaml", "--model.path", tiny_llama,
            "--model.build_tiny", "none", "--ppo.iterations", "400", "--logging.run_dir", str(run_dir),
-           "--logging.progress_bar", "false", "--rollout.prompts_per_iteration", "4",
+           "--rollout.prompts_per_iteration", "4",
            "--rollout.samples_per_prompt", "4", "--learner.micro_batch_size", "4", "--logging.tensorboard", "false",
            "--rollout.enforce_eager", "true"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
@@ -109,10 +109,22 @@ def test_sigterm_stops_cleanly_with_a_checkpoint(tiny_llama, tmp_path):
     actors = json.loads(urllib.request.urlopen(req, timeout=20).read())["data"]["result"]["result"]
     alive = {a["name"] for a in actors if a["state"] == "ALIVE"}
     assert {"rollout-0", "reference-0", "reward-0", "learner-0", "learner-1"} <= alive, alive
+    # Another driver reaches the run's actors through the namespace the run recorded and printed.
+    where = json.loads((run_dir / "ray.json").read_text())
+    probe = ("import ray, sys; ray.init(address=sys.argv[1], namespace=sys.argv[2], log_to_driver=False); "
+             "print('PING', ray.get(ray.get_actor('rollout-0').ping.remote(), timeout=60)['pid'])")
+    other = subprocess.run([sys.executable, "-c", probe, where["gcs_address"], where["namespace"]], cwd=ROOT,
+                           env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)
+    assert "PING" in other.stdout, other.stdout[-2000:] + other.stderr[-2000:]
     assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out[-3000:]
+    # What it printed is true and findable: names as Prometheus exports them, the endpoint and the
+    # namespace as recorded; no progress-bar frames in a log (stdout is a pipe here).
+    assert f"Prometheus metrics (ray_rlhf_*): {endpoint}" in out and f"'{where['namespace']}'" in out
+    assert "\r" not in out and "it 0 " in out and "[1/400 " in out
+    assert "Setting accelerator to CPU" not in out and (run_dir / "library_notices.log").exists()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped"] and not summary["completed"]
     stop_at = summary["final_iteration"]

@@ -59,3 +59,11 @@ def test_the_ray_printer_gets_only_the_lines_to_show_and_the_log_file_the_rest(t
     assert "(RolloutEngine pid=7) [thread binding]" in text and "(ReferenceModel pid=8) [weight loading bars]" in text
     assert SIGNAL[1] not in text
     assert "3 library notice line(s) sent to" in log.summary()
+
+
+def test_rays_autoscaler_stream_passes_through_untouched(tmp_path):
+    printed: list[dict] = []
+    log = NoticeLog(str(tmp_path / "library_notices.log"))
+    data = {"lines": ["", ""], "pid": "autoscaler", "is_err": False}
+    wrap_printer(printed.append, log)(data)
+    assert printed == [data] and log.summary() is None
