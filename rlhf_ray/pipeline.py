@@ -1,22 +1,26 @@
 """The whole RLHF recipe in one Ray session: demo data -> SFT -> reward model -> PPO.
 
-    python -m rlhf_ray.pipeline --config configs/pipeline_cpu.yaml                 # ~3 minutes on 2 CPU cores
+    scripts/demo.sh                                                                  # the main job
+    python -m rlhf_ray.pipeline --config configs/pipeline_cpu.yaml
     python -m rlhf_ray.pipeline --config configs/pipeline_cpu.yaml --stages "[ppo]"  # reuse the SFT and RM outputs
     python -m rlhf_ray.pipeline --config configs/pipeline_cpu.yaml --dry-run
 
-Writes the offline demo data ("answer in digits") if missing, fine-tunes the base model on it
-(``rlhf_ray.train_sft``), trains a Bradley-Terry reward model on preference pairs that favour
-digits, starting from the SFT model (``rlhf_ray.train_rm``), then runs PPO
-(``rlhf_ray.coordinator.run``) with the SFT model as policy and reference and the reward model as
-scorer. The config has one section per stage (``sft``, ``rm``, ``ppo``, each the stage's own
-tree); PPO's model and reward paths must name the SFT and RM outputs. Each stage's trainer ranks
-are removed before the next stage starts, so the stages share one cluster's CPUs.
+Writes the offline demo data for ``demo_task`` unless it is there (``compare``, "which is
+larger": ``rlhf_ray.data.compare_task``), fine-tunes the base model on the demonstrations
+(``rlhf_ray.train_sft``), trains a Bradley-Terry reward model on the preference pairs, starting
+from the SFT model (``rlhf_ray.train_rm``), then runs PPO (``rlhf_ray.coordinator.run``) with the
+SFT model as policy and frozen reference and the reward model as scorer. The config has one
+section per stage (``sft``, ``rm``, ``ppo``, each the stage's own tree); PPO's model and reward
+paths must name the SFT and RM outputs. Each stage's trainer ranks are removed before the next
+stage starts, so the stages share one cluster's CPUs.
 
-The final summary: SFT loss (first step, last epoch, held-out before/after), the RM's held-out
-pairwise accuracy, PPO's reward-model score and KL at start and end (means of the first and last
-5 iterations) and, for the demo task, the digit fraction of sampled answers from the SFT model
-and from the final PPO policy (``digit_check_prompts``). It is printed and written to
-``<ppo run dir>/pipeline_summary.json``.
+What the user reads at the end: each stage's one-line result (SFT loss, the RM's held-out
+pairwise accuracy, PPO's RM reward and KL), then for ``samples_shown`` held-out prompts the SFT
+model's answer beside the final policy's, with RM score and gold verdict (all of them in the
+PPO run's ``samples.md``; the gold check is ``ppo.reward.gold``, which the reward model never
+sees), and a one-line verdict: held-out gold accuracy and RM reward before -> after, final KL.
+``curves.png`` in the PPO run directory shows the RM reward with the gold check on one panel and
+the KL on another. The summary is also written to ``<ppo run dir>/pipeline_summary.json``.
 
 What it leaves out: hyper-parameter search; stages on separate clusters.
 """
@@ -41,7 +45,7 @@ def preflight(cfg: PipelineConfig) -> None:
     from rlhf_ray.supervised.run import prepare_model
 
     if cfg.demo_data_dir:
-        ensure_demo_data(cfg.demo_data_dir, seed=cfg.sft.seed)
+        ensure_demo_data(cfg.demo_data_dir, seed=cfg.sft.seed, task=cfg.demo_task)
     if "sft" in cfg.stages:
         prepare_model(cfg.sft)
     if "rm" in cfg.stages:
@@ -49,45 +53,33 @@ def preflight(cfg: PipelineConfig) -> None:
         rm_start = cfg.rm.model.path
         tok_path = cfg.sft.model.path if rm_start == cfg.sft.train.output_dir and "sft" in cfg.stages else rm_start
         load_preference_data(cfg.rm.data, AutoTokenizer.from_pretrained(tok_path), cfg.rm.seed)
-    if "ppo" in cfg.stages and not os.path.isfile(cfg.ppo.data.prompts) and \
-            not cfg.ppo.data.prompts.startswith("builtin:"):
-        raise FileNotFoundError(f"--ppo.data.prompts {cfg.ppo.data.prompts!r} does not exist; point it at the demo "
-                                "data's prompts.jsonl or set --demo_data_dir.")
+    if "ppo" in cfg.stages:
+        for flag, path in (("--ppo.data.prompts", cfg.ppo.data.prompts), ("--ppo.eval.prompts", cfg.ppo.eval.prompts)):
+            if path and not path.startswith("builtin:") and not os.path.isfile(path):
+                raise FileNotFoundError(f"{flag} {path!r} does not exist; point it at the demo data's file "
+                                        "or set --demo_data_dir.")
 
 
-def sample_digit_fraction(model_dir: str, prompts: list[str], max_new_tokens: int, seed: int) -> float:
-    """Mean digit fraction (the demo task's score) of one sampled answer per prompt (temperature 1)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def before_after(ppo: dict, shown: int) -> dict:
+    """What the user reads at the end: the first and last held-out evaluations of the PPO run
+    (iteration 0 is the SFT policy) side by side, and the one-line verdict's numbers."""
+    from rlhf_ray.coordinator.gold import eval_samples_path, read_eval_samples, side_by_side
 
-    from rlhf_ray.data.prompts import pad_token_id
-    from rlhf_ray.rewards import digit_fraction
-
-    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    enc = tok(prompts, return_tensors="pt", padding=True)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=max_new_tokens,
-                             pad_token_id=pad_token_id(tok))
-    answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    scores = digit_fraction(prompts, answers)
-    return sum(scores) / len(scores)
-
-
-def digit_check(cfg: PipelineConfig, run_dir: str) -> dict:
-    """Digit fraction of answers sampled from the SFT model and from PPO's final policy."""
-    from rlhf_ray.data.prompts import load_prompt_texts
-    from rlhf_ray.export import find_policy_dir
-
-    prompts = load_prompt_texts(cfg.ppo.data, cfg.ppo.seed)[: cfg.digit_check_prompts]
-    n_new = cfg.ppo.rollout.max_new_tokens
-    out = {"prompts": len(prompts),
-           "sft": sample_digit_fraction(cfg.sft.train.output_dir, prompts, n_new, cfg.ppo.seed)}
+    ev = ppo.get("eval") or {}
+    if not ev:
+        return {}
+    first, last = ev["first"], ev["last"]
+    out = {"first_iteration": first["iteration"], "last_iteration": last["iteration"],
+           "temperature": ev.get("temperature"), "responses": int(last.get("eval/samples", 0)),
+           "reward": [first.get("eval/reward_mean"), last.get("eval/reward_mean")],
+           "gold": [first.get("eval/gold_mean"), last.get("eval/gold_mean")],
+           "kl_end": ppo.get("kl_end"), "samples_md": ppo.get("samples")}
     try:
-        out["ppo"] = sample_digit_fraction(find_policy_dir(run_dir), prompts, n_new, cfg.ppo.seed)
-    except FileNotFoundError as exc:  # checkpoint.save_on_stop / save_hf_policy turned off
-        out["ppo_note"] = str(exc)
+        rows = side_by_side(read_eval_samples(eval_samples_path(ppo["run_dir"], first["iteration"])),
+                            read_eval_samples(eval_samples_path(ppo["run_dir"], last["iteration"])))
+        out["rows"] = rows[:shown]
+    except (OSError, ValueError) as exc:
+        out["rows_note"] = str(exc)
     return out
 
 
@@ -121,8 +113,7 @@ def run_pipeline(cfg: PipelineConfig, ray_address: str | None = None) -> dict:
         ppo = run_ppo(cfg.ppo, run_dir, ray_address=ray_address)
         summary["ppo"] = {k: v for k, v in ppo.items() if k != "placement"}
         seconds["ppo"] = time.perf_counter() - t
-        if cfg.digit_check_prompts:
-            summary["digit_fraction"] = digit_check(cfg, ppo["run_dir"])
+        summary["before_after"] = before_after(summary["ppo"], cfg.samples_shown)
         with open(os.path.join(ppo["run_dir"], "pipeline_summary.json"), "w") as fh:
             json.dump({**summary, "seconds": seconds}, fh, indent=2, default=str)
     summary["seconds"] = {**seconds, "total": time.perf_counter() - t0}
@@ -146,12 +137,32 @@ def format_summary(s: dict) -> str:
         lines.append(f"PPO: RM reward {x.get('reward_start', float('nan')):.3f} -> {x.get('reward_end', float('nan')):.3f}, "
                      f"KL {x.get('kl_start', float('nan')):.3f} -> {x.get('kl_end', float('nan')):.3f} "
                      f"(means of first/last 5 of {x.get('iterations', 0)} iterations); run: {x.get('run_dir')}")
-    if "digit_fraction" in s:
-        x = s["digit_fraction"]
-        lines.append(f"digit fraction of sampled answers ({x['prompts']} prompts): SFT {x['sft']:.3f} -> "
-                     f"PPO {x.get('ppo', float('nan')):.3f}")
+    ba = s.get("before_after") or {}
+    if ba.get("rows"):
+        from rlhf_ray.coordinator.gold import format_rows
+
+        how = "greedy" if not ba.get("temperature") else f"sampled at temperature {ba['temperature']:g}"
+        lines.append(f"held-out answers, iteration {ba['first_iteration']} (the SFT model) -> "
+                     f"{ba['last_iteration']} (after PPO), {how}:")
+        lines += format_rows(ba["rows"])
+        if ba.get("samples_md"):
+            lines.append(f"  (all of them: {ba['samples_md']})")
+    if ba:
+        lines.append(verdict(ba))
     lines.append("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in s["seconds"].items()))
     return "\n".join(lines)
+
+
+def verdict(ba: dict) -> str:
+    """The one-line verdict: held-out gold accuracy and RM reward before -> after, final KL."""
+    def pair(xs: list) -> str:
+        return " -> ".join("n/a" if x is None else f"{x:.3f}" for x in xs)
+
+    how = "greedy" if not ba.get("temperature") else f"sampled at temperature {ba['temperature']:g}"
+    gold = (f"held-out gold accuracy {pair(ba['gold'])} ({ba.get('responses', 0)} answers, {how}); "
+            if ba["gold"][0] is not None else "")
+    kl = "n/a" if ba.get("kl_end") is None else f"{ba['kl_end']:.3f}"
+    return f"VERDICT: {gold}held-out RM reward {pair(ba['reward'])}; final KL {kl}"
 
 
 def main(argv: list[str] | None = None) -> int:

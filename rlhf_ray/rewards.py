@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 from typing import Callable
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -29,6 +30,26 @@ def digit_fraction(prompts: list[str], responses: list[str]) -> list[float]:
 def word_count_target(prompts: list[str], responses: list[str], target: int = 4) -> list[float]:
     """Demo task "answer in four words": -|words - target| / target."""
     return [-abs(len(r.split()) - target) / target for r in responses]
+
+
+LARGER_PROMPT = "Q: which is larger, {a} or {b}? A:"
+"""The demo task "which is larger" (``rlhf_ray.data.compare_task``): two different numbers, one answer."""
+_LARGER = re.compile(r"which is larger, (\d+) or (\d+)\? A:$")
+
+
+def larger_number_correct(prompts: list[str], responses: list[str]) -> list[float]:
+    """Gold check of the demo task "which is larger": 1.0 when the response is exactly the larger
+    of the prompt's two numbers (spaces and one final "." allowed: " 52", "52."), else 0.0, so
+    " 52 52" and " 52 or 17" are wrong. The reward model is never shown this function: it learns
+    from preference pairs and only approximates it. A prompt of another form is a ValueError."""
+    out = []
+    for prompt, response in zip(prompts, responses, strict=True):
+        m = _LARGER.search(prompt.strip())
+        if m is None:
+            raise ValueError(f"not a 'which is larger' prompt: {prompt!r} (expected {LARGER_PROMPT!r})")
+        answer = response.strip().removesuffix(".").strip()
+        out.append(1.0 if answer == str(max(int(m[1]), int(m[2]))) else 0.0)
+    return out
 
 
 def load_reward_function(spec: str) -> RewardFn:

@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# The main job: distributed PPO on tiny offline models, on an embedded local Ray cluster.
-# Extra arguments are passed to the launcher (e.g. --ppo.iterations 50).
+# The main job: the whole RLHF recipe on tiny offline models, on an embedded local Ray cluster:
+# demo data -> SFT -> reward model (preference pairs) -> PPO against that reward model, judged by a
+# gold check the reward model never sees (configs/pipeline_cpu.yaml; ~3 minutes on 2 cores after set-up).
+# Extra arguments go to the pipeline (e.g. --ppo.ppo.iterations 50, --stages "[ppo]").
+# The one-stage PPO demo ("answer in digits", a reward function): scripts/demo.sh --one-stage
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
-exec .venv/bin/python -m rlhf_ray.launch --config configs/demo_cpu.yaml "$@"
+if [ "${1:-}" = "--one-stage" ]; then
+  shift
+  exec .venv/bin/python -m rlhf_ray.launch --config configs/demo_cpu.yaml "$@"
+fi
+exec .venv/bin/python -m rlhf_ray.pipeline --config configs/pipeline_cpu.yaml "$@"

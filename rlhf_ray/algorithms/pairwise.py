@@ -4,7 +4,11 @@
 context, not a target). ``pairwise_loss``: the Bradley-Terry loss of a reward model on
 preference pairs, ``-log sigmoid(r_chosen - r_rejected [- margin])`` (Ouyang et al. 2022,
 "Training language models to follow instructions with human feedback", arXiv:2203.02155,
-eq. 1; the margin term is Llama 2's, Touvron et al. 2023, arXiv:2307.09288, eq. 2).
+eq. 1; the margin term is Llama 2's, Touvron et al. 2023, arXiv:2307.09288, eq. 2), with an
+optional centering term ``c * (r_chosen + r_rejected)^2`` (Eisenstein et al. 2023, "Helping or
+Herding?", arXiv:2312.09244): the Bradley-Terry loss sees only differences, so a prompt may add
+any offset to all its scores; centering pulls each pair's scores around 0, so scores compare
+across prompts (what a PPO critic and a batch-normalised reward need).
 
 Normalisation follows ``losses.py``: a sum over the valid tokens (pairs) divided by
 ``num_tokens`` (``num_pairs``), which trainers set to the count of the whole optimiser step
@@ -80,8 +84,10 @@ def pairwise_loss(
     margin: torch.Tensor | float | None = None,
     *,
     num_pairs: float | torch.Tensor | None = None,
+    center_coef: float = 0.0,
 ) -> PairwiseLossOutput:
-    """Bradley-Terry loss ``sum_i -log sigmoid(r_chosen_i - r_rejected_i - margin_i) / num_pairs``.
+    """Bradley-Terry loss ``sum_i [-log sigmoid(r_chosen_i - r_rejected_i - margin_i)
+    + center_coef * (r_chosen_i + r_rejected_i)^2] / num_pairs``.
 
     ``-log sigmoid(x)`` is computed as ``softplus(-x)`` (``F.logsigmoid``), exact for large
     |x| where ``log(sigmoid(x))`` underflows to -inf.
@@ -93,6 +99,7 @@ def pairwise_loss(
             ``r_chosen - r_rejected > margin`` (Llama 2). None means 0.
         num_pairs: divisor; None uses B (at least 1). Pass the global pair count of the
             optimiser step.
+        center_coef: weight of the centering term (>= 0; 0 leaves it out).
 
     Returns:
         PairwiseLossOutput(loss, accuracy).
@@ -110,7 +117,12 @@ def pairwise_loss(
         num_pairs = max(diff.numel(), 1)
     elif not isinstance(num_pairs, torch.Tensor) and num_pairs <= 0:
         raise ValueError(f"num_pairs must be > 0, got {num_pairs}")
-    loss = -F.logsigmoid(diff).sum() / num_pairs
+    if center_coef < 0:
+        raise ValueError(f"center_coef must be >= 0, got {center_coef}")
+    per_pair = -F.logsigmoid(diff)
+    if center_coef:
+        per_pair = per_pair + center_coef * (r_chosen.float() + r_rejected.float()) ** 2
+    loss = per_pair.sum() / num_pairs
     with torch.no_grad():
         accuracy = (r_chosen.detach() > r_rejected.detach()).float().mean() if diff.numel() else diff.new_zeros(())
     return PairwiseLossOutput(loss, accuracy)

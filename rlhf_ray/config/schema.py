@@ -158,6 +158,10 @@ class RewardConfig:
     """Normalise scores by running mean/std before shaping."""
     missing_eos_penalty: float | None = None
     """Subtracted from the score of responses cut off without EOS."""
+    gold: str | None = None
+    """A gold check that is never trained on (module:function or file.py:function, like reward.function, e.g.
+    rlhf_ray.rewards:larger_number_correct): its mean is logged for each iteration's samples (gold_mean) and each
+    evaluation (eval/gold_mean), beside the reward it is compared with."""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,32 @@ def read_metrics(path: str) -> list[dict]:
     return read_records(path)
 
 
+def _plot_gold(ax, rows: list[dict], evals: list[dict]) -> None:
+    """The gold check (reward.gold) on the reward panel, on its own axis at the right: the proxy
+    reward and the gold check side by side, so over-optimisation of a reward model shows."""
+    train = [(r["iteration"], r["gold_mean"]) for r in rows if "gold_mean" in r]
+    held = [(r["iteration"], r["eval/gold_mean"]) for r in evals if "eval/gold_mean" in r]
+    if not train and not held:
+        return
+    gx = ax.twinx()
+    if train:
+        gx.plot([p[0] for p in train], [p[1] for p in train], color="tab:green", linewidth=1, alpha=0.7,
+                label="gold, training batches")
+    if held:
+        gx.plot([p[0] for p in held], [p[1] for p in held], "s-", color="darkgreen", markersize=4, linewidth=1,
+                label="gold, held-out evaluation")
+    gx.set_ylabel("gold check")
+    if all(0.0 <= v <= 1.0 for _, v in train + held):  # an accuracy: the whole range, so changes read true
+        gx.set_ylim(-0.02, 1.02)
+    for line in ax.get_lines():  # one legend for both axes (the twin would hide the reward's)
+        line.set_label(f"reward, {line.get_label()}")
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+    handles, labels = ax.get_legend_handles_labels()
+    more, more_labels = gx.get_legend_handles_labels()
+    gx.legend(handles + more, labels + more_labels, fontsize=7, loc="lower right")
+
+
 def write_plot(metrics_path: str, out_png: str,
                keys: tuple[str, ...] = ("reward_mean", "kl_mean", "value_loss"), eval_path: str | None = None) -> str:
     """Plot ``keys`` over iterations, one panel each, with the held-out evaluation's reward (from
@@ -32,6 +58,8 @@ def write_plot(metrics_path: str, out_png: str,
             ax.plot([r["iteration"] for r in evals], [r["eval/reward_mean"] for r in evals], "o-", markersize=4,
                     linewidth=1, label="held-out evaluation")
             ax.legend(fontsize=8)
+        if key == "reward_mean":
+            _plot_gold(ax, rows, evals)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("iteration")

@@ -23,6 +23,7 @@ class Inputs:
     eos_ids: list[int]
     tokenizer: object = None
     eval_prompts: PromptSet | None = None  # with eval.every > 0
+    gold: object = None  # a coordinator.gold.GoldCheck with reward.gold
 
 
 def eval_prompt_set(cfg: Config, prompts: PromptSet, tokenizer) -> tuple[PromptSet, PromptSet | None]:
@@ -114,8 +115,14 @@ def prepare_inputs(cfg: Config) -> Inputs:
 
         post_scores(cfg.reward.url or "", (prompts.texts * 2)[:2], ["", "42"], cfg.reward.http_timeout_s,
                     cfg.reward.http_retries)  # an endpoint that is down fails here, before Ray starts
+    gold = None
+    if cfg.reward.gold:
+        from rlhf_ray.coordinator.gold import GoldCheck
+
+        gold = GoldCheck(cfg.reward.gold, tok)  # an import error or a wrong name fails here
     if len(prompts.token_ids) < cfg.rollout.prompts_per_iteration:
         held = f" (after holding out {cfg.eval.holdout} for evaluation)" if cfg.eval.every and not cfg.eval.prompts else ""
         raise ValueError(f"only {len(prompts.token_ids)} usable prompts{held} but --rollout.prompts_per_iteration is "
                          f"{cfg.rollout.prompts_per_iteration}; add prompts or lower it.")
-    return Inputs(prompts, int(pad_id), [int(tok.eos_token_id), *cfg.rollout.stop_token_ids], tok, eval_prompts)
+    return Inputs(prompts, int(pad_id), [int(tok.eos_token_id), *cfg.rollout.stop_token_ids], tok, eval_prompts,
+                  gold)

@@ -19,6 +19,7 @@ from typing import IO, Callable
 from rlhf_ray.batch import decode_rows
 from rlhf_ray.config import Config, config_to_dict, redacted
 from rlhf_ray.coordinator import checkpoint as ckpt
+from rlhf_ray.coordinator.gold import write_eval_samples, write_samples_md
 from rlhf_ray.coordinator.metrics import MetricsSink, format_eval_line, format_line, format_progress
 from rlhf_ray.coordinator.pending import RemoteCallError
 from rlhf_ray.coordinator.preflight import Inputs
@@ -189,6 +190,9 @@ class Run:
     def evaluate(self) -> dict:
         """The policy on the held-out prompts now (see ``PPOCoordinator.evaluate``)."""
         metrics, batch = self.coord.evaluate()
+        _, gold = write_eval_samples(self.run_dir, self.coord.iteration, batch, self.inputs.tokenizer, self.inputs.gold)
+        if gold is not None:
+            metrics["eval/gold_mean"] = gold
         self.records.add_eval(metrics)
         self._say(format_eval_line(metrics))
         for line in sample_lines(batch, self.inputs.tokenizer, self.cfg.logging.print_samples):
@@ -198,6 +202,8 @@ class Run:
     def log(self, metrics: dict) -> None:
         """Record one iteration: files, progress bar, and every logging.log_every a full line."""
         metrics.update(self.recovery.counters())
+        if self.inputs.gold is not None:
+            metrics["gold_mean"] = self.inputs.gold.mean(self.coord.last_batch)
         self.records.add(metrics)
         self.dumper.maybe_dump(int(metrics["iteration"]), self.coord.last_batch)
         drawn = self.bar is not None and not self.bar.disable
@@ -246,6 +252,11 @@ class Run:
             summary["eval"] = {"first": records.eval_history[0], "last": records.eval_history[-1],
                                "prompts": len(self.inputs.eval_prompts.token_ids),
                                "temperature": cfg.eval.temperature}
+            first, last = (int(records.eval_history[i]["iteration"]) for i in (0, -1))
+            try:
+                summary["samples"] = write_samples_md(self.run_dir, first, last)
+            except (OSError, ValueError) as exc:  # e.g. a resumed run whose first evaluation's file is gone
+                self._say(f"samples.md not written: {exc}")
         if os.path.getsize(records.metrics.path) > 0:
             summary["plot"] = write_plot(records.metrics.path, os.path.join(self.run_dir, "curves.png"),
                                          eval_path=records.evals.path if records.evals is not None else None)

@@ -1,8 +1,11 @@
-"""Offline demo data for the "answer in digits" task: SFT examples, preference pairs, prompts.
+"""Offline demo data: SFT examples, preference pairs, prompts, for one of two tasks.
 
-    python -m rlhf_ray.data.demo_data --out artifacts/demo_data [--seed 0] [--sft 2000] [--pairs 2000] [--prompts 512]
+    python -m rlhf_ray.data.demo_data --out artifacts/demo_data [--task digits|compare] [--seed 0] [--sft N] ...
 
-Writes three JSONL files into ``--out``, deterministically for a seed, with no download:
+``--task compare`` ("which is larger", the main job's task, with a gold check and held-out
+prompts) is described in ``rlhf_ray.data.compare_task``. ``--task digits`` ("answer in digits",
+the default of the one-stage configs) writes three JSONL files into ``--out``, deterministically
+for a seed, with no download:
 
 - ``sft.jsonl``: ``{"prompt", "response"}``. The prompts are PPO's own (``builtin_prompts("digits")``:
   sums, counts, "the number after"); each response gives the right answer in one of several
@@ -32,7 +35,13 @@ _ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
          "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
 _TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 
-FILES = ("sft.jsonl", "preference.jsonl", "prompts.jsonl")
+TASK_FILES = {"digits": ("sft.jsonl", "preference.jsonl", "prompts.jsonl"),
+              "compare": ("sft.jsonl", "preference.jsonl", "prompts.jsonl", "eval_prompts.jsonl")}
+FILES = TASK_FILES["compare"]  # every file name a demo set may have
+SIZES = {"digits": {"n_sft": 2000, "n_pairs": 2000, "n_prompts": 512},
+         "compare": {"n_sft": 4000, "n_pairs": 8000, "n_prompts": 2048, "n_eval": 200}}
+VERSION = {"digits": 1, "compare": 2}  # raised when a task's generator changes: ensure_demo_data rewrites
+SPEC_FILE = "demo_data.json"  # what was written (task, seed, sizes), written last
 
 
 def number_words(n: int) -> str:
@@ -110,34 +119,57 @@ def _write_jsonl(path: str, records: list[dict]) -> None:
     os.replace(tmp, path)  # a reader never sees a half-written file
 
 
-def write_demo_data(out_dir: str, seed: int = 0, n_sft: int = 2000, n_pairs: int = 2000,
-                    n_prompts: int = 512) -> dict[str, str]:
-    """Write sft.jsonl, preference.jsonl and prompts.jsonl into ``out_dir``; returns their paths."""
+def write_demo_data(out_dir: str, seed: int = 0, n_sft: int | None = None, n_pairs: int | None = None,
+                    n_prompts: int | None = None, task: str = "digits", n_eval: int | None = None) -> dict[str, str]:
+    """Write the task's files (``TASK_FILES[task]``) into ``out_dir``; returns their paths. Sizes
+    left None take ``SIZES[task]``; ``n_eval`` (held-out unordered pairs) is for ``compare`` only."""
+    if task not in TASK_FILES:
+        raise ValueError(f"unknown demo task {task!r}; choose from {', '.join(TASK_FILES)}")
+    given = {"n_sft": n_sft, "n_pairs": n_pairs, "n_prompts": n_prompts, "n_eval": n_eval}
+    sizes = {k: given[k] if given[k] is not None else v for k, v in SIZES[task].items()}
+    if task == "compare":
+        from rlhf_ray.data.compare_task import task_records
+
+        records = task_records(seed, **sizes)
+    else:
+        records = {"sft.jsonl": sft_records(sizes["n_sft"], seed),
+                   "preference.jsonl": preference_records(sizes["n_pairs"], seed),
+                   "prompts.jsonl": prompt_records(sizes["n_prompts"], seed)}
     os.makedirs(out_dir, exist_ok=True)
-    paths = {name: os.path.join(out_dir, name) for name in FILES}
-    _write_jsonl(paths["sft.jsonl"], sft_records(n_sft, seed))
-    _write_jsonl(paths["preference.jsonl"], preference_records(n_pairs, seed))
-    _write_jsonl(paths["prompts.jsonl"], prompt_records(n_prompts, seed))
+    spec_path = os.path.join(out_dir, SPEC_FILE)
+    if os.path.exists(spec_path):
+        os.remove(spec_path)  # the set is incomplete until the spec is back
+    paths = {name: os.path.join(out_dir, name) for name in TASK_FILES[task]}
+    for name, path in paths.items():
+        _write_jsonl(path, records[name])
+    _write_jsonl(spec_path, [{"task": task, "version": VERSION[task], "seed": seed, **sizes}])
     return paths
 
 
-def ensure_demo_data(out_dir: str, seed: int = 0) -> dict[str, str]:
-    """Write the demo files only if one of them is missing (``--data.demo true``)."""
-    paths = {name: os.path.join(out_dir, name) for name in FILES}
-    if all(os.path.isfile(p) for p in paths.values()):
-        return paths
-    return write_demo_data(out_dir, seed)
+def ensure_demo_data(out_dir: str, seed: int = 0, task: str = "digits") -> dict[str, str]:
+    """Write the task's demo files with the default sizes unless ``out_dir`` already holds exactly
+    that set (same task and seed, every file present): a directory left by another task is rewritten."""
+    paths = {name: os.path.join(out_dir, name) for name in TASK_FILES.get(task, ())}
+    spec_path = os.path.join(out_dir, SPEC_FILE)
+    if paths and all(os.path.isfile(p) for p in paths.values()) and os.path.isfile(spec_path):
+        with open(spec_path) as fh:
+            spec = json.loads(fh.readline() or "{}")
+        if spec == {"task": task, "version": VERSION[task], "seed": seed, **SIZES[task]}:
+            return paths
+    return write_demo_data(out_dir, seed, task=task)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlhf_ray.data.demo_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--task", choices=sorted(TASK_FILES), default="digits")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sft", type=int, default=2000, help="SFT examples")
-    parser.add_argument("--pairs", type=int, default=2000, help="preference pairs")
-    parser.add_argument("--prompts", type=int, default=512, help="PPO prompts")
+    parser.add_argument("--sft", type=int, help="SFT examples (default: the task's size)")
+    parser.add_argument("--pairs", type=int, help="preference pairs")
+    parser.add_argument("--prompts", type=int, help="PPO prompts")
+    parser.add_argument("--eval-pairs", type=int, help="held-out number pairs (compare only; 2 prompts each)")
     args = parser.parse_args(argv)
-    paths = write_demo_data(args.out, args.seed, args.sft, args.pairs, args.prompts)
+    paths = write_demo_data(args.out, args.seed, args.sft, args.pairs, args.prompts, args.task, args.eval_pairs)
     for name, path in paths.items():
         with open(path) as fh:
             print(f"{path}: {sum(1 for _ in fh)} records")

@@ -140,6 +140,9 @@ class RMRunConfig:
     model: TrainModelConfig = field(default_factory=TrainModelConfig)
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="artifacts/rm"))
+    center_rewards_coef: float = 0.0
+    """Adds center_rewards_coef * (r_chosen + r_rejected)^2 per pair to the Bradley-Terry loss, so scores
+    sit around 0 for every prompt and compare across prompts (0: off; 0.01 is common)."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     resources: RoleResources = field(default_factory=RoleResources)
 
@@ -232,6 +235,8 @@ def validate_rm(cfg: RMRunConfig) -> TrainerSizes:
                       "or --data.eval_path.")
     if cfg.data.chosen_field == cfg.data.rejected_field:
         errors.append(f"--data.chosen_field and --data.rejected_field are both {cfg.data.chosen_field!r}.")
+    if cfg.center_rewards_coef < 0:
+        errors.append(f"--center_rewards_coef {cfg.center_rewards_coef} must be >= 0 (0 turns centering off).")
     raise_if_any(errors)
     return resolve_trainer(cfg)
 
@@ -246,9 +251,12 @@ class PipelineConfig:
     stages: tuple[str, ...] = ("sft", "rm", "ppo")
     """Stages to run, in order, e.g. --stages "[rm, ppo]"; a stage left out reuses the outputs an earlier run left."""
     demo_data_dir: str | None = "artifacts/pipeline/data"
-    """Write the offline demo data (sft.jsonl, preference.jsonl, prompts.jsonl) here first, if missing; unset: skip."""
-    digit_check_prompts: int = 64
-    """After PPO, sample this many prompts from the SFT and the final policy and report the digit fraction (0: skip)."""
+    """Write the offline demo data (sft.jsonl, preference.jsonl, prompts.jsonl, eval_prompts.jsonl) here first,
+    unless it already holds demo_task's set; unset: skip (the stages' data paths must exist)."""
+    demo_task: str = "compare"
+    """Which demo data to write: compare ("which is larger", with held-out prompts and a gold check) or digits."""
+    samples_shown: int = 8
+    """After PPO: print this many held-out prompts with the SFT answer beside the final one (all go to samples.md)."""
     sft: SFTRunConfig = field(default_factory=SFTRunConfig)
     rm: RMRunConfig = field(default_factory=RMRunConfig)
     ppo: Config = field(default_factory=Config)
@@ -279,6 +287,8 @@ def validate_pipeline(cfg: PipelineConfig) -> None:
     if cfg.ppo.reward.kind != "model" or cfg.ppo.reward.model_path != rm_out:
         errors.append(f"PPO must score with the trained reward model: set --ppo.reward.kind model and "
                       f"--ppo.reward.model_path {rm_out!r} (the --rm.train.output_dir).")
-    if cfg.digit_check_prompts < 0:
-        errors.append("--digit_check_prompts must be >= 0.")
+    if cfg.demo_task not in ("compare", "digits"):
+        errors.append(f"--demo_task {cfg.demo_task!r}: choose compare or digits.")
+    if cfg.samples_shown < 0:
+        errors.append("--samples_shown must be >= 0.")
     raise_if_any(errors)

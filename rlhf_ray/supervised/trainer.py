@@ -283,7 +283,7 @@ class RewardModelTrainer(SupervisedTrainer):
         rewards = self.engine(input_ids=ids, attention_mask=mask.long()).logits[:, 0].float()
         n = len(batch)
         r_c, r_r = rewards[:n], rewards[n:]
-        res = pairwise_loss(r_c, r_r, batch.margin, num_pairs=num_units)
+        res = pairwise_loss(r_c, r_r, batch.margin, num_pairs=num_units, center_coef=self.cfg.center_rewards_coef)
         with torch.no_grad():
             stats = {"units": torch.tensor(float(n), device=rewards.device), "loss": res.loss.detach() * num_units,
                      "accuracy": res.accuracy * n, "reward_chosen": r_c.sum(), "reward_rejected": r_r.sum(),

@@ -40,10 +40,11 @@ def test_files_are_deterministic_per_seed(tmp_path):
     a = write_demo_data(str(tmp_path / "a"), seed=0, n_sft=50, n_pairs=40, n_prompts=30)
     b = write_demo_data(str(tmp_path / "b"), seed=0, n_sft=50, n_pairs=40, n_prompts=30)
     c = write_demo_data(str(tmp_path / "c"), seed=1, n_sft=50, n_pairs=40, n_prompts=30)
-    for name in demo_data.FILES:
+    assert list(a) == list(demo_data.TASK_FILES["digits"])
+    for name in a:
         assert open(a[name]).read() == open(b[name]).read()
         assert open(a[name]).read() != open(c[name]).read()
-    assert [len(_read(a[n])) for n in demo_data.FILES] == [50, 40, 30]
+    assert [len(_read(a[n])) for n in a] == [50, 40, 30]
     assert set(_read(a["sft.jsonl"])[0]) == {"prompt", "response"}
     assert set(_read(a["preference.jsonl"])[0]) == {"prompt", "chosen", "rejected"}
     assert set(_read(a["prompts.jsonl"])[0]) == {"prompt"}

@@ -146,3 +146,19 @@ def test_sft_loss_shape_errors():
         sft_loss(logits, labels, mask[:, :4])
     with pytest.raises(ValueError, match="expected logits"):
         sft_loss(logits[0], labels, mask)
+
+
+def test_pairwise_loss_centering_hand_example():
+    # Pairs (2, 0) and (1, 3): BT terms softplus(-2) = 0.126928, softplus(2) = 2.126928; centering
+    # (2 + 0)^2 = 4 and (1 + 3)^2 = 16, times 0.1 -> 0.4 and 1.6. Sum 4.253856 / 2 pairs.
+    r_c, r_r = torch.tensor([2.0, 1.0]), torch.tensor([0.0, 3.0])
+    out = pairwise_loss(r_c, r_r, center_coef=0.1)
+    assert out.loss.item() == pytest.approx((0.126928 + 0.4 + 2.126928 + 1.6) / 2, abs=1e-5)
+    # The centering gradient on a pair is 2c(r_c + r_r) on both scores: it moves a prompt's offset
+    # (a shift of both scores) that the Bradley-Terry term cannot see.
+    shifted = pairwise_loss(r_c + 5, r_r + 5, center_coef=0.1)
+    plain, plain_shifted = pairwise_loss(r_c, r_r), pairwise_loss(r_c + 5, r_r + 5)
+    assert plain.loss.item() == pytest.approx(plain_shifted.loss.item())
+    assert shifted.loss.item() > out.loss.item() + 1.0
+    with pytest.raises(ValueError, match="center_coef must be >= 0"):
+        pairwise_loss(r_c, r_r, center_coef=-0.1)
