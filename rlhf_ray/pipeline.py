@@ -101,11 +101,13 @@ def run_pipeline(cfg: PipelineConfig, ray_address: str | None = None) -> dict:
         t = time.perf_counter()
         summary["sft"] = train_sft(cfg.sft, ray_address)
         seconds["sft"] = time.perf_counter() - t
+        print(f"stage 1/3 done in {seconds['sft']:.0f} s. " + stage_line("sft", summary["sft"]), flush=True)
     if "rm" in cfg.stages:
         print("\n=== stage 2/3: reward model ===")
         t = time.perf_counter()
         summary["rm"] = train_rm(cfg.rm, ray_address)
         seconds["rm"] = time.perf_counter() - t
+        print(f"stage 2/3 done in {seconds['rm']:.0f} s. " + stage_line("rm", summary["rm"]), flush=True)
     if "ppo" in cfg.stages:
         print("\n=== stage 3/3: PPO with the reward model ===")
         t = time.perf_counter()
@@ -113,6 +115,7 @@ def run_pipeline(cfg: PipelineConfig, ray_address: str | None = None) -> dict:
         ppo = run_ppo(cfg.ppo, run_dir, ray_address=ray_address)
         summary["ppo"] = {k: v for k, v in ppo.items() if k != "placement"}
         seconds["ppo"] = time.perf_counter() - t
+        print(f"stage 3/3 done in {seconds['ppo']:.0f} s. " + stage_line("ppo", summary["ppo"]), flush=True)
         summary["before_after"] = before_after(summary["ppo"], cfg.samples_shown)
         with open(os.path.join(ppo["run_dir"], "pipeline_summary.json"), "w") as fh:
             json.dump({**summary, "seconds": seconds}, fh, indent=2, default=str)
@@ -121,22 +124,23 @@ def run_pipeline(cfg: PipelineConfig, ray_address: str | None = None) -> dict:
     return summary
 
 
+def stage_line(stage: str, x: dict) -> str:
+    """One line of a stage's result (printed when the stage ends and again in the summary)."""
+    if stage == "sft":
+        return (f"SFT: train loss {x['train_loss_first_step']:.3f} (first step) -> {x['train_loss_last_epoch']:.3f} "
+                f"(last epoch); held-out loss {x['eval_before'].get('loss', float('nan')):.3f} -> "
+                f"{x['eval_after'].get('loss', float('nan')):.3f}")
+    if stage == "rm":
+        return (f"RM: held-out pairwise accuracy {x['eval_before']['accuracy']:.3f} -> "
+                f"{x['eval_after']['accuracy']:.3f} (chance 0.5)")
+    return (f"PPO: RM reward {x.get('reward_start', float('nan')):.3f} -> {x.get('reward_end', float('nan')):.3f}, "
+            f"KL {x.get('kl_start', float('nan')):.3f} -> {x.get('kl_end', float('nan')):.3f} "
+            f"(means of first/last 5 of {x.get('iterations', 0)} iterations); run: {x.get('run_dir')}")
+
+
 def format_summary(s: dict) -> str:
     lines = ["", "=== pipeline summary ==="]
-    if "sft" in s:
-        x = s["sft"]
-        lines.append(f"SFT: train loss {x['train_loss_first_step']:.3f} (first step) -> {x['train_loss_last_epoch']:.3f} "
-                     f"(last epoch); held-out loss {x['eval_before'].get('loss', float('nan')):.3f} -> "
-                     f"{x['eval_after'].get('loss', float('nan')):.3f}")
-    if "rm" in s:
-        x = s["rm"]
-        lines.append(f"RM: held-out pairwise accuracy {x['eval_before']['accuracy']:.3f} -> "
-                     f"{x['eval_after']['accuracy']:.3f} (chance 0.5)")
-    if "ppo" in s:
-        x = s["ppo"]
-        lines.append(f"PPO: RM reward {x.get('reward_start', float('nan')):.3f} -> {x.get('reward_end', float('nan')):.3f}, "
-                     f"KL {x.get('kl_start', float('nan')):.3f} -> {x.get('kl_end', float('nan')):.3f} "
-                     f"(means of first/last 5 of {x.get('iterations', 0)} iterations); run: {x.get('run_dir')}")
+    lines += [stage_line(stage, s[stage]) for stage in ("sft", "rm", "ppo") if stage in s]
     ba = s.get("before_after") or {}
     if ba.get("rows"):
         from rlhf_ray.coordinator.gold import format_rows

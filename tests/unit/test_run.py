@@ -137,3 +137,34 @@ def test_stop_request_ends_after_the_current_iteration_with_a_checkpoint(tmp_pat
     assert summary["iterations"] == 1 and summary["stopped"] and not summary["completed"]
     assert [os.path.basename(p) for p in run.roles.learners.saved] == ["iter_000001.tmp"]
     assert torch.is_tensor(run.coord.last_batch.input_ids)
+
+
+def test_gold_check_is_logged_and_evaluations_are_written_side_by_side(tmp_path):
+    from rlhf_ray.coordinator.gold import GoldCheck, read_eval_samples
+
+    gold_file = tmp_path / "gold.py"
+    gold_file.write_text("def odd(prompts, responses):\n    return [float(len(r) % 2) for r in responses]\n")
+    run = _run(tmp_path / "run", eval_every=2, reward={"gold": f"{gold_file}:odd"})
+    run.inputs.gold = GoldCheck(f"{gold_file}:odd", CharTokenizer())  # what preflight builds
+    run.iterate()
+    summary = run.finish()
+    metrics = _rows(tmp_path / "run" / "metrics.jsonl")
+    assert all(0.0 <= r["gold_mean"] <= 1.0 for r in metrics) and len(metrics) == 4
+    evals = _rows(tmp_path / "run" / "eval.jsonl")
+    for ev in evals:  # each evaluation's file holds its responses, their rewards and gold verdicts
+        rows = read_eval_samples(tmp_path / "run" / "eval_samples" / f"iter_{ev['iteration']:06d}.jsonl")
+        assert len(rows) == ev["eval/samples"]
+        assert [r["gold"] for r in rows] == [float(len(r["response"]) % 2) for r in rows]
+        assert ev["eval/gold_mean"] == pytest.approx(sum(r["gold"] for r in rows) / len(rows))
+    md = (tmp_path / "run" / "samples.md").read_text()
+    assert summary["samples"].endswith("samples.md")
+    assert "iteration 0 vs iteration 4" in md and md.count("\n| ") == 1 + len(rows)  # header + one row per response
+
+
+def test_without_a_gold_check_evaluations_are_still_written(tmp_path):
+    run = _run(tmp_path, eval_every=2)
+    run.iterate()
+    run.finish()
+    assert "gold_mean" not in _rows(tmp_path / "metrics.jsonl")[0]
+    rows = _rows(tmp_path / "eval_samples" / "iter_000004.jsonl")
+    assert rows and set(rows[0]) == {"prompt", "response", "reward"}
