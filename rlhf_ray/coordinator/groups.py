@@ -92,8 +92,11 @@ class LearnerGroup:
         return RayPending(refs, self.sources(), what, self.timeout_s, combine)
 
     def setup(self) -> Pending[list[dict]]:
-        addr, port = RayPending([self.actors[0].master_address.remote()], [("learner", 0)], "learner address",
-                                self.timeout_s, lambda xs: xs[0]).result()
+        # Ranks that all run on one machine rendezvous over 127.0.0.1: nothing listens on the network.
+        loopback = len({p["node_ip"] for p in self._all("learner ping", [a.ping.remote() for a in self.actors])
+                        .result()}) == 1
+        addr, port = RayPending([self.actors[0].master_address.remote(loopback)], [("learner", 0)],
+                                "learner address", self.timeout_s, lambda xs: xs[0]).result()
         return self._all("learner set-up", [a.setup.remote(addr, port) for a in self.actors])
 
     def _slices(self, batch: ExperienceBatch) -> list:

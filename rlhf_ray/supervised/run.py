@@ -70,7 +70,9 @@ class TrainerGroup:
     def setup(self, total_steps: int) -> list[dict]:
         import ray
 
-        addr, port = ray.get(self.actors[0].master_address.remote(), timeout=self.timeout_s)
+        # Ranks that all run on one machine rendezvous over 127.0.0.1: nothing listens on the network.
+        loopback = len({p["node_ip"] for p in self._all("ping", [a.ping.remote() for a in self.actors])}) == 1
+        addr, port = ray.get(self.actors[0].master_address.remote(loopback), timeout=self.timeout_s)
         return self._all("set-up", [a.setup.remote(addr, port, total_steps) for a in self.actors])
 
     def set_data(self, train, eval_set) -> None:

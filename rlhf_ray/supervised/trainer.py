@@ -58,10 +58,12 @@ class SupervisedTrainer(RoleBase):
         self.global_step = 0
 
     # ------------------------------------------------------------------ set-up
-    def master_address(self) -> tuple[str, int]:
+    def master_address(self, loopback: bool = False) -> tuple[str, int]:
         """Where the group (rank 0) listens; call on rank 0 before ``setup``. The rendezvous store
-        starts here, on this node's address only, at a port held from now on (``serve_rendezvous``)."""
-        host, port, self._master_store = serve_rendezvous(self.node_ip(), self.cfg.train.call_timeout_s)
+        starts here, on 127.0.0.1 when ``loopback`` (every rank on this machine) or else on this
+        node's address only, at a port held from now on (``serve_rendezvous``)."""
+        host = "127.0.0.1" if loopback else self.node_ip()
+        host, port, self._master_store = serve_rendezvous(host, self.cfg.train.call_timeout_s)
         return host, port
 
     def setup(self, master_addr: str, master_port: int, total_steps: int) -> dict:

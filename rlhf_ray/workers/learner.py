@@ -100,15 +100,17 @@ class Learner(WeightSender, RoleBase):
         self.shard: ExperienceBatch | None = None  # this rank's slice, kept from compute_old for train
 
     # ------------------------------------------------------------------ set-up
-    def master_address(self) -> tuple[str, int]:
+    def master_address(self, loopback: bool = False) -> tuple[str, int]:
         """Where the learner group (rank 0) listens; call on rank 0 before ``setup``.
 
-        The group's TCPStore server starts here, on this node's address only, at a port the
+        The group's TCPStore server starts here, on 127.0.0.1 when ``loopback`` (every rank runs
+        on this machine) or else on this node's address only, at a port the
         kernel picks, and stays up: in ``setup`` torch's env:// rendezvous (through DeepSpeed)
         creates rank 0's store with ``multi_tenant=True``, which reuses this server instead of
         binding the port again. So the port cannot be taken in between (as after ``free_port``)
         and the store does not listen on every interface."""
-        host, port, self._master_store = serve_rendezvous(self.node_ip(), self.spec.call_timeout_s)
+        host = "127.0.0.1" if loopback else self.node_ip()
+        host, port, self._master_store = serve_rendezvous(host, self.spec.call_timeout_s)
         return host, port
 
     def setup(self, master_addr: str, master_port: int) -> dict:

@@ -114,7 +114,9 @@ from tests.unit.test_sync_group_lifecycle import _accepts, _spec
 from rlhf_ray.workers.learner import Learner
 
 learner = Learner(_spec(), rank=0)
-host, port = learner.master_address()
+loopback = sys.argv[1] == "1"
+host, port = learner.master_address(loopback=loopback)
+assert host == "127.0.0.1" or not loopback, host
 try:
     with socket.socket() as other:
         other.bind((host, port))
@@ -135,10 +137,12 @@ print("OK", host, port)
 """
 
 
-def test_master_address_serves_the_learner_group_store_on_a_reserved_port():
-    # A subprocess: the default process group is global to a process.
-    proc = subprocess.run([sys.executable, "-c", MASTER], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=120)
+@pytest.mark.parametrize("loopback", [True, False])
+def test_master_address_serves_the_learner_group_store_on_a_reserved_port(loopback):
+    # A subprocess: the default process group is global to a process. With every rank on one
+    # machine (loopback) the store listens on 127.0.0.1 only; else on the node's address only.
+    proc = subprocess.run([sys.executable, "-c", MASTER, "1" if loopback else "0"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
