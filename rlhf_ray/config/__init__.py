@@ -42,13 +42,14 @@ from rlhf_ray.config.schema import (
     get_path,
 )
 from rlhf_ray.config.sizes import Sizes, _divide, resolve
-from rlhf_ray.config.validate import field_errors, optimizer_errors, raise_if_any, resource_errors, validate
+from rlhf_ray.config.validate import (field_errors, interface_errors, optimizer_errors, raise_if_any, resource_errors,
+                                      validate)
 
 __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "FrozenDict", "LearnerConfig",
     "LoggingConfig", "ModelConfig", "PPOConfig", "ReferenceConfig", "ResourcesConfig", "RewardConfig",
     "RoleResources", "RolloutConfig", "Sizes", "SyncConfig", "config_from_dict", "config_to_dict", "field_docs",
-    "get_path", "iter_fields", "load_config", "parse_overrides", "resolve", "validate", "field_errors", "optimizer_errors",
+    "get_path", "iter_fields", "load_config", "parse_overrides", "resolve", "validate", "field_errors", "interface_errors", "optimizer_errors",
     "raise_if_any", "resource_errors", "redact_url", "redacted",
 ]
 # _divide (not in __all__) stays importable from here as it was from the single-module config.

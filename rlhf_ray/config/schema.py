@@ -376,6 +376,10 @@ class ResourcesConfig:
     """Rollout/reference/reward actors that died or hung are replaced at most this many times per run."""
     max_learner_restarts: int = 2
     """The learner group is restarted from the last checkpoint at most this many times per run."""
+    network_interface: str | None = None
+    """Multi-node runs: the network interface (e.g. eth1) the gloo/NCCL groups use, set for every actor as
+    GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME. The stores listen on each node's Ray address: start Ray on
+    each node with ray start --node-ip-address <its address on that interface>. Unset: the libraries choose."""
 
 
 @dataclass(frozen=True)

@@ -256,8 +256,22 @@ def _eval_errors(cfg: Config) -> list[str]:
     return errors
 
 
+def interface_errors(name: str | None, flag: str) -> list[str]:
+    """A named network interface must exist on this machine (where the driver runs, a node of the cluster)."""
+    import socket
+
+    if not name:
+        return []
+    have = sorted(n for _, n in socket.if_nameindex())
+    if name not in have:
+        return [f"{flag} {name!r}: no such network interface on this machine (it has {', '.join(have)}); "
+                "name the interface of the cluster network, or unset it."]
+    return []
+
+
 def _resource_errors(cfg: Config) -> list[str]:
     res, errors = cfg.resources, []
+    errors += interface_errors(res.network_interface, "--resources.network_interface")
     if res.max_actor_restarts < 0 or res.max_learner_restarts < 0:
         errors.append("--resources.max_actor_restarts and --resources.max_learner_restarts must be >= 0.")
     if cfg.checkpoint.every < 0:

@@ -26,9 +26,13 @@ from rlhf_ray.workers.learner import LearnerSpec
 from rlhf_ray.workers.rollout import SamplingSpec
 
 
-def base_env(threads: int) -> dict[str, str]:
-    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+def base_env(threads: int, network_interface: str | None = None) -> dict[str, str]:
+    """Environment of every role's actor; ``network_interface`` pins gloo's and NCCL's sockets."""
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    if network_interface:
+        env.update(GLOO_SOCKET_IFNAME=network_interface, NCCL_SOCKET_IFNAME=network_interface)
+    return env
 
 
 class RolloutGroup:
@@ -225,7 +229,7 @@ class Roles:
         res = getattr(self.cfg.resources, role)
         gen = self.generation.get(source, 0)
         name = f"{role}-{i}" + (f"-r{gen}" if gen else "")
-        env = base_env(res.threads)
+        env = base_env(res.threads, self.cfg.resources.network_interface)
         if isinstance(spec, EngineSpec):
             env.update(engine_env(spec))
         return actor_cls.options(**actor_options(self.pgs[role], i, res, name, env)).remote(spec, i)

@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlhf_ray.config import (Config, ConfigError, LearnerConfig, RoleResources, field_errors, optimizer_errors,
-                             raise_if_any, resource_errors)
+from rlhf_ray.config import (Config, ConfigError, LearnerConfig, RoleResources, field_errors, interface_errors,
+                             optimizer_errors, raise_if_any, resource_errors)
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,8 @@ class TrainConfig:
     """Also write the per-epoch metrics as TensorBoard events under <output_dir>/tensorboard."""
     placement_timeout_s: float = 120.0
     """Give up with an error if the trainer ranks' placement group is not ready by then."""
+    network_interface: str | None = None
+    """Multi-node: the interface the ranks' gloo/NCCL group uses (see the PPO config's resources.network_interface)."""
     call_timeout_s: float = 1800.0
     """Timeout of any single remote call (set-up, one epoch, evaluation, saving)."""
     checkpoint_every: int = 0
@@ -203,6 +205,7 @@ _PPO_ONLY = {"value_head_lr": None, "micro_batch_tokens": 0, "forward_max_tokens
 def _common_errors(cfg: TrainerRunConfig) -> list[str]:
     errors = field_errors(cfg, _CHOICES, _POSITIVE) + optimizer_errors(cfg.learner)
     errors += resource_errors(cfg.resources, "resources")
+    errors += interface_errors(cfg.train.network_interface, "--train.network_interface")
     if cfg.train.max_steps < 0:
         errors.append("--train.max_steps must be >= 0 (0: no limit).")
     if cfg.train.checkpoint_every < 0:

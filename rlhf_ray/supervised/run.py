@@ -60,7 +60,7 @@ class TrainerGroup:
         check_fits(plan, ray.cluster_resources())
         self.pg = create_groups(plan, cfg.train.placement_timeout_s)[plan[0].role]
         self.actors = [actor_cls.options(**actor_options(self.pg, i, res, f"{cfg.name}-{role}-{i}",
-                                                         base_env(res.threads))).remote(cfg, i, n)
+                                                         base_env(res.threads, cfg.train.network_interface))).remote(cfg, i, n)
                        for i in range(n)]
 
     def _all(self, what: str, refs: list) -> list:
