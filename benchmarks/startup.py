@@ -77,6 +77,22 @@ def ray_system_cpu() -> dict[str, float]:
     return dict(out)
 
 
+def idle_workers() -> list[int]:
+    """Pids of this node's idle Ray workers (children of its raylet named ray::IDLE)."""
+    from ray._private.worker import global_worker
+
+    raylets = {info.process.pid for info in global_worker.node.all_processes.get("raylet", [])}
+    out = []
+    for pid in os.popen("pgrep -f 'ray::IDLE'").read().split():
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if int(fh.read().rsplit(")", 1)[1].split()[1]) in raylets:
+                    out.append(int(pid))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
@@ -108,7 +124,7 @@ def main() -> None:
     clock.lap("roles")
     role_cpu = {name: cpu_seconds(p["pid"]) for name, p in roles.placement.items()}
     system_cpu = ray_system_cpu()
-    idle = [int(pid) for pid in os.popen("pgrep -f 'ray::IDLE'").read().split()]
+    idle = idle_workers()
     idle_cpu = sum(c for c in (cpu_seconds(pid) for pid in idle) if c is not None)
     try:
         coord = PPOCoordinator(cfg, inputs.prompts, inputs.pad_id, inputs.eos_ids, roles.rollout, roles.reference,

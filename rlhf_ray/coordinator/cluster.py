@@ -15,6 +15,9 @@ from rlhf_ray.coordinator.local_cluster import record, reap_orphans
 from rlhf_ray.coordinator.metrics import EXPORTED_PREFIX
 
 
+NO_PRESTART = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
+
+
 def _remember_local_cluster() -> None:
     """Record the local cluster's processes (for a later start, should this driver be killed);
     forget them at a clean exit, when Ray stops them itself."""
@@ -60,9 +63,12 @@ def start_ray(address: str | None, namespace: str | None = None) -> dict:
             ended = reap_orphans()
             if ended:
                 print(f"ended {len(ended)} process(es) of a local Ray cluster left behind by a run that was killed")
-            # The dashboard (an HTTP API that can submit jobs) listens on loopback only.
+            # The dashboard (an HTTP API that can submit jobs) listens on loopback only. No idle
+            # workers are prestarted: every role is an actor with its own runtime env (threads),
+            # which a prestarted worker cannot host, so they only took CPU from the roles' start-up
+            # (2 processes importing Ray on a 2-core node, ~1 CPU-second; benchmarks/startup.py).
             ray.init(address="local", namespace=namespace, include_dashboard=True, dashboard_host="127.0.0.1",
-                     runtime_env=env, log_to_driver=True)
+                     runtime_env=env, log_to_driver=True, _system_config=NO_PRESTART)
             _remember_local_cluster()
     ctx = ray.get_runtime_context()
     node = next((n for n in ray.nodes() if n["NodeID"] == ctx.get_node_id()), {})
