@@ -8,11 +8,12 @@ import socket
 import pytest
 
 from rlhf_ray.config import ConfigError, load_config
-from rlhf_ray.coordinator.groups import base_env
 from rlhf_ray.supervised.config import SFTRunConfig, validate_sft
 
 
 def test_the_named_interface_reaches_every_actor_env():
+    from rlhf_ray.coordinator.groups import base_env  # imports Ray: inside, so tests/unit collects without it
+
     env = base_env(2, "eth7")
     assert env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == "eth7" and env["OMP_NUM_THREADS"] == "2"
     assert "GLOO_SOCKET_IFNAME" not in base_env(2) and "NCCL_SOCKET_IFNAME" not in base_env(2, None)
