@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: the whole RLHF recipe on tiny offline models, on an embedded local Ray cluster:
 # demo data -> SFT -> reward model (preference pairs) -> PPO against that reward model, judged by a
-# gold check the reward model never sees (configs/pipeline_cpu.yaml; ~3 minutes on 2 cores after set-up).
+# gold check the reward model never sees (configs/pipeline_cpu.yaml; ~2 minutes on 2 cores after set-up).
 # Extra arguments go to the pipeline (e.g. --ppo.ppo.iterations 50, --stages "[ppo]").
 # The one-stage PPO demo ("answer in digits", a reward function): scripts/demo.sh --one-stage
 set -euo pipefail
