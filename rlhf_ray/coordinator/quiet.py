@@ -83,6 +83,7 @@ class NoticeLog:
         self.filter = LineFilter()
         self._lock = threading.Lock()
         self._fh = None
+        self.restore: Callable[[], None] = lambda: None  # set by install(): puts Ray's printer back
 
     def split(self, lines: list[str], label: str) -> list[str]:
         shown, filtered = self.filter.split(lines, label)
@@ -101,6 +102,8 @@ class NoticeLog:
         return f"{total} library notice line(s) sent to {self.path} (logging.filter_warnings)"
 
     def close(self) -> None:
+        """Stop filtering (Ray's own printer again) and close the file."""
+        self.restore()
         with self._lock:
             if self._fh is not None:
                 self._fh.close()
@@ -139,6 +142,15 @@ def install(run_dir: str) -> NoticeLog | None:
         if not found:
             return None
         i = found[0]
-        handlers[i] = ("ray_print_logs", wrap_printer(handlers[i][1], log))
+        original = handlers[i][1]
+        handlers[i] = ("ray_print_logs", wrap_printer(original, log))
         dispatcher.handlers = handlers
+
+    def restore() -> None:
+        with dispatcher._lock:
+            dispatcher.handlers = [(name, original if name == "ray_print_logs" else h)
+                                   for name, h in dispatcher.handlers]
+        log.restore = lambda: None
+
+    log.restore = restore
     return log

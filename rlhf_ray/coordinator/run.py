@@ -339,35 +339,41 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
     os.makedirs(run_dir, exist_ok=True)
     print(f"run directory: {os.path.abspath(run_dir)}")
     write_config(cfg, run_dir)
-    where = start_ray(ray_address, namespace_for(cfg.logging.ray_namespace, run_dir))
-    with open(os.path.join(run_dir, "ray.json"), "w") as fh:
-        json.dump(where, fh, indent=2)
-    notices = quiet.install(run_dir) if cfg.logging.filter_warnings else None
-    clock.lap("ray")
-    check_fits(placement_plan(cfg), ray.cluster_resources())
-    roles = Roles(cfg)
-    clock.lap("roles")
-    print(f"roles up in {clock.phases['roles']:.1f} s: {cfg.rollout.num_engines} rollout engine(s), reference, "
-          f"reward, {cfg.learner.num_ranks} learner rank(s) (ZeRO-{cfg.learner.zero_stage})")
-    with open(os.path.join(run_dir, "placement.json"), "w") as fh:
-        json.dump(roles.placement, fh, indent=2)
+    # W&B before Ray: a login or project problem stops the run before anything starts.
+    wandb = WandbRun(cfg.logging, run_dir, redacted(config_to_dict(cfg)), resume=bool(resume_from)) \
+        if cfg.logging.wandb else None
+    notices = None
     try:
-        coord = PPOCoordinator(cfg, inputs.prompts, inputs.pad_id, inputs.eos_ids, roles.rollout, roles.reference,
-                               roles.reward, roles.learners, roles.weight_sync, put=ray.put,
-                               eval_prompts=inputs.eval_prompts)
-        wandb = WandbRun(cfg.logging, run_dir, redacted(config_to_dict(cfg)), resume=bool(resume_from)) \
-            if cfg.logging.wandb else None
-    except BaseException:
-        roles.shutdown()
-        raise
-    clock.lap("coordinator")
-    print(clock.line() + (f"; W&B: {wandb.where}" if wandb is not None else ""))
-    clock.save(os.path.join(run_dir, "startup.json"))
-    try:
-        return Run(cfg, run_dir, inputs, roles, coord, wandb=wandb).execute(resume_from)
+        where = start_ray(ray_address, namespace_for(cfg.logging.ray_namespace, run_dir))
+        with open(os.path.join(run_dir, "ray.json"), "w") as fh:
+            json.dump(where, fh, indent=2)
+        notices = quiet.install(run_dir) if cfg.logging.filter_warnings else None
+        clock.lap("ray")
+        check_fits(placement_plan(cfg), ray.cluster_resources())
+        roles = Roles(cfg)
+        clock.lap("roles")
+        print(f"roles up in {clock.phases['roles']:.1f} s: {cfg.rollout.num_engines} rollout engine(s), reference, "
+              f"reward, {cfg.learner.num_ranks} learner rank(s) (ZeRO-{cfg.learner.zero_stage})")
+        with open(os.path.join(run_dir, "placement.json"), "w") as fh:
+            json.dump(roles.placement, fh, indent=2)
+        try:
+            coord = PPOCoordinator(cfg, inputs.prompts, inputs.pad_id, inputs.eos_ids, roles.rollout, roles.reference,
+                                   roles.reward, roles.learners, roles.weight_sync, put=ray.put,
+                                   eval_prompts=inputs.eval_prompts)
+        except BaseException:
+            roles.shutdown()
+            raise
+        clock.lap("coordinator")
+        print(clock.line() + (f"; W&B: {wandb.where}" if wandb is not None else ""))
+        clock.save(os.path.join(run_dir, "startup.json"))
+        the_run = Run(cfg, run_dir, inputs, roles, coord, wandb=wandb)
+        wandb = None  # the run's records finish it from here on
+        return the_run.execute(resume_from)
     finally:
+        if wandb is not None:  # start-up failed before the run took it over
+            wandb.finish()
         if notices is not None:
-            notices.close()
+            notices.close()  # and Ray's printer is restored
             if notices.summary():
                 print(notices.summary())
 

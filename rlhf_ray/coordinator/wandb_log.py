@@ -42,9 +42,14 @@ class WandbRun:
         os.makedirs(directory, exist_ok=True)
         # console="off": W&B would otherwise wrap stdout/stderr (our progress output and its
         # tty detection); id=name so a resumed run (same run directory) continues the same W&B run.
-        self.run = wandb.init(project=logging.wandb, name=name, id=_run_id(name), dir=directory, config=config,
-                              resume="allow" if resume else None,
-                              settings=wandb.Settings(console="off", quiet=True))
+        try:
+            self.run = wandb.init(project=logging.wandb, name=name, id=_run_id(name), dir=directory, config=config,
+                                  resume="allow" if resume else None,
+                                  settings=wandb.Settings(console="off", quiet=True))
+        except Exception as exc:  # no login, no network, unknown entity: one message, before Ray starts
+            raise ValueError(f"W&B could not start a run in project {logging.wandb!r} (--logging.wandb): {exc}. "
+                             "Log in (`wandb login` or WANDB_API_KEY), set WANDB_MODE=offline to write the run "
+                             "locally, or unset --logging.wandb.") from exc
         self.run.define_metric("iteration")
         self.run.define_metric("*", step_metric="iteration")
 

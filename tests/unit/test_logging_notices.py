@@ -67,3 +67,22 @@ def test_rays_autoscaler_stream_passes_through_untouched(tmp_path):
     data = {"lines": ["", ""], "pid": "autoscaler", "is_err": False}
     wrap_printer(printed.append, log)(data)
     assert printed == [data] and log.summary() is None
+
+
+def test_install_wraps_rays_printer_and_close_puts_it_back(tmp_path):
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from rlhf_ray.coordinator.quiet import install
+
+    printed: list[dict] = []
+    saved = list(dispatcher.handlers)
+    dispatcher.handlers = [("ray_print_logs", printed.append)]
+    try:
+        log = install(str(tmp_path))
+        dispatcher.emit({"lines": [NOISE["thread binding"], SIGNAL[0]], "pid": 3, "is_err": False})
+        log.close()
+        dispatcher.emit({"lines": [NOISE["thread binding"]], "pid": 3, "is_err": False})
+    finally:
+        dispatcher.handlers = saved
+    assert [d["lines"] for d in printed] == [[SIGNAL[0]], [NOISE["thread binding"]]]
+    assert (tmp_path / "library_notices.log").read_text().count("[thread binding]") == 1
