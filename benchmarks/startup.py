@@ -107,7 +107,7 @@ def main() -> None:
     from rlhf_ray.coordinator.groups import Roles
     from rlhf_ray.coordinator.loop import PPOCoordinator
     from rlhf_ray.coordinator.preflight import prepare_inputs
-    from rlhf_ray.coordinator.run import StartupClock
+    from rlhf_ray.coordinator.startup import StartupClock
 
     overrides = dict(kv.split("=", 1) for kv in args.set)
     cfg = load_config(str(_env.DEMO_CONFIG), {"eval.every": "0", "logging.tensorboard": "false", **overrides})

@@ -25,6 +25,7 @@ from rlhf_ray.coordinator.pending import RemoteCallError
 from rlhf_ray.coordinator.preflight import Inputs
 from rlhf_ray.coordinator.recovery import Recovery
 from rlhf_ray.coordinator.rollout_dump import RolloutDumper
+from rlhf_ray.coordinator.startup import StartupClock
 
 
 def sample_lines(batch, tokenizer, k: int) -> list[str]:
@@ -376,28 +377,3 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
             notices.close()  # and Ray's printer is restored
             if notices.summary():
                 print(notices.summary())
-
-
-class StartupClock:
-    """Seconds per start-up phase, from the launcher's start to the first iteration: imports, inputs (models,
-    tokenizer, prompts, reward probe), ray (start or attach), roles (actors: process start and
-    imports, model loads, engine build and compilation, DeepSpeed init, sync group), coordinator."""
-
-    def __init__(self, started_at: float | None = None) -> None:
-        self.t0 = self.last = time.perf_counter()
-        self.phases: dict[str, float] = {}
-        if started_at is not None:  # the launcher's imports (torch, transformers, Ray) come first
-            self.t0 = self.last = started_at
-            self.lap("imports")
-
-    def lap(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.phases[phase], self.last = now - self.last, now
-
-    def line(self) -> str:
-        parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
-        return f"start-up {self.last - self.t0:.1f} s ({parts})"
-
-    def save(self, path: str) -> None:
-        with open(path, "w") as fh:
-            json.dump({"total_s": self.last - self.t0, **{f"{k}_s": v for k, v in self.phases.items()}}, fh, indent=2)

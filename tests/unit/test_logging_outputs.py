@@ -11,7 +11,6 @@ import math
 import struct
 
 import pytest
-import torch
 
 from rlhf_ray.algorithms import kl_estimate
 from rlhf_ray.coordinator.cluster import banner, metrics_urls, namespace_for
@@ -213,3 +212,17 @@ def test_namespace_is_per_run_from_the_run_directory():
     assert namespace_for("rlhf_ray-{run}", "/x/runs/demo_cpu-20261127-101500/") == "rlhf_ray-demo_cpu-20261127-101500"
     assert namespace_for("fixed", "/x/runs/a") == "fixed"
     assert metrics_urls("10.0.0.1", None) == (None, None)
+
+
+def test_startup_clock_counts_from_the_launchers_start_and_saves_each_phase(tmp_path):
+    import time
+
+    from rlhf_ray.coordinator.startup import StartupClock
+
+    clock = StartupClock(started_at=time.perf_counter() - 5.0)  # the launcher started 5 s ago
+    clock.lap("ray")
+    clock.save(str(tmp_path / "startup.json"))
+    saved = json.loads((tmp_path / "startup.json").read_text())
+    assert list(clock.phases) == ["imports", "ray"] and clock.phases["imports"] == pytest.approx(5.0, abs=0.5)
+    assert saved["total_s"] == pytest.approx(sum(clock.phases.values())) and saved["imports_s"] >= 4.5
+    assert clock.line().startswith("start-up 5.") and "imports 5." in clock.line()
