@@ -94,6 +94,11 @@ def run_pipeline(cfg: PipelineConfig, ray_address: str | None = None) -> dict:
     t0 = time.perf_counter()
     preflight(cfg)
     start_ray(ray_address)
+    notices = None
+    if cfg.ppo.logging.filter_warnings:  # the SFT and RM stages' notices; PPO's go to its run directory
+        from rlhf_ray.coordinator import quiet
+
+        notices = quiet.install(os.path.dirname(os.path.abspath(cfg.sft.train.output_dir)))
     summary: dict = {"stages": list(cfg.stages)}
     seconds: dict[str, float] = {}
     if "sft" in cfg.stages:
@@ -120,6 +125,8 @@ def run_pipeline(cfg: PipelineConfig, ray_address: str | None = None) -> dict:
         with open(os.path.join(ppo["run_dir"], "pipeline_summary.json"), "w") as fh:
             json.dump({**summary, "seconds": seconds}, fh, indent=2, default=str)
     summary["seconds"] = {**seconds, "total": time.perf_counter() - t0}
+    if notices is not None and notices.summary():
+        print(notices.summary().replace("library notice", "SFT/RM library notice"))
     print(format_summary(summary))
     return summary
 

@@ -54,8 +54,8 @@ def _note_new_head(path: str) -> None:
     with open(os.path.join(path, "config.json")) as fh:
         archs = json.load(fh).get("architectures") or []
     if not any(a.endswith("ForSequenceClassification") for a in archs):
-        print(f"rm: a new one-label score head goes on the body of {path} ({', '.join(archs) or 'unknown'}); "
-              "transformers' load report lists it as MISSING and the LM head as UNEXPECTED, as expected.")
+        print(f"rm: a new one-label score head goes on the body of {path} ({', '.join(archs) or 'unknown'}), "
+              "whose LM head is left out; any other weight that does not load is listed.")
 
 
 def train_rm(cfg: RMRunConfig, ray_address: str | None = None) -> dict:

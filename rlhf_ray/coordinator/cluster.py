@@ -83,8 +83,14 @@ def start_ray(address: str | None, namespace: str | None = None) -> dict:
         where["dashboard"] = f"http://{url}" if url else None
     except Exception:  # attached clients may not know the dashboard address
         pass
-    print(banner(where))
+    key = (where["gcs_address"], where["namespace"])
+    if key not in _ANNOUNCED:  # once per cluster and process: the pipeline's stages share one
+        _ANNOUNCED.add(key)
+        print(banner(where))
     return where
+
+
+_ANNOUNCED: set = set()
 
 
 def banner(where: dict) -> str:

@@ -260,6 +260,18 @@ class SFTTrainer(SupervisedTrainer):
         return res.loss, {"units": n, "loss": res.loss.detach() * num_units, "token_accuracy": res.token_accuracy * n}
 
 
+def unexpected_load_keys(info: dict) -> dict[str, list[str]]:
+    """The part of a sequence-classification load report that is not the expected "score head new,
+    LM head unused" of a causal-LM start: {kind: keys} for missing/unexpected/mismatched keys."""
+    expected = {"missing_keys": "score.", "unexpected_keys": "lm_head."}
+    out = {}
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = [str(k) for k in info.get(kind, []) if not (kind in expected and str(k).startswith(expected[kind]))]
+        if keys:
+            out[kind] = sorted(keys)
+    return out
+
+
 class RewardModelTrainer(SupervisedTrainer):
     """Bradley-Terry reward model: a sequence-classification head with one label, pairwise loss."""
 
@@ -272,8 +284,22 @@ class RewardModelTrainer(SupervisedTrainer):
         # The head reads the last non-pad token, found by this id: it must be the id the data was
         # padded with, which the driver took from the same tokenizer.
         self.pad_id = pad_token_id(AutoTokenizer.from_pretrained(path))
-        # From a causal LM checkpoint the score head is new (randomly initialised, seeded).
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+        # From a causal LM checkpoint the score head is new (randomly initialised, seeded) and the LM
+        # head is left out: transformers' load report says so at length, so it is read here instead
+        # and only a mismatch beyond those two is shown.
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
+                                                                             output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(level)
+        odd = unexpected_load_keys(info)
+        if odd and self.rank == 0:
+            print(f"rm: loading {path} as a reward model left these weights out or new beyond the score head and "
+                  f"the LM head: {odd}", flush=True)
         model.config.pad_token_id = self.pad_id
         return model
 

@@ -162,3 +162,4 @@ def test_pairwise_loss_centering_hand_example():
     assert shifted.loss.item() > out.loss.item() + 1.0
     with pytest.raises(ValueError, match="center_coef must be >= 0"):
         pairwise_loss(r_c, r_r, center_coef=-0.1)
+
