@@ -125,6 +125,8 @@ def test_sigterm_stops_cleanly_with_a_checkpoint(tiny_llama, tmp_path):
     assert f"Prometheus metrics (ray_rlhf_*): {endpoint}" in out and f"'{where['namespace']}'" in out
     assert "\r" not in out and "it 0 " in out and "[1/400 " in out
     assert "Setting accelerator to CPU" not in out and (run_dir / "library_notices.log").exists()
+    startup = json.loads((run_dir / "startup.json").read_text())
+    assert f"start-up {startup['total_s']:.1f} s (imports" in out and startup["roles_s"] > 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped"] and not summary["completed"]
     stop_at = summary["final_iteration"]
