@@ -37,18 +37,6 @@ BF16_TOL = 2e-2
 REPLAY_MEAN_TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    from rlhf_ray.tiny_models import ensure_tiny_model
-
-    return str(ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama", seed=0))
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_model) -> dict[str, torch.Tensor]:
-    return ip.hf_state_dict(tiny_model)
-
-
 @pytest.fixture(scope="module", params=STAGES, ids=[f"zero{s}-bfloat16" for s in STAGES])
 def case(request, tiny_model):
     pytest.importorskip("deepspeed")

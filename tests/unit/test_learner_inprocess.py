@@ -45,18 +45,6 @@ def _tol(dtype: str) -> float:
     return FP32_TOL if dtype == "float32" else BF16_TOL
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    from rlhf_ray.tiny_models import ensure_tiny_model
-
-    return str(ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama", seed=0))
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_model) -> dict[str, torch.Tensor]:
-    return ip.hf_state_dict(tiny_model)
-
-
 @pytest.fixture(scope="module", params=CASES, ids=[f"zero{s}-{d}" for s, d in CASES])
 def case(request, tiny_model):
     """A set-up learner for one (stage, dtype), with its weights right after set-up."""

@@ -26,18 +26,6 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 TOL = 1e-4  # fp32 learner vs fp32 plain forward: summation order only (see test_learner_inprocess)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    from rlhf_ray.tiny_models import ensure_tiny_model
-
-    return str(ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama", seed=0))
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_model) -> dict[str, torch.Tensor]:
-    return ip.hf_state_dict(tiny_model)
-
-
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
 def case(request, tiny_model):
     # lr 1e-2: one step visibly moves the (B = 0) adapters away from the base model.
