@@ -217,3 +217,18 @@ def plain_forward(model_path: str | Path, policy: dict[str, torch.Tensor], head:
     values = (body.float()[:, P - 1: -1] @ w.T).squeeze(-1) + bias
     mask = b.response_mask
     return (logprobs * mask).cpu(), (values * mask).cpu()
+
+
+def replay_after_load(learner, batch: ExperienceBatch, ckpt_dir: str, saved: dict[str, torch.Tensor],
+                      saved_head: dict[str, torch.Tensor], iteration: int) -> tuple[dict, dict]:
+    """Train one more update (the target), load ``ckpt_dir`` (which holds ``saved`` weights and
+    ``saved_head``) and check both came back exactly, then train the same update again. Returns
+    (target, replayed) policy state dicts: equal when the optimiser and schedule came back too."""
+    train(learner, batch, iteration=iteration)
+    target = learner.policy_state_dict()
+    assert max_abs_diff(saved, target) > 0, "the update after the checkpoint changed nothing"
+    assert learner.load_checkpoint(ckpt_dir)
+    assert max_abs_diff(saved, learner.policy_state_dict()) == 0
+    assert max_abs_diff(saved_head, value_head_state(learner)) == 0
+    train(learner, batch, iteration=iteration)
+    return target, learner.policy_state_dict()
