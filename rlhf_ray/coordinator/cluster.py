@@ -18,6 +18,21 @@ from rlhf_ray.coordinator.metrics import EXPORTED_PREFIX
 NO_PRESTART = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
 
 
+_STARTED_LOCAL = False  # this process started the local (single-node) cluster it runs on
+
+
+def collective_interface(named: str | None) -> str | None:
+    """The network interface the gloo/NCCL groups use: the one named in the config, else the
+    loopback interface when this process started a local cluster (every actor is on this machine,
+    so nothing needs to listen on the network), else None (the libraries choose)."""
+    import socket
+
+    if named or not _STARTED_LOCAL:
+        return named
+    names = {n for _, n in socket.if_nameindex()}
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
 def _remember_local_cluster() -> None:
     """Record the local cluster's processes (for a later start, should this driver be killed);
     forget them at a clean exit, when Ray stops them itself."""
@@ -69,6 +84,8 @@ def start_ray(address: str | None, namespace: str | None = None) -> dict:
             # (2 processes importing Ray on a 2-core node, ~1 CPU-second; benchmarks/startup.py).
             ray.init(address="local", namespace=namespace, include_dashboard=True, dashboard_host="127.0.0.1",
                      runtime_env=env, log_to_driver=True, _system_config=NO_PRESTART)
+            global _STARTED_LOCAL
+            _STARTED_LOCAL = True
             _remember_local_cluster()
     ctx = ray.get_runtime_context()
     node = next((n for n in ray.nodes() if n["NodeID"] == ctx.get_node_id()), {})

@@ -17,6 +17,7 @@ from rlhf_ray.backends.vllm import EngineSpec, engine_env
 from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate
 from rlhf_ray.config import Config
 from rlhf_ray.config.validate import reference_from_learner
+from rlhf_ray.coordinator.cluster import collective_interface
 from rlhf_ray.coordinator.pending import Pending, RayPending, Source, describe
 from rlhf_ray.coordinator.placement import actor_options, create_groups, placement_plan
 from rlhf_ray.weight_sync.plan import Bucket, plan_buckets
@@ -229,7 +230,7 @@ class Roles:
         res = getattr(self.cfg.resources, role)
         gen = self.generation.get(source, 0)
         name = f"{role}-{i}" + (f"-r{gen}" if gen else "")
-        env = base_env(res.threads, self.cfg.resources.network_interface)
+        env = base_env(res.threads, collective_interface(self.cfg.resources.network_interface))
         if isinstance(spec, EngineSpec):
             env.update(engine_env(spec))
         return actor_cls.options(**actor_options(self.pgs[role], i, res, name, env)).remote(spec, i)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 from rlhf_ray.checkpoint_files import checkpoints_dir, complete_checkpoints
 from rlhf_ray.config import ConfigError, config_to_dict, iter_fields, load_config, parse_overrides, redacted
+from rlhf_ray.coordinator.cluster import collective_interface
 from rlhf_ray.coordinator.metrics import MetricsSink, read_records
 from rlhf_ray.coordinator.pending import RayPending
 from rlhf_ray.coordinator.placement import RolePlacement, actor_options, check_fits, create_groups, role_bundle
@@ -60,7 +61,7 @@ class TrainerGroup:
         check_fits(plan, ray.cluster_resources())
         self.pg = create_groups(plan, cfg.train.placement_timeout_s)[plan[0].role]
         self.actors = [actor_cls.options(**actor_options(self.pg, i, res, f"{cfg.name}-{role}-{i}",
-                                                         base_env(res.threads, cfg.train.network_interface))).remote(cfg, i, n)
+                                                         base_env(res.threads, collective_interface(cfg.train.network_interface)))).remote(cfg, i, n)
                        for i in range(n)]
 
     def _all(self, what: str, refs: list) -> list:

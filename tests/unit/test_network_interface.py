@@ -26,3 +26,15 @@ def test_an_existing_interface_is_accepted_and_a_missing_one_named_with_the_choi
         load_config(None, {"resources.network_interface": "nosuch0"})
     with pytest.raises(ConfigError, match="--train.network_interface 'nosuch0'"):
         load_config(None, {"train.network_interface": "nosuch0"}, cls=SFTRunConfig, validator=validate_sft)
+
+
+def test_a_local_cluster_keeps_the_collectives_on_loopback(monkeypatch):
+    from rlhf_ray.coordinator import cluster
+
+    monkeypatch.setattr(cluster, "_STARTED_LOCAL", False)  # attached to a cluster: the libraries choose
+    assert cluster.collective_interface(None) is None
+    assert cluster.collective_interface("eth7") == "eth7"
+    monkeypatch.setattr(cluster, "_STARTED_LOCAL", True)  # this process started a single-node cluster
+    loopback = {"lo", "lo0"} & {n for _, n in socket.if_nameindex()}
+    assert cluster.collective_interface(None) in loopback and loopback
+    assert cluster.collective_interface("eth7") == "eth7"  # a named interface always wins
