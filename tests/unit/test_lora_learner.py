@@ -1,4 +1,5 @@
-"""LoRA on the shared-body actor-critic, one learner rank in process (no Ray), ZeRO-2 and ZeRO-3.
+"""LoRA on the shared-body actor-critic, one learner rank in process (no Ray), ZeRO-2 and ZeRO-3
+(float32, and bf16 for the dtype-sensitive parts).
 
 Checks: only the adapters and the value head train; the reference computed with the adapters off
 equals a plain transformers forward of the base checkpoint, after training moved the adapters;
@@ -116,3 +117,29 @@ def test_checkpoint_resume_is_exact_and_exports_merged_and_adapter(case, tmp_pat
     # Adam moments and the schedule came back too
     target, replayed = ip.replay_after_load(learner, batch, str(tmp_path / "ckpt"), saved, saved_head, iteration=4)
     assert ip.max_abs_diff(target, replayed) == 0
+
+
+BF16_TOL = 2e-2  # bf16 learner vs the fp32 plain forward (as in test_learner_inprocess)
+
+
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_bf16_lora_keeps_a_float32_head_the_base_reference_and_a_bf16_merged_sync(tiny_model, checkpoint, stage):
+    cfg = ip.learner_config(tiny_model, zero_stage=stage, dtype="bfloat16",
+                            **{"model.lora.rank": 4, "model.lora.alpha": 8, "learner.lr": 1e-2})
+    learner, _ = ip.build_learner(cfg)
+    try:
+        batch = ip.synthetic_batch(seed=3)
+        first = ip.train(learner, ip.with_learner_old(learner, batch), iteration=0)
+        assert first["onpolicy_ratio_dev"] < BF16_TOL
+        assert all(v == torch.float32 for v in ip.value_head_dtypes(learner).values())
+        temperature = learner.spec.temperature
+        base_lp, _ = ip.plain_forward(tiny_model, checkpoint, ip.value_head_state(learner), batch, temperature, "cpu")
+        ref = learner.reference_logprobs(batch, temperature)
+        assert float((ref - base_lp).abs().max()) < BF16_TOL  # adapters off: the base model, after an update
+        old_lp, _ = learner.compute_old(batch)
+        assert float((old_lp - base_lp).abs().max()) > 5 * BF16_TOL  # the adapters moved the policy
+        _, exported = ip.sync_export(learner, bucket_bytes=32 * 1024)
+        assert set(exported) == {n for n in checkpoint if _adapted(n)}
+        assert {t.dtype for t in exported.values()} == {torch.bfloat16}
+    finally:
+        ip.release(learner)
