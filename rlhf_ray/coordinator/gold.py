@@ -87,19 +87,24 @@ def side_by_side(before: list[dict], after: list[dict]) -> list[dict]:
             for b, a in zip(before, after)]
 
 
+def _verdict(gold: float | None) -> str:
+    """A gold value as a word: right (1), wrong (0), the number otherwise, empty without a check."""
+    if gold is None:
+        return ""
+    return "right" if gold == 1.0 else "wrong" if gold == 0.0 else f"{gold:.2f}"
+
+
 def _cell(x: dict) -> tuple[str, str, str]:
     reward = "" if x["reward"] is None else f"{x['reward']:.2f}"
-    gold = "" if x["gold"] is None else ("right" if x["gold"] == 1.0 else "wrong" if x["gold"] == 0.0 else f"{x['gold']:.2f}")
-    return repr(x["response"]), reward, gold
+    return repr(x["response"]), reward, _verdict(x["gold"])
 
 
 def format_rows(rows: list[dict]) -> list[str]:
     """One terminal line per row: prompt, then before -> after with reward and gold verdict."""
-    out = []
-    for r in rows:
-        (b, br, bg), (a, ar, ag) = _cell(r["before"]), _cell(r["after"])
-        out.append(f"  {r['prompt']!r}: {b} (RM {br}{', ' + bg if bg else ''}) -> {a} (RM {ar}{', ' + ag if ag else ''})")
-    return out
+    def side(response: str, reward: str, gold: str) -> str:
+        return f"{response} (RM {reward}{', ' + gold if gold else ''})"
+
+    return [f"  {r['prompt']!r}: {side(*_cell(r['before']))} -> {side(*_cell(r['after']))}" for r in rows]
 
 
 def write_samples_md(run_dir: str, first: int, last: int) -> str:
