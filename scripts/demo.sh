@@ -6,6 +6,9 @@
 # The one-stage PPO demo ("answer in digits", a reward function): scripts/demo.sh --one-stage
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# .venv's torch is the CPU build (bootstrap.sh): DeepSpeed's accelerator is the CPU, named here so
+# the driver and every actor skip the detection warning.
+export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 scripts/bootstrap.sh
 export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
 if [ "${1:-}" = "--one-stage" ]; then
