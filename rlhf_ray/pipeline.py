@@ -63,7 +63,7 @@ def preflight(cfg: PipelineConfig) -> None:
 def before_after(ppo: dict, shown: int) -> dict:
     """What the user reads at the end: the first and last held-out evaluations of the PPO run
     (iteration 0 is the SFT policy) side by side, and the one-line verdict's numbers."""
-    from rlhf_ray.coordinator.gold import eval_samples_path, read_eval_samples, side_by_side
+    from rlhf_ray.coordinator.gold import evaluations_side_by_side
 
     ev = ppo.get("eval") or {}
     if not ev:
@@ -75,8 +75,7 @@ def before_after(ppo: dict, shown: int) -> dict:
            "gold": [first.get("eval/gold_mean"), last.get("eval/gold_mean")],
            "kl_end": ppo.get("kl_end"), "samples_md": ppo.get("samples")}
     try:
-        rows = side_by_side(read_eval_samples(eval_samples_path(ppo["run_dir"], first["iteration"])),
-                            read_eval_samples(eval_samples_path(ppo["run_dir"], last["iteration"])))
+        rows = evaluations_side_by_side(ppo["run_dir"], first["iteration"], last["iteration"])
         out["rows"] = rows[:shown]
     except (OSError, ValueError) as exc:
         out["rows_note"] = str(exc)

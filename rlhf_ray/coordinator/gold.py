@@ -50,8 +50,9 @@ def eval_samples_path(run_dir: str, iteration: int) -> str:
 
 
 def write_eval_samples(run_dir: str, iteration: int, batch: ExperienceBatch, tokenizer,
-                       gold: GoldCheck | None) -> tuple[str, float | None]:
-    """Write one evaluation's responses (see the module docstring); returns (path, gold mean or None)."""
+                       gold: GoldCheck | None) -> float | None:
+    """Write one evaluation's responses (see the module docstring); returns the gold mean, or None
+    without a gold check."""
     prompts, responses = decode_rows(batch, tokenizer)
     scores = batch.scores.tolist() if batch.scores is not None else [float("nan")] * len(batch)
     verdicts = gold.verdicts(prompts, responses) if gold is not None else None
@@ -65,8 +66,7 @@ def write_eval_samples(run_dir: str, iteration: int, batch: ExperienceBatch, tok
                 row["gold"] = verdicts[i]
             fh.write(json.dumps(row) + "\n")
     os.replace(tmp, path)
-    mean = sum(verdicts) / len(verdicts) if verdicts else None
-    return path, mean
+    return sum(verdicts) / len(verdicts) if verdicts else None
 
 
 def read_eval_samples(path: str) -> list[dict]:
@@ -75,6 +75,12 @@ def read_eval_samples(path: str) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- before / after
+
+
+def evaluations_side_by_side(run_dir: str, first: int, last: int) -> list[dict]:
+    """The evaluations at iterations ``first`` and ``last`` of a run, read back, side by side."""
+    return side_by_side(read_eval_samples(eval_samples_path(run_dir, first)),
+                        read_eval_samples(eval_samples_path(run_dir, last)))
 
 
 def side_by_side(before: list[dict], after: list[dict]) -> list[dict]:
@@ -111,8 +117,7 @@ def write_samples_md(run_dir: str, first: int, last: int) -> str:
     """``<run_dir>/samples.md``: every evaluation prompt with the response at iteration ``first``
     (before training, when the run evaluated at 0) beside the one at ``last``, with the reward and
     the gold verdict of each. Returns the path."""
-    rows = side_by_side(read_eval_samples(eval_samples_path(run_dir, first)),
-                        read_eval_samples(eval_samples_path(run_dir, last)))
+    rows = evaluations_side_by_side(run_dir, first, last)
 
     def md(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", "\\n")

@@ -19,7 +19,7 @@ from rlhf_ray.config import Config
 from rlhf_ray.config.validate import reference_from_learner
 from rlhf_ray.coordinator.cluster import collective_interface
 from rlhf_ray.coordinator.pending import Pending, RayPending, Source, describe
-from rlhf_ray.coordinator.placement import actor_options, create_groups, placement_plan
+from rlhf_ray.coordinator.placement import actor_options, create_groups, on_one_node, placement_plan
 from rlhf_ray.weight_sync.plan import Bucket, plan_buckets
 from rlhf_ray.workers.actors import LearnerActor, ReferenceActor, RewardActor, RolloutActor
 from rlhf_ray.workers.frozen import ReferenceSpec, RewardSpec
@@ -97,9 +97,7 @@ class LearnerGroup:
         return RayPending(refs, self.sources(), what, self.timeout_s, combine)
 
     def setup(self) -> Pending[list[dict]]:
-        # Ranks that all run on one machine rendezvous over 127.0.0.1: nothing listens on the network.
-        loopback = len({p["node_ip"] for p in self._all("learner ping", [a.ping.remote() for a in self.actors])
-                        .result()}) == 1
+        loopback = on_one_node(self._all("learner ping", [a.ping.remote() for a in self.actors]).result())
         addr, port = RayPending([self.actors[0].master_address.remote(loopback)], [("learner", 0)],
                                 "learner address", self.timeout_s, lambda xs: xs[0]).result()
         return self._all("learner set-up", [a.setup.remote(addr, port) for a in self.actors])
@@ -161,7 +159,7 @@ class WeightSync:
         members = [self.learners.actors[0], *self.engines]
         pings = RayPending([a.ping.remote() for a in members], [("learner", 0), *self._engine_sources()],
                            "sync group members", timeout).result()
-        loopback = len({p["node_ip"] for p in pings}) == 1
+        loopback = on_one_node(pings)
         addr, port = RayPending([self.learners.actors[0].sync_address.remote(loopback)], [("learner", 0)],
                                 "sync address", timeout, lambda xs: xs[0]).result()
         world = 1 + len(self.engines)

@@ -86,6 +86,12 @@ def create_groups(plan: list[RolePlacement], timeout_s: float) -> dict:
     return groups
 
 
+def on_one_node(pings: list[dict]) -> bool:
+    """Whether the actors that answered ``ping`` (``RoleBase.ping``) all run on one machine: their
+    groups then rendezvous over 127.0.0.1, so nothing of theirs listens on the network."""
+    return len({p["node_ip"] for p in pings}) == 1
+
+
 def actor_options(pg, index: int, res: RoleResources, name: str, env: dict[str, str]) -> dict:
     """``.options(...)`` for the actor in bundle ``index`` of ``pg``."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

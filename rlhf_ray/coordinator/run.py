@@ -148,9 +148,12 @@ class Run:
         self._say_fn = say
         self.bar = None
 
+    @property
+    def _bar_drawn(self) -> bool:
+        return self.bar is not None and not self.bar.disable
+
     def _say(self, line: str) -> None:
-        drawn = self.bar is not None and not self.bar.disable
-        (self.bar.write if drawn else self._say_fn)(line)  # bar.write keeps the bar below the line
+        (self.bar.write if self._bar_drawn else self._say_fn)(line)  # bar.write keeps the bar below the line
 
     # ------------------------------------------------------------------ the steps of a run
     def resume(self, checkpoint: str) -> None:
@@ -191,7 +194,7 @@ class Run:
     def evaluate(self) -> dict:
         """The policy on the held-out prompts now (see ``PPOCoordinator.evaluate``)."""
         metrics, batch = self.coord.evaluate()
-        _, gold = write_eval_samples(self.run_dir, self.coord.iteration, batch, self.inputs.tokenizer, self.inputs.gold)
+        gold = write_eval_samples(self.run_dir, self.coord.iteration, batch, self.inputs.tokenizer, self.inputs.gold)
         if gold is not None:
             metrics["eval/gold_mean"] = gold
         self.records.add_eval(metrics)
@@ -207,7 +210,7 @@ class Run:
             metrics["gold_mean"] = self.inputs.gold.mean(self.coord.last_batch)
         self.records.add(metrics)
         self.dumper.maybe_dump(int(metrics["iteration"]), self.coord.last_batch)
-        drawn = self.bar is not None and not self.bar.disable
+        drawn = self._bar_drawn
         if drawn:
             self.bar.update(1)
             self.bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl_mean']:.3f}",

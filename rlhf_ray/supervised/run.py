@@ -21,7 +21,8 @@ from rlhf_ray.config import ConfigError, config_to_dict, iter_fields, load_confi
 from rlhf_ray.coordinator.cluster import collective_interface
 from rlhf_ray.coordinator.metrics import MetricsSink, read_records
 from rlhf_ray.coordinator.pending import RayPending
-from rlhf_ray.coordinator.placement import RolePlacement, actor_options, check_fits, create_groups, role_bundle
+from rlhf_ray.coordinator.placement import (RolePlacement, actor_options, check_fits, create_groups, on_one_node,
+                                            role_bundle)
 from rlhf_ray.data.records import DataError
 
 
@@ -71,8 +72,7 @@ class TrainerGroup:
     def setup(self, total_steps: int) -> list[dict]:
         import ray
 
-        # Ranks that all run on one machine rendezvous over 127.0.0.1: nothing listens on the network.
-        loopback = len({p["node_ip"] for p in self._all("ping", [a.ping.remote() for a in self.actors])}) == 1
+        loopback = on_one_node(self._all("ping", [a.ping.remote() for a in self.actors]))
         addr, port = ray.get(self.actors[0].master_address.remote(loopback), timeout=self.timeout_s)
         return self._all("set-up", [a.setup.remote(addr, port, total_steps) for a in self.actors])
 
