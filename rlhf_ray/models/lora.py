@@ -48,6 +48,13 @@ class LoraSpec:
     def scaling(self) -> float:
         return self.alpha / self.rank
 
+    @staticmethod
+    def of(lora) -> "LoraSpec | None":
+        """The adapters a ``model.lora`` config section asks for, or None for full fine-tuning (rank 0)."""
+        if lora.rank <= 0:
+            return None
+        return LoraSpec(lora.rank, lora.alpha, lora.dropout, tuple(lora.target_modules))
+
 
 def _leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]

@@ -38,10 +38,10 @@ from rlhf_ray.backends.replicated import ReplicatedModule, replicate
 from rlhf_ray.batch import ExperienceBatch, TrainUpdate, pack_rows, parts_for_budget, token_balanced_parts
 from rlhf_ray.config import Config, LearnerConfig, ModelConfig, PPOConfig, resolve
 from rlhf_ray.models.actor_critic import POLICY_PREFIX
-from rlhf_ray.models.lora import adapters_disabled
+from rlhf_ray.models.lora import LoraSpec, adapters_disabled
 from rlhf_ray.weight_sync.transport import serve_rendezvous
 from rlhf_ray.workers.base import RoleBase
-from rlhf_ray.workers.learner_checkpoint import CheckpointIO, lora_spec
+from rlhf_ray.workers.learner_checkpoint import CheckpointIO
 from rlhf_ray.workers.learner_sync import WeightSender
 from rlhf_ray.workers.objective import ppo_objective
 
@@ -125,7 +125,7 @@ class Learner(CheckpointIO, WeightSender, RoleBase):
             model = ActorCritic.from_pretrained(
                 m.path, value_head_init_std=m.value_head_init_std, value_grad_to_body=m.value_grad_to_body,
                 separate_critic=m.separate_critic, critic_path=m.critic_path, torch_dtype=dtype,
-                lora=lora_spec(m))
+                lora=LoraSpec.of(m.lora))
         head = model.detach_value_head()
         total_steps = spec.total_steps
         optimizer = ds.build_optimizer(model, lrn)

@@ -12,17 +12,10 @@ import torch
 import torch.distributed as dist
 
 from rlhf_ray.backends import deepspeed as ds
-from rlhf_ray.config import ModelConfig
 from rlhf_ray.models.actor_critic import CRITIC_PREFIX, POLICY_PREFIX, VALUE_HEAD_PREFIX
 from rlhf_ray.models.lora import ADAPTER_SUBDIR, LoraSpec, adapter_state_dict, save_adapter
 
 HEAD_STATE = "value_head_state.pt"  # the value head's weights, optimiser and schedule, beside the engine's
-
-
-def lora_spec(m: ModelConfig) -> LoraSpec | None:
-    """The adapters model.lora asks for, or None for full fine-tuning (rank 0)."""
-    lora = m.lora
-    return LoraSpec(lora.rank, lora.alpha, lora.dropout, tuple(lora.target_modules)) if lora.rank > 0 else None
 
 
 class CheckpointIO:
@@ -63,7 +56,7 @@ class CheckpointIO:
 
     def _save_adapter(self, out_dir: str) -> None:
         """With LoRA: the policy's adapters alone in PEFT's format (all ranks call; rank 0 writes)."""
-        spec = lora_spec(self.spec.model)
+        spec = LoraSpec.of(self.spec.model.lora)
         if spec is None:
             return
         named = [(n, p) for n, p in self.engine.module.policy.named_parameters() if ".lora_" in n]
