@@ -62,11 +62,17 @@ class RayPending(Generic[T]):
     a deadline taken at each ``result`` would let the phase wait up to three times ``timeout_s``.
 
     Fails fast: the first actor death or remote exception raises at once, without waiting
-    for the other calls (which may be blocked on the dead peer). Calls still unanswered when
-    ``result`` raises are cancelled (see ``_cancel``).
+    for the other calls (which may be blocked on the dead peer). Calls still unanswered then are
+    left to finish or fail on their own and are never ``ray.cancel``-ed: in Ray 2.60 cancelling an
+    actor call that the caller has not yet delivered to the actor leaves a hole in that actor's
+    call sequence, and the actor then holds every later call from us for 30 s and fails them all
+    (``ActorUnavailableError: Timed out waiting for seq_no N``). A cancel cannot stop a call that
+    is already running either (cooperative only), so it bought nothing and broke healthy actors:
+    after an engine died in a weight sync, the learner's next call failed that way. A timed-out
+    actor is killed and replaced by the recovery path, which is what stops its work.
 
-    ``api``: the ``ray`` module (the default), or an in-process fake of its ``wait``, ``get``,
-    ``cancel`` and ``exceptions`` for tests."""
+    ``api``: the ``ray`` module (the default), or an in-process fake of its ``wait``, ``get`` and
+    ``exceptions`` for tests."""
 
     def __init__(self, refs: Sequence[Any], sources: Sequence[Source], what: str, timeout_s: float,
                  combine: Callable[[list[Any]], T] = lambda xs: xs,  # type: ignore[assignment,return-value]
@@ -85,45 +91,25 @@ class RayPending(Generic[T]):
         index = {ref: i for i, ref in enumerate(self.refs)}
         waiting = list(self.refs)
         deadline = self.submitted + self.timeout_s
-        try:
-            while waiting:
-                # fetch_local=False: a call that answered in time counts as answered even if its
-                # value still has to come from another node (ray.get below fetches it).
-                ready, waiting = api.wait(waiting, num_returns=1, timeout=max(0.0, deadline - time.monotonic()),
-                                          fetch_local=False)
-                if not ready:
-                    late = ", ".join(describe(self.sources[index[r]]) for r in waiting)
-                    raise RemoteCallError(
-                        f"{self.what}: no answer from {late} within {self.timeout_s:g} s of the call (raise "
-                        "--resources.call_timeout_s or --sync.timeout_s if the work is just slow).",
-                        "timeout", self.sources[index[waiting[0]]], self.what)
-                i = index[ready[0]]
-                try:
-                    values[i] = api.get(ready[0])
-                except api.exceptions.RayActorError as exc:
-                    raise RemoteCallError(f"{self.what}: {describe(self.sources[i])} died: {exc}", "died",
-                                          self.sources[i], self.what) from exc
-                except api.exceptions.RayTaskError as exc:
-                    raise RemoteCallError(f"{self.what}: {describe(self.sources[i])} failed: {exc}", "error",
-                                          self.sources[i], self.what) from exc
-        except RemoteCallError:
-            _cancel(api, waiting)
-            raise
+        while waiting:
+            # fetch_local=False: a call that answered in time counts as answered even if its
+            # value still has to come from another node (ray.get below fetches it).
+            ready, waiting = api.wait(waiting, num_returns=1, timeout=max(0.0, deadline - time.monotonic()),
+                                      fetch_local=False)
+            if not ready:
+                late = ", ".join(describe(self.sources[index[r]]) for r in waiting)
+                raise RemoteCallError(
+                    f"{self.what}: no answer from {late} within {self.timeout_s:g} s of the call (raise "
+                    "--resources.call_timeout_s or --sync.timeout_s if the work is just slow).",
+                    "timeout", self.sources[index[waiting[0]]], self.what)
+            i = index[ready[0]]
+            try:
+                values[i] = api.get(ready[0])
+            except api.exceptions.RayActorError as exc:
+                raise RemoteCallError(f"{self.what}: {describe(self.sources[i])} died: {exc}", "died",
+                                      self.sources[i], self.what) from exc
+            except api.exceptions.RayTaskError as exc:
+                raise RemoteCallError(f"{self.what}: {describe(self.sources[i])} failed: {exc}", "error",
+                                      self.sources[i], self.what) from exc
         return self.combine([values[i] for i in range(len(self.refs))])
 
-
-def _cancel(api: Any, refs: list[Any]) -> None:
-    """Cancel the actor calls behind ``refs``, best effort.
-
-    Ray 2.60 cancels actor calls only cooperatively (``ray.cancel``'s docstring; ``force=True`` is
-    refused for them). Measured with a local cluster: each cancelled ref resolves at once to
-    ``TaskCancelledError``, a call already running keeps running with
-    ``ray.get_runtime_context().is_canceled()`` set (our roles do not poll it), and a call
-    already queued on the actor behind it still ran. So this stops no work for sure; the actor
-    that timed out is killed and replaced by the recovery path anyway. What it does: a call
-    nobody waits for is marked cancelled, and its result is not kept."""
-    for ref in refs:
-        try:
-            api.cancel(ref)
-        except Exception:  # the actor is gone or the call already finished: nothing to cancel
-            pass

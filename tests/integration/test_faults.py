@@ -118,3 +118,39 @@ def test_hung_reward_times_out_instead_of_hanging(ray_cluster, tiny_llama, tmp_p
     with pytest.raises(RuntimeError, match=r"giving up after 1 actor replacements.*reward.*no answer .* within 8 s"):
         run(cfg, str(tmp_path / "run"))
     assert time.time() - t0 < 180
+
+
+def test_a_dead_member_leaves_the_others_answering_at_once(ray_cluster):
+    """One member of a multi-actor call dies: the call fails at once, and the healthy member's
+    next call answers at once. (RayPending used to ``ray.cancel`` the unanswered calls; cancelling
+    one that Ray had not yet delivered left a hole in that actor's call sequence, so its next call
+    waited 30 s and failed: in CI the learner's ping after an engine died in a weight sync.)"""
+    from rlhf_ray.coordinator.pending import RayPending, RemoteCallError
+
+    ray = ray_cluster
+
+    @ray.remote(num_cpus=0)
+    class Member:
+        def echo(self, x):
+            return x
+
+        def die(self):
+            os._exit(1)
+
+    @ray.remote(num_cpus=0)
+    def slow_argument():
+        time.sleep(2)
+        return "arg"
+
+    healthy, doomed = Member.remote(), Member.remote()
+    assert ray.get([healthy.echo.remote(0), doomed.echo.remote(0)]) == [0, 0]
+    # The healthy member's call waits for its argument, so it is not yet delivered when the other dies.
+    refs = [healthy.echo.remote(slow_argument.remote()), doomed.die.remote()]
+    t0 = time.monotonic()
+    with pytest.raises(RemoteCallError, match="rollout engine 1 died"):
+        RayPending(refs, [("rollout", 0), ("rollout", 1)], "weight sync", 30).result()
+    assert time.monotonic() - t0 < 20
+    t0 = time.monotonic()
+    assert ray.get(healthy.echo.remote("next"), timeout=20) == "next"
+    assert time.monotonic() - t0 < 10
+    assert ray.get(refs[0], timeout=20) == "arg"  # the unanswered call was left to finish

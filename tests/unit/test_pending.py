@@ -1,5 +1,5 @@
-"""Names of remote sources in errors; RayPending's deadline and cancellation over an in-process
-fake of ``ray`` (no Ray started)."""
+"""Names of remote sources in errors; RayPending's deadline, and that it never cancels a call,
+over an in-process fake of ``ray`` (no Ray started)."""
 
 import math
 import time
@@ -23,7 +23,7 @@ def test_error_message_carries_the_phase():
     assert str(exc) == "[phase update] PPO update: learner rank 1 died"
 
 
-# ---- deadlines and cancellation (RayPending over an in-process fake of ray) ------------------
+# ---- deadlines, no cancellation (RayPending over an in-process fake of ray) ------------------
 
 class FakeActorError(Exception):
     pass
@@ -38,12 +38,11 @@ class FakeRay:
     fake was made, value or exception)``; a ref missing from ``answers`` never answers. ``wait``
     sleeps for real (the deadline is on the real monotonic clock) and honours its timeout."""
 
-    def __init__(self, answers: dict[str, tuple[float, object]], cancel_error: Exception | None = None) -> None:
+    def __init__(self, answers: dict[str, tuple[float, object]]) -> None:
         self.start = time.monotonic()
         self.answers = answers
         self.cancelled: list[str] = []
         self.fetch_local: list[bool] = []
-        self.cancel_error = cancel_error
         self.exceptions = SimpleNamespace(RayActorError=FakeActorError, RayTaskError=FakeTaskError)
 
     def _due(self, ref: str) -> float:
@@ -66,10 +65,8 @@ class FakeRay:
             raise value
         return value
 
-    def cancel(self, ref):
+    def cancel(self, ref):  # recorded so tests can check that RayPending never calls it
         self.cancelled.append(ref)
-        if self.cancel_error is not None:
-            raise self.cancel_error
 
 
 def test_the_timeout_runs_from_the_call_not_from_result():
@@ -99,27 +96,22 @@ def test_a_call_answered_in_time_counts_even_when_awaited_after_its_deadline():
     assert fake.fetch_local and not any(fake.fetch_local)
 
 
-def test_calls_that_timed_out_are_cancelled_and_answered_ones_are_not():
+def test_calls_that_timed_out_are_named_and_left_alone():
+    # ray.cancel on an actor call not yet delivered stalls that actor's later calls (see
+    # RayPending): a timed-out actor is replaced by the recovery path instead.
     fake = FakeRay({"r0": (0.0, {"loss": 1.0})})
     pending = RayPending(["r0", "r1", "r2"], [("learner", i) for i in range(3)], "PPO update", 0.1, api=fake)
     with pytest.raises(RemoteCallError, match="no answer from learner rank 1, learner rank 2") as info:
         pending.result()
     assert info.value.kind == "timeout" and info.value.source == ("learner", 1)
-    assert fake.cancelled == ["r1", "r2"]
+    assert fake.cancelled == []
 
 
-def test_a_failure_cancels_the_calls_still_running():
+def test_a_failure_raises_at_once_and_cancels_nothing():
     fake = FakeRay({"e0": (0.0, FakeActorError("engine 0 is gone"))})
     pending = RayPending(["e0", "e1"], [("rollout", 0), ("rollout", 1)], "weight sync", 5.0, api=fake)
+    t0 = time.monotonic()
     with pytest.raises(RemoteCallError, match="weight sync: rollout engine 0 died") as info:
         pending.result()
-    assert info.value.kind == "died"
-    assert fake.cancelled == ["e1"]  # blocked on the dead peer: its answer is no longer wanted
-
-
-def test_a_cancel_that_fails_does_not_hide_the_timeout():
-    fake = FakeRay({}, cancel_error=ValueError("actor already dead"))
-    pending = RayPending(["x"], [("reward", 0)], "reward scoring", 0.05, api=fake)
-    with pytest.raises(RemoteCallError, match="no answer from reward"):
-        pending.result()
-    assert fake.cancelled == ["x"]
+    assert info.value.kind == "died" and time.monotonic() - t0 < 1.0  # not waiting for e1 (never answers)
+    assert fake.cancelled == []  # e1's actor lives on: its later calls must not be stalled
