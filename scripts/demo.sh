@@ -4,6 +4,8 @@
 # gold check the reward model never sees (configs/pipeline_cpu.yaml; ~2 minutes on 2 cores after set-up).
 # Extra arguments go to the pipeline (e.g. --ppo.ppo.iterations 50, --stages "[ppo]").
 # The one-stage PPO demo ("answer in digits", a reward function): scripts/demo.sh --one-stage
+# PPO with LoRA adapters on the SFT model (rank 8, lr 1e-3; its own run name): scripts/demo.sh --lora
+#   (add --stages "[ppo]" to reuse the SFT and reward models of an earlier run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # .venv's torch is the CPU build (bootstrap.sh): DeepSpeed's accelerator is the CPU, named here so
@@ -14,5 +16,9 @@ export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
 if [ "${1:-}" = "--one-stage" ]; then
   shift
   exec .venv/bin/python -m rlhf_ray.launch --config configs/demo_cpu.yaml "$@"
+fi
+if [ "${1:-}" = "--lora" ]; then
+  shift
+  set -- --ppo.name pipeline_ppo_lora --ppo.model.lora.rank 8 --ppo.learner.lr 0.001 "$@"
 fi
 exec .venv/bin/python -m rlhf_ray.pipeline --config configs/pipeline_cpu.yaml "$@"

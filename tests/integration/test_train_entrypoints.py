@@ -221,3 +221,17 @@ def test_pipeline_sft_rm_ppo(ray_cluster, tmp_path):
         ppo_cfg = json.load(fh)
     assert (ppo_cfg["model"]["path"], ppo_cfg["reward"]["kind"], ppo_cfg["reward"]["model_path"]) == (sft, "model", rm)
     assert ppo_cfg["reward"]["gold"] == "rlhf_ray.rewards:larger_number_correct"
+
+    # scripts/demo.sh --lora --stages "[ppo]": PPO with rank-8 adapters on the same SFT model and RM
+    # (reference = the SFT model with the adapters off, on the learner ranks) also raises gold accuracy.
+    lora_cfg = load_config(os.path.join(CONFIGS, "pipeline_cpu.yaml"),
+                           {**overrides, "stages": "[ppo]", "ppo.model.lora.rank": "8", "ppo.learner.lr": "0.001",
+                            "ppo.logging.run_dir": str(tmp_path / "ppo_lora")},
+                           cls=PipelineConfig, validator=validate_pipeline)
+    lora = run_pipeline(lora_cfg)
+    assert lora["ppo"]["completed"]
+    placement = json.loads(open(os.path.join(lora["ppo"]["run_dir"], "placement.json")).read())
+    assert "learner rank 0" in placement and "reference" not in placement
+    lora_before, lora_after = lora["before_after"]["gold"]
+    assert lora_before == pytest.approx(gold_before)  # the same SFT model, the same held-out prompts
+    assert lora_after > lora_before + 0.05, lora["before_after"]
