@@ -160,7 +160,8 @@ def fit(group: TrainerGroup, cfg, tokenizer_path: str, keys: Sequence[str],
             f"(optimiser step {position['global_step']} in all)")
     with open(metrics_path, "w") as fh:  # the rows of this run (and, resuming, of the epochs it continues)
         fh.writelines(json.dumps(r) + "\n" for r in history)
-    sink = MetricsSink(out_dir, tensorboard=cfg.train.tensorboard, ray_metrics=False)
+    sink = MetricsSink(out_dir, tensorboard=cfg.train.tensorboard, ray_metrics=False,
+                       purge_from=start_epoch if resumed else None)
     try:
         for epoch in range(start_epoch, cfg.train.epochs + 1):
             row: dict[str, Any] = {"epoch": epoch, "iteration": epoch}

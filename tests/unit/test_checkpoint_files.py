@@ -137,3 +137,34 @@ def test_a_metrics_line_cut_short_by_a_crash_does_not_stop_a_resume(tmp_path):
     sink.truncate_from(2)
     sink.close()
     assert [r["iteration"] for r in read_records(str(tmp_path / "metrics.jsonl"))] == [0, 1]
+
+
+def _tensorboard_points(log_dir: str, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of ``tag`` as TensorBoard's loader shows them (restart markers honoured)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(log_dir)
+    acc.Reload()
+    return [(e.step, round(e.value, 6)) for e in acc.Scalars(tag)]
+
+
+def test_tensorboard_shows_redone_iterations_once(tmp_path):
+    # A learner restart mid-run (truncate_from) and a resume in a new process (purge_from) both
+    # redo iterations: TensorBoard must show the new values only, one point per step.
+    pytest.importorskip("tensorboard")
+    from rlhf_ray.coordinator.metrics import MetricsSink
+
+    sink = MetricsSink(str(tmp_path), tensorboard=True, ray_metrics=False)
+    for i in range(4):
+        sink.write({"iteration": i, "reward_mean": float(i)})
+    sink.truncate_from(2)  # a restart from the checkpoint at iteration 2
+    for i in range(2, 5):
+        sink.write({"iteration": i, "reward_mean": 10.0 + i})
+    sink.close()
+    tb = str(tmp_path / "tensorboard")
+    assert _tensorboard_points(tb, "reward_mean") == [(0, 0.0), (1, 1.0), (2, 12.0), (3, 13.0), (4, 14.0)]
+
+    resumed = MetricsSink(str(tmp_path), tensorboard=True, ray_metrics=False, purge_from=3)  # resume at 3
+    resumed.write({"iteration": 3, "reward_mean": 23.0})
+    resumed.close()
+    assert _tensorboard_points(tb, "reward_mean") == [(0, 0.0), (1, 1.0), (2, 12.0), (3, 23.0)]
