@@ -32,7 +32,21 @@ class Recovery:
                 "faults/learner_restarts": float(self.learner_restarts)}
 
     def handle(self, exc: RemoteCallError) -> int:
-        """Recover from ``exc``; returns the iteration the run continues from."""
+        """Recover from ``exc``; returns the iteration the run continues from.
+
+        A role that fails while another is being replaced (the new engine does not come up,
+        learner rank 0 dies while the sync group is rebuilt) is recovered from in turn, within
+        the same restart limits; its error says phase "recovery"."""
+        while True:
+            try:
+                return self._recover_from(exc)
+            except RemoteCallError as again:
+                if again is exc:  # not recoverable (a role raised an error)
+                    raise
+                again.phase = again.phase or "recovery"
+                exc = again
+
+    def _recover_from(self, exc: RemoteCallError) -> int:
         role = exc.source[0]
         if exc.kind == "error":
             raise exc
