@@ -5,7 +5,8 @@
 # Extra arguments go to the pipeline (e.g. --ppo.ppo.iterations 50, --stages "[ppo]").
 # The one-stage PPO demo ("answer in digits", a reward function): scripts/demo.sh --one-stage
 # PPO with LoRA adapters on the SFT model (rank 8, lr 1e-3; its own run name): scripts/demo.sh --lora
-#   (add --stages "[ppo]" to reuse the SFT and reward models of an earlier run)
+#   (add --stages "[ppo]" to reuse the SFT and reward models of an earlier run);
+#   --one-stage --lora: the one-stage demo with LoRA (configs/demo_lora_cpu.yaml)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # .venv's torch is the CPU build (bootstrap.sh): DeepSpeed's accelerator is the CPU, named here so
@@ -13,12 +14,20 @@ cd "$(dirname "$0")/.."
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 scripts/bootstrap.sh
 export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
-if [ "${1:-}" = "--one-stage" ]; then
-  shift
-  exec .venv/bin/python -m rlhf_ray.launch --config configs/demo_cpu.yaml "$@"
+one_stage=0 lora=0
+while [ $# -gt 0 ]; do  # the script's own flags come first, in any order; the rest go to the job
+  case "$1" in
+    --one-stage) one_stage=1; shift ;;
+    --lora) lora=1; shift ;;
+    *) break ;;
+  esac
+done
+if [ "$one_stage" = 1 ]; then
+  config=configs/demo_cpu.yaml
+  if [ "$lora" = 1 ]; then config=configs/demo_lora_cpu.yaml; fi
+  exec .venv/bin/python -m rlhf_ray.launch --config "$config" "$@"
 fi
-if [ "${1:-}" = "--lora" ]; then
-  shift
+if [ "$lora" = 1 ]; then
   set -- --ppo.name pipeline_ppo_lora --ppo.model.lora.rank 8 --ppo.learner.lr 0.001 "$@"
 fi
 exec .venv/bin/python -m rlhf_ray.pipeline --config configs/pipeline_cpu.yaml "$@"
