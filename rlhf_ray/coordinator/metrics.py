@@ -45,24 +45,19 @@ def read_records(path: str) -> list[dict]:
 
 class MetricsSink:
     """One JSONL file plus its mirrors: TensorBoard, Ray gauges, and ``extra`` (e.g. a W&B run's
-    ``log``), each called with the record's finite numbers.
-
-    ``purge_from``: this run continues an earlier one (a resume) from that step: TensorBoard hides
-    the earlier run's events at that step and later, which this run writes again (without it, a
-    curve would show both, zig-zagging back in time). ``truncate_from`` does the same mid-run."""
+    ``log``), each called with the record's finite numbers."""
 
     def __init__(self, run_dir: str, tensorboard: bool = True, ray_metrics: bool = True,
-                 filename: str = "metrics.jsonl", extra: Callable[[dict[str, float]], None] | None = None,
-                 purge_from: int | None = None) -> None:
+                 filename: str = "metrics.jsonl", extra: Callable[[dict[str, float]], None] | None = None) -> None:
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, filename)
         self._fh = open(self.path, "a", buffering=1)
         self._tb_dir = os.path.join(run_dir, "tensorboard") if tensorboard else None
-        self._tb = self._open_tensorboard(purge_from)
+        self._tb = self._open_tensorboard()
         self._gauges: dict[str, Any] | None = {} if ray_metrics else None
         self._extra = extra
 
-    def _open_tensorboard(self, purge_from: int | None):
+    def _open_tensorboard(self, purge_from: int | None = None):
         """A TensorBoard writer (None without tensorboard). With ``purge_from``, its event file
         starts with a restart marker at that step: TensorBoard then drops the events of that step
         and later written before it (``SummaryWriter``'s ``purge_step``)."""
@@ -103,7 +98,8 @@ class MetricsSink:
     def truncate_from(self, iteration: int) -> None:
         """Drop records of ``iteration`` and later (they will be redone after a restart from a
         checkpoint, or after a resume), so the file keeps exactly one record per iteration, and
-        TensorBoard one point per step."""
+        TensorBoard one point per step (without the restart marker a curve would show both runs,
+        zig-zagging back in time)."""
         self._fh.close()
         with open(self.path) as fh:
             keep = [line for line in fh if (row := _parse(line)) is not None and row.get("iteration", iteration) < iteration]

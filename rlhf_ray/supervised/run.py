@@ -158,10 +158,8 @@ def fit(group: TrainerGroup, cfg, tokenizer_path: str, keys: Sequence[str],
         history = _rows_before(metrics_path, start_epoch)
         log(f"resumed from {path}: epoch {start_epoch} from its step {start_step} "
             f"(optimiser step {position['global_step']} in all)")
-    with open(metrics_path, "w") as fh:  # the rows of this run (and, resuming, of the epochs it continues)
-        fh.writelines(json.dumps(r) + "\n" for r in history)
-    sink = MetricsSink(out_dir, tensorboard=cfg.train.tensorboard, ray_metrics=False,
-                       purge_from=start_epoch if resumed else None)
+    sink = MetricsSink(out_dir, tensorboard=cfg.train.tensorboard, ray_metrics=False)
+    sink.truncate_from(start_epoch)  # the rows of this run (and, resuming, of the epochs it continues)
     try:
         for epoch in range(start_epoch, cfg.train.epochs + 1):
             row: dict[str, Any] = {"epoch": epoch, "iteration": epoch}

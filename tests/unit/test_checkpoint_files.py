@@ -149,8 +149,8 @@ def _tensorboard_points(log_dir: str, tag: str) -> list[tuple[int, float]]:
 
 
 def test_tensorboard_shows_redone_iterations_once(tmp_path):
-    # A learner restart mid-run (truncate_from) and a resume in a new process (purge_from) both
-    # redo iterations: TensorBoard must show the new values only, one point per step.
+    # A learner restart mid-run and a resume in a new process (a new sink; supervised runs too)
+    # both redo iterations: TensorBoard must show the new values only, one point per step.
     pytest.importorskip("tensorboard")
     from rlhf_ray.coordinator.metrics import MetricsSink
 
@@ -164,7 +164,8 @@ def test_tensorboard_shows_redone_iterations_once(tmp_path):
     tb = str(tmp_path / "tensorboard")
     assert _tensorboard_points(tb, "reward_mean") == [(0, 0.0), (1, 1.0), (2, 12.0), (3, 13.0), (4, 14.0)]
 
-    resumed = MetricsSink(str(tmp_path), tensorboard=True, ray_metrics=False, purge_from=3)  # resume at 3
+    resumed = MetricsSink(str(tmp_path), tensorboard=True, ray_metrics=False)
+    resumed.truncate_from(3)  # a resume from the checkpoint at iteration 3
     resumed.write({"iteration": 3, "reward_mean": 23.0})
     resumed.close()
     assert _tensorboard_points(tb, "reward_mean") == [(0, 0.0), (1, 1.0), (2, 12.0), (3, 23.0)]
