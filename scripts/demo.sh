@@ -6,7 +6,8 @@
 # The one-stage PPO demo ("answer in digits", a reward function): scripts/demo.sh --one-stage
 # PPO with LoRA adapters on the SFT model (rank 8, lr 1e-3; its own run name): scripts/demo.sh --lora
 #   (add --stages "[ppo]" to reuse the SFT and reward models of an earlier run);
-#   --one-stage --lora: the one-stage demo with LoRA (configs/demo_lora_cpu.yaml)
+#   --one-stage --lora: the one-stage demo with LoRA (configs/demo_lora_cpu.yaml).
+# --one-stage and --lora may stand anywhere among the arguments (scripts/demo.sh --stages "[ppo]" --lora).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # .venv's torch is the CPU build (bootstrap.sh): DeepSpeed's accelerator is the CPU, named here so
@@ -14,14 +15,15 @@ cd "$(dirname "$0")/.."
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 scripts/bootstrap.sh
 export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
-one_stage=0 lora=0
-while [ $# -gt 0 ]; do  # the script's own flags come first, in any order; the rest go to the job
-  case "$1" in
-    --one-stage) one_stage=1; shift ;;
-    --lora) lora=1; shift ;;
-    *) break ;;
+one_stage=0 lora=0 rest=()
+for arg in "$@"; do  # the script's own flags may stand anywhere; every other argument goes to the job, in order
+  case "$arg" in
+    --one-stage) one_stage=1 ;;
+    --lora) lora=1 ;;
+    *) rest+=("$arg") ;;
   esac
 done
+set -- ${rest[@]+"${rest[@]}"}
 if [ "$one_stage" = 1 ]; then
   config=configs/demo_cpu.yaml
   if [ "$lora" = 1 ]; then config=configs/demo_lora_cpu.yaml; fi
