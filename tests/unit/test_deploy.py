@@ -272,6 +272,35 @@ def test_readme_commands_parse(monkeypatch):
             _parse_launch(["--config", "configs/gpu_8x.yaml", *extra], monkeypatch)
 
 
+# ---- ray job submit -------------------------------------------------------------------------
+
+JOB_SUBMIT = re.compile(r"^\s*#?\s*(?:[A-Z_]+=\S*\s+)*ray job submit\b")  # a command, not prose about one
+
+
+def _job_submit_files() -> list[Path]:
+    return sorted([*(REPO / "configs").glob("*.yaml"), *(p for p in DEPLOY.iterdir() if p.is_file()),
+                   REPO / "README.md"])
+
+
+def test_every_ray_job_submit_command_sets_token_auth():
+    """Ray 2.60 turns token auth on: a client without RAY_AUTH_MODE=token fails with
+    AuthenticationError, so every ``ray job submit`` a user may copy sets it, on its line or in an
+    ``export`` just above."""
+    seen = 0
+    for path in _job_submit_files():
+        lines = _read(path).splitlines()
+        for i, line in enumerate(lines):
+            if not JOB_SUBMIT.match(line):
+                continue
+            seen += 1
+            above = lines[max(0, i - 5):i]
+            assert "RAY_AUTH_MODE=token" in line or any(
+                re.search(r"\bexport\b.*\bRAY_AUTH_MODE=token\b", a) for a in above), \
+                f"{path.relative_to(REPO)}:{i + 1}: `ray job submit` without RAY_AUTH_MODE=token (Ray 2.60 " \
+                f"refuses it with AuthenticationError): {line.strip()}"
+    assert seen >= 4, "fewer ray job submit commands than expected; is the pattern still right?"
+
+
 # ---- Dockerfiles ---------------------------------------------------------------------------
 
 PIN = re.compile(r"(?<![\w.-])([A-Za-z][\w.-]*(?:\[[\w,-]+\])?==[0-9][\w.+-]*)")
