@@ -79,11 +79,20 @@ class ReplicatedModule:
 
 def replicate(module: nn.Module, lrn: LearnerConfig, total_steps: int, device: torch.device,
               world_size: int) -> ReplicatedModule:
-    """The value head's replica: learner.value_head_lr (default learner.lr), the learner's
-    optimiser kind, betas, weight decay, warm-up and schedule, fused AdamW on CUDA."""
+    """The value head's replica, with rank 0's weights on every rank (one broadcast per tensor
+    when ``world_size`` > 1; every rank must call it): learner.value_head_lr (default
+    learner.lr), the learner's optimiser kind, betas, weight decay, warm-up and schedule, fused
+    AdamW on CUDA."""
     from rlhf_ray.backends.deepspeed import lr_scheduler, make_torch_optimizer
 
     module = module.to(device)
+    if world_size > 1:
+        # Every rank starts from rank 0's weights: replicas that began apart (a head initialised
+        # with another random state, e.g. a different seed or consumption order on one rank) would
+        # never agree again, since each applies the same averaged update to its own weights.
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(t.data, src=0)
     lr = lrn.value_head_lr or lrn.lr
     optimizer = make_torch_optimizer([{"params": list(module.parameters()), "lr": lr, "name": "value_head"}], lrn)
     return ReplicatedModule(module, optimizer, lr_scheduler(optimizer, lrn, total_steps), lrn.max_grad_norm,
