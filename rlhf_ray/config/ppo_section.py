@@ -5,7 +5,10 @@ because it is the longest section. Standard library only.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+AUTO = "auto"  # a choice derived from the settings it depends on (see PPOConfig.resolved)
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,10 @@ class PPOConfig:
     """GAE lambda."""
     kl_coef: float = 0.02
     """Initial coefficient of the per-token KL penalty to the reference."""
-    kl_estimator: str = "k1"
-    """KL estimator: k1 in the reward (ppo.kl_in reward); k1, k2 or k3 as a loss term (ppo.kl_in loss)."""
+    kl_estimator: str = "auto"
+    """KL estimator: k1 in the reward (ppo.kl_in reward); k2 or k3 as a loss term (ppo.kl_in loss). auto:
+    k1 with ppo.kl_in reward, k3 with ppo.kl_in loss. k1 as a loss term is refused: on the policy's own samples its
+    expected gradient is zero, so it would not pull the policy toward the reference at all."""
     kl_in: str = "reward"
     """Where the KL penalty to the reference goes: reward (per-token, shaped into the rewards before the
     advantages; only k1 belongs there) or loss (a term ppo.kl_coef x KL(policy || reference) added to the
@@ -56,20 +61,23 @@ class PPOConfig:
     mean subtracted from the score first). The group estimators need rollout.samples_per_prompt >= 2."""
     group_std_norm: bool = True
     """grpo: divide by the group's reward std (false: Dr. GRPO, mean subtraction only)."""
-    loss_agg: str = "token_mean"
+    loss_agg: str = "auto"
     """Policy-loss aggregation over an optimiser step: token_mean (every token alike), seq_mean_token_mean
     (each sequence's token mean, averaged over sequences), seq_mean_token_sum_norm (each sequence's token
     sum divided by rollout.max_new_tokens, averaged over sequences: Dr. GRPO). 1 and N learner ranks give
-    the same update in each mode."""
+    the same update in each mode. auto: seq_mean_token_mean with ppo.ratio sequence, else token_mean."""
     ratio: str = "token"
     """Importance ratio of the clipped objective: token (PPO) or sequence (GSPO: exp of the mean log-ratio of
-    the sequence's tokens, one ratio per sequence)."""
-    rollout_correction: str = "none"
+    the sequence's tokens, one ratio per sequence). sequence needs ppo.loss_agg seq_mean_token_mean (GSPO
+    averages sequences; the other modes weight each sequence by its length and are refused)."""
+    rollout_correction: str = "auto"
     """Correction for the gap between the engines' sampling policy and the learner's old policy (async
-    generation is one step off-policy; bf16 engines differ numerically): none, tis (truncated importance
-    weights exp(old - rollout logprob) capped at ppo.correction_cap) or icepop (tokens whose weight is
-    outside [ppo.correction_low, ppo.correction_high] are left out of the loss). On, the engines return
-    logprobs every iteration."""
+    generation is one step off-policy; bf16 engines differ numerically), with the weight
+    w = exp(old - rollout logprob) of each token: none, tis (the policy loss of each token weighted by
+    min(w, ppo.correction_cap)) or icepop (weighted by w where w is within [ppo.correction_low,
+    ppo.correction_high], left out of the policy loss elsewhere). On, the engines return logprobs every
+    iteration. auto: tis with rollout.async_generation, else none; none with async generation trains on
+    the previous weights' samples uncorrected."""
     correction_cap: float = 2.0
     """tis: cap C of the truncated importance weight."""
     correction_low: float = 0.5
@@ -87,6 +95,21 @@ class PPOConfig:
     ppo.overlong_penalty, linearly (0: off)."""
     overlong_penalty: float = 1.0
     """The overlong soft penalty at rollout.max_new_tokens tokens."""
+
+    def resolved(self, async_generation: bool) -> "PPOConfig":
+        """This section with each ``auto`` choice filled in from the settings it depends on, as the
+        fields' docs say; a choice that was given is kept as it is (validation refuses what cannot work).
+        ``async_generation``: rollout.async_generation."""
+        derived = {
+            # k1's expected gradient as a loss is zero; k3 is the usual GRPO loss term (Schulman 2020).
+            "kl_estimator": "k3" if self.kl_in == "loss" else "k1",
+            # GSPO (arXiv:2507.18071) averages one clipped term per sequence.
+            "loss_agg": "seq_mean_token_mean" if self.ratio == "sequence" else "token_mean",
+            # Async batches come from the weights before the last update: correct toward them.
+            "rollout_correction": "tis" if async_generation else "none",
+        }
+        unset = {name: value for name, value in derived.items() if getattr(self, name) == AUTO}
+        return dataclasses.replace(self, **unset) if unset else self
 
     @property
     def uses_critic(self) -> bool:

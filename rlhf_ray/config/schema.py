@@ -371,6 +371,11 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        # The ppo choices left at auto, which depend on other settings, are filled in here, once, so
+        # every role (and config.json) reads what runs; a choice that was given is never changed.
+        object.__setattr__(self, "ppo", self.ppo.resolved(self.rollout.async_generation))
+
 
 def get_path(cfg: Any, dotted: str) -> Any:
     """The value at ``dotted`` (e.g. ``"ppo.clip_ratio"``) of a config tree."""

@@ -22,12 +22,12 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "data.too_long": ("drop", "truncate", "error"),
     "data.template": ("plain", "chat"),
     "reward.kind": ("function", "model", "http"),
-    "ppo.kl_estimator": ("k1", "k2", "k3"),
+    "ppo.kl_estimator": ("auto", "k1", "k2", "k3"),
     "ppo.kl_in": ("reward", "loss"),
     "ppo.estimator": ("gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"),
-    "ppo.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
+    "ppo.loss_agg": ("auto", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
     "ppo.ratio": ("token", "sequence"),
-    "ppo.rollout_correction": ("none", "tis", "icepop"),
+    "ppo.rollout_correction": ("auto", "none", "tis", "icepop"),
     "learner.zero_stage": (0, 1, 2, 3),
     "learner.optimizer": ("adamw", "sgd"),
     "learner.lr_schedule": ("constant", "cosine", "linear"),
@@ -152,6 +152,16 @@ def _family_errors(cfg: Config) -> list[str]:
         errors.append(f"--ppo.kl_estimator {p.kl_estimator} with --ppo.kl_in reward: only k1 is an unbiased "
                       "per-token reward (k2 and k3 estimate KL for a loss term; as rewards they bias the return). "
                       "Set --ppo.kl_in loss to use it as a loss term, or --ppo.kl_estimator k1.")
+    if p.kl_in == "loss" and p.kl_estimator == "k1":
+        errors.append("--ppo.kl_estimator k1 with --ppo.kl_in loss: as a loss term k1's gradient is grad log pi, "
+                      "whose expectation over the policy's own samples is zero, so the term adds noise and no pull "
+                      "toward the reference. Use --ppo.kl_estimator k3 (what auto, the default, picks with "
+                      "--ppo.kl_in loss) or k2, or put k1 in the reward with --ppo.kl_in reward.")
+    if p.ratio == "sequence" and p.loss_agg != "seq_mean_token_mean":
+        errors.append(f"--ppo.ratio sequence with --ppo.loss_agg {p.loss_agg}: GSPO averages one clipped term per "
+                      f"sequence, while {p.loss_agg} weights each sequence by its length. Use --ppo.loss_agg "
+                      "seq_mean_token_mean (what auto, the default, picks with --ppo.ratio sequence), or "
+                      "--ppo.ratio token.")
     if r.samples_per_prompt < 2 and p.uses_groups:
         what = "--ppo.dynamic_sampling" if p.dynamic_sampling else f"--ppo.estimator {p.estimator}"
         errors.append(f"{what} compares the samples of one prompt: --rollout.samples_per_prompt must be >= 2 "
@@ -191,7 +201,8 @@ def _learner_errors(cfg: Config) -> list[str]:
 
 
 def _rollout_errors(cfg: Config) -> list[str]:
-    """Sampling settings vLLM would refuse, the context length, and the engine-vs-learner logprob check."""
+    """Sampling settings vLLM would refuse, the context length, tensor parallelism with the sync
+    transport, and the engine-vs-learner logprob check."""
     r, errors = cfg.rollout, []
     if not 0 < r.top_p <= 1:
         errors.append(f"--rollout.top_p must be in (0, 1] (got {r.top_p}).")
@@ -206,6 +217,12 @@ def _rollout_errors(cfg: Config) -> list[str]:
             f"--rollout.max_model_len {r.max_model_len} cannot hold --data.max_prompt_tokens "
             f"{cfg.data.max_prompt_tokens} + --rollout.max_new_tokens {r.max_new_tokens}; "
             f"raise it to at least {need} or shorten prompts/responses.")
+    if r.tensor_parallel_size > 1 and cfg.sync.transport == "collective":
+        errors.append(f"--rollout.tensor_parallel_size {r.tensor_parallel_size} with --sync.transport collective: "
+                      "every tensor-parallel worker of an engine would join the broadcast group with the engine's "
+                      "one rank, so two processes claim one rank and the sync fails or hangs. Use --sync.transport "
+                      "object_store (each worker of the engine gets the full weights and loads its own shard), or "
+                      "--rollout.tensor_parallel_size 1.")
     if cfg.sync.check_logprobs_every < 0:
         errors.append(f"--sync.check_logprobs_every must be >= 0 (got {cfg.sync.check_logprobs_every}); "
                       "0 never checks, 1 checks every iteration.")

@@ -323,7 +323,8 @@ class PPOCoordinator:
         return batch.replace(bad_rows=bad), n_bad
 
     def _prepared_scores(self, batch: ExperienceBatch) -> torch.Tensor:
-        """(B,) scores after the missing-EOS and overlong penalties, clipping and normalisation."""
+        """(B,) scores after the missing-EOS and overlong penalties, clipping and normalisation. Only the
+        valid samples' scores update the running moments: a quarantined sample's score is a stand-in 0."""
         p, r = self.cfg.ppo, self.cfg.reward
         scores = apply_missing_eos_penalty(batch.scores, batch.truncated, r.missing_eos_penalty)
         if p.overlong_buffer > 0:
@@ -331,7 +332,7 @@ class PPOCoordinator:
                                                p.overlong_buffer, p.overlong_penalty)
         scores = clip_scores(scores, r.clip)
         if r.normalize:
-            self.score_moments.update(scores)
+            self.score_moments.update(scores[~batch.bad_rows])
             scores = normalize_scores(scores, self.score_moments.mean, self.score_moments.std)
         return scores
 

@@ -7,7 +7,8 @@ import torch
 
 from rlhf_ray.algorithms import (AdaptiveKLController, FixedKLController, clip_scores, ppo_policy_loss,
                                  value_loss)
-from rlhf_ray.config import Config, ConfigError, load_config, parse_overrides, validate
+from rlhf_ray.config import (Config, ConfigError, config_from_dict, config_to_dict, load_config, parse_overrides,
+                             validate)
 from tests.unit.test_config import DEMO, PINNED, _load
 
 # ---- validation ---------------------------------------------------------------
@@ -19,7 +20,7 @@ from tests.unit.test_config import DEMO, PINNED, _load
         ("model.dtype", "float16", "['float32', 'bfloat16']"),
         ("model.build_tiny", "gpt2", "[None, 'llama', 'qwen2']"),
         ("data.too_long", "keep", "['drop', 'truncate', 'error']"),
-        ("ppo.kl_estimator", "k4", "['k1', 'k2', 'k3']"),
+        ("ppo.kl_estimator", "k4", "['auto', 'k1', 'k2', 'k3']"),
         ("learner.zero_stage", "4", "[0, 1, 2, 3]"),
         ("sync.transport", "nccl", "['collective', 'object_store']"),
         ("resources.strategy", "pack", "['PACK', 'SPREAD', 'STRICT_PACK', 'STRICT_SPREAD']"),
@@ -247,6 +248,72 @@ def test_family_settings_that_cannot_work_are_refused(overrides, message):
 @pytest.mark.parametrize("estimator", ["gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
 def test_every_estimator_loads_with_groups(estimator):
     cfg = _load(["--ppo.estimator", estimator, "--ppo.kl_in", "loss", "--ppo.kl_estimator", "k3",
-                 "--ppo.loss_agg", "seq_mean_token_sum_norm", "--ppo.ratio", "sequence",
+                 "--ppo.loss_agg", "seq_mean_token_mean", "--ppo.ratio", "sequence",
                  "--ppo.rollout_correction", "tis", "--ppo.overlong_buffer", "4"])
     assert cfg.ppo.estimator == estimator
+
+
+# ---- choices whose default depends on another setting ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, field, expected",
+    [
+        ([], "kl_estimator", "k1"),  # a per-token reward: only k1 is unbiased
+        (["--ppo.kl_in", "loss"], "kl_estimator", "k3"),  # a loss term: k1's expected gradient is 0
+        (["--ppo.kl_in", "loss", "--ppo.kl_estimator", "auto"], "kl_estimator", "k3"),
+        ([], "loss_agg", "token_mean"),
+        (["--ppo.ratio", "sequence"], "loss_agg", "seq_mean_token_mean"),  # GSPO
+        ([], "rollout_correction", "none"),
+        (["--rollout.async_generation", "true"], "rollout_correction", "tis"),  # one step off-policy
+    ],
+)
+def test_unset_choices_follow_the_settings_they_depend_on(overrides, field, expected):
+    assert getattr(_load(overrides).ppo, field) == expected
+
+
+@pytest.mark.parametrize(
+    "overrides, field, expected",
+    [
+        (["--ppo.kl_in", "loss", "--ppo.kl_estimator", "k2"], "kl_estimator", "k2"),
+        (["--ppo.ratio", "sequence", "--ppo.loss_agg", "seq_mean_token_mean"], "loss_agg", "seq_mean_token_mean"),
+        (["--rollout.async_generation", "true", "--ppo.rollout_correction", "none"], "rollout_correction", "none"),
+        (["--rollout.async_generation", "true", "--ppo.rollout_correction", "icepop"], "rollout_correction", "icepop"),
+        (["--ppo.rollout_correction", "tis"], "rollout_correction", "tis"),
+    ],
+)
+def test_explicit_choices_are_kept(overrides, field, expected):
+    assert getattr(_load(overrides).ppo, field) == expected
+
+
+def test_resolved_config_round_trips_through_its_dict():
+    cfg = _load(["--ppo.kl_in", "loss", "--ppo.ratio", "sequence", "--rollout.async_generation", "true"])
+    assert (cfg.ppo.kl_estimator, cfg.ppo.loss_agg, cfg.ppo.rollout_correction) == ("k3", "seq_mean_token_mean", "tis")
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--ppo.kl_in", "loss", "--ppo.kl_estimator", "k1"],
+         "--ppo.kl_estimator k1 with --ppo.kl_in loss: as a loss term k1's gradient is grad log pi, whose "
+         "expectation over the policy's own samples is zero"),
+        (["--ppo.ratio", "sequence", "--ppo.loss_agg", "token_mean"],
+         "--ppo.ratio sequence with --ppo.loss_agg token_mean: GSPO averages one clipped term per sequence, while "
+         "token_mean weights each sequence by its length. Use --ppo.loss_agg seq_mean_token_mean"),
+        (["--ppo.ratio", "sequence", "--ppo.loss_agg", "seq_mean_token_sum_norm"],
+         "--ppo.ratio sequence with --ppo.loss_agg seq_mean_token_sum_norm"),
+        (["--rollout.tensor_parallel_size", "2"],
+         "--rollout.tensor_parallel_size 2 with --sync.transport collective: every tensor-parallel worker of an "
+         "engine would join the broadcast group with the engine's one rank"),
+    ],
+)
+def test_settings_that_silently_do_less_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        _load(overrides)
+    assert message in str(err.value)
+
+
+def test_tensor_parallel_engines_load_with_the_object_store_transport():
+    cfg = _load(["--rollout.tensor_parallel_size", "2", "--sync.transport", "object_store"])
+    assert cfg.rollout.tensor_parallel_size == 2

@@ -281,7 +281,8 @@ def test_max_logprob_mismatch_fails_the_step():
 
 @pytest.mark.parametrize("async_generation", [False, True])
 def test_engines_return_logprobs_only_on_check_iterations(async_generation):
-    cfg = _config(sync={"check_logprobs_every": 3}, rollout={
+    # correction off explicitly: with async generation it is on by default and needs logprobs every time
+    cfg = _config(ppo={"mini_batches": 1, "rollout_correction": "none"}, sync={"check_logprobs_every": 3}, rollout={
         "prompts_per_iteration": B, "samples_per_prompt": 1, "max_new_tokens": R, "num_engines": 1,
         "async_generation": async_generation})
     rollout = FakeRollout()
@@ -295,6 +296,18 @@ def test_engines_return_logprobs_only_on_check_iterations(async_generation):
             assert row["logprob_mismatch_mean"] == pytest.approx(0.25, abs=1e-6)
     never = _coordinator(_config(sync={"check_logprobs_every": 0}), rollout=FakeRollout())
     assert "logprob_mismatch_mean" not in never.step()
+
+
+def test_async_generation_corrects_by_default_so_the_engines_return_logprobs_every_iteration():
+    cfg = _config(sync={"check_logprobs_every": 0}, rollout={
+        "prompts_per_iteration": B, "samples_per_prompt": 1, "max_new_tokens": R, "num_engines": 1,
+        "async_generation": True})
+    assert cfg.ppo.rollout_correction == "tis"
+    rollout = FakeRollout()
+    coord = _coordinator(cfg, rollout=rollout)
+    for _ in range(3):
+        coord.step()
+    assert [spec.logprobs for _, spec in rollout.calls] == [True] * 4  # 3 batches and the one in flight
 
 
 def test_negative_check_interval_is_a_config_error():
@@ -336,6 +349,19 @@ def test_non_finite_samples_are_quarantined(fakes, bad_row):
     assert torch.isfinite(batch.advantages).all() and torch.isfinite(batch.returns).all()
     good = [i for i in range(batch.advantages.shape[0]) if i != bad_row]
     assert batch.response_mask[good].any(-1).all()
+
+
+def test_quarantined_scores_do_not_enter_the_running_score_moments():
+    # Scores (1, NaN, .5) each iteration: the NaN sample is quarantined (its score a stand-in 0),
+    # and only 1 and .5 update the moments: count 2, mean .75, sample std sqrt(.125).
+    coord = _coordinator(_config(reward={"normalize": True}), reward=NaNReward())
+    m = coord.step()
+    assert m["skipped_samples"] == 1.0
+    moments = coord.score_moments
+    assert (moments.count, moments.mean) == (2, pytest.approx(0.75))
+    assert moments.std == pytest.approx(math.sqrt(0.125))
+    coord.step()
+    assert (moments.count, moments.mean) == (4, pytest.approx(0.75))
 
 
 class AllNaNReward(FakeReward):
