@@ -4,8 +4,8 @@ The pieces a learner composes into one policy loss::
 
     corr = rollout_correction(old_lp, rollout_lp, mask, "tis")       # engine vs learner
     surr = clipped_surrogate(lp, old_lp, adv, corr.mask, 0.2)        # PPO / GSPO
-    per_token = surr.per_token * corr.weights + beta * kl_loss_tokens(lp, ref_lp, "k3", mask=corr.mask)
-    loss = aggregate(per_token, corr.mask, "token_mean", step_tokens=..., step_sequences=...)
+    per_token = surr.per_token * corr.weights + beta * kl_loss_tokens(lp, ref_lp, "k3", mask=mask)
+    loss = aggregate(per_token, mask, "token_mean", step_tokens=..., step_sequences=...)
 
 Shapes: B sequences, R response tokens. Masks are bool, True = counts; inputs
 at masked positions change neither the results nor their gradients.
@@ -38,8 +38,8 @@ class SurrogateOutput(NamedTuple):
 class CorrectionOutput(NamedTuple):
     """Result of :func:`rollout_correction`; all detached."""
 
-    weights: torch.Tensor  # float (B, R): multiplies the per-token loss; 1 where the input mask is False
-    mask: torch.Tensor  # bool (B, R): tokens kept
+    weights: torch.Tensor  # float (B, R): multiplies the per-token loss; 0 where dropped, 1 at padding
+    mask: torch.Tensor  # bool (B, R): tokens kept (icepop drops some)
     weight_mean: torch.Tensor  # 0-dim: mean raw weight w over valid tokens
     weight_max: torch.Tensor  # 0-dim: max raw weight w over valid tokens
     corrected_fraction: torch.Tensor  # 0-dim: share of valid tokens truncated / masked
@@ -265,15 +265,20 @@ def rollout_correction(
     """Correct for the mismatch between the inference engine and the learner.
 
     The engine samples from pi_rollout, which differs from the learner's
-    pi_old on the same weights (kernels, precision). Per valid token,
+    pi_old on the same weights (kernels, precision), or comes from the weights
+    before the last update (async generation). Per valid token,
     ``w = exp(old_logprobs - rollout_logprobs) = pi_old / pi_rollout``.
 
     - ``"none"``: weights 1, mask unchanged (NaN rollout logprobs allowed).
     - ``"tis"``: truncated importance sampling, weights ``min(w, cap)``
       (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
       Off-Policy RL Training", fengyao.notion.site).
-    - ``"icepop"``: weights 1, tokens with w outside ``[low, high]`` leave the
-      mask (IcePop, Ling team 2025, Ring-1T report, arXiv:2510.18855).
+    - ``"icepop"``: weights ``w`` where ``low <= w <= high``; tokens with w
+      outside ``[low, high]`` get weight 0 and leave the mask (IcePop, Ling
+      team 2025, Ring-1T report, arXiv:2510.18855: the policy-gradient term
+      of each token is multiplied by M(w) = w inside the band, 0 outside).
+      Aggregate the weighted loss over the INPUT mask to keep that paper's
+      normaliser (a dropped token still counts in its sequence's length).
 
     Args:
         old_logprobs: float (B, R) learner log-probabilities at rollout time.
@@ -321,15 +326,14 @@ def rollout_correction(
         known = mask & ~missing
         w = torch.exp(_zero_masked((old_logprobs.detach() - rollout).to(dtype), known))
         ones = torch.ones_like(w)
-        new_mask, corrected = mask, torch.zeros_like(mask)
+        new_mask, corrected, weights = mask, torch.zeros_like(mask), ones
         if mode == "tis":
             corrected = mask & (w > cap)
             weights = torch.where(mask, w.clamp(max=cap), ones)
-        else:
-            weights = ones
-        if mode == "icepop":
+        elif mode == "icepop":
             corrected = mask & ((w < low) | (w > high))
             new_mask = mask & ~corrected
+            weights = torch.where(new_mask, w, torch.where(corrected, torch.zeros_like(w), ones))
         weight_max = _zero_masked(w, known).amax() if w.numel() else w.new_zeros(())
         return CorrectionOutput(
             weights=weights,

@@ -36,15 +36,18 @@ def ppo_objective(p: PPOConfig, mb: ExperienceBatch, logprobs: torch.Tensor, val
                               cap=p.correction_cap, low=p.correction_low, high=p.correction_high)
     sur = clipped_surrogate(logprobs, mb.old_logprobs, mb.advantages, corr.mask, p.clip_ratio,
                             clip_ratio_high=p.clip_ratio_high, dual_clip=p.dual_clip, ratio=p.ratio)
+    # The correction weighs only the policy-gradient term (icepop: 0 at the tokens it drops); the
+    # KL and entropy terms keep every valid token. Aggregated over the response mask, so a dropped
+    # token still counts in its sequence's length, as in IcePop's objective (arXiv:2510.18855).
     per_token = sur.per_token * corr.weights
     kl = kl_loss_tokens(logprobs, mb.ref_logprobs, p.kl_estimator, mask=mask) if p.kl_in == "loss" else None
     if kl is not None:
         per_token = per_token + kl_coef * kl
 
-    def agg(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        return aggregate(x, m, p.loss_agg, step_tokens=step_tokens, step_sequences=step_sequences, max_len=max_len)
+    def agg(x: torch.Tensor) -> torch.Tensor:
+        return aggregate(x, mask, p.loss_agg, step_tokens=step_tokens, step_sequences=step_sequences, max_len=max_len)
 
-    loss = agg(per_token, corr.mask) - p.entropy_coef * agg(entropy, mask)
+    loss = agg(per_token) - p.entropy_coef * agg(entropy)
     if values is not None:
         vl = value_loss(values, mb.old_values, mb.returns, mask, clip_range=p.value_clip, num_tokens=step_tokens)
         loss = loss + p.vf_coef * vl.loss

@@ -325,10 +325,28 @@ def test_rollout_correction_hand_examples():
     assert tis.weight_mean.item() == pytest.approx(5.75 / 4)  # raw w, before truncation
 
     ice = rollout_correction(OLD, ROLLOUT, CORR_MASK, "icepop", low=0.5, high=2.0)
-    assert (ice.weights == 1).all()
+    # kept tokens weighted by w (1 and 1.5), the out-of-band ones (3 and .25) by 0, padding by 1
+    torch.testing.assert_close(ice.weights, torch.tensor([[1.0, 0.0, 0.0], [1.5, 1.0, 1.0]]))
     assert ice.mask.tolist() == [[True, False, False], [True, False, False]]
     assert ice.corrected_fraction.item() == 0.5
     assert ice.weights.dtype == torch.float32 and not ice.weights.requires_grad
+
+
+def test_icepop_loss_hand_example():
+    """IcePop's objective (arXiv:2510.18855): each sequence's token mean of M(w) x surrogate, with
+    M(w) = w inside [low, high] and 0 outside; the dropped tokens still count in the length.
+    On policy (r = 1) with advantages 1 the surrogate is -1 per token, so the weighted terms are
+    [[-1, 0, 0], [-1.5]] and the loss is (-1/3 - 1.5) / 2 = -11/12."""
+    lp = OLD.clone().requires_grad_(True)
+    ice = rollout_correction(OLD, ROLLOUT, CORR_MASK, "icepop", low=0.5, high=2.0)
+    sur = clipped_surrogate(lp, OLD, torch.ones(2, 3), ice.mask, 0.2)
+    loss = aggregate(sur.per_token * ice.weights, CORR_MASK, "seq_mean_token_mean", step_tokens=4, step_sequences=2)
+    assert loss.item() == pytest.approx(-11 / 12)
+    loss.backward()
+    # d/dlp of -w r / len / 2 at r = 1: -1/6 and -3/4 at the kept tokens, 0 where dropped or padding
+    torch.testing.assert_close(lp.grad, torch.tensor([[-1 / 6, 0.0, 0.0], [-0.75, 0.0, 0.0]]))
+    token_mean = aggregate(sur.per_token * ice.weights, CORR_MASK, "token_mean", step_tokens=4, step_sequences=2)
+    assert token_mean.item() == pytest.approx(-2.5 / 4)
 
 
 def test_rollout_correction_nan_rollout_logprobs():
@@ -362,9 +380,11 @@ def test_rollout_correction_matches_loop_reference(mode):
             if mode == "tis":
                 weights[i, t] = min(w, 1.5)
                 corrected += w > 1.5
-            if mode == "icepop" and not 0.6 <= w <= 1.8:
-                keep[i, t] = False
-                corrected += 1
+            if mode == "icepop":
+                inside = 0.6 <= w <= 1.8
+                weights[i, t] = w if inside else 0.0
+                keep[i, t] = inside
+                corrected += not inside
     torch.testing.assert_close(out.weights, weights, rtol=1e-12, atol=1e-12)
     assert torch.equal(out.mask, keep)
     assert out.weight_mean.item() == pytest.approx(sum(raw) / len(raw), rel=1e-12)
