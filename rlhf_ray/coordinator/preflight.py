@@ -1,8 +1,8 @@
 """Pre-flight: everything about a PPO run that can be checked before Ray starts.
 
-The models exist (tiny ones are built when asked), the tokenizer has EOS and a pad id, the
-prompts load and tokenise, the held-out evaluation prompts are set aside, and the reward
-function (or endpoint) answers a probe call. A bad input fails here with one message, before
+The models exist (tiny ones are built when asked), the LoRA adapters can reach the engines, the
+tokenizer has EOS and a pad id, the prompts load and tokenise, the held-out evaluation prompts
+are set aside, and the reward function (or endpoint) answers a probe call. A bad input fails here with one message, before
 any actor holds a resource.
 """
 
@@ -46,6 +46,20 @@ def _check_model_dir(path: str, what: str, flag: str) -> None:
                                 f"point {flag} at a saved model directory.")
 
 
+def check_lora_targets(cfg: Config) -> None:
+    """LoRA adapters that could never reach the engines fail here, from the policy's config.json
+    (no weights are read): see :func:`rlhf_ray.models.lora.tied_head_error`."""
+    if cfg.model.lora.rank <= 0:
+        return
+    from transformers import AutoConfig
+
+    from rlhf_ray.models.lora import tied_head_error
+
+    error = tied_head_error(cfg.model.lora.target_modules, AutoConfig.from_pretrained(cfg.model.path), cfg.model.path)
+    if error is not None:
+        raise ValueError(error)
+
+
 def probe_reward_function(spec: str, prompts: list[str], timeout_s: float) -> None:
     """Load the reward function and call it once on real prompts with two made-up responses, so
     that a function that cannot be imported, raises, hangs, or returns the wrong number of scores
@@ -86,7 +100,8 @@ def probe_reward_function(spec: str, prompts: list[str], timeout_s: float) -> No
 
 def prepare_inputs(cfg: Config) -> Inputs:
     """Everything that can be checked before Ray starts: models exist (building tiny ones if
-    asked), the tokenizer has pad/EOS, the reward function loads, prompts tokenize."""
+    asked), the LoRA targets reach the engines, the tokenizer has pad/EOS, the reward function
+    loads, prompts tokenize."""
     from transformers import AutoTokenizer
 
     if cfg.model.build_tiny and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
@@ -94,6 +109,7 @@ def prepare_inputs(cfg: Config) -> Inputs:
 
         ensure_tiny_model(cfg.model.path, arch=cfg.model.build_tiny, seed=cfg.seed)
     _check_model_dir(cfg.model.path, "policy model", "--model.path")
+    check_lora_targets(cfg)
     if cfg.reference.path:
         _check_model_dir(cfg.reference.path, "reference model", "--reference.path")
     if cfg.reward.kind == "model":

@@ -28,6 +28,7 @@ from torch import nn
 ADAPTER_NAME = "default"
 ADAPTER_SUBDIR = "adapter"  # beside a saved policy: the adapter alone, in PEFT's format
 BASE_LAYER = ".base_layer"
+OUTPUT_LAYER = "lm_head"  # the output layer's module name in Llama/Qwen2-style causal LMs
 
 # vLLM loads these checkpoint tensors into one fused layer (its models' packed_modules_mapping);
 # its in-place reload rebuilds a fused layer from the pieces that arrive, so a sync that changes
@@ -54,6 +55,32 @@ class LoraSpec:
         if lora.rank <= 0:
             return None
         return LoraSpec(lora.rank, lora.alpha, lora.dropout, tuple(lora.target_modules))
+
+
+def ties_output_layer(model_config) -> bool:
+    """Whether a transformers model config ties the output layer (``lm_head``) to the input
+    embeddings (``tie_word_embeddings``; in transformers 5 a model's config carries it, or its
+    text config does for a multimodal model). Reads the config only, no weights."""
+    for config in (model_config, model_config.get_text_config()):
+        tied = getattr(config, "tie_word_embeddings", None)
+        if tied is not None:
+            return bool(tied)
+    return False
+
+
+def tied_head_error(target_modules: Iterable[str], model_config, model_path: str) -> str | None:
+    """Why the adapters of ``target_modules`` would not all reach the inference engines, or None.
+
+    A model that ties ``lm_head`` to its input embeddings has no output layer of its own in vLLM:
+    vLLM reuses ``embed_tokens`` and skips any ``lm_head.weight`` it is sent, so an adapted
+    ``lm_head`` would train in the learner while the engines keep sampling from the base head."""
+    if OUTPUT_LAYER not in tuple(target_modules) or not ties_output_layer(model_config):
+        return None
+    return (f"--model.lora.target_modules includes {OUTPUT_LAYER}, but the policy {model_path!r} ties its output "
+            "layer to its input embeddings (tie_word_embeddings in its config.json): vLLM keeps no separate "
+            f"{OUTPUT_LAYER} for such a model and skips the {OUTPUT_LAYER} weights a sync sends, so the engines would "
+            f"keep sampling from the base model's head. Drop {OUTPUT_LAYER} from --model.lora.target_modules, or "
+            "train every weight (--model.lora.rank 0).")
 
 
 def _leaf(name: str) -> str:

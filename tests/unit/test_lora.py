@@ -63,6 +63,51 @@ def test_no_reference_role_is_placed_when_the_learners_compute_it():
     assert "reference" not in [p.role for p in placement_plan(load_config(None, {"model.lora.rank": "8"}))]
 
 
+def _config_only_model(directory, tied: bool) -> str:
+    """A model directory holding only a Llama config.json (no weights, no tokenizer)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, tie_word_embeddings=tied).save_pretrained(str(directory))
+    return str(directory)
+
+
+def _lora_config(path: str, targets: str, rank: str = "4"):
+    return load_config(None, {"model.path": path, "model.lora.rank": rank, "model.lora.target_modules": targets})
+
+
+def test_lm_head_adapter_on_a_tied_model_is_refused_before_anything_starts(tmp_path):
+    from rlhf_ray.coordinator.preflight import prepare_inputs
+
+    path = _config_only_model(tmp_path, tied=True)
+    # Refused from config.json alone: the directory has no weights and no tokenizer.
+    with pytest.raises(ValueError, match=r"includes lm_head, but the policy .* ties its output layer to its input "
+                                         r"embeddings .* Drop lm_head from --model.lora.target_modules"):
+        prepare_inputs(_lora_config(path, "[q_proj, lm_head]"))
+
+
+@pytest.mark.parametrize("tied, targets, rank", [
+    (True, "[q_proj, v_proj]", "4"),  # the head is not adapted
+    (False, "[q_proj, lm_head]", "4"),  # an untied head is a weight of its own in vLLM too
+    (True, "[q_proj, lm_head]", "0"),  # no LoRA: a full sync sends the tied embedding itself
+])
+def test_lora_targets_that_reach_the_engines_pass(tmp_path, tied, targets, rank):
+    from rlhf_ray.coordinator.preflight import check_lora_targets
+
+    check_lora_targets(_lora_config(_config_only_model(tmp_path, tied), targets, rank))
+
+
+def test_ties_output_layer_reads_the_config():
+    from transformers import LlamaConfig
+
+    from rlhf_ray.models.lora import ties_output_layer, tied_head_error
+
+    assert ties_output_layer(LlamaConfig(tie_word_embeddings=True))
+    assert not ties_output_layer(LlamaConfig(tie_word_embeddings=False))
+    assert tied_head_error(("lm_head",), LlamaConfig(tie_word_embeddings=False), "m") is None
+    assert "ties its output layer" in tied_head_error(("lm_head",), LlamaConfig(tie_word_embeddings=True), "m")
+
+
 # ---- adapters --------------------------------------------------------------------------
 
 
