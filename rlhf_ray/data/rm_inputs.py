@@ -10,7 +10,9 @@ trained on.
   BOS token (a prompt file of pre-rendered chats): one BOS either way, never two.
 - **response**: no special tokens; a *finished* response ends with EOS (anything after its first
   EOS is cut, since generation stops there; EOS is appended when it has none) and a cut-off one
-  has none, so the model can tell the two apart. Training's responses are finished.
+  has none, so the model can tell the two apart: training and the reward role read the score at
+  each sequence's last token (``rlhf_ray/models/reward_head.py``), that EOS, also where the pad
+  token is EOS. Training's responses are finished.
 
 Prompt and response are tokenised separately, as SFT tokenises them (``tokenize_sft``) and as
 PPO holds them (prompt ids from the loader, response ids sampled). So when the policy and the

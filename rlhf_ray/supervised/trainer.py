@@ -34,6 +34,7 @@ from rlhf_ray.algorithms.pairwise import pairwise_loss, sft_loss
 from rlhf_ray.backends import deepspeed as ds
 from rlhf_ray.checkpoint_files import checkpoint_path, publish
 from rlhf_ray.data.prompts import pad_token_id
+from rlhf_ray.models.reward_head import pooled_scores, score_head
 from rlhf_ray.supervised.config import TrainerRunConfig, resolve_trainer
 from rlhf_ray.supervised.data import PairBatch, SFTBatch
 from rlhf_ray.weight_sync.transport import serve_rendezvous
@@ -273,7 +274,8 @@ def unexpected_load_keys(info: dict) -> dict[str, list[str]]:
 
 
 class RewardModelTrainer(SupervisedTrainer):
-    """Bradley-Terry reward model: a sequence-classification head with one label, pairwise loss."""
+    """Bradley-Terry reward model: a sequence-classification head with one label, read at each
+    sequence's last token (``models/reward_head.py``, as the PPO reward role reads it), pairwise loss."""
 
     role = "rm"
     metric_keys = ("loss", "accuracy", "reward_chosen", "reward_rejected", "reward_gap")
@@ -281,8 +283,9 @@ class RewardModelTrainer(SupervisedTrainer):
     def _load_model(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        # The head reads the last non-pad token, found by this id: it must be the id the data was
-        # padded with, which the driver took from the same tokenizer.
+        # The id the driver padded the data with (the same tokenizer's). The reward is read at each
+        # row's last attended token (``pooled_scores``), never found by this id: with pad = EOS a
+        # finished response's EOS would pass for padding.
         self.pad_id = pad_token_id(AutoTokenizer.from_pretrained(path))
         # From a causal LM checkpoint the score head is new (randomly initialised, seeded) and the LM
         # head is left out: transformers' load report says so at length, so it is read here instead
@@ -300,7 +303,8 @@ class RewardModelTrainer(SupervisedTrainer):
         if odd and self.rank == 0:
             print(f"rm: loading {path} as a reward model left these weights out or new beyond the score head and "
                   f"the LM head: {odd}", flush=True)
-        model.config.pad_token_id = self.pad_id
+        model.config.pad_token_id = self.pad_id  # transformers refuses a batch of several rows without one
+        self.head = score_head(model)
         return model
 
     def _units(self, batch: PairBatch) -> int:
@@ -308,7 +312,7 @@ class RewardModelTrainer(SupervisedTrainer):
 
     def _loss(self, batch: PairBatch, num_units: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids, mask = batch.stacked(self.pad_id)
-        rewards = self.engine(input_ids=ids, attention_mask=mask.long()).logits[:, 0].float()
+        rewards = pooled_scores(self.engine, self.head, ids, mask)[:, 0].float()
         n = len(batch)
         r_c, r_r = rewards[:n], rewards[n:]
         res = pairwise_loss(r_c, r_r, batch.margin, num_pairs=num_units, center_coef=self.cfg.center_rewards_coef)

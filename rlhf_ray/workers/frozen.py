@@ -18,6 +18,7 @@ from rlhf_ray.config import Config, ReferenceConfig, RewardConfig
 from rlhf_ray.data.prompts import pad_token_id
 from rlhf_ray.data.rm_inputs import decode_pair, pair_ids, same_tokenizer
 from rlhf_ray.models import causal_lm_logits_at, positions_from_mask, response_positions
+from rlhf_ray.models.reward_head import pooled_scores, score_head
 from rlhf_ray.rewards import load_reward_function
 from rlhf_ray.workers.base import RoleBase
 
@@ -124,8 +125,10 @@ class RewardScorer(FrozenModelRole):
     the prompt ids as the loader built them and the response ids as sampled, EOS included when
     the engine produced it. When the policy and the reward model share a tokenizer (the SFT ->
     RM -> PPO pipeline) those are the batch's ids as they are; otherwise the ids are decoded with
-    the policy's tokenizer and encoded with the reward model's by the rule training used. A
-    function or an endpoint gets texts with the special tokens removed (``decode``)."""
+    the policy's tokenizer and encoded with the reward model's by the rule training used. The
+    score is read at each sequence's last token (that EOS, also where the pad token is EOS), as
+    training reads it (``rlhf_ray/models/reward_head.py``). A function or an endpoint gets texts
+    with the special tokens removed (``decode``)."""
 
     role = "reward"
 
@@ -146,9 +149,13 @@ class RewardScorer(FrozenModelRole):
             self.model = self._load(AutoModelForSequenceClassification, r.model_path or "", spec.num_gpus, spec.dtype)
             self.rm_tokenizer = AutoTokenizer.from_pretrained(r.model_path)
             self.shares_tokenizer = same_tokenizer(self.policy_tokenizer, self.rm_tokenizer)
-            # The head reads the last token that is not the config's pad id: pad with that id.
+            self.head = score_head(self.model)
+            # Padding is masked out and the score is read at each row's last attended token
+            # (``pooled_scores``), so the pad id only fills the gaps; transformers still refuses a
+            # batch of several rows when the config names no pad id.
             config_pad = getattr(self.model.config, "pad_token_id", None)
             self.pad_id = int(config_pad) if config_pad is not None else pad_token_id(self.rm_tokenizer)
+            self.model.config.pad_token_id = self.pad_id
 
     def decode(self, batch: ExperienceBatch) -> tuple[list[str], list[str]]:
         """Prompt and response texts (padding and special tokens removed)."""
@@ -210,6 +217,5 @@ class RewardScorer(FrozenModelRole):
             ids, mask = ids.to(self.device), mask.to(self.device)
             # Positions count real tokens only, so a left-padded row scores as it would alone
             # (RoPE models are shift-invariant anyway; absolute-position models are not).
-            out.append(self.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
-                       .logits[:, 0].float().cpu())
+            out.append(pooled_scores(self.model, self.head, ids, mask, positions_from_mask(mask))[:, 0].float().cpu())
         return torch.cat(out)

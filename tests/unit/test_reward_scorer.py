@@ -8,6 +8,9 @@
   and chat pairs, a GPT-2 (absolute positions, no BOS) and a Llama (RoPE, adds BOS) reward
   model, a reward model sharing the policy's tokenizer or not. A response cut off before EOS
   scores differently, as the training input without EOS.
+- Also where the pad token is EOS (Llama 3, Mistral, Qwen2.5 base): training and PPO read the
+  score at the final EOS (``rlhf_ray/models/reward_head.py``), so a finished answer and the same
+  answer cut off get different scores in both.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ PAIRS = [("Q: what is 2 plus 3? A:", " 5", " five"),
          ("<s>a dog sees 4 birds. How many?", " 4", " four birds.")]  # a pre-rendered prompt: BOS written
 
 
-def _tokenizer(adds_bos: bool, vocab_size: int = 300):
+def _tokenizer(adds_bos: bool, vocab_size: int = 300, pad_is_eos: bool = False):
     """The tiny byte-level tokenizer (<pad> 0, <s> 1, </s> 2), adding BOS first like Llama's when
-    ``adds_bos``, with the chat template above."""
+    ``adds_bos``, with the chat template above; ``pad_is_eos``: its pad token is </s>, as a
+    tokenizer without a pad token is given one."""
     from tokenizers import processors
 
     from rlhf_ray.tiny_models import build_tokenizer
@@ -42,15 +46,18 @@ def _tokenizer(adds_bos: bool, vocab_size: int = 300):
         tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.bos_token_id)])
     tok.chat_template = CHAT_TEMPLATE
+    if pad_is_eos:
+        tok.pad_token = tok.eos_token
     return tok
 
 
-def _reward_model(path, arch: str = "gpt2", adds_bos: bool = False) -> str:
+def _reward_model(path, arch: str = "gpt2", adds_bos: bool = False, pad_is_eos: bool = False) -> str:
     """A tiny sequence-classification reward model with one label, saved with its tokenizer.
-    GPT-2 has learned absolute positions (made large, so shifted positions change scores)."""
+    GPT-2 has learned absolute positions (made large, so shifted positions change scores).
+    ``pad_is_eos``: the tokenizer's and the model config's pad id is EOS."""
     from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
-    tok = _tokenizer(adds_bos)
+    tok = _tokenizer(adds_bos, pad_is_eos=pad_is_eos)
     ids = {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     torch.manual_seed(0)
     if arch == "gpt2":
@@ -177,10 +184,11 @@ def _ppo_batch(policy_path: str, prompts_path: str, responses: list[str], chat: 
     return pack_generation(gen, tok.pad_token_id, [tok.eos_token_id])
 
 
-@pytest.mark.parametrize("arch,adds_bos", [("gpt2", False), ("llama", True)])
+@pytest.mark.parametrize("arch,adds_bos,pad_is_eos", [("gpt2", False, False), ("llama", True, False),
+                                                      ("llama", True, True)])
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
-def test_ppo_scores_a_pair_as_reward_model_training_did(tmp_path, arch, adds_bos, chat):
-    rm = _reward_model(tmp_path / "rm", arch, adds_bos)
+def test_ppo_scores_a_pair_as_reward_model_training_did(tmp_path, arch, adds_bos, pad_is_eos, chat):
+    rm = _reward_model(tmp_path / "rm", arch, adds_bos, pad_is_eos)
     pairs, prompts = _records(chat)
     trainer, trained = _rm_training(rm, _write_jsonl(tmp_path / "pairs.jsonl", pairs), chat)
     prompts_path = _write_jsonl(tmp_path / "prompts.jsonl", prompts)
@@ -203,6 +211,42 @@ def test_ppo_scores_a_pair_as_reward_model_training_did(tmp_path, arch, adds_bos
     without_eos = _trained_rewards(trainer, _without_last_token(trained, trainer.pad_id))
     torch.testing.assert_close(cut, torch.tensor(without_eos), atol=1e-5, rtol=0)
     assert (cut - finished).abs().min() > 1e-4
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_with_pad_equal_to_eos_a_finished_answer_and_a_cut_off_one_score_apart(tmp_path, arch):
+    """pad id == EOS: transformers' own pooling reads the last token that is not the pad id, the
+    one before a finished answer's EOS, so finished and cut-off answers scored alike in reward-model
+    training and in PPO. Both now read the last attended token."""
+    rm = _reward_model(tmp_path / "rm", arch, adds_bos=arch == "llama", pad_is_eos=True)
+    pairs, prompts = _records(chat=False)
+    trainer, trained = _rm_training(rm, _write_jsonl(tmp_path / "pairs.jsonl", pairs), chat=False)
+    eos = trainer.pad_id
+    assert eos == _eos_id(rm) and trained.chosen_ids[0][trained.chosen_mask[0]].tolist()[-1] == eos
+    # Training: each side with its EOS, and the same side without it.
+    with_eos = torch.tensor(_trained_rewards(trainer, trained))
+    without_eos = torch.tensor(_trained_rewards(trainer, _without_last_token(trained, eos)))
+    assert (with_eos - without_eos).abs().min() > 1e-4
+    # PPO: the same answers finished (EOS sampled) and cut off at the length limit.
+    scorer = _scorer(rm)
+    assert scorer.pad_id == eos
+    responses = [rec["chosen"] for rec in pairs] + [rec["rejected"] for rec in pairs]
+    prompts_path = _write_jsonl(tmp_path / "prompts.jsonl", prompts)
+    finished = scorer.score(_ppo_batch(rm, prompts_path, responses, False, finished=True))
+    cut = scorer.score(_ppo_batch(rm, prompts_path, responses, False, finished=False))
+    assert (finished - cut).abs().min() > 1e-4
+    # ... and each is what training gave the same tokens.
+    torch.testing.assert_close(finished, with_eos, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cut, without_eos, atol=1e-5, rtol=0)
+
+
+def _eos_id(rm: str) -> int:
+    """The reward model's EOS id, checked to be its tokenizer's and its config's pad id."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(rm)
+    assert tok.pad_token_id == tok.eos_token_id == AutoConfig.from_pretrained(rm).pad_token_id
+    return tok.eos_token_id
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
