@@ -103,10 +103,22 @@ class PromptSet:
                 f"long or empty, {self.truncated} truncated)")
 
 
+def keep_last_tokens(ids: list[int], max_tokens: int, bos_id: int | None) -> list[int]:
+    """The last ``max_tokens`` of ``ids``; a leading BOS stays first (the model was trained with
+    one there, and the tokenizer, a chat template or the file put it there) when there is room
+    for at least one token after it. E.g. [BOS, a, b, c, d] with 3 -> [BOS, c, d]."""
+    if len(ids) <= max_tokens:
+        return list(ids)
+    if bos_id is not None and ids[0] == bos_id and max_tokens > 1:
+        return [ids[0]] + list(ids[len(ids) - (max_tokens - 1):])
+    return list(ids[len(ids) - max_tokens:])
+
+
 def tokenize_prompts(texts: list[str], tokenizer, max_tokens: int, too_long: str, chat: bool = False) -> PromptSet:
     """Tokenise prompts (``rm_inputs.prompt_ids``: the tokenizer's special tokens for plain text
     that does not already begin with BOS, none for a ``chat`` rendering) and apply the length
-    policy (drop / truncate keeping the end / error)."""
+    policy (drop / truncate keeping the end and a leading BOS (:func:`keep_last_tokens`) / error)."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
     kept_texts, kept_ids, dropped, truncated = [], [], 0, 0
     for i, text in enumerate(texts):
         ids = prompt_ids(tokenizer, text, chat)
@@ -120,7 +132,7 @@ def tokenize_prompts(texts: list[str], tokenizer, max_tokens: int, too_long: str
             if too_long == "drop":
                 dropped += 1
                 continue
-            ids = ids[-max_tokens:]
+            ids = keep_last_tokens(list(ids), max_tokens, bos_id)
             truncated += 1
         kept_texts.append(text)
         kept_ids.append(list(ids))

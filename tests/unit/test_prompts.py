@@ -6,8 +6,8 @@ import re
 import pytest
 
 from rlhf_ray.config import DataConfig
-from rlhf_ray.data.prompts import (PromptSampler, PromptSet, builtin_prompts, load_prompt_texts, load_prompts,
-                                  pad_token_id, split_holdout, tokenize_prompts)
+from rlhf_ray.data.prompts import (PromptSampler, PromptSet, builtin_prompts, keep_last_tokens, load_prompt_texts,
+                                  load_prompts, pad_token_id, split_holdout, tokenize_prompts)
 from rlhf_ray.data.records import DataError, iter_rows
 
 
@@ -18,6 +18,7 @@ class WordTokenizer:
 
     def __init__(self, bos: int | None = 1) -> None:
         self.bos = bos
+        self.bos_token_id = bos
         self.calls: list[tuple[str, bool]] = []
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
@@ -284,11 +285,28 @@ def test_drop_policy_counts_drops():
     assert tok.calls == [(t, True) for t in TEXTS]  # special tokens (BOS) are added
 
 
-def test_truncate_policy_keeps_the_last_tokens():
+def test_truncate_policy_keeps_the_bos_and_the_last_tokens():
     out = tokenize_prompts(TEXTS, WordTokenizer(), max_tokens=3, too_long="truncate")
-    assert out.token_ids == [[1, 4, 5], [6, 7, 8], [1, 4]]  # "ccc dddd eeeee": BOS and the start are cut
+    assert out.token_ids == [[1, 4, 5], [1, 7, 8], [1, 4]]  # BOS, then "dddd eeeee": the start is cut
     assert out.texts == TEXTS
     assert (out.dropped, out.truncated) == (0, 1)
+
+
+def test_truncate_without_a_bos_keeps_the_last_tokens():
+    out = tokenize_prompts(TEXTS, WordTokenizer(bos=None), max_tokens=3, too_long="truncate")
+    assert out.token_ids == [[4, 5], [6, 7, 8], [4]]
+    assert out.truncated == 1
+
+
+@pytest.mark.parametrize("ids,max_tokens,want", [
+    ([1, 4, 5, 6, 7], 3, [1, 6, 7]),
+    ([1, 4, 5, 6, 7], 2, [1, 7]),
+    ([1, 4, 5, 6, 7], 1, [7]),  # no room for a token after BOS: the last token alone
+    ([4, 5, 1, 6, 7], 3, [1, 6, 7]),  # a BOS that is not first is an ordinary token
+    ([4, 5, 6], 3, [4, 5, 6]),
+])
+def test_keep_last_tokens_hand_values(ids, max_tokens, want):
+    assert keep_last_tokens(ids, max_tokens, bos_id=1) == want
 
 
 def test_error_policy_names_the_prompt_and_the_flags():
@@ -363,6 +381,21 @@ def test_plain_prompts_get_the_tokenizers_bos_once(tmp_path, bos_tok):
     out = load_prompts(DataConfig(prompts=path), bos_tok, seed=0)
     assert out.token_ids[0] == out.token_ids[1] == bos_tok("what is 2 plus 3?")["input_ids"]
     assert out.token_ids[0].count(bos_tok.bos_token_id) == 1
+
+
+@pytest.mark.parametrize("template", ["plain", "chat"])
+def test_a_truncated_prompt_keeps_its_one_bos(tmp_path, bos_tok, template):
+    """Cut from the left to --data.max_prompt_tokens, a prompt still begins with the BOS the
+    tokenizer (plain) or the template (chat) put there, then the prompt's last tokens."""
+    text = "the cat finds 49 coins and the robot finds 26 coins. How many coins are there?"
+    path = _jsonl(tmp_path, [json.dumps({"prompt": text})])
+    full = load_prompts(DataConfig(prompts=path, template=template, max_prompt_tokens=512), bos_tok, seed=0)
+    ids = full.token_ids[0]
+    assert ids[0] == bos_tok.bos_token_id and len(ids) > 12
+    out = load_prompts(DataConfig(prompts=path, template=template, max_prompt_tokens=8, too_long="truncate"),
+                       bos_tok, seed=0)
+    assert out.truncated == 1
+    assert out.token_ids[0] == [bos_tok.bos_token_id] + ids[-7:]
 
 
 def test_builtin_prompts_as_chat(bos_tok):
