@@ -23,7 +23,7 @@ from rlhf_ray.coordinator.placement import actor_options, create_groups, on_one_
 from rlhf_ray.weight_sync.plan import Bucket, plan_buckets
 from rlhf_ray.workers.actors import LearnerActor, ReferenceActor, RewardActor, RolloutActor
 from rlhf_ray.workers.frozen import ReferenceSpec, RewardSpec
-from rlhf_ray.workers.learner import LearnerSpec
+from rlhf_ray.workers.learner import LearnerSpec, combine_rank_metrics
 from rlhf_ray.workers.rollout import SamplingSpec
 
 
@@ -119,10 +119,7 @@ class LearnerGroup:
         (advantages, returns, mask) travel, one small object per rank."""
         refs = [a.train.remote(u, iteration) for a, u in zip(self.actors, update.split(len(self.actors)))]
 
-        def mean(parts: list[dict]) -> dict[str, float]:
-            return {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
-
-        return self._all("PPO update", refs, mean)
+        return self._all("PPO update", refs, combine_rank_metrics)
 
     def save_checkpoint(self, path: str, tokenizer_path: str | None) -> Pending[list]:
         return self._all("save checkpoint", [a.save_checkpoint.remote(path, tokenizer_path) for a in self.actors])

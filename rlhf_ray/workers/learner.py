@@ -79,6 +79,42 @@ class LearnerSpec:
                            cfg.checkpoint.save_hf_policy, cfg.resources.call_timeout_s, cfg.sync.timeout_s)
 
 
+# How the ranks' ``train`` metrics combine into the group's: per-token means are weighted by
+# each rank's response tokens (ranks hold different token counts), token counts add up, the
+# slowest rank's time and the largest deviation count; the rest (grad norms, lr, step counts)
+# are equal on every rank.
+_SUMMED = ("learner_tokens", "learner_response_tokens")
+_LARGEST = ("update_seconds", "onpolicy_ratio_dev")
+_SAME_ON_EVERY_RANK = ("grad_norm", "value_head_grad_norm", "lr", "skipped_steps", "nonfinite_steps")
+
+
+def combine_rank_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    """One metrics dict from every rank's ``Learner.train`` output: the numbers one learner
+    holding the whole batch would report (sum, then divide once). ``padding_fraction`` is
+    weighted by the tokens each rank passed through the body, the per-token means by
+    ``learner_response_tokens``. E.g. ranks with policy_loss 1.0 over 30 tokens and 4.0 over
+    10 tokens give 1.75, not 2.5."""
+    def weighted(key: str, weight: str) -> float:
+        total = sum(p[weight] for p in parts)
+        if total == 0:
+            return sum(p[key] for p in parts) / len(parts)
+        return sum(p[key] * p[weight] for p in parts) / total
+
+    out = {}
+    for k in parts[0]:
+        if k in _SUMMED:
+            out[k] = sum(p[k] for p in parts)
+        elif k in _LARGEST:
+            out[k] = max(p[k] for p in parts)
+        elif k in _SAME_ON_EVERY_RANK:
+            out[k] = parts[0][k]
+        elif k == "padding_fraction":
+            out[k] = weighted(k, "learner_tokens")
+        else:
+            out[k] = weighted(k, "learner_response_tokens")
+    return out
+
+
 class Learner(CheckpointIO, WeightSender, RoleBase):
     role = "learner"
 
@@ -197,30 +233,55 @@ class Learner(CheckpointIO, WeightSender, RoleBase):
             ent = unpack(ent) if ent is not None else None
         return _Forward(logprobs, values, ent)
 
-    def _parts(self, batch: ExperienceBatch, max_tokens: int, max_rows: int) -> list[torch.Tensor]:
-        """Row indices of ``batch``'s forward passes: by token budget when ``max_tokens`` > 0
-        (see ``token_balanced_parts``), else consecutive chunks of ``max_rows`` sequences."""
+    def _parts(self, batch: ExperienceBatch, max_tokens: int, max_rows: int) -> list[torch.Tensor | None]:
+        """Row indices of ``batch``'s no-grad forward passes: by token budget when ``max_tokens``
+        > 0 (see ``token_balanced_parts``), else consecutive chunks of ``max_rows`` sequences.
+
+        Every rank runs as many passes as the rank that needs the most (one all-reduce): under
+        ZeRO-3 each forward gathers parameters collectively, so a rank that stopped one pass
+        early would leave the others waiting in a gather. The extra passes are ``None``: the
+        caller runs them on one row and discards the result (as ``train``'s plan agrees its
+        micro-batch count)."""
         if max_tokens > 0:
             lengths = batch.attention_mask.sum(-1).tolist()
-            groups = token_balanced_parts(lengths, parts_for_budget(lengths, max_tokens))
-            return [torch.tensor(g) for g in groups]
-        return [torch.arange(i, min(i + max_rows, len(batch))) for i in range(0, len(batch), max_rows)]
+            groups = token_balanced_parts(lengths, parts_for_budget(lengths, max_tokens)) if lengths else []
+            parts: list[torch.Tensor | None] = [torch.tensor(g) for g in groups]
+        else:
+            parts = [torch.arange(i, min(i + max_rows, len(batch))) for i in range(0, len(batch), max_rows)]
+        if self.world_size > 1:
+            most = torch.tensor([len(parts)], device=self.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            parts += [None] * (int(most.item()) - len(parts))
+        return parts
+
+    def _no_grad_passes(self, shard: ExperienceBatch, fill) -> None:
+        """Forward ``shard`` in the agreed passes (``_parts``) and hand each real pass's
+        micro-batch and output to ``fill(rows, mb, forward)``; padding passes forward the shard's
+        first row and drop the result (the coordinator never sends an empty slice)."""
+        lrn = self.spec.learner
+        for rows in self._parts(shard, lrn.forward_max_tokens, lrn.forward_batch_size):
+            if rows is None:
+                if len(shard):
+                    self._forward(shard.select(torch.tensor([0])).trim().to(self.device), entropy="none")
+                continue
+            mb = shard.select(rows).trim().to(self.device)
+            fill(rows, mb, self._forward(mb, entropy="none"))
 
     @torch.no_grad()
     def compute_old(self, shard: ExperienceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Old logprobs and values (B, R) of this rank's slice at the current weights. The slice
         is kept (with them) for ``train``, which then receives only the advantages phase's output."""
-        lrn = self.spec.learner
         R = shard.response_mask.shape[1]
         logprobs = torch.zeros(len(shard), R)
         values = torch.zeros(len(shard), R)
-        for rows in self._parts(shard, lrn.forward_max_tokens, lrn.forward_batch_size):
-            mb = shard.select(rows).trim().to(self.device)
-            f = self._forward(mb, entropy="none")
+
+        def fill(rows: torch.Tensor, mb: ExperienceBatch, f: _Forward) -> None:
             r = f.logprobs.shape[1]
             logprobs[rows, :r] = (f.logprobs * mb.response_mask).float().cpu()
             if f.values is not None:  # critic-free estimators have no values: they stay 0
                 values[rows, :r] = (f.values * mb.response_mask).cpu()
+
+        self._no_grad_passes(shard, fill)
         self.shard = shard.replace(old_logprobs=logprobs, old_values=values)
         return logprobs, values
 
@@ -237,13 +298,13 @@ class Learner(CheckpointIO, WeightSender, RoleBase):
             raise RuntimeError("reference_logprobs needs LoRA (model.lora.rank > 0): without adapters the "
                                "learner's policy is not the reference; use the reference role.")
         shard = batch.split(self.world_size)[self.rank]
-        lrn = self.spec.learner
         out = torch.zeros(shard.response_mask.shape)
+
+        def fill(rows: torch.Tensor, mb: ExperienceBatch, f: _Forward) -> None:
+            out[rows, :f.logprobs.shape[1]] = (f.logprobs * mb.response_mask).float().cpu()
+
         with adapters_disabled(self.engine.module.policy):
-            for rows in self._parts(shard, lrn.forward_max_tokens, lrn.forward_batch_size):
-                mb = shard.select(rows).trim().to(self.device)
-                f = self._forward(mb, entropy="none")
-                out[rows, :f.logprobs.shape[1]] = (f.logprobs * mb.response_mask).float().cpu()
+            self._no_grad_passes(shard, fill)
         return out
 
     # ------------------------------------------------------------------ PPO update
@@ -327,6 +388,7 @@ class Learner(CheckpointIO, WeightSender, RoleBase):
         metrics["skipped_steps"] = float(skipped_steps)
         metrics["nonfinite_steps"] = float(nonfinite_steps)  # optimiser steps skipped for a non-finite gradient
         metrics["learner_tokens"] = float(pass_tokens)
+        metrics["learner_response_tokens"] = tokens  # the weight of this rank's per-token means
         metrics["padding_fraction"] = 1.0 - real_tokens / max(pass_tokens, 1)
         metrics["update_seconds"] = time.perf_counter() - t0
         return metrics

@@ -67,6 +67,10 @@ def test_one_rank_and_two_ranks_make_the_same_update(ray_cluster, tiny_llama, ov
     m2, w2 = _update(ray_cluster, tiny_llama, 2, batch, **overrides)
     assert m1["grad_norm"] > 0
     assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4)
+    # the ranks hold different token counts: the group's metrics are the whole batch's
+    assert m2["learner_tokens"] == m1["learner_tokens"] == int(batch.attention_mask.sum())
+    for key in ("policy_loss", "entropy", "clip_fraction"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
     assert set(w1) == set(w2)
     moved = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     assert moved < 1e-5, moved
@@ -75,3 +79,60 @@ def test_one_rank_and_two_ranks_make_the_same_update(ray_cluster, tiny_llama, ov
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict()
     assert max(float((w1[k] - base[k]).abs().max()) for k in w1) > 1e-4
+
+
+def _batch_of_lengths(lengths: list[int], P: int = 4, vocab: int = 400) -> ExperienceBatch:
+    """A batch whose row i has a 2-token prompt and ``lengths[i] - 2`` response tokens."""
+    B, R = len(lengths), max(lengths) - 2
+    g = torch.Generator().manual_seed(1)
+    attention = torch.zeros(B, P + R, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        attention[i, P - 2: P + n - 2] = True
+    input_ids = torch.zeros(B, P + R, dtype=torch.long)
+    input_ids[attention] = torch.randint(4, vocab, (int(attention.sum()),), generator=g)
+    response_mask = attention[:, P:].clone()
+    return ExperienceBatch(
+        input_ids=input_ids, attention_mask=attention,
+        position_ids=(attention.long().cumsum(-1) - 1).clamp(min=0), response_mask=response_mask,
+        rollout_logprobs=torch.zeros(B, R), truncated=torch.zeros(B, dtype=torch.bool),
+        prompt_index=torch.arange(B))
+
+
+def test_zero3_no_grad_passes_agree_their_count_over_ranks(ray_cluster, tiny_llama):
+    """ZeRO-3 gathers parameters in every forward, so the ranks' no-grad passes (old logprobs and
+    the LoRA reference pass) must be as many on every rank. With a token budget of 12, rank 0's
+    slice (four 3-token rows) fits one pass and rank 1's (four 11-token rows) needs four: without
+    agreement rank 1 waits in a gather that rank 0 never enters (issue: configs/gpu_8x.yaml hung).
+    The results must equal one rank's over the whole batch without a budget."""
+    from rlhf_ray.coordinator.groups import LearnerGroup
+    from rlhf_ray.workers.actors import LearnerActor
+    from rlhf_ray.workers.learner import LearnerSpec
+
+    batch = _batch_of_lengths([3, 3, 3, 3, 11, 11, 11, 11])
+
+    def run(ranks: int, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg = small_config(tiny_llama, **{
+            "learner.num_ranks": ranks, "learner.zero_stage": 3, "learner.forward_max_tokens": budget,
+            "model.lora.rank": 4, "rollout.prompts_per_iteration": 2, "rollout.samples_per_prompt": 4,
+            "ppo.mini_batches": 1, "rollout.max_new_tokens": 9, "resources.call_timeout_s": 90,
+            "model.value_head_init_std": 0.02})
+        actors = [LearnerActor.options(num_cpus=0.5).remote(LearnerSpec.from_config(cfg), r) for r in range(ranks)]
+        group = LearnerGroup(actors, timeout_s=120)
+        try:
+            group.setup().result()
+            logprobs, values = group.compute_old(batch).result()
+            ref = torch.cat(ray_cluster.get([a.reference_logprobs.remote(batch, 1.0) for a in actors], timeout=120))
+        finally:
+            for a in actors:
+                ray_cluster.kill(a)
+        return logprobs, values, ref
+
+    lp2, v2, ref2 = run(2, budget=12)
+    lp1, v1, ref1 = run(1, budget=0)
+    mask = batch.response_mask
+    assert bool((lp1[mask] < 0).all()) and bool((v1[mask] != 0).any())
+    torch.testing.assert_close(lp2, lp1, atol=1e-5, rtol=0)
+    torch.testing.assert_close(v2, v1, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ref2, ref1, atol=1e-5, rtol=0)
+    # LoRA adapters start as the identity: the reference (adapters off) is the policy here
+    torch.testing.assert_close(ref1, lp1, atol=1e-5, rtol=0)
