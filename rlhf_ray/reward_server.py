@@ -11,13 +11,22 @@ answers ``ok`` (no token needed). A client for it is ``post_scores`` below (retr
 
 Access: when the environment variable ``RLHF_REWARD_TOKEN`` is set, ``POST /score`` needs
 ``Authorization: Bearer <token>`` (else 401), compared in constant time; ``post_scores`` sends
-it from the same variable. The token is never a flag or a config field: those end up in shell
-histories, process lists and saved configs. Without a token the server refuses a non-loopback
-``--host`` unless ``--allow-no-token`` says so. A body over ``--max-request-mb`` (16 MiB) is
-refused with 413 from its Content-Length, before it is read; no Content-Length gets 411.
+it from the same variable, and only where nobody on the way can read it: to an ``https://`` URL,
+or to an ``http://`` URL of a loopback address (directly, never through a proxy); any other URL
+is refused before anything is sent. Redirects are never followed (a 3xx answer is an error
+naming the address it pointed to), so the token and the samples go only to the configured URL.
+The token is never a flag or a config field: those end up in shell histories, process lists and
+saved configs. Without a token the server refuses a non-loopback ``--host`` unless
+``--allow-no-token`` says so. A body over ``--max-request-mb`` (16 MiB) is refused with 413 from
+its Content-Length, before it is read; no Content-Length gets 411.
+
+Concurrency: one thread per connection, at most ``--max-connections`` (16) at once; further
+connections wait, up to 64 in the listen queue (the OS turns away more), until a thread is free
+or the client's timeout ends the wait (``post_scores`` then retries with backoff). A client that
+stops sending holds its thread for at most 60 s.
 
 What it leaves out: TLS (put a TLS-terminating proxy in front when it leaves the machine),
-per-client tokens, rate limits.
+per-client tokens, rate limits per client.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import hmac
 import ipaddress
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -44,6 +54,9 @@ DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
 # close" of web servers: closing a socket with unread data sends RST, which discards the reply).
 LINGER_S = 2.0
 IDLE_TIMEOUT_S = 60.0  # a client that stops sending mid-request frees its thread after this
+# Handler threads at once. A reward call is one batch of samples, so a trainer needs one or a few at
+# a time; the bound keeps a flood of connections from starting a thread (and a stack) each.
+DEFAULT_MAX_CONNECTIONS = 16
 
 
 def read_token() -> str | None:
@@ -85,14 +98,53 @@ def _content_length(headers) -> int | None:
     return int(values[0])
 
 
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` at once. While all are busy the
+    accepting loop waits for one to finish, so further connections wait in the listen queue
+    (``request_queue_size``; the OS turns away more, and a waiting client's own timeout ends its
+    wait, which ``post_scores`` retries with backoff)."""
+
+    request_queue_size = 64
+
+    def __init__(self, address, handler, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._stopping = threading.Event()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        while not self._slots.acquire(timeout=0.2):
+            if self._stopping.is_set():  # shutdown() must not wait for a slot
+                self.shutdown_request(request)
+                return
+        try:
+            super().process_request(request, client_address)  # starts the thread that releases the slot
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        super().shutdown()
+
+
 def make_server(fn: RewardFn, host: str = "127.0.0.1", port: int = 8000, *, token: str | None = None,
-                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                allow_no_token: bool = False) -> ThreadingHTTPServer:
+                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, allow_no_token: bool = False,
+                max_connections: int = DEFAULT_MAX_CONNECTIONS) -> BoundedHTTPServer:
     """A server (not yet serving) for ``fn``. ``token``: required as ``Authorization: Bearer``
-    on ``POST /score`` (None: no check, allowed on loopback or with ``allow_no_token``)."""
+    on ``POST /score`` (None: no check, allowed on loopback or with ``allow_no_token``).
+    ``max_connections``: requests served at once; more wait (see the module docstring)."""
     check_exposure(host, token, allow_no_token)
     if max_request_bytes <= 0:
         raise ValueError(f"the request size limit must be positive, got {max_request_bytes} bytes.")
+    if max_connections < 1:
+        raise ValueError(f"--max-connections must be at least 1, got {max_connections}.")
     # Digests of equal length, so compare_digest's time tells nothing about the token's length either.
     expected = hashlib.sha256(token.encode()).digest() if token else None
 
@@ -162,11 +214,45 @@ def make_server(fn: RewardFn, host: str = "127.0.0.1", port: int = 8000, *, toke
         def log_message(self, *args) -> None:  # quiet: one line per request is too much at PPO rates
             pass
 
-    return ThreadingHTTPServer((host, port), Handler)
+    return BoundedHTTPServer((host, port), Handler, max_connections)
+
+
+def check_token_transport(url: str, token: str | None) -> None:
+    """Refuse a URL the token would travel to in clear text: only ``https://`` and ``http://``
+    to a loopback address (127.0.0.0/8, ::1, localhost) may carry it."""
+    if token is None:
+        return
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https" or (parts.scheme == "http" and is_loopback(parts.hostname or "")):
+        return
+    raise ValueError(f"refusing to send {TOKEN_ENV} to {redact_url(url)}: over plain {parts.scheme or 'http'} to "
+                     "another machine the token (and the samples) can be read by anyone on the network path. Use an "
+                     "https:// URL (a TLS-terminating proxy in front of the reward server), or a tunnel to this "
+                     "machine's loopback (ssh -N -L 8000:127.0.0.1:8000 <server host>, then --reward.url "
+                     "http://127.0.0.1:8000/score).")
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx answer stays an HTTPError: urllib would re-send the request headers (the token
+    among them) to wherever ``Location`` points, another host included."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ARG002
+        return None
+
+
+def _opener(url: str) -> urllib.request.OpenerDirector:
+    """No redirects; no proxy for a loopback URL (a proxy from the environment would receive the
+    request, token included, in clear text and answer for another machine's loopback)."""
+    local = is_loopback(urllib.parse.urlsplit(url).hostname or "")
+    return urllib.request.build_opener(_NoRedirects, *([urllib.request.ProxyHandler({})] if local else []))
 
 
 def _rejection(url: str, code: int, detail: str, sent_token: bool, nbytes: int, n: int) -> str:
-    """What a 4xx answer means for the caller, and what to change."""
+    """What a 3xx or 4xx answer means for the caller, and what to change."""
+    if 300 <= code < 400:
+        return (f"reward endpoint {url} answered with a redirect ({code}) to {redact_url(detail) or 'nowhere'}; "
+                "redirects are not followed (the request carries the samples and the token): set --reward.url to "
+                "the address that answers itself.")
     if code == 401 and sent_token:
         return (f"reward endpoint {url} rejected this process's {TOKEN_ENV} (401: it is not the server's); set "
                 f"the same {TOKEN_ENV} for the launcher as for the server.")
@@ -187,17 +273,20 @@ def post_scores(url: str, prompts: list[str], responses: list[str], timeout_s: f
     """Scores from a reward endpoint; connection failures and 5xx are retried with exponential
     backoff, then raise ConnectionError saying what was tried. A 4xx (bad request, the function
     raised, a missing or wrong token, a request over the size limit) is not retried: ValueError
-    saying what to fix. Sends ``Authorization: Bearer $RLHF_REWARD_TOKEN`` when that is set;
-    errors show the URL with its secrets masked."""
+    saying what to fix. Sends ``Authorization: Bearer $RLHF_REWARD_TOKEN`` when that is set,
+    only over https or to loopback (else ValueError, before anything is sent); never follows a
+    redirect (ValueError naming its target). Errors show the URL with its secrets masked."""
     body = json.dumps({"prompts": prompts, "responses": responses}).encode()
     token = read_token()
+    check_token_transport(url, token)
+    opener = _opener(url)
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
     shown = redact_url(url)
     last: Exception | None = None
     for attempt in range(retries + 1):
         try:
             req = urllib.request.Request(url, data=body, headers=headers)
-            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            with opener.open(req, timeout=timeout_s) as resp:
                 scores = json.loads(resp.read())["scores"]
             if len(scores) != len(responses):
                 raise ValueError(f"reward endpoint {shown} returned {len(scores)} scores for {len(responses)} "
@@ -205,7 +294,8 @@ def post_scores(url: str, prompts: list[str], responses: list[str], timeout_s: f
             return [float(s) for s in scores]
         except urllib.error.HTTPError as exc:
             if exc.code < 500:
-                detail = exc.read().decode(errors="replace")
+                redirect = 300 <= exc.code < 400
+                detail = exc.headers.get("Location", "") if redirect else exc.read().decode(errors="replace")
                 raise ValueError(_rejection(shown, exc.code, detail, token is not None, len(body),
                                             len(responses))) from None
             last = exc
@@ -225,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_BYTES / 2**20,
                         help="largest request body in MiB; a larger one gets 413 before it is read (default 16)")
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                        help="requests served at once, a thread each; more wait in the listen queue (default "
+                             f"{DEFAULT_MAX_CONNECTIONS})")
     parser.add_argument("--allow-no-token", action="store_true",
                         help=f"serve a non-loopback --host without {TOKEN_ENV}: anyone who reaches it may call it")
     args = parser.parse_args(argv)
@@ -233,11 +326,13 @@ def main(argv: list[str] | None = None) -> None:
         check_exposure(args.host, token, args.allow_no_token)  # before loading what may be a large model
         limit = int(args.max_request_mb * 2**20)
         server = make_server(load_reward_function(args.function), args.host, args.port, token=token,
-                             max_request_bytes=limit, allow_no_token=args.allow_no_token)
+                             max_request_bytes=limit, allow_no_token=args.allow_no_token,
+                             max_connections=args.max_connections)
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
     print(f"serving {args.function} on http://{args.host}:{server.server_address[1]}/score (token "
-          f"{'required' if token else 'not required'}; requests up to {limit} bytes)", flush=True)
+          f"{'required' if token else 'not required'}; requests up to {limit} bytes, {args.max_connections} at "
+          "once)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

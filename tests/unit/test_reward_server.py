@@ -1,20 +1,24 @@
 """The HTTP reward endpoint and its client: scores, bad requests, and an endpoint that is down;
 the shared token (401), the request-size limit (413/411/400), and the refusal to serve a
-non-loopback address without a token."""
+non-loopback address without a token; where the client sends the token (https or loopback only,
+never after a redirect, never through a proxy to loopback); the bound on requests at once (503)."""
 
 from __future__ import annotations
 
 import contextlib
 import http.client
 import json
+import re
 import socket
 import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+import rlhf_ray.reward_server as rs
 from rlhf_ray.reward_server import TOKEN_ENV, check_exposure, is_loopback, main, make_server, post_scores
 from rlhf_ray.rewards import digit_fraction
 
@@ -222,3 +226,156 @@ def test_a_non_loopback_host_needs_a_token_or_a_deliberate_flag(monkeypatch, cap
     with pytest.raises(SystemExit):
         main(["--function", "rlhf_ray.rewards:digit_fraction", "--port", "0"])
     assert "printable ASCII" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- where the token may go
+
+
+@contextlib.contextmanager
+def answering(answer):
+    """A loopback server whose every GET/POST is answered by ``answer(handler) -> (code, headers,
+    body)``; yields (base URL, the requests seen as (method, path, headers))."""
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _any(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append((self.command, self.path, dict(self.headers)))
+            code, headers, body = answer(self)
+            self.send_response(code)
+            for name, value in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _any
+
+        def log_message(self, *args):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", seen
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_the_token_travels_only_over_https_or_to_loopback(monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    t0 = time.time()
+    with pytest.raises(ValueError, match=rf"refusing to send {TOKEN_ENV} to http://10\.255\.255\.1:9/score\?"
+                                         r"api_key=\*\*\*: over plain http"):
+        post_scores("http://10.255.255.1:9/score?api_key=hunter2", ["p"], ["1"], timeout_s=0.5, retries=0)
+    assert time.time() - t0 < 0.4  # refused before any connection attempt
+    for url in ("https://reward.example.com/score", "https://10.1.2.3:8443/score", "http://127.0.0.1:8000/score",
+                "http://127.0.0.2/score", "http://localhost:8000/score", "http://[::1]:8000/score"):
+        rs.check_token_transport(url, TOKEN)
+    for url in ("http://10.1.2.3:8000/score", "http://reward.example.com/score", "http://127.0.0.1.example.com/s",
+                "http://localhost.example.com/score", "ftp://127.0.0.1/score", "http://0.0.0.0:8000/score"):
+        rs.check_token_transport(url, None)  # without a token any URL may be used
+        with pytest.raises(ValueError, match=rf"refusing to send {TOKEN_ENV} to .*https://.*ssh -N -L"):
+            rs.check_token_transport(url, TOKEN)
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_a_redirect_is_refused_and_the_token_never_follows_it(code, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    with answering(lambda h: (200, {"Content-Type": "application/json"}, b'{"scores": [1.0]}')) as (target, seen):
+        elsewhere = f"{target}/score?api_key=hunter2"
+        with answering(lambda h: (code, {"Location": elsewhere}, b"")) as (redirector, first):
+            with pytest.raises(ValueError, match=rf"redirect \({code}\) to {re.escape(target)}/score\?api_key=\*\*\*;"
+                                                 r" redirects are not followed.*--reward.url") as err:
+                post_scores(redirector + "/score", ["p"], ["1"], retries=3, backoff_s=1.0)
+        assert len(first) == 1 and first[0][2]["Authorization"] == f"Bearer {TOKEN}"  # the configured URL got it
+        assert seen == []  # the redirect's target got nothing, token or samples
+    assert "hunter2" not in str(err.value)
+
+
+def test_a_loopback_url_is_never_sent_through_a_proxy(monkeypatch):
+    """A proxy from the environment would get the token in clear text, and answer for its own
+    machine's loopback."""
+    with answering(lambda h: (502, {}, b"proxy")) as (proxy, through_proxy):
+        for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+            monkeypatch.setenv(name, proxy)
+        for name in ("no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(TOKEN_ENV, TOKEN)
+        with serving(token=TOKEN) as (url, calls):
+            assert post_scores(url, ["p"], ["12"], retries=0) == [1.0] and calls == [1]
+        assert through_proxy == []
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def _handler_threads() -> int:
+    return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+
+def _until(cond, timeout_s: float = 10.0) -> bool:
+    deadline = time.time() + timeout_s
+    while not cond() and time.time() < deadline:
+        time.sleep(0.05)
+    return cond()
+
+
+def test_the_server_runs_a_bounded_number_of_requests_at_once_and_queues_the_rest():
+    gate, entered = threading.Event(), []
+
+    def slow(prompts, responses):
+        entered.append(1)
+        gate.wait(30)
+        return digit_fraction(prompts, responses)
+
+    srv = make_server(slow, "127.0.0.1", 0, max_connections=2)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/score"
+    before, results = _handler_threads(), []
+    clients = [threading.Thread(target=lambda: results.append(post_scores(url, ["p"], ["12"], retries=0)))
+               for _ in range(5)]
+    try:
+        for c in clients:
+            c.start()
+        assert _until(lambda: len(entered) == 2)
+        time.sleep(0.5)
+        assert len(entered) == 2 and _handler_threads() - before == 2  # the other three wait, without a thread
+        assert all(c.is_alive() for c in clients)
+    finally:
+        gate.set()
+        for c in clients:
+            c.join(30)
+    assert results == [[1.0]] * 5 and len(entered) == 5  # each served once a thread was free
+    srv.shutdown()
+    srv.server_close()
+    with pytest.raises(ValueError, match="--max-connections must be at least 1"):
+        make_server(digit_fraction, "127.0.0.1", 0, max_connections=0)
+
+
+def test_shutdown_does_not_wait_for_a_free_thread():
+    gate = threading.Event()
+    srv = make_server(lambda p, r: gate.wait(30) and digit_fraction(p, r), "127.0.0.1", 0, max_connections=1)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/score"
+    outcomes: list = []
+
+    def client():
+        try:
+            outcomes.append(post_scores(url, ["p"], ["12"], retries=0))
+        except ConnectionError as exc:
+            outcomes.append(exc)
+
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(2)]
+    for c in clients:
+        c.start()
+    assert _until(lambda: _handler_threads() == 1)
+    time.sleep(0.5)  # the second is accepted and waits for the busy thread
+    t0 = time.time()
+    srv.shutdown()
+    assert time.time() - t0 < 2.0
+    gate.set()
+    srv.server_close()
+    for c in clients:
+        c.join(10)
+    assert len(outcomes) == 2 and [1.0] in outcomes  # the one being served finished; the waiting one was closed
