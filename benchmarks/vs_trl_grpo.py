@@ -36,6 +36,11 @@ What it leaves out: start-up of either side (Ray, roles, the trainer's construct
 ``--warmup`` iterations from the timing (not from the curves), checkpoints. One seed: the
 curves are single runs, not means.
 
+Our config is built (and checked) before either side runs: ``rollout.max_model_len`` is the demo
+config's 128, raised to prompt + ``--tokens`` when that is longer. The results file
+(``benchmarks/results/<name>.json``, its figure and a line of ``history.jsonl``) is written only
+when every run succeeded; a failed run prints why and exits 1, leaving the previous results.
+
 Threads: our roles 1 thread each (demo config), our driver 1; TRL ``--trl-threads`` (default 1).
 
 Run (repository root, ~5 minutes on 2 loaded cores with the default 200 iterations; needs
@@ -47,14 +52,19 @@ Run (repository root, ~5 minutes on 2 loaded cores with the default 200 iteratio
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import tempfile
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 from benchmarks import _env
 
 PROMPTS, SAMPLES = 8, 4
+MAX_PROMPT_TOKENS = 48  # the demo config's data.max_prompt_tokens, on both sides
+DEMO_MAX_MODEL_LEN = 128  # the demo config's rollout.max_model_len
 SHARED = dict(lr=5e-4, beta=0.05, clip=0.2, mini_batches=2, epochs=1, temperature=1.0, adam_betas=(0.9, 0.95),
               max_grad_norm=1.0, seed=0)
 DIFFERENCES = {
@@ -76,12 +86,19 @@ DIFFERENCES = {
 # --------------------------------------------------------------------------- ours
 
 
-def run_ours(model: str, args) -> dict[str, Any]:
-    from benchmarks.ppo_throughput import coordinator_steps
-
+def ours_config(model: str, args):
+    """Our side's config (the demo config with the settings held equal), checked without
+    starting anything: a ValueError (ConfigError among them) says what is refused."""
     s = SHARED
-    cfg = _env.bench_config(model, **{
+    max_positions = json.loads((Path(model) / "config.json").read_text())["max_position_embeddings"]
+    if MAX_PROMPT_TOKENS + args.tokens > max_positions:
+        raise ValueError(f"--tokens {args.tokens} with prompts of up to {MAX_PROMPT_TOKENS} tokens exceeds the tiny "
+                         f"model's {max_positions} positions; use --tokens {max_positions - MAX_PROMPT_TOKENS} or "
+                         "fewer.")
+    return _env.bench_config(model, **{
         "seed": s["seed"], "rollout.prompts_per_iteration": PROMPTS, "rollout.samples_per_prompt": SAMPLES,
+        "data.max_prompt_tokens": MAX_PROMPT_TOKENS,
+        "rollout.max_model_len": max(DEMO_MAX_MODEL_LEN, MAX_PROMPT_TOKENS + args.tokens),
         "rollout.max_new_tokens": args.tokens, "rollout.temperature": s["temperature"],
         "ppo.estimator": "grpo", "ppo.group_std_norm": True, "ppo.kl_in": "loss", "ppo.kl_estimator": "k3",
         "ppo.kl_coef": s["beta"], "ppo.kl_target": "none", "ppo.loss_agg": "token_mean", "ppo.ratio": "token",
@@ -91,6 +108,11 @@ def run_ours(model: str, args) -> dict[str, Any]:
         "learner.num_ranks": args.ranks, "learner.zero_stage": 2,
         "learner.micro_batch_size": PROMPTS * SAMPLES // s["mini_batches"] // args.ranks,
     })
+
+
+def run_ours(cfg, args) -> dict[str, Any]:
+    from benchmarks.ppo_throughput import coordinator_steps
+
     rows = coordinator_steps(cfg, args.iters)
     timed = rows[args.warmup:]
     it = _env.mean([r["time/iteration"] for r in timed])
@@ -144,7 +166,7 @@ def run_trl(model: str, args) -> dict[str, Any]:
     threads = _env.set_threads(args.trl_threads)
     transformers.set_seed(s["seed"])
     tok = AutoTokenizer.from_pretrained(model)
-    data = DataConfig(prompts="builtin:digits", max_prompt_tokens=48)  # the demo config's data section
+    data = DataConfig(prompts="builtin:digits", max_prompt_tokens=MAX_PROMPT_TOKENS)  # the demo config's data
     prompt_set = tokenize_prompts(load_prompt_texts(data, s["seed"]), tok, data.max_prompt_tokens, data.too_long)
     train = Dataset.from_dict({"prompt": prompt_set.texts})  # TRL tokenises them as we do (no special tokens added)
     calls: list[dict[str, float]] = []
@@ -229,7 +251,7 @@ def plot(runs: list[dict], path: str) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iters", type=int, default=200, help="generations (iterations) per system")
     ap.add_argument("--warmup", type=int, default=3, help="iterations left out of the timing (not of the curves)")
@@ -240,12 +262,16 @@ def main() -> None:
                     help="2: TRL before and after ours, its rate pooled over both; 1: once, before ours")
     ap.add_argument("--quiet-wait", type=float, default=30.0)
     ap.add_argument("--name", default="vs_trl_grpo")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
+    model = _env.tiny_model()
+    try:
+        cfg = ours_config(model, args)  # refused settings stop here, before minutes of TRL
+    except ValueError as exc:  # ConfigError included
+        ap.error(str(exc))
     _env.set_threads(1)
     quiet = _env.wait_for_quiet(args.quiet_wait)
-    model = _env.tiny_model()
     runs, load, errors = [], {"start": _env.loadavg()}, []
 
     def timed_run(label: str, fn, *a) -> None:
@@ -263,7 +289,7 @@ def main() -> None:
               f"{result['wall_s']:.0f} s in all", flush=True)
 
     timed_run("TRL (before ours)", run_trl, model, args)
-    timed_run("ours", run_ours, model, args)
+    timed_run("ours", run_ours, cfg, args)
     import ray
 
     ray.shutdown()
@@ -297,6 +323,10 @@ def main() -> None:
         print("\nours, mean seconds per phase: " + ", ".join(f"{k} {v:.3f}" for k, v in ours["phases_s"].items()))
     for e in errors:
         print(f"\nfailed: {e}")
+    if errors:  # a partial run would replace the last complete results
+        print(f"\nnot saved: {len(errors)} run(s) failed; benchmarks/results/{args.name}.json is unchanged.",
+              flush=True)
+        sys.exit(1)
     png = plot(runs, str(_env.RESULTS_DIR / f"{args.name}.png")) if runs else None
     key: dict[str, Any] = {"total_minutes": round(total_s / 60, 1)}
     if ours:
