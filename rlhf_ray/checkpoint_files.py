@@ -5,7 +5,8 @@ A run keeps its checkpoints as ``<run_dir>/checkpoints/<prefix>_<number, 6+ digi
 for PPO iterations, ``step`` for supervised optimiser steps). Each is written under
 ``<name>.tmp``, marked with a ``COMPLETE`` file once whole, and renamed into place, so a crash
 while saving never leaves a half checkpoint that looks whole; directories without ``COMPLETE``
-are ignored.
+are ignored. A run resumed from an older checkpoint moves the later ones into
+``checkpoints/abandoned/`` (:func:`set_aside_after`), where they are not found either.
 """
 
 from __future__ import annotations
@@ -52,6 +53,44 @@ def complete_checkpoints(run_dir: str, prefix: str = "iter") -> list[str]:
         if m and os.path.isfile(os.path.join(path, "COMPLETE")):
             found.setdefault(int(m.group(1)), path)
     return [found[n] for n in sorted(found)]
+
+
+ASIDE_DIR = "abandoned"  # under checkpoints/: where a resume from an older checkpoint moves the later ones
+
+
+def set_aside_after(checkpoint: str, prefix: str = "iter") -> list[str]:
+    """Move every checkpoint of ``checkpoint``'s run numbered after it (complete or not, ``.old``
+    included) into ``checkpoints/abandoned/after_<name>[_k]/``, where :func:`complete_checkpoints`
+    no longer finds them; returns their new paths, oldest first (none for a directory not named
+    ``<prefix>_<number>``).
+
+    A run resumed from an older checkpoint starts a new branch in the same run directory: the
+    later checkpoints belong to the branch it left, and taking the newest checkpoint (recovery of
+    a lost learner, ``--resume <run dir>``) would jump back onto that branch. They are moved, not
+    deleted: a resume from the wrong checkpoint loses nothing."""
+    pattern = name_pattern(prefix)
+    m = pattern.match(os.path.basename(os.path.normpath(checkpoint)))
+    if m is None:  # not one of a run's checkpoints (renamed): no branch to leave
+        return []
+    number, root = int(m.group(1)), os.path.dirname(os.path.abspath(checkpoint))
+    later = sorted((int(x.group(1)), name) for name in os.listdir(root)
+                   if (x := pattern.match(name)) and int(x.group(1)) > number
+                   and os.path.isdir(os.path.join(root, name)))
+    if not later:
+        return []
+    base = os.path.join(root, ASIDE_DIR, f"after_{prefix}_{number:06d}")
+    aside, k = base, 1
+    while os.path.exists(aside):  # resumed from the same checkpoint before
+        k += 1
+        aside = f"{base}_{k}"
+    os.makedirs(aside)
+    moved = []
+    for _, name in later:
+        os.replace(os.path.join(root, name), os.path.join(aside, name))
+        moved.append(os.path.join(aside, name))
+    _fsync(aside)
+    _fsync(root)
+    return moved
 
 
 def _fsync(path: str) -> None:

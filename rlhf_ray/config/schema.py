@@ -77,6 +77,10 @@ class ModelConfig:
     optimiser (never on the CPU); true/false force it."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters (model.lora.rank > 0 turns them on)."""
+    attn_implementation: str | None = None
+    """Attention kernel of the learner's model, as transformers names it (sdpa, eager, flash_attention_2,
+    ...); unset: transformers' default (sdpa). With learner.packing the learner checks once at set-up that
+    it keeps packed sequences apart, and stops with the fix if not."""
 
 
 @dataclass(frozen=True)
@@ -206,9 +210,11 @@ class LearnerConfig:
     never exists whole (at a 152k vocabulary, 4096 positions take 2.5 GB in float32)."""
     packing: bool = True
     """Lay each pass's sequences end to end, without padding, in rows no longer than its longest sequence
-    (the attention stays within each sequence and costs at most the padded batch's; needs a model whose
-    attention honours packed position ids: Llama, Qwen2, Mistral, ... with sdpa, eager or flash
-    attention). false: pad to the longest prompt and response."""
+    (the attention stays within each sequence and costs at most the padded batch's). Needs an attention
+    that keeps packed sequences apart: transformers' sdpa and eager masks do (Llama, Qwen2, Mistral, ...),
+    flash attention does with the sequence boundaries the learner passes; the learner checks packed ==
+    padded logprobs once at set-up and stops with the fix otherwise. false: pad to the longest prompt and
+    response."""
     optimizer: str = "adamw"
     """adamw or sgd."""
     lr: float = 1e-5
@@ -342,12 +348,19 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 0
-    """Save a checkpoint every this many iterations (0: only at the end and on a clean stop)."""
+    every: int = 50
+    """Save a checkpoint every this many iterations (0: only when the run ends). A dead learner rank
+    restarts the learner group from the last checkpoint (with 0: from iteration 0), so this bounds
+    the iterations redone then; each save writes the learner state (model, optimiser, and the policy
+    with save_hf_policy). 50 redoes at most 50 iterations for one save per 50 updates, with keep_last
+    bounding the disk used. Short runs (tests, CPU demos) may set their own, 0 included."""
     keep_last: int = 2
     """Complete checkpoints to keep; older ones are deleted after a new one is written."""
     save_on_stop: bool = True
-    """Save a checkpoint when the run ends or is stopped with Ctrl-C / SIGTERM."""
+    """Save a checkpoint when the run ends: at ppo.iterations, when stopped with Ctrl-C / SIGTERM, and
+    before an error ends it that left the learner intact (a role other than the learners raised or
+    could not be replaced, outside the update; or no sample was usable), so that after fixing e.g.
+    the reward function, --resume continues from the last completed iteration."""
     save_hf_policy: bool = True
     """Also write the policy as a standard Hugging Face model inside each checkpoint (for export)."""
 

@@ -24,11 +24,12 @@ import os
 import re
 import shutil
 
-from rlhf_ray.checkpoint_files import checkpoint_path, checkpoints_dir, complete_checkpoints, publish, run_dir_of
+from rlhf_ray.checkpoint_files import (checkpoint_path, checkpoints_dir, complete_checkpoints, publish, run_dir_of,
+                                       set_aside_after)
 from rlhf_ray.config import Config, config_to_dict, redacted
 
 __all__ = ["checkpoint_path", "checkpoints_dir", "complete_checkpoints", "load_coordinator_state", "publish",
-           "resolve_resume", "run_dir_of", "save_checkpoint"]
+           "resolve_resume", "run_dir_of", "save_checkpoint", "set_aside_after"]
 
 
 def run_name_pattern(cfg: Config) -> re.Pattern:

@@ -18,7 +18,7 @@ from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate
 from rlhf_ray.config import Config
 from rlhf_ray.config.validate import reference_from_learner
 from rlhf_ray.coordinator.cluster import collective_interface
-from rlhf_ray.coordinator.pending import Pending, RayPending, Source, describe
+from rlhf_ray.coordinator.pending import Pending, RayPending, RemoteCallError, Source, attribute_failure, describe
 from rlhf_ray.coordinator.placement import actor_options, create_groups, on_one_node, placement_plan
 from rlhf_ray.weight_sync.plan import Bucket, plan_buckets
 from rlhf_ray.workers.actors import LearnerActor, ReferenceActor, RewardActor, RolloutActor
@@ -163,8 +163,8 @@ class WeightSync:
         refs = [a.init_sync_group.remote(addr, port, world, timeout) for a in self.learners.actors]
         refs += [e.init_sync_group.remote(addr, port, i + 1, world, dist_backend(), timeout)
                  for i, e in enumerate(self.engines)]
-        RayPending(refs, self.learners.sources() + self._engine_sources(), "weight-sync group set-up",
-                   timeout).result()
+        self._attributed(RayPending(refs, self.learners.sources() + self._engine_sources(),
+                                    "weight-sync group set-up", timeout))
 
     def sync(self) -> dict[str, float]:
         """Send the current policy to every engine; returns bytes moved."""
@@ -172,13 +172,36 @@ class WeightSync:
         if self.cfg.sync.transport == "collective":
             refs = [a.broadcast_weights.remote(self.buckets) for a in self.learners.actors]
             refs += [e.receive_broadcast.remote(self.buckets) for e in self.engines]
-            RayPending(refs, self.learners.sources() + self._engine_sources(), "weight sync", timeout).result()
+            self._attributed(RayPending(refs, self.learners.sources() + self._engine_sources(), "weight sync",
+                                        timeout))
         else:
-            ref_lists = RayPending([a.export_arrays.remote(self.buckets) for a in self.learners.actors],
-                                   self.learners.sources(), "weight sync (export)", timeout).result()
+            exports = [a.export_arrays.remote(self.buckets) for a in self.learners.actors]
+            ref_lists = self._attributed(RayPending(exports, self.learners.sources(), "weight sync (export)", timeout))
             refs = [e.load_arrays.remote(self.buckets, ref_lists[0]) for e in self.engines]
-            RayPending(refs, self._engine_sources(), "weight sync (load)", timeout).result()
+            self._attributed(RayPending(refs, self._engine_sources(), "weight sync (load)", timeout))
         return {"sync_bytes": float(self.nbytes)}
+
+    def _attributed(self, pending: RayPending):
+        """``pending.result()``; if it fails with an "error" or "timeout", the error names the member
+        that is really dead or silent, if any (``attribute_failure``): an engine that dies in a sync
+        first shows as an error of learner rank 0's broadcast, which alone would end the run (a
+        role's error is not retried) instead of replacing the engine."""
+        try:
+            return pending.result()
+        except RemoteCallError as exc:
+            blamed = attribute_failure(exc, self._probe)
+            if blamed is exc:
+                raise
+            raise blamed from exc
+
+    def _probe(self) -> Pending[list]:
+        """A ping of every learner rank and engine. A member that survived the failed call answers
+        once it has left it: at the latest when its own wait gives up, sync.timeout_s after its last
+        bucket arrived, so the probe waits that long and a margin before it calls a member silent."""
+        members = [*zip(self.learners.sources(), self.learners.actors), *zip(self._engine_sources(), self.engines)]
+        timeout = self.cfg.sync.timeout_s
+        return RayPending([a.ping.remote() for _, a in members], [s for s, _ in members],
+                          "ping of every weight-sync member after a failed call", timeout + min(timeout, 60.0))
 
 
 class Roles:

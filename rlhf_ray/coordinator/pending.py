@@ -43,6 +43,35 @@ class Pending(Protocol[T]):
     def result(self) -> T: ...
 
 
+def attribute_failure(exc: RemoteCallError, probe: Callable[[], Pending[Any]]) -> RemoteCallError:
+    """The member to blame for ``exc``, a failure of a call that several members make together
+    (the weight sync: learner rank 0 sends, every engine receives).
+
+    In such a call one member's failure first shows as another's: an engine that died or hangs
+    makes learner rank 0's broadcast raise ("error" from learner rank 0) or time out, a learner
+    that died makes an engine's receive raise. Ray reports the death itself later than that. So
+    an "error" or "timeout" is not taken at its word: ``probe()`` pings every member (one
+    ``Pending`` over their pings; give it time for the survivors to leave the failed collective),
+    and a member that is dead or does not answer is the one that failed; its error is returned,
+    saying what was seen first, with ``exc`` as its cause. If every member answers, ``exc``
+    stands. A "died" is certain and is returned as it is, without a probe."""
+    if exc.kind == "died":
+        return exc
+    try:
+        probe().result()
+    except RemoteCallError as found:
+        if found.kind == "error":  # a ping that raises: nobody was found dead or silent
+            return exc
+        blamed = RemoteCallError(f"{exc.what}: {describe(found.source)} "
+                                 f"{'died' if found.kind == 'died' else 'stopped answering'}, found by "
+                                 f"pinging every member after the call failed ({found}); first seen as: {exc}",
+                                 found.kind, found.source, exc.what)
+        blamed.phase = exc.phase
+        blamed.__cause__ = exc
+        return blamed
+    return exc
+
+
 class Done(Generic[T]):
     """An already available result (in-process fakes, or work done locally)."""
 

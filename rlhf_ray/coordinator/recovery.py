@@ -18,6 +18,9 @@ class Recovery:
     * A learner rank that died or hung takes the whole group down with it (its collectives
       cannot continue): the group is restarted and reloaded from the last complete checkpoint
       (or from the initial model if there is none), and the iterations since are redone.
+    * A failure in the weight sync arrives already blamed on the member that failed: the sync
+      pings every member when its call fails (``WeightSync``, ``attribute_failure``), since an
+      engine that dies there first shows as an error of learner rank 0's broadcast.
     * A role that raised an error (bad reward function, bad data) is not retried: the same
       input would fail again. Restarts are bounded by resources.max_actor_restarts and
       resources.max_learner_restarts."""
@@ -26,6 +29,9 @@ class Recovery:
         self.cfg, self.roles, self.coord, self.run_dir = cfg, roles, coord, run_dir
         self.initial_state, self.say = initial_state, say
         self.actor_restarts = self.learner_restarts = 0
+        # False from a learner-group restart until the group holds the coordinator's state again: a
+        # failure in between leaves fresh learners (the initial model) beside a later iteration.
+        self.learners_consistent = True
 
     def counters(self) -> dict[str, float]:
         return {"faults/actor_restarts": float(self.actor_restarts),
@@ -68,11 +74,13 @@ class Recovery:
         found = ckpt.complete_checkpoints(self.run_dir)
         self.say(f"{describe(exc.source)} {exc.kind} (phase {exc.phase}); restarting the learner group from "
                  f"{found[-1] if found else 'the initial model (no checkpoint yet)'}")
+        self.learners_consistent = False
         self.roles.restart_learners()
         if found:
             self.roles.learners.load_checkpoint(found[-1]).result()
             self.coord.load_state_dict(ckpt.load_coordinator_state(found[-1]))
         else:
             self.coord.load_state_dict(self.initial_state)
+        self.learners_consistent = True
         self.coord.mark_weights_stale()
         return self.coord.iteration

@@ -20,7 +20,8 @@ from rlhf_ray.batch import decode_rows
 from rlhf_ray.config import Config, config_to_dict, redacted
 from rlhf_ray.coordinator import checkpoint as ckpt
 from rlhf_ray.coordinator.gold import write_eval_samples, write_samples_md
-from rlhf_ray.coordinator.metrics import MetricsSink, format_eval_line, format_line, format_progress
+from rlhf_ray.coordinator.loop import NonFiniteError
+from rlhf_ray.coordinator.metrics import MetricsSink, format_eval_line, format_line, format_progress, read_records
 from rlhf_ray.coordinator.pending import RemoteCallError
 from rlhf_ray.coordinator.preflight import Inputs
 from rlhf_ray.coordinator.recovery import Recovery
@@ -100,6 +101,14 @@ class Records:
         if self.evals is not None:
             self.evals.write(metrics)
 
+    def recall(self) -> None:
+        """Take the records already in the files (a resumed run's iterations before its checkpoint)
+        into the history, so the summary covers the whole run, not only the part run since."""
+        self.history[:] = read_records(self.metrics.path)
+        if self.evals is not None:
+            self.eval_history[:] = read_records(self.evals.path)
+            self.evaluated_at = int(self.eval_history[-1]["iteration"]) if self.eval_history else -1
+
     def forget_from(self, iteration: int) -> None:
         """Iterations ``iteration`` and later run (again): drop their records and evaluations."""
         self.metrics.truncate_from(iteration)
@@ -144,6 +153,7 @@ class Run:
         self.recovery = Recovery(cfg, roles, coord, run_dir, self.initial_state, self._say)
         self.stop = StopFlag()
         self.saved_at = -1
+        self.resumed_at: int | None = None
         self.completed = False
         self._say_fn = say
         self.bar = None
@@ -158,12 +168,21 @@ class Run:
     # ------------------------------------------------------------------ the steps of a run
     def resume(self, checkpoint: str) -> None:
         """Continue from ``checkpoint``: learner state, coordinator state, the engines re-synced
-        before the first generation; records of iterations after it are dropped."""
+        before the first generation; records of iterations after it are dropped, those before it
+        kept for the summary. Later checkpoints of the run resumed from are moved aside: they
+        belong to the branch this one abandons, and recovery or a later ``--resume`` of the run
+        directory (both take the newest checkpoint) must not jump back onto it."""
         self.roles.learners.load_checkpoint(checkpoint).result()
         self.coord.load_state_dict(ckpt.load_coordinator_state(checkpoint))
         self.coord.mark_weights_stale()  # engines start from the checkpoint's policy, not model.path
-        self.saved_at = self.coord.iteration
+        self.saved_at = self.resumed_at = self.coord.iteration
         self.records.forget_from(self.coord.iteration)  # a crash after the checkpoint logged iterations
+        self.records.recall()
+        moved = ckpt.set_aside_after(checkpoint)
+        if moved:
+            self._say(f"moved {len(moved)} later checkpoint(s) of the run resumed from to {os.path.dirname(moved[0])} "
+                      f"({', '.join(os.path.basename(m) for m in moved)}): this run continues from "
+                      f"{os.path.basename(checkpoint)} and never uses them; delete them when not needed")
         self._say(f"resumed from {checkpoint} at iteration {self.coord.iteration}")
 
     def iterate(self) -> None:
@@ -181,8 +200,41 @@ class Run:
                 if self.cfg.checkpoint.every and self.coord.iteration % self.cfg.checkpoint.every == 0:
                     self.checkpoint()
             except RemoteCallError as exc:
-                self.recover(exc)
+                try:
+                    self.recover(exc)
+                except BaseException as final:
+                    self.save_before_failing(final)
+                    raise
+            except NonFiniteError as exc:
+                self.save_before_failing(exc)
+                raise
         self.completed = self.coord.iteration >= self.cfg.ppo.iterations
+
+    def learner_intact(self, error: BaseException) -> bool:
+        """Whether the learners still hold exactly the policy of the coordinator's state (the last
+        completed iteration: a failed step rolls the coordinator back) after ``error`` ended the
+        run: the failure came from a role other than the learners (or is recovery giving up on
+        one), outside the update, and no learner-group restart is half done; or every sample was
+        unusable (found before the update)."""
+        if isinstance(error, NonFiniteError):
+            return True
+        failed = error if isinstance(error, RemoteCallError) else error.__cause__  # "giving up" chains it
+        return (isinstance(failed, RemoteCallError) and failed.source[0] != "learner" and failed.phase != "update"
+                and self.recovery.learners_consistent)
+
+    def save_before_failing(self, error: BaseException) -> None:
+        """A checkpoint of the last completed iteration before ``error`` ends the run, where the
+        learners are intact (``learner_intact``): e.g. a reward function that raises at iteration
+        900 leaves a run that resumes at 900 once it is fixed. Follows checkpoint.save_on_stop; a
+        save that fails too is reported and the original error still ends the run."""
+        if not (self.cfg.checkpoint.save_on_stop and self.coord.iteration > 0 and self.learner_intact(error)):
+            return
+        self._say(f"the run stops on an error that left the learner intact: saving iteration {self.coord.iteration} "
+                  "first (fix the cause, then --resume the run directory)")
+        try:
+            self.checkpoint()
+        except Exception as exc:  # noqa: BLE001 - the error that ends the run is the original one
+            self._say(f"no checkpoint before stopping: saving failed too ({exc})")
 
     def wants_eval(self) -> bool:
         """Before the first update, every eval.every iterations, and after the last one."""
@@ -252,6 +304,8 @@ class Run:
         summary = {**summarize(records.history), "completed": self.completed, "stopped": self.stop.requested,
                    "final_iteration": self.coord.iteration, "run_dir": os.path.abspath(self.run_dir),
                    "placement": self.roles.placement}
+        if self.resumed_at is not None:
+            summary["resumed_at"] = self.resumed_at  # the figures above cover the iterations before it too
         if records.evals is not None and records.eval_history:
             summary["eval"] = {"first": records.eval_history[0], "last": records.eval_history[-1],
                                "prompts": len(self.inputs.eval_prompts.token_ids),
@@ -296,7 +350,9 @@ class Run:
 
 
 def print_summary(summary: dict) -> None:
-    print(f"done: {summary['iterations']} iterations, reward {summary.get('reward_start', float('nan')):.3f} -> "
+    resumed = f" (resumed at iteration {summary['resumed_at']})" if "resumed_at" in summary else ""
+    print(f"done: {summary['iterations']} iterations{resumed}, "
+          f"reward {summary.get('reward_start', float('nan')):.3f} -> "
           f"{summary.get('reward_end', float('nan')):.3f}, KL {summary.get('kl_start', float('nan')):.3f} -> "
           f"{summary.get('kl_end', float('nan')):.3f} (means of the first and last 5 iterations); "
           f"plot: {summary.get('plot', 'none')}")
@@ -305,6 +361,15 @@ def print_summary(summary: dict) -> None:
         print(f"held-out evaluation ({ev['prompts']} prompts, temperature {ev['temperature']}): reward "
               f"{ev['first']['eval/reward_mean']:.3f} after {ev['first']['iteration']} iterations -> "
               f"{ev['last']['eval/reward_mean']:.3f} after {ev['last']['iteration']}")
+
+
+def roles_line(cfg: Config, seconds: float, reference_from_learner: bool) -> str:
+    """The start-up line naming the roles that run. With reference.from_learner (LoRA) there is no
+    reference actor: the learner ranks compute the reference logprobs with the adapters off."""
+    reference = "" if reference_from_learner else "reference, "
+    learners = (f"{cfg.learner.num_ranks} learner rank(s) (ZeRO-{cfg.learner.zero_stage}"
+                + ("; also the reference, adapters off)" if reference_from_learner else ")"))
+    return f"roles up in {seconds:.1f} s: {cfg.rollout.num_engines} rollout engine(s), {reference}reward, {learners}"
 
 
 def write_config(cfg: Config, run_dir: str) -> str:
@@ -356,8 +421,7 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
         check_fits(placement_plan(cfg), ray.cluster_resources())
         roles = Roles(cfg)
         clock.lap("roles")
-        print(f"roles up in {clock.phases['roles']:.1f} s: {cfg.rollout.num_engines} rollout engine(s), reference, "
-              f"reward, {cfg.learner.num_ranks} learner rank(s) (ZeRO-{cfg.learner.zero_stage})")
+        print(roles_line(cfg, clock.phases["roles"], roles.reference_from_learner))
         with open(os.path.join(run_dir, "placement.json"), "w") as fh:
             json.dump(roles.placement, fh, indent=2)
         try:

@@ -51,7 +51,9 @@ def test_checkpoint_resume_and_export(ray_cluster, tiny_llama, tmp_path):
 
     resumed = run(small_config(tiny_llama, **{**overrides, "ppo.iterations": 5}), str(tmp_path / "unused"),
                   resume=run_dir)
-    assert resumed["completed"] and resumed["final_iteration"] == 5 and resumed["iterations"] == 2
+    # The summary covers the whole run, the iterations before the checkpoint included.
+    assert resumed["completed"] and resumed["final_iteration"] == 5 and resumed["iterations"] == 5
+    assert resumed["resumed_at"] == 3
     rows = _metrics(run_dir)
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4]
     assert not any(r.get("stale") for r in rows)

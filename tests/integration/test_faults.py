@@ -154,3 +154,45 @@ def test_a_dead_member_leaves_the_others_answering_at_once(ray_cluster):
     assert ray.get(healthy.echo.remote("next"), timeout=20) == "next"
     assert time.monotonic() - t0 < 10
     assert ray.get(refs[0], timeout=20) == "arg"  # the unanswered call was left to finish
+
+
+def test_an_engine_killed_in_the_middle_of_a_sync_is_replaced(ray_cluster, tmp_path, capsys):
+    """Learner rank 0 is listed first in the sync: an engine that dies while receiving makes rank 0's
+    broadcast raise before Ray reports the death, which used to end the run as a learner *error*.
+    The engine is frozen (SIGSTOP) before the sync starts, so the sync is under way when it is
+    killed; its weights (~17 MB) exceed the loopback socket buffers, so rank 0 is still sending."""
+    from rlhf_ray.coordinator.run import run
+    from rlhf_ray.tiny_models import ensure_tiny_model
+
+    model = str(ensure_tiny_model(tmp_path / "llama-17mb", arch="llama", seed=0, hidden_size=256, num_layers=4))
+    run_dir = str(tmp_path / "run")
+    # checkpoint.every 1: after iteration 1 is logged the driver writes a checkpoint before the next
+    # sync, the window in which the idle engine is frozen.
+    cfg = small_config(model, **{"ppo.iterations": 4, "checkpoint.every": 1, "checkpoint.save_hf_policy": False,
+                                 "sync.timeout_s": 60})
+    os.makedirs(run_dir)
+
+    def freeze_then_kill():
+        metrics, done = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "checkpoints", "iter_000002")
+        deadline = time.time() + 300
+        while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 2):
+            time.sleep(0.02)
+        with open(os.path.join(run_dir, "placement.json")) as fh:
+            pid = json.load(fh)["rollout engine 0"]["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        while time.time() < deadline and not os.path.exists(os.path.join(done, "COMPLETE")):
+            time.sleep(0.05)
+        time.sleep(3)  # the sync started right after the checkpoint; rank 0 blocks sending to the frozen engine
+        os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=freeze_then_kill, daemon=True)
+    killer.start()
+    summary = run(cfg, run_dir)
+    killer.join(timeout=5)
+    out = capsys.readouterr().out
+    assert "rollout engine 0 died (phase sync); replacing it and redoing iteration 2" in out, out[-3000:]
+    assert summary["completed"]
+    rows = _rows(run_dir)
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    assert rows[-1]["faults/actor_restarts"] == 1 and rows[-1]["faults/learner_restarts"] == 0
+    assert all(r["logprob_mismatch_max"] < 2e-3 for r in rows)  # the new engine got the current policy

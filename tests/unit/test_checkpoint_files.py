@@ -169,3 +169,27 @@ def test_tensorboard_shows_redone_iterations_once(tmp_path):
     resumed.write({"iteration": 3, "reward_mean": 23.0})
     resumed.close()
     assert _tensorboard_points(tb, "reward_mean") == [(0, 0.0), (1, 1.0), (2, 12.0), (3, 23.0)]
+
+
+def test_checkpoints_after_the_resumed_one_are_moved_aside_not_deleted(tmp_path):
+    # A run resumed from iter 2 of a run that went on to 6 starts a new branch: the newest-checkpoint
+    # rules (recovery, --resume <run dir>) must find iter 2, and the old branch's files must survive.
+    run_dir = str(tmp_path)
+    for it in (2, 4, 6):
+        ckpt.save_checkpoint(run_dir, it, {"iteration": it}, _cfg(keep_last=5), FakeLearners(), None)
+    root = os.path.join(run_dir, "checkpoints")
+    os.makedirs(os.path.join(root, "iter_000008"))  # incomplete: moved too, it is the old branch's
+    os.makedirs(os.path.join(root, "iter_000009.tmp"))  # a save's leftover: ignored anyway, left alone
+    resumed_from = ckpt.complete_checkpoints(run_dir)[0]
+    moved = ckpt.set_aside_after(resumed_from)
+    aside = os.path.join(root, "abandoned", "after_iter_000002")
+    assert moved == [os.path.join(aside, n) for n in ("iter_000004", "iter_000006", "iter_000008")]
+    assert ckpt.complete_checkpoints(run_dir) == [resumed_from]
+    assert ckpt.resolve_resume(run_dir, _cfg()) == resumed_from
+    assert ckpt.load_coordinator_state(moved[1]) == {"iteration": 6}  # intact where it went
+    assert sorted(os.listdir(root)) == ["abandoned", "iter_000002", "iter_000009.tmp"]
+    # The new branch saves iter 4 and is resumed from iter 2 again: a second folder, nothing overwritten.
+    ckpt.save_checkpoint(run_dir, 4, {"iteration": 4}, _cfg(keep_last=5), FakeLearners(), None)
+    assert ckpt.set_aside_after(resumed_from) == [os.path.join(aside + "_2", "iter_000004")]
+    assert ckpt.set_aside_after(resumed_from) == []  # nothing later any more
+    assert ckpt.set_aside_after(str(tmp_path / "renamed-checkpoint")) == []  # not one of a run's

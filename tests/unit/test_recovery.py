@@ -1,11 +1,13 @@
 """Recovery with in-process fakes of the roles and the coordinator (no Ray): what is replaced or
 restarted, in which order, and when it gives up."""
 
+import math
+import time
 from types import SimpleNamespace
 
 import pytest
 
-from rlhf_ray.coordinator.pending import Done, RemoteCallError
+from rlhf_ray.coordinator.pending import Done, RemoteCallError, attribute_failure
 from rlhf_ray.coordinator.recovery import Recovery
 
 
@@ -82,3 +84,182 @@ def test_an_error_raised_during_recovery_is_not_retried(tmp_path):
     with pytest.raises(RemoteCallError) as info:
         recovery(tmp_path, roles, FakeCoord(2)).handle(died("reward", 0))
     assert info.value is bad and roles.calls == [("replace", ("reward", 0))]
+
+
+# ---- a failed weight sync is blamed on the member that failed (attribute_failure) ------------
+
+class Probe:
+    """Stands in for the ping of every sync member: all answer, or it raises ``failure``."""
+
+    def __init__(self, failure: RemoteCallError | None = None) -> None:
+        self.failure, self.calls = failure, 0
+
+    def __call__(self):
+        self.calls += 1
+        return Done(["pong"]) if self.failure is None else SimpleNamespace(result=self._raise)
+
+    def _raise(self):
+        raise self.failure
+
+
+def _broadcast_error() -> RemoteCallError:
+    return RemoteCallError("weight sync: learner rank 0 failed: Connection closed by peer", "error", ("learner", 0),
+                           "weight sync")
+
+
+def test_a_learner_error_in_a_sync_is_blamed_on_the_engine_found_dead(tmp_path):
+    first = _broadcast_error()
+    blamed = attribute_failure(first, Probe(died("rollout", 1)))
+    assert (blamed.kind, blamed.source, blamed.what) == ("died", ("rollout", 1), "weight sync")
+    assert blamed.__cause__ is first
+    assert "rollout engine 1 died" in str(blamed) and "first seen as: weight sync: learner rank 0 failed" in str(blamed)
+    # ... so recovery replaces the engine and redoes the iteration instead of ending the run
+    roles, coord = FakeRoles([]), FakeCoord(7)
+    assert recovery(tmp_path, roles, coord).handle(blamed) == 7
+    assert roles.calls == [("replace", ("rollout", 1))] and coord.stale
+
+
+def test_a_sync_timeout_is_blamed_on_the_engine_that_does_not_answer():
+    first = RemoteCallError("weight sync: no answer from learner rank 0, rollout engine 1", "timeout",
+                            ("learner", 0), "weight sync")
+    blamed = attribute_failure(first, Probe(died("rollout", 1, kind="timeout")))
+    assert (blamed.kind, blamed.source) == ("timeout", ("rollout", 1)) and "stopped answering" in str(blamed)
+
+
+def test_a_sync_error_stands_when_every_member_answers_and_a_death_is_not_probed():
+    first = _broadcast_error()  # e.g. a bug in the learner's send: nobody else is to blame
+    probe = Probe()
+    assert attribute_failure(first, probe) is first and probe.calls == 1
+    dead = died("learner", 0)
+    probe = Probe(died("rollout", 0))
+    assert attribute_failure(dead, probe) is dead and probe.calls == 0
+
+
+# The same through WeightSync itself, over fake actors and a fake of ray.wait/ray.get (no Ray started).
+
+class Call:
+    """A fake remote call: answers ``value`` (raised if an exception) ``delay`` s after it was made."""
+
+    def __init__(self, delay: float, value) -> None:
+        self.due, self.value = time.monotonic() + delay, value
+
+
+class FakeActor:
+    """``answers``: method -> (delay in s, value or exception); other methods answer at once."""
+
+    def __init__(self, **answers) -> None:
+        self.answers = answers
+
+    def __getattr__(self, method: str):
+        delay, value = self.answers.get(method, (0.0, {"pid": 1}))
+        return SimpleNamespace(remote=lambda *args: Call(delay, value))
+
+
+def _fake_wait(refs, num_returns, timeout, fetch_local):
+    first = min(refs, key=lambda r: r.due)
+    delay = first.due - time.monotonic()
+    if delay > timeout:
+        time.sleep(timeout)
+        return [], list(refs)
+    time.sleep(max(0.0, delay))
+    return [first], [r for r in refs if r is not first]
+
+
+def _fake_get(ref):
+    if isinstance(ref.value, BaseException):
+        raise ref.value
+    return ref.value
+
+
+def _weight_sync(monkeypatch, learners: list, engines: list, timeout_s: float, transport: str = "collective"):
+    import ray  # inside: tests/unit collects without Ray
+
+    from rlhf_ray.coordinator.groups import LearnerGroup, WeightSync
+
+    monkeypatch.setattr(ray, "wait", _fake_wait)
+    monkeypatch.setattr(ray, "get", _fake_get)
+    sync = WeightSync.__new__(WeightSync)  # its constructor plans the buckets and forms the group over Ray
+    sync.cfg = SimpleNamespace(sync=SimpleNamespace(transport=transport, timeout_s=timeout_s))
+    sync.learners, sync.engines, sync.buckets, sync.nbytes = LearnerGroup(learners, 30.0), engines, [], 0
+    return sync
+
+
+def _task_error(method: str, cause: Exception):
+    from ray.exceptions import RayTaskError
+
+    return RayTaskError(method, f"Traceback: {cause!r}", cause)
+
+
+def test_an_engine_killed_in_a_sync_is_blamed_not_learner_rank_0(monkeypatch, tmp_path):
+    from ray.exceptions import RayActorError
+
+    # Engine 1 is killed mid-broadcast: learner rank 0's send fails at once, Ray reports the death
+    # later; engine 0 stays in the collective until its own wait gives up (0.6 s).
+    send_failed = _task_error("broadcast_weights", RuntimeError("Connection closed by peer"))
+    learners = [FakeActor(broadcast_weights=(0.05, send_failed)), FakeActor(broadcast_weights=(0.05, {"bytes": 0.0}))]
+    engines = [FakeActor(receive_broadcast=(0.6, _task_error("receive_broadcast", RuntimeError("Timed out"))),
+                         ping=(0.6, {"pid": 3})),
+               FakeActor(receive_broadcast=(0.3, RayActorError()), ping=(0.01, RayActorError()))]
+    sync = _weight_sync(monkeypatch, learners, engines, timeout_s=5.0)
+    with pytest.raises(RemoteCallError) as info:
+        sync.sync()
+    assert (info.value.kind, info.value.source) == ("died", ("rollout", 1))  # was ("error", ("learner", 0))
+    roles, coord = FakeRoles([]), FakeCoord(4)
+    assert recovery(tmp_path, roles, coord).handle(info.value) == 4
+    assert roles.calls == [("replace", ("rollout", 1))]
+
+
+def test_an_engine_hung_in_a_sync_is_blamed_once_the_others_have_left_it(monkeypatch):
+    # Engine 1 stops answering: learner rank 0's send gives up after sync.timeout_s, and so does
+    # healthy engine 0's receive, which answers its ping only after that.
+    timeout = 0.4
+    learners = [FakeActor(broadcast_weights=(timeout, _task_error("broadcast_weights", RuntimeError("timed out"))))]
+    engines = [FakeActor(receive_broadcast=(timeout, _task_error("receive_broadcast", RuntimeError("timed out"))),
+                         ping=(timeout, {"pid": 3})),
+               FakeActor(receive_broadcast=(math.inf, None), ping=(math.inf, None))]
+    sync = _weight_sync(monkeypatch, learners, engines, timeout_s=timeout)
+    with pytest.raises(RemoteCallError) as info:
+        sync.sync()
+    assert (info.value.kind, info.value.source) == ("timeout", ("rollout", 1))
+    assert "no answer from rollout engine 1 within" in str(info.value)
+
+
+def test_a_learner_lost_in_an_object_store_sync_is_blamed_not_the_engine(monkeypatch):
+    from ray.exceptions import RayActorError
+
+    # Learner rank 0 owned the arrays and died: the engine's load fails with an error first.
+    learners = [FakeActor(export_arrays=(0.0, ["array"]), ping=(0.0, RayActorError()))]
+    engines = [FakeActor(load_arrays=(0.05, _task_error("load_arrays", RuntimeError("owner of the object died"))))]
+    sync = _weight_sync(monkeypatch, learners, engines, timeout_s=2.0, transport="object_store")
+    with pytest.raises(RemoteCallError) as info:
+        sync.sync()
+    assert (info.value.kind, info.value.source) == ("died", ("learner", 0))
+
+
+def test_a_sync_error_nobody_else_caused_stays_with_its_member(monkeypatch):
+    learners = [FakeActor(broadcast_weights=(0.05, _task_error("broadcast_weights", ValueError("bad bucket plan"))))]
+    engines = [FakeActor(receive_broadcast=(0.2, _task_error("receive_broadcast", RuntimeError("timed out"))),
+                         ping=(0.2, {"pid": 3}))]
+    sync = _weight_sync(monkeypatch, learners, engines, timeout_s=2.0)
+    with pytest.raises(RemoteCallError, match="bad bucket plan") as info:
+        sync.sync()
+    assert (info.value.kind, info.value.source) == ("error", ("learner", 0))
+
+
+def test_a_failure_while_the_learner_group_restarts_leaves_it_marked_inconsistent(tmp_path):
+    # Fresh learners hold the initial model until the checkpoint is loaded: nothing may be saved
+    # as the coordinator's iteration in between (Run.save_before_failing reads this).
+    roles, coord = FakeRoles([]), FakeCoord(5)
+    rec = recovery(tmp_path, roles, coord)
+    broken = died("rollout", 0, kind="error")  # e.g. an engine raising while the sync group is rebuilt
+
+    def restart_fails():
+        roles.calls.append(("restart_learners",))
+        raise broken
+
+    roles.restart_learners = restart_fails
+    with pytest.raises(RemoteCallError) as info:
+        rec.handle(died("learner", 1))
+    assert info.value is broken and not rec.learners_consistent
+    restarted = recovery(tmp_path, FakeRoles([]), FakeCoord(5))
+    assert restarted.handle(died("learner", 1)) == 0 and restarted.learners_consistent

@@ -9,10 +9,14 @@ import os
 import pytest
 import torch
 
+from rlhf_ray.config import CheckpointConfig, config_from_dict
+from rlhf_ray.coordinator import checkpoint as ckpt
+from rlhf_ray.coordinator.loop import NonFiniteError
 from rlhf_ray.coordinator.pending import Done, RemoteCallError
 from rlhf_ray.coordinator.preflight import Inputs
-from rlhf_ray.coordinator.run import Run
-from tests.unit.test_coordinator import EOS, PAD, FakeLearners, _config, _coordinator, _prompts
+from rlhf_ray.coordinator.run import Run, print_summary, roles_line
+from tests.unit.test_coordinator import (EOS, PAD, AllNaNReward, FakeLearners, FakeReward, _config, _coordinator,
+                                         _prompts)
 
 
 class CharTokenizer:
@@ -58,11 +62,14 @@ class FakeRoles:
         self.shut = True
 
 
-def _run(tmp_path, learners=None, eval_every: int = 0, **cfg_sections) -> Run:
-    cfg = _config(ppo={"iterations": 4}, logging={"tensorboard": False, "progress_bar": False, "log_every": 2},
+def _run(tmp_path, learners=None, eval_every: int = 0, scorer=None, ppo: dict | None = None,
+         **cfg_sections) -> Run:
+    cfg = _config(ppo={"iterations": 4, **(ppo or {})},
+                  logging={"tensorboard": False, "progress_bar": False, "log_every": 2},
                   eval={"every": eval_every}, **cfg_sections)
     learners = learners or CheckpointingLearners()
-    coord = _coordinator(cfg, learners=learners, eval_prompts=_prompts(2) if eval_every else None)
+    coord = _coordinator(cfg, learners=learners, eval_prompts=_prompts(2) if eval_every else None,
+                         **({"reward": scorer} if scorer is not None else {}))
     inputs = Inputs(_prompts(), PAD, [EOS], CharTokenizer(), _prompts(2) if eval_every else None)
     return Run(cfg, str(tmp_path), inputs, FakeRoles(learners), coord, say=lambda line: None)
 
@@ -168,3 +175,136 @@ def test_without_a_gold_check_evaluations_are_still_written(tmp_path):
     assert "gold_mean" not in _rows(tmp_path / "metrics.jsonl")[0]
     rows = _rows(tmp_path / "eval_samples" / "iter_000004.jsonl")
     assert rows and set(rows[0]) == {"prompt", "response", "reward"}
+
+
+# ---- a checkpoint before an error that leaves the learner intact -----------------------------
+
+class RaisingReward(FakeReward):
+    """The reward function raises on the ``at``-th batch it scores (0-based)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def score(self, batch_ref):
+        if len(self.calls) == self.at:
+            raise RemoteCallError("reward scoring: reward failed: ZeroDivisionError", "error", ("reward", 0),
+                                  "reward scoring")
+        return super().score(batch_ref)
+
+
+def test_checkpoints_are_on_by_default():
+    assert CheckpointConfig().every > 0  # a lost learner group no longer restarts from iteration 0
+
+
+def test_a_reward_that_raises_mid_run_leaves_a_checkpoint_of_the_last_completed_iteration(tmp_path):
+    run = _run(tmp_path, scorer=RaisingReward(at=2), checkpoint={"every": 0})
+    with pytest.raises(RemoteCallError, match="ZeroDivisionError"):
+        run.iterate()
+    # iterations 0 and 1 completed; the failed third was rolled back, the learner never saw it
+    saved = ckpt.complete_checkpoints(str(tmp_path))
+    assert [os.path.basename(p) for p in saved] == ["iter_000002"]
+    assert ckpt.load_coordinator_state(saved[0])["iteration"] == 2 == run.coord.iteration
+    assert len(run.roles.learners.train_calls) == 2
+    again = _run(tmp_path)  # fixed, and resumed from it
+    again.resume(ckpt.resolve_resume(str(tmp_path), again.cfg))
+    assert again.coord.iteration == 2
+
+
+def test_no_usable_sample_stops_with_a_checkpoint(tmp_path):
+    run = _run(tmp_path, scorer=AllNaNReward(), ppo={"max_bad_iterations": 2}, checkpoint={"every": 0})
+    with pytest.raises(NonFiniteError):
+        run.iterate()
+    assert [os.path.basename(p) for p in ckpt.complete_checkpoints(str(tmp_path))] == ["iter_000001"]
+
+
+def test_a_learner_error_in_the_update_stops_without_a_checkpoint(tmp_path):
+    class RaisingLearners(CheckpointingLearners):
+        def train(self, update, iteration):
+            if iteration == 2:
+                raise RemoteCallError("PPO update: learner rank 1 failed", "error", ("learner", 1), "PPO update")
+            return super().train(update, iteration)
+
+    run = _run(tmp_path, learners=RaisingLearners(), checkpoint={"every": 0})
+    with pytest.raises(RemoteCallError, match="learner rank 1 failed"):
+        run.iterate()  # some ranks may have stepped: the learner state is not that of iteration 2
+    assert run.roles.learners.saved == []
+
+
+def test_a_failure_while_the_learner_group_restarts_stops_without_a_checkpoint(tmp_path):
+    class FailingRestart(FakeRoles):
+        def restart_learners(self) -> None:  # fresh learners, initial weights; then the sync group fails
+            raise RemoteCallError("weight-sync group set-up: rollout engine 0 failed", "error", ("rollout", 0),
+                                  "weight-sync group set-up")
+
+    learners = CheckpointingLearners(fail_train_at=2)
+    cfg = _config(ppo={"iterations": 4}, logging={"tensorboard": False, "progress_bar": False},
+                  checkpoint={"every": 0})
+    run = Run(cfg, str(tmp_path), Inputs(_prompts(), PAD, [EOS], CharTokenizer(), None), FailingRestart(learners),
+              _coordinator(cfg, learners=learners), say=lambda line: None)
+    with pytest.raises(RemoteCallError, match="rollout engine 0 failed"):
+        run.iterate()
+    assert learners.saved == []  # iteration 2's checkpoint would have held the initial model
+
+
+# ---- resuming from an older checkpoint starts a new branch ------------------------------------
+
+def _four_iterations_with_checkpoints(tmp_path) -> str:
+    first = _run(tmp_path, checkpoint={"every": 1, "keep_last": 3})
+    first.iterate()
+    first.finish()
+    assert [os.path.basename(p) for p in ckpt.complete_checkpoints(str(tmp_path))] == [
+        "iter_000002", "iter_000003", "iter_000004"]
+    return str(tmp_path / "checkpoints" / "iter_000002")
+
+
+def test_recovery_after_resuming_from_an_older_checkpoint_stays_on_the_new_branch(tmp_path):
+    older = _four_iterations_with_checkpoints(tmp_path)
+    learners = CheckpointingLearners(fail_train_at=2)  # lost before the new branch saved anything
+    again = _run(tmp_path, learners=learners, checkpoint={"every": 1, "keep_last": 3})
+    again.resume(older)
+    again.iterate()
+    again.finish()
+    # the restarted group reloads iteration 2, not the abandoned branch's iteration 4
+    assert learners.loaded == [older, older]
+    assert [r["iteration"] for r in _rows(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert os.path.isfile(tmp_path / "checkpoints" / "abandoned" / "after_iter_000002" / "iter_000004" / "COMPLETE")
+
+
+def test_resume_of_the_run_directory_after_resuming_an_older_checkpoint_takes_the_new_branch(tmp_path):
+    older = _four_iterations_with_checkpoints(tmp_path)
+    again = _run(tmp_path)
+    again.resume(older)  # and the driver is killed before the next checkpoint
+    cfg = config_from_dict({})
+    assert ckpt.resolve_resume(str(tmp_path), cfg) == older
+
+
+# ---- the summary of a resumed run covers the whole run ----------------------------------------
+
+def test_the_summary_after_a_resume_covers_every_iteration(tmp_path, capsys):
+    first = _run(tmp_path, eval_every=2, checkpoint={"every": 2})
+    first.iterate()
+    first.finish()
+    again = _run(tmp_path, eval_every=2, ppo={"iterations": 6})
+    again.resume(str(tmp_path / "checkpoints" / "iter_000002"))
+    again.iterate()
+    summary = again.finish()
+    rows = _rows(tmp_path / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    assert summary["iterations"] == 6 and summary["resumed_at"] == 2 and summary["final_iteration"] == 6
+    assert summary["seconds_per_iteration"] == pytest.approx(sum(r["time/iteration"] for r in rows) / 6)
+    assert summary["eval"]["first"]["iteration"] == 0 and summary["eval"]["last"]["iteration"] == 6
+    assert json.loads((tmp_path / "summary.json").read_text())["iterations"] == 6
+    print_summary(summary)
+    out = capsys.readouterr().out
+    assert "done: 6 iterations (resumed at iteration 2)" in out and "after 0 iterations -> " in out
+
+
+def test_the_roles_line_names_a_reference_actor_only_where_there_is_one():
+    cfg = _config(learner={"num_ranks": 2, "micro_batch_size": 3, "zero_stage": 3}, rollout={
+        "prompts_per_iteration": 4, "samples_per_prompt": 1, "max_new_tokens": 5, "num_engines": 2})
+    assert roles_line(cfg, 3.0, False) == ("roles up in 3.0 s: 2 rollout engine(s), reference, reward, "
+                                           "2 learner rank(s) (ZeRO-3)")
+    lora = roles_line(cfg, 3.0, True)  # reference.from_learner: no reference actor exists
+    assert lora == ("roles up in 3.0 s: 2 rollout engine(s), reward, 2 learner rank(s) "
+                    "(ZeRO-3; also the reference, adapters off)")
