@@ -232,3 +232,41 @@ def replay_after_load(learner, batch: ExperienceBatch, ckpt_dir: str, saved: dic
     assert max_abs_diff(saved_head, value_head_state(learner)) == 0
     train(learner, batch, iteration=iteration)
     return target, learner.policy_state_dict()
+
+
+# --------------------------------------------------------------------------- attention kernels
+
+
+def register_test_attentions() -> tuple[str, str]:
+    """Two attention kernels for transformers, standing in on the CPU for a flash kernel (which
+    takes no mask and keeps packed sequences apart only through varlen boundaries); returns
+    their names. "varlen_emulated" honours ``cu_seq_lens_q`` when given (flash's varlen path)
+    and is plainly causal per row otherwise (flash's dense path); "rowwise_causal" always
+    attends causally over the whole row, i.e. across packed sequences."""
+    import torch.nn.functional as F
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    def attend(module, q, k, v, attention_mask, dropout=0.0, scaling=None, is_causal=None, varlen=True, **kw):
+        B, H, T, D = q.shape  # k, v: (B, H_kv, T, D)
+        k, v = (x.repeat_interleave(H // x.shape[1], 1) for x in (k, v))
+        cu = kw.get("cu_seq_lens_q") if varlen else None
+        if cu is None:
+            allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            if attention_mask is not None:  # flash's padded path: (B, T) 1 = real key
+                allowed = allowed & attention_mask.bool()[:, None, None, :]
+                allowed = allowed | torch.eye(T, dtype=torch.bool, device=q.device)  # padding queries: no NaN
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling).transpose(1, 2), None
+        flat = [x.transpose(1, 2).reshape(B * T, H, D) for x in (q, k, v)]
+        out = torch.empty_like(flat[0])
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            qs, ks, vs = (x[s:e].transpose(0, 1) for x in flat)
+            out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling).transpose(0, 1)
+        return out.view(B, T, H, D), None
+
+    names = ("varlen_emulated", "rowwise_causal")
+    AttentionInterface.register(names[0], attend)
+    AttentionInterface.register(names[1], lambda *a, **kw: attend(*a, varlen=False, **kw))
+    for name in names:
+        AttentionMaskInterface.register(name, flash_attention_mask)
+    return names

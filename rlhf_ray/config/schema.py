@@ -77,6 +77,10 @@ class ModelConfig:
     optimiser (never on the CPU); true/false force it."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters (model.lora.rank > 0 turns them on)."""
+    attn_implementation: str | None = None
+    """Attention kernel of the learner's model, as transformers names it (sdpa, eager, flash_attention_2,
+    ...); unset: transformers' default (sdpa). With learner.packing the learner checks once at set-up that
+    it keeps packed sequences apart, and stops with the fix if not."""
 
 
 @dataclass(frozen=True)
@@ -206,9 +210,11 @@ class LearnerConfig:
     never exists whole (at a 152k vocabulary, 4096 positions take 2.5 GB in float32)."""
     packing: bool = True
     """Lay each pass's sequences end to end, without padding, in rows no longer than its longest sequence
-    (the attention stays within each sequence and costs at most the padded batch's; needs a model whose
-    attention honours packed position ids: Llama, Qwen2, Mistral, ... with sdpa, eager or flash
-    attention). false: pad to the longest prompt and response."""
+    (the attention stays within each sequence and costs at most the padded batch's). Needs an attention
+    that keeps packed sequences apart: transformers' sdpa and eager masks do (Llama, Qwen2, Mistral, ...),
+    flash attention does with the sequence boundaries the learner passes; the learner checks packed ==
+    padded logprobs once at set-up and stops with the fix otherwise. false: pad to the longest prompt and
+    response."""
     optimizer: str = "adamw"
     """adamw or sgd."""
     lr: float = 1e-5

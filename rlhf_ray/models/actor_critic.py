@@ -113,13 +113,36 @@ def _body_of(model: PreTrainedModel) -> nn.Module:
     return body
 
 
+# Attention implementations that build the block-diagonal mask of packed rows from the
+# position restarts themselves (transformers' mask functions, for any number of rows).
+_MASK_FROM_POSITIONS = ("sdpa", "eager")
+
+
+def packed_attention_kwargs(config: PretrainedConfig, position_ids: torch.Tensor) -> dict:
+    """Extra body kwargs for packed rows (position_ids (K, L) restarting at 0 per sequence, no
+    attention mask): none for sdpa/eager, whose masks transformers derives from the position
+    restarts; else (flash attention and other kernels) the varlen boundaries over the flattened
+    K*L tokens, ``cu_seq_lens_q/k`` (int32, starts of every run plus K*L) and ``max_length_q/k``.
+    Without them transformers' flash path detects packing only in a single row (batch size 1)
+    and attends across the sequences of a row when K > 1."""
+    if config._attn_implementation in _MASK_FROM_POSITIONS:
+        return {}
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(position_ids)
+    return {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k, "max_length_q": int(max_q), "max_length_k": int(max_k)}
+
+
 def causal_lm_logits_at(model: PreTrainedModel, input_ids: torch.Tensor, position_ids: torch.Tensor,
                         keep_index: torch.Tensor) -> torch.Tensor:
     """Logits (1, N, V) of a ``*ForCausalLM`` at ``keep_index``, N indices into the flattened
     (K*L) positions of packed rows (``rlhf_ray.batch.PackedRows``): the body runs over the rows
-    with no attention mask and no KV cache (so transformers derives the per-sequence mask from
-    the position restarts), the LM head only at the kept positions (as in ``ActorCritic``)."""
-    hidden = _body_of(model)(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    with no attention mask and no KV cache (transformers derives the per-sequence mask from the
+    position restarts; flash kernels get the boundaries, ``packed_attention_kwargs``), the LM
+    head only at the kept positions (as in ``ActorCritic``)."""
+    body = _body_of(model)
+    hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                  **packed_attention_kwargs(body.config, position_ids)).last_hidden_state
     return model.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep_index).unsqueeze(0))
 
 
@@ -213,7 +236,8 @@ class ActorCritic(nn.Module):
         indices into the flattened (B*T) positions; logits (1, N, V) and values (1, N)
         are computed at those positions only. Packed rows pass ``attention_mask=None``
         and position ids that restart at 0 for each sequence: transformers then builds a
-        block-diagonal causal mask, so each sequence attends only to itself.
+        block-diagonal causal mask (sdpa, eager), or the flash kernels get each sequence's
+        boundaries (``packed_attention_kwargs``), so each sequence attends only to itself.
 
         With the value head held outside this module (``detach_value_head``), ``values``
         is None and ``value_hidden`` carries the hidden states (B, R, H) it would have read.
@@ -276,12 +300,15 @@ class ActorCritic(nn.Module):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
     ) -> torch.Tensor:
-        """Final hidden states (B, T, H) of a transformer body, without a KV cache."""
+        """Final hidden states (B, T, H) of a transformer body, without a KV cache (packed
+        rows, ``attention_mask`` None: with their boundaries, ``packed_attention_kwargs``)."""
+        extra = packed_attention_kwargs(body.config, position_ids) if attention_mask is None else {}
         out = body(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
+            **extra,
         )
         return out.last_hidden_state
 
@@ -296,21 +323,24 @@ class ActorCritic(nn.Module):
         critic_path: str | Path | None = None,
         torch_dtype: torch.dtype = torch.float32,
         lora: LoraSpec | None = None,
+        attn_implementation: str | None = None,
     ) -> ActorCritic:
         """Load the policy from ``path``; the value head from ``path/value_head.safetensors``
         if present (else a fresh head); a separate critic body from ``critic_path``, else
         ``path/critic/`` if saved there, else ``path`` itself (policy weights, body only).
         ``lora``: add fresh LoRA adapters to the policy (and its own to a separate critic body)
         and freeze the rest of the bodies (``rlhf_ray.models.lora``); the value head stays trainable.
+        ``attn_implementation``: transformers' attention kernel for both bodies (None: its default).
         """
         path = Path(path)
-        policy = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+        attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        policy = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, **attn)
         critic_body = None
         if separate_critic or critic_path is not None:
             if critic_path is None:
                 saved = path / CRITIC_SUBDIR
                 critic_path = saved if (saved / "config.json").is_file() else path
-            critic_body = AutoModel.from_pretrained(str(critic_path), dtype=torch_dtype)
+            critic_body = AutoModel.from_pretrained(str(critic_path), dtype=torch_dtype, **attn)
         model = cls(
             policy,
             value_head_init_std=value_head_init_std,

@@ -35,7 +35,8 @@ import torch.distributed as dist
 from rlhf_ray.algorithms import chunked_logprobs_and_entropy
 from rlhf_ray.backends import deepspeed as ds
 from rlhf_ray.backends.replicated import ReplicatedModule, replicate
-from rlhf_ray.batch import ExperienceBatch, TrainUpdate, pack_rows, parts_for_budget, token_balanced_parts
+from rlhf_ray.batch import (ExperienceBatch, Generation, TrainUpdate, pack_generation, pack_rows, parts_for_budget,
+                            token_balanced_parts)
 from rlhf_ray.config import Config, LearnerConfig, ModelConfig, PPOConfig, resolve
 from rlhf_ray.models.actor_critic import POLICY_PREFIX
 from rlhf_ray.models.lora import LoraSpec, adapters_disabled
@@ -161,7 +162,7 @@ class Learner(CheckpointIO, WeightSender, RoleBase):
             model = ActorCritic.from_pretrained(
                 m.path, value_head_init_std=m.value_head_init_std, value_grad_to_body=m.value_grad_to_body,
                 separate_critic=m.separate_critic, critic_path=m.critic_path, torch_dtype=dtype,
-                lora=LoraSpec.of(m.lora))
+                lora=LoraSpec.of(m.lora), attn_implementation=m.attn_implementation)
         head = model.detach_value_head()
         total_steps = spec.total_steps
         optimizer = ds.build_optimizer(model, lrn)
@@ -176,6 +177,7 @@ class Learner(CheckpointIO, WeightSender, RoleBase):
             self.engine.module.policy.gradient_checkpointing_enable()
             if self.engine.module.critic_body is not None:
                 self.engine.module.critic_body.gradient_checkpointing_enable()
+        packing_gap = self._check_packing() if lrn.packing else None
         params = dict(self.engine.module.named_parameters())
         # A sync sends what training changes: every policy tensor, or with LoRA the adapted layers merged.
         plan = export_plan(self.engine.module.policy, POLICY_PREFIX, changed_only=True)
@@ -186,7 +188,41 @@ class Learner(CheckpointIO, WeightSender, RoleBase):
         trainable = sum(numel(p) for p in params.values() if p.requires_grad)
         head = sum(p.numel() for p in self.head.params) if self.head is not None else 0
         return {"rank": self.rank, "parameters": n + head, "trainable_parameters": trainable + head,
-                "zero_stage": lrn.zero_stage, "gradient_checkpointing": self.checkpointing}
+                "zero_stage": lrn.zero_stage, "gradient_checkpointing": self.checkpointing,
+                "packing_gap": packing_gap}
+
+    # Packed and padded logprobs agree to rounding; sequences that see each other differ by far more
+    # (0.5 nats on the tiny test model, nats on real ones).
+    _PACKING_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
+
+    @torch.no_grad()
+    def _check_packing(self) -> float:
+        """learner.packing needs an attention that keeps packed sequences apart: transformers'
+        sdpa/eager masks do, flash kernels do with the boundaries ``ActorCritic`` passes, other
+        kernels may not. Checked once for the model's own attention: three made-up sequences
+        (12, 5 and 6 tokens) go through the padded forward and the packed one, which lays them
+        in two rows, one holding two sequences; the per-sequence mean logprob gap must stay
+        within rounding. Every rank runs it (two forwards each: ZeRO-3 gathers). Returns the gap."""
+        vocab = self.engine.module.policy.config.get_text_config().vocab_size
+        g = torch.Generator().manual_seed(0)
+        draw = lambda n: torch.randint(1, vocab, (n,), generator=g).tolist()  # noqa: E731
+        gen = Generation(prompt_ids=[draw(2) for _ in range(3)], response_ids=[draw(n) for n in (10, 3, 4)],
+                         logprobs=[[0.0] * n for n in (10, 3, 4)], finish_reasons=["length"] * 3,
+                         prompt_index=[0, 1, 2])
+        mb = pack_generation(gen, pad_id=0).to(self.device)
+        packed = self._forward(mb, entropy="none", packing=True).logprobs.float()
+        padded = self._forward(mb, entropy="none", packing=False).logprobs.float()
+        mask = mb.response_mask
+        gap = float(((packed - padded).abs() * mask).sum(-1).div(mask.sum(-1)).max())
+        limit = self._PACKING_TOLERANCE[self.spec.model.dtype]
+        if not gap <= limit:
+            impl = self.engine.module.policy.config._attn_implementation
+            raise RuntimeError(
+                f"learner.packing: with attention {impl!r} the packed forward does not give the padded "
+                f"forward's logprobs (mean gap {gap:.3g} nats per token on a made-up batch, allowed {limit}): "
+                f"this attention lets packed sequences see each other. Set --learner.packing false, or load "
+                f"the model with sdpa, eager or flash attention.")
+        return gap
 
     def _choose_checkpointing(self) -> bool:
         """model.gradient_checkpointing, or when unset: on only if one micro-batch's activations
@@ -208,13 +244,15 @@ class Learner(CheckpointIO, WeightSender, RoleBase):
             body.vocab_size, free_bytes=free - 2 * local_params)
 
     # ------------------------------------------------------------------ forward passes
-    def _forward(self, mb: ExperienceBatch, entropy: str) -> _Forward:
+    def _forward(self, mb: ExperienceBatch, entropy: str, packing: bool | None = None) -> _Forward:
         """Logprobs and values (B, R) at the response positions only (the LM head skips the
-        prompt). With learner.packing the rows are laid end to end without padding first.
-        ``entropy``: "grad" (it is in the loss), "log" (detached, for metrics) or "none"."""
+        prompt). With learner.packing (or ``packing``) the rows are laid end to end without
+        padding first. ``entropy``: "grad" (it is in the loss), "log" (detached, for metrics)
+        or "none"."""
         mask = mb.response_mask
         temperature = self.spec.temperature
-        if self.spec.learner.packing:
+        packing = self.spec.learner.packing if packing is None else packing
+        if packing:
             rows = pack_rows(mb)
             out = self.engine(rows.input_ids, None, rows.position_ids, keep_index=rows.keep_index)
             tokens = mb.response_ids[mask].unsqueeze(0)  # (1, N), in keep_index order
@@ -224,7 +262,7 @@ class Learner(CheckpointIO, WeightSender, RoleBase):
         values = self.head.module(out.value_hidden) if self.head is not None else None
         logprobs, ent = chunked_logprobs_and_entropy(out.logits, tokens, temperature, entropy,
                                                      self.spec.learner.logprob_chunk)
-        if self.spec.learner.packing:  # (1, N) -> (B, R), zeros at padding
+        if packing:  # (1, N) -> (B, R), zeros at padding
             def unpack(t: torch.Tensor) -> torch.Tensor:
                 return torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(mask, t)
 

@@ -334,3 +334,26 @@ def test_response_positions_hand_example():
     tokens = torch.arange(5)  # T = 5, the last R = 2 tokens (3, 4) are the response
     assert tokens[response_positions(2)].tolist() == [2, 3]  # the positions that predict them
     assert tokens[response_positions(4)].tolist() == [0, 1, 2, 3]
+
+
+def test_packed_rows_keep_sequences_apart_with_a_flash_like_kernel(model_dirs):
+    """A kernel that takes no mask (like flash attention) keeps several packed rows' sequences
+    apart only through the varlen boundaries the actor-critic passes (transformers' own flash
+    path detects packing in a single row only)."""
+    from rlhf_ray.batch import pack_rows
+    from tests.inprocess import register_test_attentions
+
+    varlen, _ = register_test_attentions()
+    model = ActorCritic.from_pretrained(model_dirs["llama"], value_head_init_std=0.1,
+                                        attn_implementation=varlen).eval()
+    assert model.policy.config._attn_implementation == varlen
+    batch = _varied_batch()
+    mask = batch.response_mask
+    rows = pack_rows(batch)
+    assert rows.input_ids.shape[0] > 1  # several rows, one with two sequences
+    with torch.no_grad():
+        padded = model(batch.input_ids, batch.attention_mask.long(), batch.position_ids,
+                       response_len=mask.shape[1])
+        packed = model(rows.input_ids, None, rows.position_ids, keep_index=rows.keep_index)
+    torch.testing.assert_close(packed.logits[0], padded.logits[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed.values[0], padded.values[mask], atol=1e-5, rtol=1e-5)

@@ -282,3 +282,18 @@ def test_a_non_finite_gradient_step_is_skipped_on_every_stage(tiny_model, stage)
         assert metrics["nonfinite_steps"] == 0.0 and ip.max_abs_diff(before, learner.policy_state_dict()) > 0
     finally:
         ip.release(learner)
+
+
+def test_packing_is_checked_against_the_padded_forward_at_set_up(tiny_model):
+    """learner.packing with an attention that lets packed sequences see each other stops at
+    set-up with the fix; one that keeps them apart (through the varlen boundaries) passes."""
+    varlen, leaky = ip.register_test_attentions()
+    learner, info = ip.build_learner(ip.learner_config(tiny_model, zero_stage=2, **{"model.attn_implementation": varlen}))
+    assert info["packing_gap"] is not None and info["packing_gap"] < 1e-4
+    ip.release(learner)
+    with pytest.raises(RuntimeError, match="packed sequences see each other.*--learner.packing false"):
+        ip.build_learner(ip.learner_config(tiny_model, zero_stage=2, **{"model.attn_implementation": leaky}))
+    learner, info = ip.build_learner(ip.learner_config(tiny_model, zero_stage=2, **{
+        "model.attn_implementation": leaky, "learner.packing": False}))
+    assert info["packing_gap"] is None
+    ip.release(learner)
