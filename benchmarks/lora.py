@@ -185,7 +185,7 @@ def sync_rows(path: str, name: str, rank: int, reps: int) -> list[dict[str, Any]
             t0 = time.perf_counter()
             buckets, arrays = _send_arrays(model)
             t1 = time.perf_counter()
-            llm.collective_rpc("rlhf_load_arrays", args=(to_wire(buckets), arrays))
+            llm.collective_rpc("rlhf_load_arrays", args=(to_wire(buckets), arrays, r > 0))
             llm.reset_prefix_cache()
             prep.append(t1 - t0)
             load.append(time.perf_counter() - t1)

@@ -162,26 +162,28 @@ class WeightReceiver:
         self._rlhf_group = new_sync_group(master_addr, master_port, rank, world_size, backend, timeout_s)
         self._rlhf_timeout = timeout_s
 
-    def rlhf_receive_buckets(self, wire_plan: list) -> int:
+    def rlhf_receive_buckets(self, wire_plan: list, partial: bool = False) -> int:
         """Receive every bucket of one sync (plan in ``to_wire`` form) from the broadcast group
         and load them in one in-place reload that consumes the buckets as they arrive. Returns
-        bytes received."""
+        bytes received. ``partial``: the plan leaves layers out (see ``_rlhf_load``)."""
         buckets = from_wire(wire_plan)
         self._rlhf_load(receive_buckets(self._rlhf_group, buckets, self._rlhf_device(), self._rlhf_timeout),
-                        is_partial(buckets))
+                        partial)
         return sum(b.nbytes for b in buckets)
 
-    def rlhf_load_arrays(self, wire_plan: list, arrays: list) -> int:
+    def rlhf_load_arrays(self, wire_plan: list, arrays: list, partial: bool = False) -> int:
         """Load a sync's weights given as one flat array per bucket (object-store transport)."""
         buckets, device = from_wire(wire_plan), self._rlhf_device()
         self._rlhf_load((item for array, bucket in zip(arrays, buckets) for item in from_array(array, bucket, device)),
-                        is_partial(buckets))
+                        partial)
         return sum(b.nbytes for b in buckets)
 
     def _rlhf_load(self, weights: Iterable[tuple[str, torch.Tensor]], partial: bool = False) -> None:
         """One in-place reload. ``partial``: the sync sends only the layers that changed (LoRA), so
         vLLM's per-layer "Failed to load weights" / "weights were not loaded" warnings for the
-        others (norms, embeddings: unchanged, and vLLM keeps them) are expected and dropped."""
+        others (norms, embeddings: unchanged, and vLLM keeps them) are expected and dropped. The
+        flag comes from the learner's export plan: a full sync keeps every warning, whatever the
+        model's layers are called."""
         if not partial:
             self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
             return
@@ -201,9 +203,3 @@ _RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.mo
 def _skipped_layers_filter(record: logging.LogRecord) -> bool:
     message = record.getMessage()
     return "Failed to load weights" not in message and "weights were not loaded" not in message
-
-
-def is_partial(buckets: list) -> bool:
-    """Whether a sync's plan leaves layers out (a LoRA sync: only the adapted layers): every full
-    sync of a causal LM holds its input embeddings, a LoRA sync never does (they are not adapted)."""
-    return not any("embed_tokens" in s.name or ".wte." in s.name for b in buckets for s in b.specs)

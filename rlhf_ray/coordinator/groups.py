@@ -140,6 +140,8 @@ class WeightSync:
         specs = RayPending([learners.actors[0].weight_specs.remote()], [("learner", 0)], "weight specs",
                            learners.timeout_s, lambda xs: xs[0]).result()
         self.buckets: list[Bucket] = plan_buckets(specs, int(cfg.sync.bucket_mb * 2**20))
+        self.partial = RayPending([learners.actors[0].sync_is_partial.remote()], [("learner", 0)], "sync plan",
+                                  learners.timeout_s, lambda xs: xs[0]).result()
         self.nbytes = sum(b.nbytes for b in self.buckets)
         self.rebuild()
 
@@ -171,13 +173,13 @@ class WeightSync:
         timeout = self.cfg.sync.timeout_s
         if self.cfg.sync.transport == "collective":
             refs = [a.broadcast_weights.remote(self.buckets) for a in self.learners.actors]
-            refs += [e.receive_broadcast.remote(self.buckets) for e in self.engines]
+            refs += [e.receive_broadcast.remote(self.buckets, self.partial) for e in self.engines]
             self._attributed(RayPending(refs, self.learners.sources() + self._engine_sources(), "weight sync",
                                         timeout))
         else:
             exports = [a.export_arrays.remote(self.buckets) for a in self.learners.actors]
             ref_lists = self._attributed(RayPending(exports, self.learners.sources(), "weight sync (export)", timeout))
-            refs = [e.load_arrays.remote(self.buckets, ref_lists[0]) for e in self.engines]
+            refs = [e.load_arrays.remote(self.buckets, ref_lists[0], self.partial) for e in self.engines]
             self._attributed(RayPending(refs, self._engine_sources(), "weight sync (load)", timeout))
         return {"sync_bytes": float(self.nbytes)}
 

@@ -34,6 +34,7 @@ class ExportPlan:
     plain: list[tuple[str, str]]
     merged: dict[str, MergedParams]
     order: tuple[str, ...]  # every HF name of the plan, in module order
+    complete: bool = True  # every (non-adapter) parameter is exported as it is: no merged layer, none left out
 
     def in_order(self, tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
         """``tensors`` (keys ``prefix`` + HF name) re-ordered in module order (an empty dict stays empty)."""
@@ -47,6 +48,7 @@ def export_plan(body: nn.Module, prefix: str, changed_only: bool = False) -> Exp
     merged = merged_params(body)
     keep_modules = changed_module_paths(list(merged)) if changed_only else set()
     plain, order = [], []
+    left_out = False
     for name, p in body.named_parameters():  # remove_duplicate=True: tied weights once
         if ".lora_" in name:
             continue
@@ -55,10 +57,11 @@ def export_plan(body: nn.Module, prefix: str, changed_only: bool = False) -> Exp
             order.append(hf)
             continue
         if changed_only and not (p.requires_grad or hf.rsplit(".", 1)[0] in keep_modules):
+            left_out = True
             continue
         plain.append((prefix + name, hf))
         order.append(hf)
-    return ExportPlan(plain, merged, tuple(order))
+    return ExportPlan(plain, merged, tuple(order), complete=not merged and not left_out)
 
 
 def policy_parameter_names(model: ActorCritic) -> list[tuple[str, str]]:

@@ -183,6 +183,7 @@ class Learner(CheckpointIO, WeightSender, RoleBase):
         plan = export_plan(self.engine.module.policy, POLICY_PREFIX, changed_only=True)
         self.sync_params = [(params[inner], hf) for inner, hf in plan.plain]
         self.sync_merged = plan.merged
+        self.sync_partial = not plan.complete  # engines keep the layers a sync leaves out
         numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731
         n = sum(numel(p) for p in params.values())
         trainable = sum(numel(p) for p in params.values() if p.requires_grad)

@@ -26,12 +26,18 @@ from rlhf_ray.weight_sync.transport import destroy_sync_group, new_sync_group, r
 
 class WeightSender:
     sync_merged: dict[str, MergedParams] = {}  # HF name -> an adapted layer's parameters (LoRA only)
+    sync_partial: bool = False  # the export plan leaves layers out (set with sync_params at set-up)
 
     def weight_specs(self) -> list[TensorSpec]:
         """The policy tensors a sync sends (never the value head) under the engine's names."""
         specs = [TensorSpec(hf, ds.param_shape(p), dtype_name(p.dtype)) for p, hf in self.sync_params]
         return specs + [TensorSpec(hf, ds.param_shape(m.base), dtype_name(m.base.dtype))
                         for hf, m in self.sync_merged.items()]
+
+    def sync_is_partial(self) -> bool:
+        """Whether a sync leaves layers out (LoRA: only the adapted layers travel), so the engines'
+        "weights were not loaded" warnings for the others are expected; from the export plan."""
+        return bool(self.sync_partial)
 
     def sync_address(self, loopback: bool = False) -> tuple[str, int]:
         """Where the weight-sync group's store will listen; call on rank 0 before

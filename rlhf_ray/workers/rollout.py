@@ -91,20 +91,22 @@ class RolloutEngine(RoleBase):
         self.llm.collective_rpc("rlhf_init_sync_group",
                                 args=(master_addr, master_port, rank, world_size, backend, timeout_s))
 
-    def receive_broadcast(self, buckets: list[Bucket]) -> dict[str, float]:
-        """Receive one sync's buckets over the collective group and load them in place."""
+    def receive_broadcast(self, buckets: list[Bucket], partial: bool = False) -> dict[str, float]:
+        """Receive one sync's buckets over the collective group and load them in place.
+        ``partial``: the learner's plan leaves layers out (``sync_is_partial``)."""
         t0 = time.perf_counter()
-        nbytes = self.llm.collective_rpc("rlhf_receive_buckets", args=(to_wire(buckets),))[0]
+        nbytes = self.llm.collective_rpc("rlhf_receive_buckets", args=(to_wire(buckets), partial))[0]
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         return {"bytes": float(nbytes), "seconds": time.perf_counter() - t0}
 
-    def load_arrays(self, buckets: list[Bucket], array_refs: list) -> dict[str, float]:
-        """Load one sync's weights from flat arrays in the object store (one per bucket)."""
+    def load_arrays(self, buckets: list[Bucket], array_refs: list, partial: bool = False) -> dict[str, float]:
+        """Load one sync's weights from flat arrays in the object store (one per bucket);
+        ``partial`` as in ``receive_broadcast``."""
         import ray
 
         t0 = time.perf_counter()
         arrays = ray.get(array_refs)  # on this node: read-only views of shared memory, no copy
-        nbytes = self.llm.collective_rpc("rlhf_load_arrays", args=(to_wire(buckets), arrays))[0]
+        nbytes = self.llm.collective_rpc("rlhf_load_arrays", args=(to_wire(buckets), arrays, partial))[0]
         self.llm.reset_prefix_cache()
         return {"bytes": float(nbytes), "seconds": time.perf_counter() - t0}
 

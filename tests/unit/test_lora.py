@@ -162,3 +162,17 @@ def test_sync_plan_is_the_adapted_layers_plus_fused_siblings(tiny_model):
                      "self_attn.q_proj.bias", "self_attn.v_proj.bias", "self_attn.v_proj.weight"]
     full = policy_state_dict(ac)
     assert list(full) == list(_model(tiny_model).state_dict())  # merged export = an HF checkpoint's names
+
+
+def test_the_export_plan_says_whether_a_sync_leaves_layers_out(tiny_model):
+    """A full model's plan is complete (engines then report every layer they did not get); a
+    LoRA sync plan (changed layers only) is not."""
+    from rlhf_ray.models import ActorCritic
+    from rlhf_ray.models.actor_critic import POLICY_PREFIX
+    from rlhf_ray.models.export import export_plan
+
+    full = ActorCritic.from_pretrained(tiny_model)
+    assert export_plan(full.policy, POLICY_PREFIX, changed_only=True).complete
+    lora = ActorCritic.from_pretrained(tiny_model, lora=_spec(("q_proj",)))
+    assert not export_plan(lora.policy, POLICY_PREFIX, changed_only=True).complete
+    assert not export_plan(lora.policy, POLICY_PREFIX).complete  # merged layers

@@ -181,6 +181,7 @@ def _weight_sync(monkeypatch, learners: list, engines: list, timeout_s: float, t
     sync = WeightSync.__new__(WeightSync)  # its constructor plans the buckets and forms the group over Ray
     sync.cfg = SimpleNamespace(sync=SimpleNamespace(transport=transport, timeout_s=timeout_s))
     sync.learners, sync.engines, sync.buckets, sync.nbytes = LearnerGroup(learners, 30.0), engines, [], 0
+    sync.partial = False
     return sync
 
 

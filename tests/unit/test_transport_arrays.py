@@ -5,6 +5,8 @@ Round trips must be bit-exact (NaN, -0.0, inf and subnormals included), for floa
 (pinned host copy) is checked in tests/gpu/test_transport_pinned.py.
 """
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -83,3 +85,41 @@ def test_from_array_rejects_a_bucket_of_another_size():
     bucket = Bucket((TensorSpec("a", (2, 3), "float32"),))
     with pytest.raises(ValueError, match="flat buffer has 5 elements, bucket expects 6"):
         from_array(to_array([torch.zeros(5)]), bucket, torch.device("cpu"))
+
+
+class _Worker:
+    """A stand-in for vLLM's worker with the receiver mixed in: its reload logs what vLLM logs
+    for layers a sync did not send."""
+
+    def __new__(cls):
+        from rlhf_ray.backends.vllm import WeightReceiver
+
+        worker = type("Worker", (WeightReceiver,), {})()
+        worker.model_runner = type("Runner", (), {"model": torch.nn.Linear(2, 2)})()
+        worker.loaded = []
+
+        def reload_weights(weights_iterator):
+            worker.loaded = [name for name, _ in weights_iterator]
+            logging.getLogger("vllm.model_executor.model_loader.reload.inplace").warning(
+                "Following weights were not loaded: ['gpt_neox.final_layer_norm.weight']")
+
+        worker.reload_weights = reload_weights
+        return worker
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_the_engine_keeps_not_loaded_warnings_unless_the_plan_is_partial(caplog, partial):
+    """Whether a sync leaves layers out comes from the learner's plan, not from the tensor names:
+    a full sync of a model whose embedding is not called embed_tokens/wte (GPT-NeoX: embed_in)
+    keeps vLLM's "not loaded" warnings, which then mean a real mismatch."""
+    from rlhf_ray.weight_sync.plan import TensorSpec, plan_buckets, to_wire
+    from rlhf_ray.weight_sync.transport import to_array
+
+    w = {"gpt_neox.embed_in.weight": torch.ones(4, 2), "embed_out.weight": torch.ones(4, 2)}
+    buckets = plan_buckets([TensorSpec(n, tuple(t.shape), "float32") for n, t in w.items()], 1 << 20)
+    arrays = [to_array([w[s.name] for s in b.specs]) for b in buckets]
+    worker = _Worker()
+    with caplog.at_level(logging.WARNING):
+        worker.rlhf_load_arrays(to_wire(buckets), arrays, partial)
+    assert worker.loaded == list(w)
+    assert ("were not loaded" in caplog.text) is not partial
