@@ -42,10 +42,15 @@ class Recovery:
 
         A role that fails while another is being replaced (the new engine does not come up,
         learner rank 0 dies while the sync group is rebuilt) is recovered from in turn, within
-        the same restart limits; its error says phase "recovery"."""
+        the same restart limits; its error says phase "recovery". A learner-group restart cut
+        short that way (an engine lost while the new group joins the sync group) is completed
+        afterwards: the fresh ranks hold the initial model until they load the checkpoint."""
         while True:
             try:
-                return self._recover_from(exc)
+                redo_from = self._recover_from(exc)
+                if not self.learners_consistent:
+                    redo_from = self._reload_learners()
+                return redo_from
             except RemoteCallError as again:
                 if again is exc:  # not recoverable (a role raised an error)
                     raise
@@ -76,6 +81,12 @@ class Recovery:
                  f"{found[-1] if found else 'the initial model (no checkpoint yet)'}")
         self.learners_consistent = False
         self.roles.restart_learners()
+        return self._reload_learners()
+
+    def _reload_learners(self) -> int:
+        """Fresh learner ranks take the last complete checkpoint (or the initial model: nothing to
+        load) and the coordinator its state; returns the iteration to redo from."""
+        found = ckpt.complete_checkpoints(self.run_dir)
         if found:
             self.roles.learners.load_checkpoint(found[-1]).result()
             self.coord.load_state_dict(ckpt.load_coordinator_state(found[-1]))

@@ -156,43 +156,50 @@ def test_a_dead_member_leaves_the_others_answering_at_once(ray_cluster):
     assert ray.get(refs[0], timeout=20) == "arg"  # the unanswered call was left to finish
 
 
-def test_an_engine_killed_in_the_middle_of_a_sync_is_replaced(ray_cluster, tmp_path, capsys):
-    """Learner rank 0 is listed first in the sync: an engine that dies while receiving makes rank 0's
-    broadcast raise before Ray reports the death, which used to end the run as a learner *error*.
-    The engine is frozen (SIGSTOP) before the sync starts, so the sync is under way when it is
-    killed; its weights (~17 MB) exceed the loopback socket buffers, so rank 0 is still sending."""
-    from rlhf_ray.coordinator.run import run
-    from rlhf_ray.tiny_models import ensure_tiny_model
 
-    model = str(ensure_tiny_model(tmp_path / "llama-17mb", arch="llama", seed=0, hidden_size=256, num_layers=4))
+def test_engines_killed_or_hung_in_the_middle_of_a_sync_are_replaced(ray_cluster, tiny_llama, tmp_path, capsys):
+    """Learner rank 0 is listed first in the sync, and an engine that dies while receiving makes its
+    broadcast raise before Ray reports the death: that used to end the run as a learner *error*; an
+    engine that hangs there made the sync time out on learner rank 0 and restarted the learner group.
+    Each engine is frozen (SIGSTOP) while the driver writes the checkpoint that precedes the next
+    sync, so the sync is under way when it fails (gloo's send waits for its receiver): engine 0 is
+    then killed, engine 1 left frozen. Both are replaced, the learner group never restarts."""
+    from rlhf_ray.coordinator.run import run
+
     run_dir = str(tmp_path / "run")
-    # checkpoint.every 1: after iteration 1 is logged the driver writes a checkpoint before the next
-    # sync, the window in which the idle engine is frozen.
-    cfg = small_config(model, **{"ppo.iterations": 4, "checkpoint.every": 1, "checkpoint.save_hf_policy": False,
-                                 "sync.timeout_s": 60})
+    # checkpoint.every 1: the driver writes a checkpoint after each iteration's record and before
+    # the next sync, the window in which an idle engine is frozen.
+    cfg = small_config(tiny_llama, **{"ppo.iterations": 6, "rollout.num_engines": 2, "checkpoint.every": 1,
+                                      "sync.timeout_s": 10, "resources.call_timeout_s": 120})
     os.makedirs(run_dir)
 
-    def freeze_then_kill():
-        metrics, done = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "checkpoints", "iter_000002")
+    def wait_for(ready) -> None:
         deadline = time.time() + 300
-        while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 2):
+        while time.time() < deadline and not ready():
             time.sleep(0.02)
-        with open(os.path.join(run_dir, "placement.json")) as fh:
-            pid = json.load(fh)["rollout engine 0"]["pid"]
-        os.kill(pid, signal.SIGSTOP)
-        while time.time() < deadline and not os.path.exists(os.path.join(done, "COMPLETE")):
-            time.sleep(0.05)
-        time.sleep(3)  # the sync started right after the checkpoint; rank 0 blocks sending to the frozen engine
-        os.kill(pid, signal.SIGKILL)
 
-    killer = threading.Thread(target=freeze_then_kill, daemon=True)
+    def freeze_kill_freeze():
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        wait_for(lambda: os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 2)
+        with open(os.path.join(run_dir, "placement.json")) as fh:
+            placement = json.load(fh)
+        pids = [placement[f"rollout engine {i}"]["pid"] for i in (0, 1)]
+        os.kill(pids[0], signal.SIGSTOP)
+        wait_for(lambda: os.path.exists(os.path.join(run_dir, "checkpoints", "iter_000002", "COMPLETE")))
+        time.sleep(3)  # the sync began after the checkpoint: learner rank 0 waits on the frozen engine
+        os.kill(pids[0], signal.SIGKILL)
+        wait_for(lambda: len(open(metrics).read().splitlines()) >= 4)
+        os.kill(pids[1], signal.SIGSTOP)  # frozen for good: the run must find it, and kill it
+
+    killer = threading.Thread(target=freeze_kill_freeze, daemon=True)
     killer.start()
     summary = run(cfg, run_dir)
     killer.join(timeout=5)
     out = capsys.readouterr().out
     assert "rollout engine 0 died (phase sync); replacing it and redoing iteration 2" in out, out[-3000:]
+    assert "rollout engine 1 timeout (phase sync); replacing it and redoing iteration 4" in out, out[-3000:]
     assert summary["completed"]
     rows = _rows(run_dir)
-    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
-    assert rows[-1]["faults/actor_restarts"] == 1 and rows[-1]["faults/learner_restarts"] == 0
-    assert all(r["logprob_mismatch_max"] < 2e-3 for r in rows)  # the new engine got the current policy
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    assert rows[-1]["faults/actor_restarts"] == 2 and rows[-1]["faults/learner_restarts"] == 0
+    assert all(r["logprob_mismatch_max"] < 2e-3 for r in rows)  # the new engines got the current policy

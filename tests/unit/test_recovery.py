@@ -264,3 +264,28 @@ def test_a_failure_while_the_learner_group_restarts_leaves_it_marked_inconsisten
     assert info.value is broken and not rec.learners_consistent
     restarted = recovery(tmp_path, FakeRoles([]), FakeCoord(5))
     assert restarted.handle(died("learner", 1)) == 0 and restarted.learners_consistent
+
+
+def test_a_learner_restart_cut_short_by_a_lost_engine_still_loads_the_checkpoint(tmp_path):
+    # Learner rank 1 dies; the fresh group's sync-group set-up then finds engine 0 dead. The engine
+    # is replaced, and the fresh ranks (initial model) must still load the checkpoint: they used to
+    # be left as they were, training on from the initial weights at the coordinator's iteration 5.
+    done = tmp_path / "checkpoints" / "iter_000003"
+    done.mkdir(parents=True)
+    (done / "coordinator.json").write_text('{"coordinator": {"iteration": 3}}')
+    (done / "COMPLETE").write_text("iteration 3\n")
+    roles, coord = FakeRoles([]), FakeCoord(5)
+    loaded = []
+    roles.learners = SimpleNamespace(load_checkpoint=lambda path: loaded.append(path) or Done(None))
+    engine_lost = died("rollout", 0)
+
+    def restart_cut_short():
+        roles.calls.append(("restart_learners",))
+        raise engine_lost
+
+    roles.restart_learners = restart_cut_short
+    rec = recovery(tmp_path, roles, coord)
+    assert rec.handle(died("learner", 1)) == 3
+    assert roles.calls == [("restart_learners",), ("replace", ("rollout", 0))]
+    assert loaded == [str(done)] and coord.iteration == 3 and rec.learners_consistent and coord.stale
+    assert engine_lost.phase == "recovery"
