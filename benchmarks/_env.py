@@ -124,7 +124,9 @@ def steal_share(before: list[int], after: list[int]) -> float | None:
 
 def snapshot() -> dict[str, Any]:
     """What the numbers were measured on."""
-    status = _git("status", "--porcelain")
+    # Changed files outside benchmarks/results/: the code measured differs from git_commit (results
+    # written earlier in the same benchmarks/run_all.sh run do not count).
+    status = _git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
     return {
         "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "python": platform.python_version(),
