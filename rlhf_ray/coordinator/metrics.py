@@ -1,5 +1,6 @@
 """Where per-iteration metrics go: metrics.jsonl, TensorBoard, Weights & Biases (optional), Ray
-custom metrics (dashboard / Prometheus) and the terminal.
+custom metrics (dashboard / Prometheus) and the terminal; a PPO run's records of them
+(``Records``) and its summary.
 
 Ray custom metrics: the gauge for ``reward_mean`` is created as ``rlhf_reward_mean`` and Ray 2.60
 exports every custom metric with its own ``ray_`` prefix, so Prometheus (and a PromQL query) sees
@@ -147,3 +148,82 @@ def _clock(seconds: float) -> str:
         return "?"
     m, s = divmod(int(round(seconds)), 60)
     return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class Records:
+    """The run's per-iteration records (metrics.jsonl, eval.jsonl, TensorBoard) and their
+    in-memory history; iterations that run again after a restart or a resume are forgotten
+    first, so each file keeps one record per iteration."""
+
+    def __init__(self, run_dir: str, tensorboard: bool, with_eval: bool, wandb=None) -> None:
+        extra = wandb.log if wandb is not None else None
+        self.wandb = wandb
+        self.metrics = MetricsSink(run_dir, tensorboard=tensorboard, extra=extra)
+        self.evals = (MetricsSink(run_dir, tensorboard=tensorboard, filename="eval.jsonl", extra=extra)
+                      if with_eval else None)
+        self.history: list[dict] = []
+        self.eval_history: list[dict] = []
+        self.evaluated_at = -1
+
+    def add(self, metrics: dict) -> None:
+        self.history.append(metrics)
+        self.metrics.write(metrics)
+
+    def add_eval(self, metrics: dict) -> None:
+        self.eval_history.append(metrics)
+        self.evaluated_at = int(metrics["iteration"])
+        if self.evals is not None:
+            self.evals.write(metrics)
+
+    def recall(self) -> None:
+        """Take the records already in the files (a resumed run's iterations before its checkpoint)
+        into the history, so the summary covers the whole run, not only the part run since."""
+        self.history[:] = read_records(self.metrics.path)
+        if self.evals is not None:
+            self.eval_history[:] = read_records(self.evals.path)
+            self.evaluated_at = int(self.eval_history[-1]["iteration"]) if self.eval_history else -1
+
+    def forget_from(self, iteration: int) -> None:
+        """Iterations ``iteration`` and later run (again): drop their records and evaluations."""
+        self.metrics.truncate_from(iteration)
+        self.history[:] = [h for h in self.history if h["iteration"] < iteration]
+        if self.evals is not None:
+            self.evals.truncate_from(iteration)
+            self.eval_history[:] = [h for h in self.eval_history if h["iteration"] < iteration]
+            self.evaluated_at = min(self.evaluated_at, iteration - 1)
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.evals is not None:
+            self.evals.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def summarize(history: list[dict], head: int = 5) -> dict:
+    """Mean reward and KL over the first and last ``head`` iterations."""
+    if not history:
+        return {"iterations": 0}
+    first, last = history[:head], history[-head:]
+
+    def mean(rows, key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    return {"iterations": len(history), "reward_start": mean(first, "reward_mean"),
+            "reward_end": mean(last, "reward_mean"), "kl_start": mean(first, "kl_mean"),
+            "kl_end": mean(last, "kl_mean"),
+            "seconds_per_iteration": mean(history, "time/iteration")}
+
+
+def print_summary(summary: dict) -> None:
+    resumed = f" (resumed at iteration {summary['resumed_at']})" if "resumed_at" in summary else ""
+    print(f"done: {summary['iterations']} iterations{resumed}, "
+          f"reward {summary.get('reward_start', float('nan')):.3f} -> "
+          f"{summary.get('reward_end', float('nan')):.3f}, KL {summary.get('kl_start', float('nan')):.3f} -> "
+          f"{summary.get('kl_end', float('nan')):.3f} (means of the first and last 5 iterations); "
+          f"plot: {summary.get('plot', 'none')}")
+    if "eval" in summary:
+        ev = summary["eval"]
+        print(f"held-out evaluation ({ev['prompts']} prompts, temperature {ev['temperature']}): reward "
+              f"{ev['first']['eval/reward_mean']:.3f} after {ev['first']['iteration']} iterations -> "
+              f"{ev['last']['eval/reward_mean']:.3f} after {ev['last']['iteration']}")

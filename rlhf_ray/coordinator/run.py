@@ -21,7 +21,8 @@ from rlhf_ray.config import Config, config_to_dict, redacted
 from rlhf_ray.coordinator import checkpoint as ckpt
 from rlhf_ray.coordinator.gold import write_eval_samples, write_samples_md
 from rlhf_ray.coordinator.loop import NonFiniteError
-from rlhf_ray.coordinator.metrics import MetricsSink, format_eval_line, format_line, format_progress, read_records
+from rlhf_ray.coordinator.metrics import (Records, format_eval_line, format_line, format_progress, print_summary,
+                                          summarize)
 from rlhf_ray.coordinator.pending import RemoteCallError
 from rlhf_ray.coordinator.preflight import Inputs
 from rlhf_ray.coordinator.recovery import Recovery
@@ -35,21 +36,6 @@ def sample_lines(batch, tokenizer, k: int) -> list[str]:
     prompts, responses = decode_rows(head, tokenizer)
     scores = head.scores.tolist() if head.scores is not None else [float("nan")] * len(head)
     return [f"  sample: {p!r} -> {r!r} (score {s:.3f})" for p, r, s in zip(prompts, responses, scores)]
-
-
-def summarize(history: list[dict], head: int = 5) -> dict:
-    """Mean reward and KL over the first and last ``head`` iterations."""
-    if not history:
-        return {"iterations": 0}
-    first, last = history[:head], history[-head:]
-
-    def mean(rows, key):
-        return sum(r[key] for r in rows) / len(rows)
-
-    return {"iterations": len(history), "reward_start": mean(first, "reward_mean"),
-            "reward_end": mean(last, "reward_mean"), "kl_start": mean(first, "kl_mean"),
-            "kl_end": mean(last, "kl_mean"),
-            "seconds_per_iteration": mean(history, "time/iteration")}
 
 
 class StopFlag:
@@ -74,56 +60,6 @@ class StopFlag:
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
-
-
-class Records:
-    """The run's per-iteration records (metrics.jsonl, eval.jsonl, TensorBoard) and their
-    in-memory history; iterations that run again after a restart or a resume are forgotten
-    first, so each file keeps one record per iteration."""
-
-    def __init__(self, run_dir: str, tensorboard: bool, with_eval: bool, wandb=None) -> None:
-        extra = wandb.log if wandb is not None else None
-        self.wandb = wandb
-        self.metrics = MetricsSink(run_dir, tensorboard=tensorboard, extra=extra)
-        self.evals = (MetricsSink(run_dir, tensorboard=tensorboard, filename="eval.jsonl", extra=extra)
-                      if with_eval else None)
-        self.history: list[dict] = []
-        self.eval_history: list[dict] = []
-        self.evaluated_at = -1
-
-    def add(self, metrics: dict) -> None:
-        self.history.append(metrics)
-        self.metrics.write(metrics)
-
-    def add_eval(self, metrics: dict) -> None:
-        self.eval_history.append(metrics)
-        self.evaluated_at = int(metrics["iteration"])
-        if self.evals is not None:
-            self.evals.write(metrics)
-
-    def recall(self) -> None:
-        """Take the records already in the files (a resumed run's iterations before its checkpoint)
-        into the history, so the summary covers the whole run, not only the part run since."""
-        self.history[:] = read_records(self.metrics.path)
-        if self.evals is not None:
-            self.eval_history[:] = read_records(self.evals.path)
-            self.evaluated_at = int(self.eval_history[-1]["iteration"]) if self.eval_history else -1
-
-    def forget_from(self, iteration: int) -> None:
-        """Iterations ``iteration`` and later run (again): drop their records and evaluations."""
-        self.metrics.truncate_from(iteration)
-        self.history[:] = [h for h in self.history if h["iteration"] < iteration]
-        if self.evals is not None:
-            self.evals.truncate_from(iteration)
-            self.eval_history[:] = [h for h in self.eval_history if h["iteration"] < iteration]
-            self.evaluated_at = min(self.evaluated_at, iteration - 1)
-
-    def close(self) -> None:
-        self.metrics.close()
-        if self.evals is not None:
-            self.evals.close()
-        if self.wandb is not None:
-            self.wandb.finish()
 
 
 class Run:
@@ -347,20 +283,6 @@ class Run:
             summary = self.finish()
         print_summary(summary)
         return summary
-
-
-def print_summary(summary: dict) -> None:
-    resumed = f" (resumed at iteration {summary['resumed_at']})" if "resumed_at" in summary else ""
-    print(f"done: {summary['iterations']} iterations{resumed}, "
-          f"reward {summary.get('reward_start', float('nan')):.3f} -> "
-          f"{summary.get('reward_end', float('nan')):.3f}, KL {summary.get('kl_start', float('nan')):.3f} -> "
-          f"{summary.get('kl_end', float('nan')):.3f} (means of the first and last 5 iterations); "
-          f"plot: {summary.get('plot', 'none')}")
-    if "eval" in summary:
-        ev = summary["eval"]
-        print(f"held-out evaluation ({ev['prompts']} prompts, temperature {ev['temperature']}): reward "
-              f"{ev['first']['eval/reward_mean']:.3f} after {ev['first']['iteration']} iterations -> "
-              f"{ev['last']['eval/reward_mean']:.3f} after {ev['last']['iteration']}")
 
 
 def roles_line(cfg: Config, seconds: float, reference_from_learner: bool) -> str:

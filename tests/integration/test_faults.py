@@ -103,6 +103,8 @@ def test_nan_rewards_are_quarantined_and_all_nan_stops(ray_cluster, tiny_llama, 
     with pytest.raises(NonFiniteError, match="2 consecutive iterations had no usable sample"):
         run(small_config(tiny_llama, **{"reward.function": f"{fn}:all_nan", "ppo.iterations": 5,
                                         "ppo.max_bad_iterations": 2}), str(tmp_path / "all"))
+    # The learner was never updated with a bad batch: the last completed iteration is saved first.
+    assert os.path.isfile(tmp_path / "all" / "checkpoints" / "iter_000001" / "COMPLETE")
 
 
 def test_hung_reward_times_out_instead_of_hanging(ray_cluster, tiny_llama, tmp_path):
