@@ -100,7 +100,7 @@ class DataConfig:
     max_prompt_tokens: int = 64
     """Prompts longer than this (in tokens) are handled per data.too_long."""
     too_long: str = "drop"
-    """What to do with a too-long prompt: drop (counted), truncate (keep the last tokens) or error."""
+    """What to do with a too-long prompt: drop (counted), truncate (keep the last tokens, after a leading BOS) or error."""
     shuffle: bool = True
     """Shuffle prompts each epoch over the dataset (seeded by the run's seed)."""
 
@@ -323,7 +323,8 @@ class LoggingConfig:
     advantages to <run_dir>/rollouts/iter_NNNNNN.jsonl (0: never)."""
     ray_namespace: str = "rlhf_ray-{run}"
     """Ray namespace of the run's actors ({run}: the run directory's name); printed at start and saved
-    in <run_dir>/ray.json, for ray.get_actor("rollout-0", namespace=...) from another shell."""
+    in <run_dir>/ray.json, for ray.util.list_named_actors() / ray.get_actor(name, namespace=...) from
+    another shell (a replaced actor is renamed <role>-<rank>-r<n>)."""
     filter_warnings: bool = True
     """Send known non-actionable library notices (accelerator detection, deprecations inside
     dependencies, thread binding, weight-loading bars) to <run_dir>/library_notices.log instead of the terminal."""

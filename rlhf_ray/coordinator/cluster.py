@@ -3,7 +3,8 @@ first ending what a killed earlier run left behind (``local_cluster.py``).
 
 The run's actors live in a named Ray namespace (``logging.ray_namespace``, by default the run
 directory's name), recorded in ``<run_dir>/ray.json`` and printed at start, so another shell can
-reach them: ``ray.init(address=GCS, namespace=NS); ray.get_actor("rollout-0")`` (both printed).
+reach them: ``ray.init(address=GCS, namespace=NS); ray.util.list_named_actors()`` (both printed),
+then ``ray.get_actor(name)``; a replaced actor is ``<role>-<rank>-r<n>``, so look the name up.
 """
 
 from __future__ import annotations
@@ -120,4 +121,5 @@ def banner(where: dict) -> str:
     return (f"Ray dashboard: {where['dashboard'] or 'not available'}\n"
             f"Prometheus metrics ({where['metric_prefix']}*): {metrics}\n"
             f"Ray namespace of the actors: {ns!r} (from another shell: "
-            f"ray.init(address={address!r}, namespace={ns!r}); ray.get_actor('rollout-0'))")
+            f"ray.init(address={address!r}, namespace={ns!r}); ray.util.list_named_actors(), then "
+            f"ray.get_actor(name))")

@@ -205,7 +205,8 @@ def test_printed_metric_names_are_the_ones_prometheus_shows():
                    "metric_prefix": EXPORTED_PREFIX, "namespace": "rlhf_ray-demo", "gcs_address": "10.1.2.3:6379"})
     assert "(ray_rlhf_*)" in text and "rlhf_*)" not in text.replace("ray_rlhf_*)", "")
     assert "http://127.0.0.1:44321/metrics" in text and "http://10.1.2.3:44321/metrics" in text
-    assert "ray.init(address='10.1.2.3:6379', namespace='rlhf_ray-demo'); ray.get_actor('rollout-0')" in text
+    assert ("ray.init(address='10.1.2.3:6379', namespace='rlhf_ray-demo'); ray.util.list_named_actors(), "
+            "then ray.get_actor(name)") in text
 
 
 def test_namespace_is_per_run_from_the_run_directory():
