@@ -255,15 +255,12 @@ class TorchRunner:
     def _micro_batches(self, mini) -> list[torch.Tensor]:
         """Row indices of each micro-batch, split as the learner splits one rank's mini-batch: by
         learner.micro_batch_tokens (fewest parts of similar token counts) or micro_batch_size."""
-        from rlhf_ray.batch import parts_for_budget, token_balanced_parts
+        from rlhf_ray.batch import plan_passes
 
         lrn = self.cfg.learner
-        if lrn.micro_batch_tokens > 0:
-            lengths = mini.attention_mask.sum(-1).tolist()
-            groups = token_balanced_parts(lengths, parts_for_budget(lengths, lrn.micro_batch_tokens))
-            return [torch.tensor(g) for g in groups]
-        size = lrn.micro_batch_size
-        return [torch.arange(i, min(i + size, len(mini))) for i in range(0, len(mini), size)]
+        lengths = mini.attention_mask.sum(-1).tolist() if lrn.micro_batch_tokens > 0 else None
+        plan = plan_passes(len(mini), max_rows=lrn.micro_batch_size, lengths=lengths, max_tokens=lrn.micro_batch_tokens)
+        return [torch.tensor(rows) for rows in plan]
 
     def update(self, batch, iteration: int) -> None:
         from rlhf_ray.algorithms import logprobs_and_entropy, masked_sum, ppo_policy_loss, value_loss
