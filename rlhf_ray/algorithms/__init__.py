@@ -14,7 +14,6 @@ from .estimators import (grpo_advantages, group_baseline_scores, group_counts, r
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate
 from .logprobs import chunked_logprobs_and_entropy, entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
 from .losses import (
-    PolicyLossOutput,
     ValueLossOutput,
     token_mean_loss,
     value_loss,
@@ -22,8 +21,8 @@ from .losses import (
 from .pairwise import PairwiseLossOutput, SFTLossOutput, pairwise_loss, sft_loss
 from .overlong import overlong_penalty
 from .policy_loss import (AGGREGATION_MODES, CORRECTION_MODES, RATIO_LEVELS, CorrectionOutput,
-                          SurrogateOutput, aggregate, clipped_surrogate, kl_loss_tokens, ppo_policy_loss,
-                          rollout_correction, sequence_log_ratio)
+                          SurrogateOutput, aggregate, clipped_surrogate, kl_loss_tokens, rollout_correction,
+                          sequence_log_ratio)
 from .masked import (
     explained_variance,
     masked_mean,
@@ -45,7 +44,6 @@ __all__ = [
     "FixedKLController",
     "GAEOutput",
     "PairwiseLossOutput",
-    "PolicyLossOutput",
     "SFTLossOutput",
     "RunningMoments",
     "ValueLossOutput",
@@ -65,7 +63,6 @@ __all__ = [
     "masked_whiten",
     "normalize_scores",
     "pairwise_loss",
-    "ppo_policy_loss",
     "sft_loss",
     "shape_token_rewards",
     "token_mean_loss",

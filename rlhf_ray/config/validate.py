@@ -2,7 +2,7 @@
 
 :func:`validate` collects every problem into one ConfigError; each line names the flag and
 how to fix it. The PPO rules catch first what the math would reject at run time, inside a
-learner or the coordinator (``rlhf_ray.algorithms``: ``ppo_policy_loss``'s clip checks,
+learner or the coordinator (``rlhf_ray.algorithms``: ``clipped_surrogate``'s clip checks,
 ``value_loss``'s clip range, the KL controllers, ``clip_scores``) or what torch's optimisers and
 vLLM's sampling parameters would reject there.
 
@@ -122,7 +122,7 @@ def _basic_errors(cfg: Config) -> list[str]:
 
 
 def _ppo_errors(cfg: Config) -> list[str]:
-    """What ppo_policy_loss, value_loss, compute_gae and the KL controllers would reject mid-run."""
+    """What clipped_surrogate, value_loss, compute_gae and the KL controllers would reject mid-run."""
     p, errors = cfg.ppo, []
     if not 0 < p.clip_ratio <= 1:
         errors.append(f"--ppo.clip_ratio must be in (0, 1] (got {p.clip_ratio}): the ratio is clipped to "
