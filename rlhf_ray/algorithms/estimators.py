@@ -4,8 +4,10 @@
 computes one batch's advantages from :class:`AdvantageInputs`, and what it needs (a critic's
 values; prompt groups). The coordinator dispatches through it; the config's ``Literal`` of names
 and its critic/group tuples mirror it (the config imports no torch) and a unit test fails when
-they differ. Adding an estimator: its function and table entry here, its name in
-``rlhf_ray/config/ppo_section.py``, its tests.
+they differ. Adding an estimator touches three files: its function and table entry here; its
+name in ``rlhf_ray/config/ppo_section.py`` (the ``estimator`` field's ``Literal`` and doc, and
+``CRITIC_ESTIMATORS`` / ``GROUP_ESTIMATORS`` when it uses a critic or groups); its hand-computed
+case (``TABLE_EXPECTED``) and tests in ``tests/unit/test_estimators.py``.
 
 Each prompt is sampled several times; the samples of one prompt form a group
 and share a group id (``groups``, e.g. the prompt's index; ids need not be

@@ -4,7 +4,8 @@ choice is added in one place only.
 - ``ppo.estimator``: ``rlhf_ray.algorithms.ESTIMATORS`` (name -> function, uses_critic,
   uses_groups) is the home. The config's ``Literal`` and its critic/group tuples mirror it (the
   config imports no torch), the coordinator dispatches through it without naming an estimator,
-  the field's ``--help`` text names each one, and each has a hand-computed case here.
+  the field's ``--help`` text names each one, and each has a hand-computed case in
+  ``tests/unit/test_estimators.py``.
 - The algorithm's other choices (KL estimator, loss aggregation, ratio level, rollout correction)
   mirror the tuples of ``rlhf_ray.algorithms``; ``model.build_tiny`` the architectures
   ``rlhf_ray.tiny_models`` builds.
@@ -16,7 +17,6 @@ choice is added in one place only.
 from __future__ import annotations
 
 import inspect
-import math
 import re
 import typing
 
@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from rlhf_ray import launch
-from rlhf_ray.algorithms import AGGREGATION_MODES, CORRECTION_MODES, ESTIMATORS, KL_ESTIMATORS, RATIO_LEVELS
+from rlhf_ray.algorithms import (AGGREGATION_MODES, CORRECTION_MODES, ESTIMATORS, KL_ESTIMATORS, RATIO_LEVELS,
+                                 AdvantageInputs)
 from rlhf_ray.config import (Config, DataConfig, ModelConfig, PPOConfig, choices_of, config_from_dict, fields_help,
                              iter_fields, validate)
 from rlhf_ray.config.ppo_section import CRITIC_ESTIMATORS, GROUP_ESTIMATORS
@@ -68,41 +69,23 @@ def test_the_coordinator_dispatches_through_the_table_only():
     assert named == [], f"coordinator/advantages.py names estimators {named}: read ESTIMATORS instead"
 
 
-# Scores [1, 3, 2, 6] in groups [0, 0, 1, 1], R = 2 tokens each (all valid), no KL, values 0,
-# gamma 1, lam 0.5, no whitening for gae. Per-token rewards are [0, s] (the score at the last token).
-SCORES, GROUPS = [1.0, 3.0, 2.0, 6.0], [0, 0, 1, 1]
-C_PP = [-2.0, 0.0, -1.0, 3.0]  # scores minus the batch mean 3; over 8 tokens the unbiased var is 28 / 7 = 4
-C_BASE = [-1.0, 1.0, -2.0, 2.0]  # scores minus their group's mean; var 20 / 7 over 8 tokens (mean 0)
-EXPECTED = {  # (B, R) advantages, by hand
-    # GAE: A_1 = delta_1 = s, A_0 = delta_0 + gamma * lam * A_1 = 0 + 0.5 s; returns = A (values 0).
-    "gae": [[0.5 * s, s] for s in SCORES],
-    # GRPO: group 0 mean 2, std sqrt(2); group 1 mean 4, std sqrt(8): +-1/sqrt(2) each.
-    "grpo": [[v / math.sqrt(2)] * 2 for v in (-1.0, 1.0, -1.0, 1.0)],
-    # RLOO: s_i minus the other sample of its group.
-    "rloo": [[v] * 2 for v in (-2.0, 2.0, -4.0, 4.0)],
-    # REINFORCE++: both tokens' return is s, whitened over the 8 tokens: (s - 3) / 2.
-    "reinforce_pp": [[c / 2.0] * 2 for c in C_PP],
-    # REINFORCE++-baseline: the same on the group-centred scores.
-    "reinforce_pp_baseline": [[c / math.sqrt(20 / 7)] * 2 for c in C_BASE],
-}
-
-
-def test_every_estimator_has_a_hand_computed_case():
-    assert set(EXPECTED) == set(ESTIMATORS)
-
-
 @pytest.mark.parametrize("name", list(ESTIMATORS))
-def test_every_estimator_runs_through_the_dispatch_with_its_hand_values(name):
-    p = PPOConfig(estimator=name, gamma=1.0, lam=0.5, whiten_advantages=False)
-    mask = torch.ones(4, 2, dtype=torch.bool)
-    out = estimate_advantages(p, torch.tensor(SCORES), torch.zeros(4, 2), 0.1, torch.zeros(4, 2),
-                              torch.tensor(GROUPS), mask, torch.ones(4, dtype=torch.bool))
-    torch.testing.assert_close(out.advantages, torch.tensor(EXPECTED[name]), rtol=1e-5, atol=1e-5)
-    if ESTIMATORS[name].uses_critic:
-        torch.testing.assert_close(out.returns, torch.tensor(EXPECTED[name]))
-    else:
-        assert torch.equal(out.returns, torch.zeros(4, 2))
-    assert all(math.isfinite(v) for v in out.metrics.values())
+def test_every_estimator_runs_through_the_dispatch_with_the_configs_settings(name):
+    # The coordinator hands the table entry the section's settings, the KL coefficient only with the
+    # KL in the reward, the old values only to a critic (hand cases per estimator: test_estimators.py).
+    g = torch.Generator().manual_seed(0)
+    scores, kl, values = torch.randn(4, generator=g), torch.rand(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    groups, mask, valid = torch.tensor([0, 0, 1, 1]), torch.ones(4, 3, dtype=torch.bool), torch.ones(4, dtype=torch.bool)
+    entry = ESTIMATORS[name]
+    for kl_in, reward_kl in (("reward", 0.1), ("loss", 0.0)):
+        p = PPOConfig(estimator=name, kl_in=kl_in, gamma=0.9, lam=0.5, whiten_advantages=False, group_std_norm=False)
+        out = estimate_advantages(p, scores, kl, 0.1, values, groups, mask, valid)
+        want = entry.compute(AdvantageInputs(scores, kl, reward_kl, values if entry.uses_critic else None, groups,
+                                             mask, valid, gamma=0.9, lam=0.5, whiten=False, group_std_norm=False))
+        assert torch.equal(out.advantages, want.advantages) and torch.equal(out.returns, want.returns), kl_in
+        assert out.metrics == {k: float(v) for k, v in want.metrics.items()}
+        if not entry.uses_critic:
+            assert torch.equal(out.returns, torch.zeros(4, 3))
 
 
 # ---- the algorithm's other choices ----------------------------------------------------------------
