@@ -48,10 +48,10 @@ from rlhf_ray.config.validate import (field_errors, interface_errors, optimizer_
                                       validate)
 
 __all__ = [
-    "CheckpointConfig", "Config", "Dtype", "Template", "TinyModel", "TooLong", "ConfigError", "DataConfig", "EvalConfig", "FrozenDict", "LearnerConfig",
+    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "FrozenDict", "LearnerConfig",
     "LoggingConfig", "ModelConfig", "PPOConfig", "ReferenceConfig", "ResourcesConfig", "RewardConfig",
     "RoleResources", "RolloutConfig", "Sizes", "SyncConfig", "choice_errors", "choices_of", "config_from_dict",
-    "config_to_dict", "field_docs", "fields_help",
+    "config_to_dict", "field_docs", "fields_help", "Dtype", "Template", "TinyModel", "TooLong",
     "get_path", "iter_fields", "load_config", "parse_overrides", "resolve", "validate", "field_errors", "interface_errors", "optimizer_errors",
     "raise_if_any", "resource_errors", "redact_url", "redacted",
 ]

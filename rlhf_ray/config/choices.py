@@ -44,15 +44,16 @@ def choices_of(tp: Any) -> tuple[Any, ...] | None:
     return None
 
 
-def choice_errors(cfg: Any, prefix: str = "") -> list[str]:
+def choice_errors(cfg: Any, prefix: str = "", sections: bool = True) -> list[str]:
     """One line per choice field of the config tree ``cfg`` (dotted key from ``prefix``) whose
-    value is not one of its options."""
+    value is not one of its options; ``sections=False`` checks ``cfg``'s own fields only (a root
+    whose sections are validated on their own, as the pipeline's stages are)."""
     errors = []
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value, tp, key = getattr(cfg, f.name), hints[f.name], f"{prefix}{f.name}"
         if is_config_class(tp):
-            errors += choice_errors(value, key + ".")
+            errors += choice_errors(value, key + ".") if sections else []
         elif (allowed := choices_of(tp)) is not None and value not in allowed:
             errors.append(f"--{key} is {value!r}; choose one of {list(allowed)}.")
     return errors

@@ -17,13 +17,16 @@ This module imports only the standard library.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
 from rlhf_ray.config import (Config, ConfigError, Dtype, LearnerConfig, RoleResources, Template, TinyModel, TooLong,
-                             field_errors, interface_errors, optimizer_errors, raise_if_any, resource_errors)
+                             choice_errors, field_errors, interface_errors, optimizer_errors, raise_if_any,
+                             resource_errors)
 
 FileFormat = Literal["auto", "jsonl", "parquet"]
+Stage = Literal["sft", "rm", "ppo"]  # the pipeline's stages, in the order they run
 
 
 @dataclass(frozen=True)
@@ -245,12 +248,12 @@ def validate_rm(cfg: RMRunConfig) -> TrainerSizes:
 class PipelineConfig:
     name: str = "pipeline"
     """Pipeline name, used in logs."""
-    stages: tuple[str, ...] = ("sft", "rm", "ppo")
+    stages: tuple[Stage, ...] = ("sft", "rm", "ppo")
     """Stages to run, in order, e.g. --stages "[rm, ppo]"; a stage left out reuses the outputs an earlier run left."""
     demo_data_dir: str | None = "artifacts/pipeline/data"
     """Write the offline demo data (sft.jsonl, preference.jsonl, prompts.jsonl, eval_prompts.jsonl) here first,
     unless it already holds demo_task's set; unset: skip (the stages' data paths must exist)."""
-    demo_task: str = "compare"
+    demo_task: Literal["compare", "digits"] = "compare"
     """Which demo data to write: compare ("which is larger", with held-out prompts and a gold check) or digits."""
     samples_shown: int = 8
     """After PPO: print this many held-out prompts with the SFT answer beside the final one (all go to samples.md)."""
@@ -264,10 +267,11 @@ def validate_pipeline(cfg: PipelineConfig) -> None:
     RM output (written out in the config, never filled in behind the user's back)."""
     from rlhf_ray.config import validate
 
-    errors = []
-    bad = [s for s in cfg.stages if s not in ("sft", "rm", "ppo")]
-    if bad or not cfg.stages or list(cfg.stages) != sorted(cfg.stages, key=["sft", "rm", "ppo"].index):
-        errors.append(f"--stages {list(cfg.stages)}: choose from sft, rm, ppo, in that order.")
+    errors = choice_errors(cfg, sections=False)  # demo_task; each stage's section checks its own below
+    order = typing.get_args(Stage)
+    known = all(s in order for s in cfg.stages)
+    if not cfg.stages or not known or list(cfg.stages) != sorted(cfg.stages, key=order.index):
+        errors.append(f"--stages {list(cfg.stages)}: choose from {', '.join(order)}, in that order.")
     for section, check in (("sft", validate_sft), ("rm", validate_rm), ("ppo", validate)):
         try:
             check(getattr(cfg, section))
@@ -284,8 +288,6 @@ def validate_pipeline(cfg: PipelineConfig) -> None:
     if cfg.ppo.reward.kind != "model" or cfg.ppo.reward.model_path != rm_out:
         errors.append(f"PPO must score with the trained reward model: set --ppo.reward.kind model and "
                       f"--ppo.reward.model_path {rm_out!r} (the --rm.train.output_dir).")
-    if cfg.demo_task not in ("compare", "digits"):
-        errors.append(f"--demo_task {cfg.demo_task!r}: choose compare or digits.")
     if cfg.samples_shown < 0:
         errors.append("--samples_shown must be >= 0.")
     raise_if_any(errors)

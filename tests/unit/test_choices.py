@@ -8,7 +8,7 @@ choice is added in one place only.
   ``tests/unit/test_estimators.py``.
 - The algorithm's other choices (KL estimator, loss aggregation, ratio level, rollout correction)
   mirror the tuples of ``rlhf_ray.algorithms``; ``model.build_tiny`` the architectures
-  ``rlhf_ray.tiny_models`` builds.
+  ``rlhf_ray.tiny_models`` builds; the pipeline's ``demo_task`` the demo data sets.
 - Every ``Literal`` field of every config tree is refused outside its options by that tree's
   validation (one message style) and lists its options in ``--help``; the SFT/RM trees use the
   PPO tree's choices where they share one.
@@ -31,8 +31,9 @@ from rlhf_ray.config import (Config, DataConfig, ModelConfig, PPOConfig, choices
 from rlhf_ray.config.ppo_section import CRITIC_ESTIMATORS, GROUP_ESTIMATORS
 from rlhf_ray.coordinator import advantages
 from rlhf_ray.coordinator.advantages import estimate_advantages
-from rlhf_ray.supervised.config import (PreferenceDataConfig, RMRunConfig, SFTDataConfig, SFTRunConfig,
-                                        TrainModelConfig, validate_rm, validate_sft)
+from rlhf_ray.data.demo_data import TASK_FILES
+from rlhf_ray.supervised.config import (PipelineConfig, PreferenceDataConfig, RMRunConfig, SFTDataConfig, SFTRunConfig,
+                                        TrainModelConfig, validate_pipeline, validate_rm, validate_sft)
 
 ROOTS = [(Config, validate), (SFTRunConfig, validate_sft), (RMRunConfig, validate_rm)]
 
@@ -75,7 +76,8 @@ def test_every_estimator_runs_through_the_dispatch_with_the_configs_settings(nam
     # KL in the reward, the old values only to a critic (hand cases per estimator: test_estimators.py).
     g = torch.Generator().manual_seed(0)
     scores, kl, values = torch.randn(4, generator=g), torch.rand(4, 3, generator=g), torch.randn(4, 3, generator=g)
-    groups, mask, valid = torch.tensor([0, 0, 1, 1]), torch.ones(4, 3, dtype=torch.bool), torch.ones(4, dtype=torch.bool)
+    groups, valid = torch.tensor([0, 0, 1, 1]), torch.ones(4, dtype=torch.bool)
+    mask = torch.ones(4, 3, dtype=torch.bool)
     entry = ESTIMATORS[name]
     for kl_in, reward_kl in (("reward", 0.1), ("loss", 0.0)):
         p = PPOConfig(estimator=name, kl_in=kl_in, gamma=0.9, lam=0.5, whiten_advantages=False, group_std_norm=False)
@@ -135,7 +137,7 @@ def test_validation_refuses_every_choice_field_outside_its_options(cls, check):
         assert f"--{name} is {bad!r}; choose one of {list(allowed)}." in str(err.value), name
 
 
-@pytest.mark.parametrize("cls", [cls for cls, _ in ROOTS], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [cls for cls, _ in ROOTS] + [PipelineConfig], ids=lambda c: c.__name__)
 def test_help_lists_the_options_of_every_choice_field(cls):
     lines = fields_help(cls).split("\n  --")
     for name, allowed in _choice_fields(cls):
@@ -156,3 +158,10 @@ def test_supervised_trees_reuse_the_ppo_trees_choices(section, ppo_section, fiel
     for name in fields:
         assert typing.get_type_hints(section)[name] == typing.get_type_hints(ppo_section)[name], name
     assert _choices(SFTDataConfig, "format") == _choices(PreferenceDataConfig, "format")
+
+
+def test_pipeline_demo_tasks_are_the_demo_data_sets_and_are_checked():
+    assert set(_choices(PipelineConfig, "demo_task")) == set(TASK_FILES)
+    with pytest.raises(ValueError) as err:
+        validate_pipeline(PipelineConfig(demo_task="sums"))
+    assert "--demo_task is 'sums'; choose one of ['compare', 'digits']." in str(err.value)
