@@ -310,7 +310,7 @@ class AdvantageInputs(NamedTuple):
 class AdvantageOutput(NamedTuple):
     advantages: torch.Tensor  # (B, R) float, 0 outside mask & valid
     returns: torch.Tensor  # (B, R) float value targets (zeros for critic-free estimators)
-    metrics: dict[str, torch.Tensor]  # detached 0-dim tensors, named as logged
+    metrics: dict[str, torch.Tensor]  # 0-dim tensors named as logged; the caller turns them into numbers
 
 
 @dataclass(frozen=True)
