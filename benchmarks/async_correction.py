@@ -44,8 +44,7 @@ from typing import Any
 
 from benchmarks import _env
 from benchmarks.estimators import read_metrics, wait_for_names_released
-
-CORRECTIONS = ("none", "tis", "icepop")
+from rlhf_ray.algorithms import CORRECTION_MODES as CORRECTIONS
 HEAD = 10  # iterations averaged for "first" and "final"
 
 

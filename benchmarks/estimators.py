@@ -55,9 +55,10 @@ import traceback
 from typing import Any
 
 from benchmarks import _env
+from rlhf_ray.algorithms import ESTIMATORS as TABLE
 
 TASKS = {"digits": "rlhf_ray.rewards:digit_fraction", "words4": "rlhf_ray.rewards:word_count_target"}
-ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+ESTIMATORS = tuple(TABLE)  # every ppo.estimator: gae, grpo, rloo, reinforce_pp, reinforce_pp_baseline
 SHARED = {
     "seed": 0, "rollout.prompts_per_iteration": 8, "rollout.samples_per_prompt": 4, "rollout.max_new_tokens": 16,
     "rollout.temperature": 1.0, "ppo.kl_coef": 0.05, "ppo.kl_target": "none", "ppo.kl_estimator": "k1",

@@ -255,24 +255,23 @@ class TorchRunner:
     def _micro_batches(self, mini) -> list[torch.Tensor]:
         """Row indices of each micro-batch, split as the learner splits one rank's mini-batch: by
         learner.micro_batch_tokens (fewest parts of similar token counts) or micro_batch_size."""
-        from rlhf_ray.batch import parts_for_budget, token_balanced_parts
+        from rlhf_ray.batch import plan_passes
 
         lrn = self.cfg.learner
-        if lrn.micro_batch_tokens > 0:
-            lengths = mini.attention_mask.sum(-1).tolist()
-            groups = token_balanced_parts(lengths, parts_for_budget(lengths, lrn.micro_batch_tokens))
-            return [torch.tensor(g) for g in groups]
-        size = lrn.micro_batch_size
-        return [torch.arange(i, min(i + size, len(mini))) for i in range(0, len(mini), size)]
+        lengths = mini.attention_mask.sum(-1).tolist() if lrn.micro_batch_tokens > 0 else None
+        plan = plan_passes(len(mini), max_rows=lrn.micro_batch_size, lengths=lengths, max_tokens=lrn.micro_batch_tokens)
+        return [torch.tensor(rows) for rows in plan]
 
     def update(self, batch, iteration: int) -> None:
-        from rlhf_ray.algorithms import logprobs_and_entropy, masked_sum, ppo_policy_loss, value_loss
+        from rlhf_ray.algorithms import logprobs_and_entropy
+        from rlhf_ray.workers.objective import ppo_objective
 
         p, temperature = self.cfg.ppo, self.cfg.rollout.temperature
         gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + iteration * 31)  # the learner's rank-0 shuffle
         for _ in range(p.epochs):
             for mini in batch.select(torch.randperm(len(batch), generator=gen)).split(p.mini_batches):
                 step_tokens = float(mini.num_response_tokens())
+                step_sequences = float(mini.response_mask.any(-1).sum())
                 for rows in self._micro_batches(mini):
                     mb = mini.select(rows).trim().to(self.device)
                     mask = mb.response_mask
@@ -281,13 +280,11 @@ class TorchRunner:
                                            response_len=mask.shape[1])
                     logprobs, entropy = logprobs_and_entropy(out.logits, mb.response_ids, temperature,
                                                              entropy_grad=p.entropy_coef > 0)
-                    pl = ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, p.clip_ratio,
-                                         clip_ratio_high=p.clip_ratio_high, dual_clip=p.dual_clip,
-                                         num_tokens=step_tokens)
-                    vl = value_loss(out.values.float(), mb.old_values, mb.returns, mask, clip_range=p.value_clip,
-                                    num_tokens=step_tokens)
-                    ent = masked_sum(entropy, mask) / step_tokens
-                    self.backward(pl.loss + p.vf_coef * vl.loss - p.entropy_coef * ent)
+                    # The learner's own loss (policy, entropy and value terms as ppo.loss_agg says).
+                    loss = ppo_objective(p, mb, logprobs, out.values.float(), entropy, step_tokens=step_tokens,
+                                         step_sequences=step_sequences, kl_coef=p.kl_coef,
+                                         max_len=self.cfg.rollout.max_new_tokens).loss
+                    self.backward(loss)
                 self.step()
 
 

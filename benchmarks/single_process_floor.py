@@ -145,7 +145,8 @@ class FloorPPO:
         return batch.replace(advantages=adv, returns=gae.returns)
 
     def update(self, batch) -> None:
-        from rlhf_ray.algorithms import logprobs_from_logits, ppo_policy_loss, value_loss
+        from rlhf_ray.algorithms import logprobs_from_logits
+        from rlhf_ray.workers.objective import ppo_objective
 
         p, lrn, temp = self.cfg.ppo, self.cfg.learner, self.cfg.rollout.temperature
         gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.iteration * 31)
@@ -155,18 +156,18 @@ class FloorPPO:
         for _ in range(p.epochs):
             for mini in batch.select(torch.randperm(len(batch), generator=gen)).split(p.mini_batches):
                 step_tokens = float(mini.num_response_tokens())
+                step_sequences = float(mini.response_mask.any(-1).sum())
                 for mb in mini.chunks(micro):
                     mb = mb.trim()
                     out = self.model(mb.input_ids, mb.attention_mask.long(), mb.position_ids,
                                      response_len=mb.response_mask.shape[1])
                     lp = logprobs_from_logits(out.logits, mb.response_ids, temp)
                     values = out.values.float()
-                    pl = ppo_policy_loss(lp, mb.old_logprobs, mb.advantages, mb.response_mask, p.clip_ratio,
-                                         clip_ratio_high=p.clip_ratio_high, dual_clip=p.dual_clip,
-                                         num_tokens=step_tokens)
-                    vl = value_loss(values, mb.old_values, mb.returns, mb.response_mask, clip_range=p.value_clip,
-                                    num_tokens=step_tokens)
-                    (pl.loss + p.vf_coef * vl.loss).backward()
+                    # The learner's own loss. The floor computes no entropy (ppo.entropy_coef is 0 in
+                    # its configs), so the entropy term gets zeros.
+                    ppo_objective(p, mb, lp, values, torch.zeros_like(lp), step_tokens=step_tokens,
+                                  step_sequences=step_sequences, kl_coef=self.kl_ctl.value,
+                                  max_len=self.cfg.rollout.max_new_tokens).loss.backward()
                 if lrn.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), lrn.max_grad_norm)
                 self.opt.step()

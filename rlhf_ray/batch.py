@@ -105,8 +105,8 @@ class ExperienceBatch:
         return [self.select(slice(i * size, (i + 1) * size)) for i in range(parts)]
 
     def chunks(self, size: int) -> list["ExperienceBatch"]:
-        """Consecutive chunks of at most ``size`` rows."""
-        return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
+        """Consecutive chunks of at most ``size`` rows (views; :func:`plan_passes` by rows)."""
+        return [self.select(slice(rows[0], rows[-1] + 1)) for rows in plan_passes(len(self), max_rows=size)]
 
     @staticmethod
     def concat(parts: Sequence["ExperienceBatch"]) -> "ExperienceBatch":
@@ -343,3 +343,43 @@ def parts_for_budget(lengths: Sequence[int], max_tokens: int) -> int:
             break
         parts += 1
     return min(parts, len(lengths))
+
+
+def plan_passes(rows: int, *, max_rows: int = 0, lengths: Sequence[int] | None = None, max_tokens: int = 0,
+                parts: int | None = None, passes: int | None = None) -> list[list[int] | None]:
+    """Row indices of each pass (a forward, or a micro-batch's forward and backward) over ``rows``
+    sequences: the one place micro-batches are planned.
+
+    - ``max_tokens`` > 0: by token budget. ``lengths`` (tokens of each sequence, prompt and
+      response) are split into the fewest token-balanced groups that keep within the budget
+      (:func:`parts_for_budget`, :func:`token_balanced_parts`), or into exactly ``parts`` groups
+      when given: a count agreed over data-parallel ranks, so that every rank runs as many
+      micro-batches (the largest any rank needs, which is at least this batch's own).
+    - else: consecutive runs of ``max_rows`` rows, the last one shorter.
+
+    ``passes`` pads the plan with ``None`` up to that many passes: the count agreed over ranks for
+    no-grad forwards (ZeRO-3 gathers parameters in every forward, so no rank may stop early); the
+    caller runs a padding pass on any one row and drops its output. Agreeing a count is a
+    collective and stays with the caller; this function only plans.
+
+    E.g. 5 rows by 2 -> [[0, 1], [2, 3], [4]], with passes=4 -> [[0, 1], [2, 3], [4], None];
+    lengths [5, 1, 4, 2] within 6 tokens -> [[0, 1], [2, 3]], with parts=3 -> [[0], [2], [1, 3]].
+    No rows -> no pass (before padding).
+    """
+    if max_tokens > 0:
+        if lengths is None or len(lengths) != rows:
+            raise ValueError(f"a token budget needs the length of each of the {rows} sequences, got "
+                             f"{None if lengths is None else len(lengths)} lengths")
+        count = parts_for_budget(lengths, max_tokens) if parts is None else parts
+        plan: list[list[int] | None] = list(token_balanced_parts(lengths, count)) if rows else []
+    elif max_rows > 0:
+        if parts is not None:
+            raise ValueError("parts splits by token budget; by rows the count follows from max_rows")
+        plan = [list(range(i, min(i + max_rows, rows))) for i in range(0, rows, max_rows)]
+    else:
+        raise ValueError(f"plan passes by max_tokens > 0 or max_rows > 0, got {max_tokens} and {max_rows}")
+    if passes is not None:
+        if passes < len(plan):
+            raise ValueError(f"{passes} agreed passes are fewer than the {len(plan)} this batch needs")
+        plan += [None] * (passes - len(plan))
+    return plan

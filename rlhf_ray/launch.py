@@ -30,7 +30,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
-from rlhf_ray.config import (Config, ConfigError, config_to_dict, iter_fields, load_config,  # noqa: E402
+from rlhf_ray.config import (Config, ConfigError, config_to_dict, fields_help, load_config,  # noqa: E402
                              parse_overrides, redacted, resolve)
 from rlhf_ray.coordinator.placement import placement_plan  # noqa: E402
 
@@ -39,8 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rlhf_ray.launch", description="Distributed PPO on Ray, vLLM and DeepSpeed.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Config fields (any of them as --section.field VALUE):\n" + "\n".join(
-            f"  --{name:<38} {doc} (default: {default!r})" for name, _, default, doc in iter_fields()))
+        epilog="Config fields (any of them as --section.field VALUE):\n" + fields_help(Config))
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--dry-run", action="store_true", help="print resolved config and placement plan, then exit")
     parser.add_argument("--ray-address", default=None, help="attach to this Ray cluster (default: RAY_ADDRESS or a new local one)")

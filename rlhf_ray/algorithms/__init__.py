@@ -1,20 +1,20 @@
 """Pure-torch RL math for PPO on language models.
 
-Masked reductions, GAE, KL estimators and controllers, reward shaping, token
-log-probabilities and the PPO losses. Everything here is a function of tensors
-and named scalars; this package imports only the standard library and torch
-(``tests/unit/test_algorithms_pure.py`` enforces it).
+Masked reductions, GAE, the advantage estimators' table (``ESTIMATORS``), KL
+estimators and controllers, reward shaping, token log-probabilities and the PPO
+losses. Everything here is a function of tensors and named scalars; this package
+imports only the standard library and torch (``tests/unit/test_algorithms_pure.py``
+enforces it).
 
 Vocabulary: B sequences, R response tokens, V vocab. Masks are bool, True = counts.
 """
 
 from .gae import GAEOutput, check_right_padded, compute_gae
-from .estimators import (grpo_advantages, group_baseline_scores, group_counts, reinforce_pp_advantages,
-                         rloo_advantages)
+from .estimators import (ESTIMATORS, AdvantageInputs, AdvantageOutput, Estimator, grpo_advantages,
+                         group_baseline_scores, group_counts, reinforce_pp_advantages, rloo_advantages)
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate
 from .logprobs import chunked_logprobs_and_entropy, entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
 from .losses import (
-    PolicyLossOutput,
     ValueLossOutput,
     token_mean_loss,
     value_loss,
@@ -22,8 +22,8 @@ from .losses import (
 from .pairwise import PairwiseLossOutput, SFTLossOutput, pairwise_loss, sft_loss
 from .overlong import overlong_penalty
 from .policy_loss import (AGGREGATION_MODES, CORRECTION_MODES, RATIO_LEVELS, CorrectionOutput,
-                          SurrogateOutput, aggregate, clipped_surrogate, kl_loss_tokens, ppo_policy_loss,
-                          rollout_correction, sequence_log_ratio)
+                          SurrogateOutput, aggregate, clipped_surrogate, kl_loss_tokens, rollout_correction,
+                          sequence_log_ratio)
 from .masked import (
     explained_variance,
     masked_mean,
@@ -45,7 +45,6 @@ __all__ = [
     "FixedKLController",
     "GAEOutput",
     "PairwiseLossOutput",
-    "PolicyLossOutput",
     "SFTLossOutput",
     "RunningMoments",
     "ValueLossOutput",
@@ -65,12 +64,12 @@ __all__ = [
     "masked_whiten",
     "normalize_scores",
     "pairwise_loss",
-    "ppo_policy_loss",
     "sft_loss",
     "shape_token_rewards",
     "token_mean_loss",
     "value_loss",
-    # critic-free estimators, policy-loss pieces, overlong shaping
+    # the estimator table, critic-free estimators, policy-loss pieces, overlong shaping
+    "ESTIMATORS", "AdvantageInputs", "AdvantageOutput", "Estimator",
     "AGGREGATION_MODES", "CORRECTION_MODES", "RATIO_LEVELS", "CorrectionOutput", "SurrogateOutput",
     "aggregate", "clipped_surrogate", "grpo_advantages", "group_baseline_scores", "group_counts",
     "kl_loss_tokens", "overlong_penalty", "reinforce_pp_advantages", "rloo_advantages",

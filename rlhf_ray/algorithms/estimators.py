@@ -1,4 +1,13 @@
-"""Critic-free advantage estimators: GRPO, Dr. GRPO, RLOO and REINFORCE++.
+"""Advantage estimators and their table: GAE, and the critic-free GRPO, Dr. GRPO, RLOO and REINFORCE++.
+
+:data:`ESTIMATORS` is the one home of the ``ppo.estimator`` choice: name -> the function that
+computes one batch's advantages from :class:`AdvantageInputs`, and what it needs (a critic's
+values; prompt groups). The coordinator dispatches through it; the config's ``Literal`` of names
+and its critic/group tuples mirror it (the config imports no torch) and a unit test fails when
+they differ. Adding an estimator touches three files: its function and table entry here; its
+name in ``rlhf_ray/config/ppo_section.py`` (the ``estimator`` field's ``Literal`` and doc, and
+``CRITIC_ESTIMATORS`` / ``GROUP_ESTIMATORS`` when it uses a critic or groups); its hand-computed
+case (``TABLE_EXPECTED``) and tests in ``tests/unit/test_estimators.py``.
 
 Each prompt is sampled several times; the samples of one prompt form a group
 and share a group id (``groups``, e.g. the prompt's index; ids need not be
@@ -23,9 +32,14 @@ Shapes: B samples, R response tokens; masks are bool, True = counts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
 import torch
 
-from .masked import _check_mask, _zero_masked, masked_whiten
+from .gae import compute_gae
+from .masked import _check_mask, _zero_masked, explained_variance, masked_mean, masked_whiten
+from .shaping import shape_token_rewards
 
 
 def _float_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -272,3 +286,110 @@ def reinforce_pp_advantages(
         returns = torch.stack(reversed_returns[::-1], dim=1) if reversed_returns else rewards
     returns = _zero_masked(returns, keep)
     return masked_whiten(returns, keep), returns
+
+
+# --------------------------------------------------------------------------- the estimator table
+
+
+class AdvantageInputs(NamedTuple):
+    """One iteration's scored batch, as every estimator of :data:`ESTIMATORS` receives it."""
+
+    scores: torch.Tensor  # (B,) float outcome rewards (penalties, clipping, normalisation applied)
+    kl: torch.Tensor  # (B, R) float per-token KL of the old policy to the reference, 0 at padding
+    reward_kl_coef: float  # weight of the KL penalty in the reward; 0 when the KL is a loss term
+    values: torch.Tensor | None  # (B, R) float old values; given to (and read by) uses_critic estimators only
+    groups: torch.Tensor  # (B,) integer group id: the prompt each sample answers
+    mask: torch.Tensor  # (B, R) bool response mask
+    valid: torch.Tensor  # (B,) bool usable samples: only they enter a statistic, the others get 0
+    gamma: float  # discount in [0, 1]
+    lam: float  # GAE lambda in [0, 1]
+    whiten: bool  # gae: whiten the advantages over the batch's valid tokens
+    group_std_norm: bool  # grpo: divide by the group std (False: Dr. GRPO)
+
+
+class AdvantageOutput(NamedTuple):
+    advantages: torch.Tensor  # (B, R) float, 0 outside mask & valid
+    returns: torch.Tensor  # (B, R) float value targets (zeros for critic-free estimators)
+    metrics: dict[str, torch.Tensor]  # 0-dim tensors named as logged; the caller turns them into numbers
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """An entry of :data:`ESTIMATORS`."""
+
+    compute: Callable[[AdvantageInputs], AdvantageOutput]
+    uses_critic: bool  # reads the old values: the learner trains a value head and a value loss
+    uses_groups: bool  # compares the samples of one prompt: needs >= 2 samples per prompt
+
+
+def _good(x: AdvantageInputs) -> torch.Tensor:
+    """(B, R) bool: the valid tokens of the usable samples."""
+    return x.mask & x.valid[:, None]
+
+
+def _gae(x: AdvantageInputs) -> AdvantageOutput:
+    """GAE (Schulman et al. 2016, arXiv:1506.02438) on the learned values of per-token rewards (the
+    score at the last token, minus reward_kl_coef x KL on every token), whitened over the batch's
+    valid tokens when ``whiten``; the returns are the value targets."""
+    if x.values is None:
+        raise ValueError("gae needs the old values (B, R) of a critic")
+    good = _good(x)
+    rewards = shape_token_rewards(x.scores, x.kl, x.mask, x.reward_kl_coef)
+    gae = compute_gae(rewards, x.values, x.mask, x.gamma, x.lam)
+    advantages = masked_whiten(gae.advantages, good) if x.whiten else gae.advantages * good
+    metrics = {"shaped_reward_mean": rewards.sum(-1)[x.valid].mean(),
+               "advantage_mean_raw": masked_mean(gae.advantages, good),
+               "return_mean": masked_mean(gae.returns, good),
+               "value_mean": masked_mean(x.values, good),
+               "explained_variance": explained_variance(x.values, gae.returns, good)}
+    return AdvantageOutput(advantages, gae.returns * good, metrics)
+
+
+def _critic_free(x: AdvantageInputs, advantages: torch.Tensor, shaped: torch.Tensor) -> AdvantageOutput:
+    """Zero returns (no value targets) and the metrics every critic-free estimator logs;
+    ``shaped`` is each sample's (B,) reward after the KL penalty."""
+    good = _good(x)
+    metrics = {"shaped_reward_mean": shaped[x.valid].mean(), "advantage_abs_mean": masked_mean(advantages.abs(), good)}
+    return AdvantageOutput(advantages * good, torch.zeros_like(advantages), metrics)
+
+
+def _outcome(x: AdvantageInputs) -> torch.Tensor:
+    """(B,) score minus reward_kl_coef x the sample's summed KL: one outcome per sequence."""
+    return x.scores - x.reward_kl_coef * (x.kl * _good(x)).sum(-1)
+
+
+def _grpo(x: AdvantageInputs) -> AdvantageOutput:
+    """GRPO: the outcome against its prompt group, divided by the group std unless
+    ``group_std_norm`` is off (Dr. GRPO); see :func:`grpo_advantages`."""
+    outcome = _outcome(x)
+    advantages = grpo_advantages(outcome, x.groups, _good(x), std_norm=x.group_std_norm, valid=x.valid)
+    return _critic_free(x, advantages, outcome)
+
+
+def _rloo(x: AdvantageInputs) -> AdvantageOutput:
+    """RLOO: the outcome minus the mean of the other samples of its group; see :func:`rloo_advantages`."""
+    outcome = _outcome(x)
+    return _critic_free(x, rloo_advantages(outcome, x.groups, _good(x), valid=x.valid), outcome)
+
+
+def _reinforce_pp(x: AdvantageInputs, scores: torch.Tensor | None = None) -> AdvantageOutput:
+    """REINFORCE++: returns of the per-token rewards (score at the last token minus the KL
+    penalty), whitened over the batch; see :func:`reinforce_pp_advantages`."""
+    rewards = shape_token_rewards(x.scores if scores is None else scores, x.kl, x.mask, x.reward_kl_coef)
+    advantages, _ = reinforce_pp_advantages(rewards, _good(x), gamma=x.gamma, valid=x.valid)
+    return _critic_free(x, advantages, rewards.sum(-1))
+
+
+def _reinforce_pp_baseline(x: AdvantageInputs) -> AdvantageOutput:
+    """REINFORCE++-baseline: REINFORCE++ on the scores minus their group's mean
+    (:func:`group_baseline_scores`)."""
+    return _reinforce_pp(x, group_baseline_scores(x.scores, x.groups, valid=x.valid))
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "gae": Estimator(_gae, uses_critic=True, uses_groups=False),
+    "grpo": Estimator(_grpo, uses_critic=False, uses_groups=True),
+    "rloo": Estimator(_rloo, uses_critic=False, uses_groups=True),
+    "reinforce_pp": Estimator(_reinforce_pp, uses_critic=False, uses_groups=False),
+    "reinforce_pp_baseline": Estimator(_reinforce_pp_baseline, uses_critic=False, uses_groups=True),
+}

@@ -22,16 +22,6 @@ import torch
 from .masked import _check_mask, _mean, _zero_masked
 
 
-class PolicyLossOutput(NamedTuple):
-    """Result of :func:`ppo_policy_loss`. All metrics are masked means over the
-    local valid tokens, as detached 0-dim tensors (no host sync)."""
-
-    loss: torch.Tensor  # 0-dim, differentiable
-    clip_fraction: torch.Tensor  # share of tokens where the clipped term was chosen
-    policy_kl: torch.Tensor  # k3 estimate of KL(pi_old || pi): (r - 1) - log r
-    ratio_mean: torch.Tensor  # mean of r = pi / pi_old
-
-
 class ValueLossOutput(NamedTuple):
     """Result of :func:`value_loss`; metrics are detached 0-dim tensors."""
 

@@ -7,6 +7,8 @@ The pieces a learner composes into one policy loss::
     per_token = surr.per_token * corr.weights + beta * kl_loss_tokens(lp, ref_lp, "k3", mask=mask)
     loss = aggregate(per_token, mask, "token_mean", step_tokens=..., step_sequences=...)
 
+``rlhf_ray.workers.objective.ppo_objective`` is the one place they are composed into the loss a
+learner trains on (benchmarks call it too); there is no second policy-loss implementation.
 Shapes: B sequences, R response tokens. Masks are bool, True = counts; inputs
 at masked positions change neither the results nor their gradients.
 """
@@ -19,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from .kl import kl_estimate
-from .losses import PolicyLossOutput, _check_clip_args, _check_same_shape, token_mean_loss
+from .losses import _check_clip_args, _check_same_shape
 from .masked import _check_mask, _mean, _zero_masked, masked_mean, masked_sum
 
 RATIO_LEVELS = ("token", "sequence")
@@ -87,9 +89,8 @@ def clipped_surrogate(
         loss_t = max(-A * r, -A * clip(r, 1 - clip_ratio, 1 + clip_ratio_high))
         loss_t = min(loss_t, dual_clip * |A|)        only where A < 0, if dual_clip
 
-    ``ratio="token"``: ``r_t = pi(y_t) / pi_old(y_t)``; the numbers and
-    gradients equal those of :func:`~rlhf_ray.algorithms.ppo_policy_loss`
-    before its aggregation. ``ratio="sequence"``: every token of sequence i
+    ``ratio="token"``: ``r_t = pi(y_t) / pi_old(y_t)`` (PPO, Schulman et al.
+    2017, arXiv:1707.06347, eq. 7). ``ratio="sequence"``: every token of sequence i
     uses GSPO's ``s_i = exp(sequence_log_ratio)``, whose gradient reaches all
     tokens of the sequence. With one advantage per sequence this has the same
     gradient as the paper's GSPO-token variant; with per-token
@@ -108,8 +109,8 @@ def clipped_surrogate(
 
     Returns:
         SurrogateOutput. ``clipped`` marks tokens where the clipped term was
-        strictly larger, as ``ppo_policy_loss``'s ``clip_fraction`` counts
-        them (tokens capped by dual clip are not included).
+        strictly larger, so their gradient is zero (the learner's
+        ``clip_fraction``; tokens capped by dual clip are not included).
     """
     _check_same_shape(logprobs, old_logprobs=old_logprobs, advantages=advantages)
     _check_mask(logprobs, mask, "logprobs")
@@ -131,58 +132,6 @@ def clipped_surrogate(
         per_token = torch.where(adv < 0, torch.minimum(per_token, -dual_clip * adv), per_token)
     chosen = (clipped > unclipped).detach() & mask
     return SurrogateOutput(_zero_masked(per_token, mask), chosen, log_ratio.detach())
-
-
-def ppo_policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_ratio: float,
-    *,
-    clip_ratio_high: float | None = None,
-    dual_clip: float | None = None,
-    num_tokens: float | torch.Tensor | None = None,
-) -> PolicyLossOutput:
-    """Clipped-surrogate PPO policy loss (Schulman et al. 2017, arXiv:1707.06347, eq. 7).
-
-    With ``r = exp(logprobs - old_logprobs)`` and advantage ``A``, per token::
-
-        loss_t = max(-A * r, -A * clip(r, 1 - clip_ratio, 1 + clip_ratio_high))
-
-    Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with
-    Deep Reinforcement Learning", arXiv:1912.09729), for ``A < 0`` only::
-
-        loss_t = min(loss_t, dual_clip * |A|)        (dual_clip = c > 1)
-
-    which bounds the loss when r is very large for a bad action. Tokens with
-    ``A >= 0`` are unaffected.
-
-    Args:
-        logprobs: float (B, R) log pi(token) under the current policy (with grad).
-        old_logprobs: float (B, R) log pi_old(token) from the rollout (no grad).
-        advantages: float (B, R) advantages (no grad).
-        mask: bool (B, R), True = real response token. Inputs at masked
-            positions change neither the loss nor its gradient.
-        clip_ratio: epsilon of the lower bound 1 - clip_ratio, in (0, 1].
-        clip_ratio_high: epsilon of the upper bound; None = ``clip_ratio``
-            (a larger value is DAPO's "clip-higher", arXiv:2503.14476).
-        dual_clip: the constant c > 1 of dual clip; None disables it.
-        num_tokens: loss divisor, see :func:`token_mean_loss`.
-
-    Returns:
-        PolicyLossOutput; ``clip_fraction`` counts tokens where the clipped
-        term was strictly larger (so the token's gradient is zero).
-    """
-    sur = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_ratio,
-                            clip_ratio_high=clip_ratio_high, dual_clip=dual_clip)
-    loss = token_mean_loss(sur.per_token, mask, num_tokens)
-    with torch.no_grad():
-        ratio = torch.exp(sur.log_ratio)
-        clip_fraction = _mean(sur.clipped.to(ratio.dtype), mask, None, False)
-        policy_kl = _mean(ratio - 1.0 - sur.log_ratio, mask, None, False)
-        ratio_mean = _mean(ratio, mask, None, False)
-    return PolicyLossOutput(loss, clip_fraction, policy_kl, ratio_mean)
 
 
 def _check_count(name: str, value: float | torch.Tensor) -> None:

@@ -4,7 +4,8 @@ Every setting lives in one of the frozen dataclasses of :mod:`.schema`; the stri
 under each field is its documentation (it becomes the ``--help`` text of the generated CLI).
 A run's config comes from a YAML file plus dotted overrides (``--ppo.clip_ratio 0.2``,
 :mod:`.loading`), is validated as a whole before anything starts (:mod:`.validate`), and is
-never mutated afterwards. Batch sizes that depend on each other are derived once by
+never mutated afterwards. A choice is a ``Literal`` annotation (:mod:`.choices`), read by the loader,
+validation and ``--help``. Batch sizes that depend on each other are derived once by
 :func:`resolve` (:mod:`.sizes`); :mod:`.docs` turns the field docstrings into help text.
 Whatever is saved or printed of a config goes through :func:`redacted` (URL secrets masked).
 
@@ -13,7 +14,8 @@ submodules are the layout, not the interface. The package imports only the stand
 library (and yaml lazily, to read files and CLI values).
 """
 
-from rlhf_ray.config.docs import field_docs, iter_fields
+from rlhf_ray.config.choices import Dtype, Template, TinyModel, TooLong, choice_errors, choices_of
+from rlhf_ray.config.docs import field_docs, fields_help, iter_fields
 from rlhf_ray.config.loading import (
     config_from_dict,
     config_to_dict,
@@ -48,7 +50,8 @@ from rlhf_ray.config.validate import (field_errors, interface_errors, optimizer_
 __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "FrozenDict", "LearnerConfig",
     "LoggingConfig", "ModelConfig", "PPOConfig", "ReferenceConfig", "ResourcesConfig", "RewardConfig",
-    "RoleResources", "RolloutConfig", "Sizes", "SyncConfig", "config_from_dict", "config_to_dict", "field_docs",
+    "RoleResources", "RolloutConfig", "Sizes", "SyncConfig", "choice_errors", "choices_of", "config_from_dict",
+    "config_to_dict", "field_docs", "fields_help", "Dtype", "Template", "TinyModel", "TooLong",
     "get_path", "iter_fields", "load_config", "parse_overrides", "resolve", "validate", "field_errors", "interface_errors", "optimizer_errors",
     "raise_if_any", "resource_errors", "redact_url", "redacted",
 ]

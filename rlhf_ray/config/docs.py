@@ -1,4 +1,5 @@
-"""Field documentation for ``--help``: the string literal under each field of a config dataclass.
+"""Field documentation for ``--help``: the string literal under each field of a config dataclass,
+its default and, for a choice (a ``Literal`` annotation), its options.
 
 Works for any config dataclass defined at module level (the PPO tree in
 :mod:`rlhf_ray.config.schema`, the SFT/RM trainers' trees), since the source is found through
@@ -15,7 +16,8 @@ import inspect
 import typing
 from typing import Any
 
-from rlhf_ray.config.schema import Config, is_config_class
+from rlhf_ray.config.choices import choices_of, is_config_class
+from rlhf_ray.config.schema import Config
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -41,3 +43,14 @@ def iter_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[s
             yield from iter_fields(tp, dotted + ".")
         else:
             yield dotted, tp, getattr(defaults, f.name), docs.get(f.name, "")
+
+
+def fields_help(cls: type = Config) -> str:
+    """The ``--help`` text of every leaf field of the tree, one field per line: ``--name doc
+    (default: value)``, and ``(one of [...])`` for a choice, the options from its annotation."""
+    lines = []
+    for name, tp, default, doc in iter_fields(cls):
+        allowed = choices_of(tp)
+        options = f" (one of {list(allowed)})" if allowed is not None else ""
+        lines.append(f"  --{name:<38} {doc} (default: {default!r}){options}")
+    return "\n".join(lines)

@@ -1,8 +1,9 @@
 """Building a config tree from YAML and ``--section.field value`` overrides, and back to a dict.
 
 Every value is converted to its field's annotated type (a CLI string is read like a YAML
-scalar first); unknown keys and wrong types raise ConfigError naming the dotted key.
-:func:`load_config` then validates the whole tree.
+scalar first; a choice, annotated ``Literal``, to its options' type); unknown keys and wrong
+types raise ConfigError naming the dotted key. :func:`load_config` then validates the whole
+tree, choices included (:mod:`rlhf_ray.config.choices`).
 
 What is saved or printed goes through :func:`redacted` first: a URL in the config (the reward
 endpoint's) may carry a password or a token, which must not end up in ``config.json``, a
@@ -20,7 +21,8 @@ import typing
 import urllib.parse
 from typing import Any, Callable, Mapping
 
-from rlhf_ray.config.schema import Config, ConfigError, FrozenDict, is_config_class
+from rlhf_ray.config.choices import is_config_class
+from rlhf_ray.config.schema import Config, ConfigError, FrozenDict
 from rlhf_ray.config.validate import validate
 
 
@@ -34,6 +36,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return None
         inner = [a for a in args if a is not type(None)]
         return _convert(value, inner[0], key)
+    if origin is typing.Literal:
+        # A choice: read as its options' type (before any YAML parsing, so a str option stays the
+        # text given); validation refuses a value outside the options, naming them, together with
+        # every other problem of the config.
+        kinds = {type(a) for a in args}
+        return _convert(value, kinds.pop(), key) if len(kinds) == 1 else value
     if isinstance(value, str) and tp is not str:
         value = _parse_scalar(value, key)
     if tp is bool:

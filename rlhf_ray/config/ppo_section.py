@@ -1,14 +1,25 @@
 """The ``ppo`` section of the PPO config tree: the algorithm's settings (estimator, losses, KL,
 clipping, correction, dynamic sampling). Kept beside ``schema.py`` (which imports it into the tree)
 because it is the longest section. Standard library only.
+
+The algorithm's choices are ``Literal`` annotations (:mod:`rlhf_ray.config.choices`) that mirror
+the tables of ``rlhf_ray.algorithms`` (``ESTIMATORS``, ``KL_ESTIMATORS``, ``AGGREGATION_MODES``,
+``RATIO_LEVELS``, ``CORRECTION_MODES``; ``auto`` is the config's own); this package imports no
+torch, so it cannot read them, and ``tests/unit/test_choices.py`` fails when the two differ.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 AUTO = "auto"  # a choice derived from the settings it depends on (see PPOConfig.resolved)
+
+# What validation and the learner need to know of each ppo.estimator, as the estimator table
+# (rlhf_ray.algorithms.ESTIMATORS: uses_critic, uses_groups) says.
+CRITIC_ESTIMATORS = ("gae",)
+GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")
 
 
 @dataclass(frozen=True)
@@ -38,11 +49,11 @@ class PPOConfig:
     """GAE lambda."""
     kl_coef: float = 0.02
     """Initial coefficient of the per-token KL penalty to the reference."""
-    kl_estimator: str = "auto"
+    kl_estimator: Literal["auto", "k1", "k2", "k3"] = "auto"
     """KL estimator: k1 in the reward (ppo.kl_in reward); k2 or k3 as a loss term (ppo.kl_in loss). auto:
     k1 with ppo.kl_in reward, k3 with ppo.kl_in loss. k1 as a loss term is refused: on the policy's own samples its
     expected gradient is zero, so it would not pull the policy toward the reference at all."""
-    kl_in: str = "reward"
+    kl_in: Literal["reward", "loss"] = "reward"
     """Where the KL penalty to the reference goes: reward (per-token, shaped into the rewards before the
     advantages; only k1 belongs there) or loss (a term ppo.kl_coef x KL(policy || reference) added to the
     policy loss, aggregated like it: GRPO's choice)."""
@@ -53,7 +64,7 @@ class PPOConfig:
     whiten_advantages: bool = True
     """Normalise GAE advantages to zero mean, unit variance over the iteration's valid tokens (ppo.estimator
     gae; the critic-free estimators normalise in their own way)."""
-    estimator: str = "gae"
+    estimator: Literal["gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "gae"
     """Advantage estimator. gae: a learned value (shared body or separate critic) and GAE. Critic-free, no
     value network at all: grpo (score minus its prompt group's mean, divided by the group's std unless
     ppo.group_std_norm is false: Dr. GRPO), rloo (leave-one-out group baseline), reinforce_pp (REINFORCE++:
@@ -61,16 +72,16 @@ class PPOConfig:
     mean subtracted from the score first). The group estimators need rollout.samples_per_prompt >= 2."""
     group_std_norm: bool = True
     """grpo: divide by the group's reward std (false: Dr. GRPO, mean subtraction only)."""
-    loss_agg: str = "auto"
+    loss_agg: Literal["auto", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "auto"
     """Policy-loss aggregation over an optimiser step: token_mean (every token alike), seq_mean_token_mean
     (each sequence's token mean, averaged over sequences), seq_mean_token_sum_norm (each sequence's token
     sum divided by rollout.max_new_tokens, averaged over sequences: Dr. GRPO). 1 and N learner ranks give
     the same update in each mode. auto: seq_mean_token_mean with ppo.ratio sequence, else token_mean."""
-    ratio: str = "token"
+    ratio: Literal["token", "sequence"] = "token"
     """Importance ratio of the clipped objective: token (PPO) or sequence (GSPO: exp of the mean log-ratio of
     the sequence's tokens, one ratio per sequence). sequence needs ppo.loss_agg seq_mean_token_mean (GSPO
     averages sequences; the other modes weight each sequence by its length and are refused)."""
-    rollout_correction: str = "auto"
+    rollout_correction: Literal["auto", "none", "tis", "icepop"] = "auto"
     """Correction for the gap between the engines' sampling policy and the learner's old policy (async
     generation is one step off-policy; bf16 engines differ numerically), with the weight
     w = exp(old - rollout logprob) of each token: none, tis (the policy loss of each token weighted by
@@ -113,12 +124,12 @@ class PPOConfig:
 
     @property
     def uses_critic(self) -> bool:
-        """Only gae learns a value; the other estimators train no value network at all."""
-        return self.estimator == "gae"
+        """Whether the estimator learns a value (gae); the others train no value network at all."""
+        return self.estimator in CRITIC_ESTIMATORS
 
     @property
     def uses_groups(self) -> bool:
         """Estimators that compare the samples of one prompt (or dynamic sampling, which drops groups)."""
-        return self.estimator in ("grpo", "rloo", "reinforce_pp_baseline") or self.dynamic_sampling
+        return self.estimator in GROUP_ESTIMATORS or self.dynamic_sampling
     max_bad_iterations: int = 3
     """Stop with an explanation after this many consecutive iterations with no usable sample (NaN/inf)."""

@@ -4,17 +4,18 @@ The string literal under each field is its documentation; :mod:`rlhf_ray.config.
 it from each class's source (this file; the ``ppo`` section is in ``ppo_section.py``) and the
 launcher prints it as ``--help``. So keep a string under
 every leaf field, and keep the classes at module level (``field_docs`` parses each class's
-source with ``ast``).
+source with ``ast``). A field a user picks from a fixed set is annotated with a ``Literal``
+(:mod:`rlhf_ray.config.choices`): loading, validation and ``--help`` read its options there.
 
 Standard library only.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from rlhf_ray.config.choices import Dtype, Template, TinyModel, TooLong
 from rlhf_ray.config.ppo_section import PPOConfig
 
 
@@ -58,9 +59,9 @@ class LoraConfig:
 class ModelConfig:
     path: str = "artifacts/tiny-llama"
     """Policy (SFT) checkpoint directory in Hugging Face format. The reference model defaults to it."""
-    build_tiny: str | None = None
+    build_tiny: TinyModel | None = None
     """If "llama" or "qwen2" and `path` holds no model yet, build a tiny offline model there first (demo/tests)."""
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     """Learner parameter dtype: float32 or bfloat16 (DeepSpeed keeps float32 master weights; the value
     head stays float32 on every ZeRO stage). bfloat16 also runs on the CPU, slowly (for tests)."""
     value_head_init_std: float = 0.0
@@ -90,7 +91,7 @@ class DataConfig:
     prompt_field: str = "prompt"
     """Field holding the prompt in each record: text (data.template plain), or a user message or a list of
     {role, content} messages (data.template chat)."""
-    template: str = "plain"
+    template: Template = "plain"
     """plain: each prompt is text, tokenised with the tokenizer's special tokens (its BOS) unless it already begins
     with BOS. chat: each prompt is rendered with the policy tokenizer's chat template up to the assistant's turn and
     tokenised without adding special tokens (the template writes them). The SFT and RM data's --data.template
@@ -99,7 +100,7 @@ class DataConfig:
     """How many prompts a builtin generator produces."""
     max_prompt_tokens: int = 64
     """Prompts longer than this (in tokens) are handled per data.too_long."""
-    too_long: str = "drop"
+    too_long: TooLong = "drop"
     """What to do with a too-long prompt: drop (counted), truncate (keep the last tokens, after a leading BOS) or error."""
     shuffle: bool = True
     """Shuffle prompts each epoch over the dataset (seeded by the run's seed)."""
@@ -148,7 +149,7 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    kind: str = "function"
+    kind: Literal["function", "model", "http"] = "function"
     """function: a Python reward function; model: a sequence-classification reward model; http: an endpoint."""
     function: str | None = "rlhf_ray.rewards:digit_fraction"
     """Reward function as path/to/file.py:name or package.module:name; fn(prompts, responses) -> list[float]."""
@@ -192,7 +193,7 @@ class ReferenceConfig:
 class LearnerConfig:
     num_ranks: int = 2
     """DeepSpeed data-parallel ranks (one Ray actor each)."""
-    zero_stage: int = 2
+    zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     micro_batch_size: int = 4
     """Sequences per forward/backward pass on one rank; the rest is gradient accumulation (unused when
@@ -218,7 +219,7 @@ class LearnerConfig:
     flash attention does with the sequence boundaries the learner passes; the learner checks packed ==
     padded logprobs once at set-up and stops with the fix otherwise. false: pad to the longest prompt and
     response."""
-    optimizer: str = "adamw"
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     """adamw or sgd."""
     lr: float = 1e-5
     """Learning rate of the policy (and shared body)."""
@@ -230,7 +231,7 @@ class LearnerConfig:
     """Adam betas."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up, in optimiser steps."""
-    lr_schedule: str = "constant"
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     """After the warm-up: constant, or cosine / linear decay to min_lr_ratio x lr at the last
     optimiser step of the run (PPO: ppo.iterations x steps per iteration; SFT/RM: train.epochs
     x steps per epoch, or train.max_steps if that is fewer)."""
@@ -245,7 +246,7 @@ class LearnerConfig:
 
 @dataclass(frozen=True)
 class SyncConfig:
-    transport: str = "collective"
+    transport: Literal["collective", "object_store"] = "collective"
     """Weight sync learner -> rollout: collective (broadcast over a process group) or object_store."""
     bucket_mb: float = 16.0
     """Weights are sent in buckets of about this many MiB; two are in flight at a time, so the
@@ -283,7 +284,7 @@ class ResourcesConfig:
     """For the reference actor."""
     reward: RoleResources = field(default_factory=RoleResources)
     """For the reward actor."""
-    strategy: str = "PACK"
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Placement strategy inside each role's placement group: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD."""
     placement_timeout_s: float = 120.0
     """Give up with an error if a role's placement group is not ready by then."""
@@ -400,7 +401,3 @@ def get_path(cfg: Any, dotted: str) -> Any:
         cfg = getattr(cfg, part)
     return cfg
 
-
-def is_config_class(tp: Any) -> bool:
-    """Whether ``tp`` is a section of a config tree (a dataclass type, not an instance)."""
-    return dataclasses.is_dataclass(tp) and isinstance(tp, type)

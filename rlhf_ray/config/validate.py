@@ -2,7 +2,7 @@
 
 :func:`validate` collects every problem into one ConfigError; each line names the flag and
 how to fix it. The PPO rules catch first what the math would reject at run time, inside a
-learner or the coordinator (``rlhf_ray.algorithms``: ``ppo_policy_loss``'s clip checks,
+learner or the coordinator (``rlhf_ray.algorithms``: ``clipped_surrogate``'s clip checks,
 ``value_loss``'s clip range, the KL controllers, ``clip_scores``) or what torch's optimisers and
 vLLM's sampling parameters would reject there.
 
@@ -13,27 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from rlhf_ray.config.choices import choice_errors
 from rlhf_ray.config.schema import Config, ConfigError, LearnerConfig, RoleResources, get_path
 from rlhf_ray.config.sizes import Sizes, resolve
-
-_CHOICES: dict[str, tuple[Any, ...]] = {
-    "model.build_tiny": (None, "llama", "qwen2"),
-    "model.dtype": ("float32", "bfloat16"),
-    "data.too_long": ("drop", "truncate", "error"),
-    "data.template": ("plain", "chat"),
-    "reward.kind": ("function", "model", "http"),
-    "ppo.kl_estimator": ("auto", "k1", "k2", "k3"),
-    "ppo.kl_in": ("reward", "loss"),
-    "ppo.estimator": ("gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"),
-    "ppo.loss_agg": ("auto", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
-    "ppo.ratio": ("token", "sequence"),
-    "ppo.rollout_correction": ("auto", "none", "tis", "icepop"),
-    "learner.zero_stage": (0, 1, 2, 3),
-    "learner.optimizer": ("adamw", "sgd"),
-    "learner.lr_schedule": ("constant", "cosine", "linear"),
-    "sync.transport": ("collective", "object_store"),
-    "resources.strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-}
 
 _POSITIVE = [
     "rollout.num_engines", "rollout.prompts_per_iteration", "rollout.samples_per_prompt",
@@ -77,13 +59,10 @@ def raise_if_any(errors: list[str]) -> None:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 
 
-def field_errors(cfg: Any, choices: dict[str, tuple[Any, ...]], positive: list[str],
-                 non_negative: dict[str, str] | None = None) -> list[str]:
-    """Fields (dotted keys of ``cfg``) outside their ``choices``, not > 0, or below 0 (with why)."""
-    errors = []
-    for key, allowed in choices.items():
-        if get_path(cfg, key) not in allowed:
-            errors.append(f"--{key} is {get_path(cfg, key)!r}; choose one of {list(allowed)}.")
+def field_errors(cfg: Any, positive: list[str], non_negative: dict[str, str] | None = None) -> list[str]:
+    """Fields of the tree ``cfg`` outside the options of their ``Literal`` annotation (every choice
+    field, :mod:`rlhf_ray.config.choices`), and the dotted keys not > 0 or below 0 (with why)."""
+    errors = choice_errors(cfg)
     for key in positive:
         if not get_path(cfg, key) > 0:
             errors.append(f"--{key} must be > 0 (got {get_path(cfg, key)!r}).")
@@ -118,11 +97,11 @@ def resource_errors(res: RoleResources, flag: str) -> list[str]:
 
 def _basic_errors(cfg: Config) -> list[str]:
     """Choices, strictly positive counts, and non-negative weights."""
-    return field_errors(cfg, _CHOICES, _POSITIVE, _NON_NEGATIVE)
+    return field_errors(cfg, _POSITIVE, _NON_NEGATIVE)
 
 
 def _ppo_errors(cfg: Config) -> list[str]:
-    """What ppo_policy_loss, value_loss, compute_gae and the KL controllers would reject mid-run."""
+    """What clipped_surrogate, value_loss, compute_gae and the KL controllers would reject mid-run."""
     p, errors = cfg.ppo, []
     if not 0 < p.clip_ratio <= 1:
         errors.append(f"--ppo.clip_ratio must be in (0, 1] (got {p.clip_ratio}): the ratio is clipped to "

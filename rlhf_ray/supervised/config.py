@@ -9,25 +9,33 @@ Batch sizes: ``train.batch_size`` sequences (SFT) or pairs (RM) per optimiser st
 ranks; each rank takes ``batch_size / learner.num_ranks`` of them in micro-batches of
 ``learner.micro_batch_size``. Both divisions must be exact (see :func:`resolve_trainer`).
 
+Choices are ``Literal`` annotations; the ones the PPO tree has too (dtype, tiny model, template,
+too-long handling) are the same ones, from ``rlhf_ray.config.choices``.
+
 This module imports only the standard library.
 """
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal
 
-from rlhf_ray.config import (Config, ConfigError, LearnerConfig, RoleResources, field_errors, interface_errors,
-                             optimizer_errors, raise_if_any, resource_errors)
+from rlhf_ray.config import (Config, ConfigError, Dtype, LearnerConfig, RoleResources, Template, TinyModel, TooLong,
+                             choice_errors, field_errors, interface_errors, optimizer_errors, raise_if_any,
+                             resource_errors)
+
+FileFormat = Literal["auto", "jsonl", "parquet"]
+Stage = Literal["sft", "rm", "ppo"]  # the pipeline's stages, in the order they run
 
 
 @dataclass(frozen=True)
 class TrainModelConfig:
     path: str = "artifacts/tiny-llama"
     """Starting checkpoint (Hugging Face directory): the base model for SFT, usually the SFT output for the RM."""
-    build_tiny: str | None = None
+    build_tiny: TinyModel | None = None
     """If "llama" or "qwen2" and `path` holds no model yet, build a tiny offline causal LM there first (demo/tests)."""
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     """Parameter dtype: float32 or bfloat16 (bfloat16 needs a GPU)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
@@ -41,9 +49,9 @@ class SFTDataConfig:
     """Held-out records; unset: hold out data.eval_fraction of train_path."""
     eval_fraction: float = 0.1
     """Share of train_path held out for evaluation when data.eval_path is unset (0: no evaluation)."""
-    format: str = "auto"
+    format: FileFormat = "auto"
     """File format: auto (from the extension), jsonl or parquet."""
-    template: str = "plain"
+    template: Template = "plain"
     """plain: prompt + response text fields. chat: a list of messages rendered with the tokenizer's chat template."""
     prompt_field: str = "prompt"
     """Field with the prompt text (template plain)."""
@@ -53,7 +61,7 @@ class SFTDataConfig:
     """Field with the chat messages [{role, content}, ...] ending in an assistant turn (template chat)."""
     max_len: int = 128
     """Longest tokenised prompt + response; longer records are handled per data.too_long."""
-    too_long: str = "truncate"
+    too_long: TooLong = "truncate"
     """Records over data.max_len: truncate (cut the response end; counted), drop (counted) or error."""
     add_eos: bool = True
     """Append the tokenizer's EOS to each response (unless it already ends with it), so the model learns to stop."""
@@ -69,9 +77,9 @@ class PreferenceDataConfig:
     """Held-out pairs; unset: hold out data.eval_fraction of train_path."""
     eval_fraction: float = 0.1
     """Share of train_path held out for the pairwise accuracy when data.eval_path is unset."""
-    format: str = "auto"
+    format: FileFormat = "auto"
     """File format: auto (from the extension), jsonl or parquet."""
-    template: str = "plain"
+    template: Template = "plain"
     """plain: prompt + chosen/rejected text fields. chat: chosen/rejected are message lists rendered with the chat template."""
     prompt_field: str = "prompt"
     """Field with the prompt (text for plain; optional leading messages for chat)."""
@@ -83,7 +91,7 @@ class PreferenceDataConfig:
     """Optional field with a per-pair margin m: the loss then asks for r_chosen - r_rejected > m."""
     max_len: int = 128
     """Longest tokenised prompt + response of either side; longer pairs are handled per data.too_long."""
-    too_long: str = "truncate"
+    too_long: TooLong = "truncate"
     """Pairs over data.max_len: truncate (cut the response end; counted), drop (counted) or error."""
     demo: bool = False
     """If true and data.train_path does not exist, write the offline demo data set into its directory first."""
@@ -182,17 +190,6 @@ def resolve_trainer(cfg: TrainerRunConfig) -> TrainerSizes:
 
 # --------------------------------------------------------------------------- validation
 
-_CHOICES: dict[str, tuple[Any, ...]] = {
-    "model.build_tiny": (None, "llama", "qwen2"),
-    "model.dtype": ("float32", "bfloat16"),
-    "data.format": ("auto", "jsonl", "parquet"),
-    "data.template": ("plain", "chat"),
-    "data.too_long": ("truncate", "drop", "error"),
-    "learner.zero_stage": (0, 1, 2, 3),
-    "learner.optimizer": ("adamw", "sgd"),
-    "learner.lr_schedule": ("constant", "cosine", "linear"),
-}
-
 _POSITIVE = ["data.max_len", "train.epochs", "train.batch_size", "train.placement_timeout_s",
              "train.call_timeout_s", "learner.num_ranks", "learner.micro_batch_size",
              "learner.forward_batch_size", "learner.lr", "train.checkpoint_keep_last"]
@@ -203,7 +200,7 @@ _PPO_ONLY = {"value_head_lr": None, "micro_batch_tokens": 0, "forward_max_tokens
 
 
 def _common_errors(cfg: TrainerRunConfig) -> list[str]:
-    errors = field_errors(cfg, _CHOICES, _POSITIVE) + optimizer_errors(cfg.learner)
+    errors = field_errors(cfg, _POSITIVE) + optimizer_errors(cfg.learner)
     errors += resource_errors(cfg.resources, "resources")
     errors += interface_errors(cfg.train.network_interface, "--train.network_interface")
     if cfg.train.max_steps < 0:
@@ -251,12 +248,12 @@ def validate_rm(cfg: RMRunConfig) -> TrainerSizes:
 class PipelineConfig:
     name: str = "pipeline"
     """Pipeline name, used in logs."""
-    stages: tuple[str, ...] = ("sft", "rm", "ppo")
+    stages: tuple[Stage, ...] = ("sft", "rm", "ppo")
     """Stages to run, in order, e.g. --stages "[rm, ppo]"; a stage left out reuses the outputs an earlier run left."""
     demo_data_dir: str | None = "artifacts/pipeline/data"
     """Write the offline demo data (sft.jsonl, preference.jsonl, prompts.jsonl, eval_prompts.jsonl) here first,
     unless it already holds demo_task's set; unset: skip (the stages' data paths must exist)."""
-    demo_task: str = "compare"
+    demo_task: Literal["compare", "digits"] = "compare"
     """Which demo data to write: compare ("which is larger", with held-out prompts and a gold check) or digits."""
     samples_shown: int = 8
     """After PPO: print this many held-out prompts with the SFT answer beside the final one (all go to samples.md)."""
@@ -270,10 +267,11 @@ def validate_pipeline(cfg: PipelineConfig) -> None:
     RM output (written out in the config, never filled in behind the user's back)."""
     from rlhf_ray.config import validate
 
-    errors = []
-    bad = [s for s in cfg.stages if s not in ("sft", "rm", "ppo")]
-    if bad or not cfg.stages or list(cfg.stages) != sorted(cfg.stages, key=["sft", "rm", "ppo"].index):
-        errors.append(f"--stages {list(cfg.stages)}: choose from sft, rm, ppo, in that order.")
+    errors = choice_errors(cfg, sections=False)  # demo_task; each stage's section checks its own below
+    order = typing.get_args(Stage)
+    known = all(s in order for s in cfg.stages)
+    if not cfg.stages or not known or list(cfg.stages) != sorted(cfg.stages, key=order.index):
+        errors.append(f"--stages {list(cfg.stages)}: choose from {', '.join(order)}, in that order.")
     for section, check in (("sft", validate_sft), ("rm", validate_rm), ("ppo", validate)):
         try:
             check(getattr(cfg, section))
@@ -290,8 +288,6 @@ def validate_pipeline(cfg: PipelineConfig) -> None:
     if cfg.ppo.reward.kind != "model" or cfg.ppo.reward.model_path != rm_out:
         errors.append(f"PPO must score with the trained reward model: set --ppo.reward.kind model and "
                       f"--ppo.reward.model_path {rm_out!r} (the --rm.train.output_dir).")
-    if cfg.demo_task not in ("compare", "digits"):
-        errors.append(f"--demo_task {cfg.demo_task!r}: choose compare or digits.")
     if cfg.samples_shown < 0:
         errors.append("--samples_shown must be >= 0.")
     raise_if_any(errors)

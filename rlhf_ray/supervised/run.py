@@ -17,7 +17,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from rlhf_ray.checkpoint_files import checkpoints_dir, complete_checkpoints
-from rlhf_ray.config import ConfigError, config_to_dict, iter_fields, load_config, parse_overrides, redacted
+from rlhf_ray.config import ConfigError, config_to_dict, fields_help, load_config, parse_overrides, redacted
 from rlhf_ray.coordinator.cluster import collective_interface
 from rlhf_ray.coordinator.metrics import MetricsSink, read_records
 from rlhf_ray.coordinator.pending import RayPending
@@ -32,8 +32,7 @@ def parse_cli(prog: str, description: str, cls: type, validator: Callable,
     dataclass ``cls``; the help lists every field with its documentation."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Config fields (any of them as --section.field VALUE):\n" + "\n".join(
-            f"  --{name:<38} {doc} (default: {default!r})" for name, _, default, doc in iter_fields(cls)))
+        epilog="Config fields (any of them as --section.field VALUE):\n" + fields_help(cls))
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--ray-address", default=None,

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from rlhf_ray.algorithms.pairwise import pairwise_loss, sft_loss
 from rlhf_ray.backends import deepspeed as ds
+from rlhf_ray.batch import plan_passes
 from rlhf_ray.checkpoint_files import checkpoint_path, publish
 from rlhf_ray.data.prompts import pad_token_id
 from rlhf_ray.models.reward_head import pooled_scores, score_head
@@ -142,8 +143,8 @@ class SupervisedTrainer(RoleBase):
         mb = self.cfg.learner.micro_batch_size
         for done, (step, count) in enumerate(zip(steps, counts), start=1):
             step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-            for i in range(0, len(step), mb):
-                micro = step.select(range(i, min(i + mb, len(step)))).trim().to(self.device)
+            for rows in plan_passes(len(step), max_rows=mb):
+                micro = step.select(rows).trim().to(self.device)
                 loss, stats = self._loss(micro, count)
                 # Undo DeepSpeed's mean over ranks; the step's unit count already normalises.
                 self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
@@ -173,12 +174,12 @@ class SupervisedTrainer(RoleBase):
             return {}
         self.engine.eval()
         mine = self.eval_set.select(range(self.rank, len(self.eval_set), self.world_size))
-        longest = -(-len(self.eval_set) // self.world_size)
+        longest = -(-len(self.eval_set) // self.world_size)  # rows of the ranks that hold the most
         fb = self.cfg.learner.forward_batch_size
         sums: dict[str, torch.Tensor] = {}
-        for i in range(0, longest, fb):
-            if i < len(mine):
-                chunk = mine.select(range(i, min(i + fb, len(mine)))).trim().to(self.device)
+        for rows in plan_passes(len(mine), max_rows=fb, passes=-(-longest // fb)):
+            if rows is not None:
+                chunk = mine.select(rows).trim().to(self.device)
                 _, stats = self._loss(chunk, float(max(self._units(chunk), 1)))
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v

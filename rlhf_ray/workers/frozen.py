@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_ray.algorithms import logprobs_from_logits
-from rlhf_ray.batch import ExperienceBatch, decode_rows, pack_rows
+from rlhf_ray.batch import ExperienceBatch, decode_rows, pack_rows, plan_passes
 from rlhf_ray.config import Config, ReferenceConfig, RewardConfig
 from rlhf_ray.data.prompts import pad_token_id
 from rlhf_ray.data.rm_inputs import decode_pair, pair_ids, same_tokenizer
@@ -206,8 +206,8 @@ class RewardScorer(FrozenModelRole):
     def _run_model(self, rows: list[list[int]]) -> torch.Tensor:
         """(len(rows),) float32 scores of token-id rows, in micro-batches left-padded with ``pad_id``."""
         out = []
-        for i in range(0, len(rows), self.micro_batch_size):
-            chunk = rows[i: i + self.micro_batch_size]
+        for part in plan_passes(len(rows), max_rows=self.micro_batch_size):
+            chunk = [rows[i] for i in part]
             width = max(len(r) for r in chunk)
             ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)

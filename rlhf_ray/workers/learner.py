@@ -35,8 +35,7 @@ import torch.distributed as dist
 from rlhf_ray.algorithms import chunked_logprobs_and_entropy
 from rlhf_ray.backends import deepspeed as ds
 from rlhf_ray.backends.replicated import ReplicatedModule, replicate
-from rlhf_ray.batch import (ExperienceBatch, Generation, TrainUpdate, pack_generation, pack_rows, parts_for_budget,
-                            token_balanced_parts)
+from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate, pack_generation, pack_rows, plan_passes
 from rlhf_ray.config import Config, LearnerConfig, ModelConfig, PPOConfig, resolve
 from rlhf_ray.models.actor_critic import POLICY_PREFIX
 from rlhf_ray.models.lora import LoraSpec, adapters_disabled
@@ -273,25 +272,22 @@ class Learner(CheckpointIO, WeightSender, RoleBase):
         return _Forward(logprobs, values, ent)
 
     def _parts(self, batch: ExperienceBatch, max_tokens: int, max_rows: int) -> list[torch.Tensor | None]:
-        """Row indices of ``batch``'s no-grad forward passes: by token budget when ``max_tokens``
-        > 0 (see ``token_balanced_parts``), else consecutive chunks of ``max_rows`` sequences.
+        """Row indices of ``batch``'s no-grad forward passes (``plan_passes``): by token budget
+        when ``max_tokens`` > 0, else consecutive chunks of ``max_rows`` sequences.
 
         Every rank runs as many passes as the rank that needs the most (one all-reduce): under
         ZeRO-3 each forward gathers parameters collectively, so a rank that stopped one pass
         early would leave the others waiting in a gather. The extra passes are ``None``: the
         caller runs them on one row and discards the result (as ``train``'s plan agrees its
         micro-batch count)."""
-        if max_tokens > 0:
-            lengths = batch.attention_mask.sum(-1).tolist()
-            groups = token_balanced_parts(lengths, parts_for_budget(lengths, max_tokens)) if lengths else []
-            parts: list[torch.Tensor | None] = [torch.tensor(g) for g in groups]
-        else:
-            parts = [torch.arange(i, min(i + max_rows, len(batch))) for i in range(0, len(batch), max_rows)]
+        lengths = batch.attention_mask.sum(-1).tolist() if max_tokens > 0 else None
+        plan = plan_passes(len(batch), max_rows=max_rows, lengths=lengths, max_tokens=max_tokens)
         if self.world_size > 1:
-            most = torch.tensor([len(parts)], device=self.device)
+            most = torch.tensor([len(plan)], device=self.device)
             dist.all_reduce(most, op=dist.ReduceOp.MAX)
-            parts += [None] * (int(most.item()) - len(parts))
-        return parts
+            plan = plan_passes(len(batch), max_rows=max_rows, lengths=lengths, max_tokens=max_tokens,
+                               passes=int(most.item()))
+        return [None if rows is None else torch.tensor(rows) for rows in plan]
 
     def _no_grad_passes(self, shard: ExperienceBatch, fill) -> None:
         """Forward ``shard`` in the agreed passes (``_parts``) and hand each real pass's
@@ -357,15 +353,17 @@ class Learner(CheckpointIO, WeightSender, RoleBase):
                                for m in minis], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts)
         counts = [tuple(c) for c in counts.cpu().tolist()]
-        if lrn.micro_batch_tokens > 0:
+        budget = lrn.micro_batch_tokens
+        if budget > 0:
             lengths = [m.attention_mask.sum(-1).tolist() for m in minis]
-            parts = torch.tensor([parts_for_budget(ls, lrn.micro_batch_tokens) for ls in lengths], device=self.device)
+            own = [len(plan_passes(len(ls), lengths=ls, max_tokens=budget)) for ls in lengths]
+            parts = torch.tensor(own, device=self.device)
             dist.all_reduce(parts, op=dist.ReduceOp.MAX)
-            plans = [[torch.tensor(g) for g in token_balanced_parts(ls, int(k))]
+            plans = [plan_passes(len(ls), lengths=ls, max_tokens=budget, parts=int(k))
                      for ls, k in zip(lengths, parts.cpu().tolist())]
-            return counts, plans
-        size = lrn.micro_batch_size
-        return counts, [[torch.arange(i, i + size) for i in range(0, len(m), size)] for m in minis]
+        else:
+            plans = [plan_passes(len(m), max_rows=lrn.micro_batch_size) for m in minis]
+        return counts, [[torch.tensor(rows) for rows in plan] for plan in plans]
 
     def train(self, update: TrainUpdate, iteration: int) -> dict[str, float]:
         """One PPO update over the slice kept from ``compute_old`` with ``update``'s advantages,

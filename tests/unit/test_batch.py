@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlhf_ray.batch import (ExperienceBatch, Generation, TrainUpdate, pack_generation, pack_rows, parts_for_budget,
-                            token_balanced_parts)
+                            plan_passes, token_balanced_parts)
 
 PAD, EOS = 0, 2
 
@@ -344,6 +344,40 @@ def test_parts_for_budget_is_the_fewest_within_the_budget():
         if k > 1:  # one part fewer breaks the budget (for this greedy split)
             fewer = token_balanced_parts(lengths, k - 1)
             assert any(len(g) > 1 and sum(lengths[i] for i in g) > budget for g in fewer)
+
+
+def test_plan_passes_by_rows_hand_examples():
+    assert plan_passes(5, max_rows=2) == [[0, 1], [2, 3], [4]]
+    assert plan_passes(4, max_rows=2) == [[0, 1], [2, 3]]
+    assert plan_passes(3, max_rows=8) == [[0, 1, 2]]
+    assert plan_passes(0, max_rows=2) == []
+    # An agreed pass count pads with None (a rank with fewer rows still runs every forward).
+    assert plan_passes(5, max_rows=2, passes=4) == [[0, 1], [2, 3], [4], None]
+    assert plan_passes(5, max_rows=2, passes=3) == [[0, 1], [2, 3], [4]]
+    assert plan_passes(0, max_rows=2, passes=2) == [None, None]
+
+
+def test_plan_passes_by_token_budget_hand_examples():
+    lengths = [5, 1, 4, 2]
+    assert plan_passes(4, lengths=lengths, max_tokens=6) == [[0, 1], [2, 3]]  # 6 and 6 tokens
+    assert plan_passes(4, lengths=lengths, max_tokens=5) == [[0], [2], [1, 3]]  # 5, 4, 3
+    # max_rows is ignored under a budget; an agreed micro-batch count re-splits the rows.
+    assert plan_passes(4, max_rows=1, lengths=lengths, max_tokens=100) == [[0, 1, 2, 3]]
+    assert plan_passes(4, lengths=lengths, max_tokens=6, parts=3) == [[0], [2], [1, 3]]
+    # An agreed pass count keeps this rank's own split and pads it.
+    assert plan_passes(4, lengths=lengths, max_tokens=6, passes=3) == [[0, 1], [2, 3], None]
+    assert plan_passes(0, lengths=[], max_tokens=6) == []
+
+
+def test_plan_passes_refuses_what_it_cannot_plan():
+    with pytest.raises(ValueError, match="length of each of the 3 sequences"):
+        plan_passes(3, lengths=[1, 2], max_tokens=4)
+    with pytest.raises(ValueError, match="max_tokens > 0 or max_rows > 0"):
+        plan_passes(3)
+    with pytest.raises(ValueError, match="parts splits by token budget"):
+        plan_passes(3, max_rows=1, parts=2)
+    with pytest.raises(ValueError, match="2 agreed passes are fewer than the 3"):
+        plan_passes(5, max_rows=2, passes=2)
 
 
 # --------------------------------------------------------------------------- train updates

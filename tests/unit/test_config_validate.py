@@ -5,8 +5,7 @@ rejected here first."""
 import pytest
 import torch
 
-from rlhf_ray.algorithms import (AdaptiveKLController, FixedKLController, clip_scores, ppo_policy_loss,
-                                 value_loss)
+from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController, clip_scores, clipped_surrogate, value_loss
 from rlhf_ray.config import (Config, ConfigError, config_from_dict, config_to_dict, load_config, parse_overrides,
                              validate)
 from tests.unit.test_config import DEMO, PINNED, _load
@@ -185,7 +184,7 @@ def _math_rejects(p, reward_clip) -> bool:
     """Whether the run-time math refuses these settings, called as the learner and coordinator call it."""
     x, mask = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool)
     try:
-        ppo_policy_loss(x, x, x, mask, p.clip_ratio, clip_ratio_high=p.clip_ratio_high, dual_clip=p.dual_clip)
+        clipped_surrogate(x, x, x, mask, p.clip_ratio, clip_ratio_high=p.clip_ratio_high, dual_clip=p.dual_clip)
         value_loss(x, x, x, mask, clip_range=p.value_clip)
         AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target else FixedKLController(p.kl_coef)
         clip_scores(torch.zeros(2), reward_clip)

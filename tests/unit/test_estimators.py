@@ -1,4 +1,5 @@
-"""Critic-free advantage estimators: hand examples, float64 loop references, invariances."""
+"""Advantage estimators: hand examples, float64 loop references, invariances; and a hand-computed
+case for every entry of the estimator table (``ESTIMATORS``)."""
 
 import math
 
@@ -6,6 +7,8 @@ import pytest
 import torch
 
 from rlhf_ray.algorithms import (
+    ESTIMATORS,
+    AdvantageInputs,
     group_baseline_scores,
     group_counts,
     grpo_advantages,
@@ -321,3 +324,49 @@ def test_bad_arguments_raise():
         reinforce_pp_advantages(torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), gamma=1.5)
     with pytest.raises(ValueError, match="groups must have shape"):
         group_counts(GROUPS[None])
+
+
+# ---- the estimator table: one hand-computed case per entry ---------------------------------------
+
+# Scores [1, 3, 2, 6] in groups [0, 0, 1, 1], R = 2 tokens each (all valid), no KL, values 0,
+# gamma 1, lam 0.5, no whitening for gae. Per-token rewards are [0, s] (the score at the last token).
+TABLE_SCORES = [1.0, 3.0, 2.0, 6.0]
+C_PP = [-2.0, 0.0, -1.0, 3.0]  # scores minus the batch mean 3; over 8 tokens the unbiased var is 28 / 7 = 4
+C_BASE = [-1.0, 1.0, -2.0, 2.0]  # scores minus their group's mean; var 20 / 7 over 8 tokens (mean 0)
+TABLE_EXPECTED = {  # (B, R) advantages
+    # GAE: A_1 = delta_1 = s, A_0 = delta_0 + gamma * lam * A_1 = 0 + 0.5 s; returns = A (values 0).
+    "gae": [[0.5 * s, s] for s in TABLE_SCORES],
+    # GRPO: group 0 mean 2, std sqrt(2); group 1 mean 4, std sqrt(8): +-1/sqrt(2) each.
+    "grpo": [[v * SQRT_HALF] * 2 for v in (-1.0, 1.0, -1.0, 1.0)],
+    # RLOO: s_i minus the other sample of its group.
+    "rloo": [[v] * 2 for v in (-2.0, 2.0, -4.0, 4.0)],
+    # REINFORCE++: both tokens' return is s, whitened over the 8 tokens: (s - 3) / 2.
+    "reinforce_pp": [[c / 2.0] * 2 for c in C_PP],
+    # REINFORCE++-baseline: the same on the group-centred scores.
+    "reinforce_pp_baseline": [[c / math.sqrt(20 / 7)] * 2 for c in C_BASE],
+}
+
+
+def test_every_table_entry_has_a_hand_computed_case():
+    assert set(TABLE_EXPECTED) == set(ESTIMATORS)
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_table_entry_hand_values(name):
+    entry = ESTIMATORS[name]
+    x = AdvantageInputs(scores=torch.tensor(TABLE_SCORES), kl=torch.zeros(4, 2), reward_kl_coef=0.1,
+                        values=torch.zeros(4, 2) if entry.uses_critic else None, groups=torch.tensor([0, 0, 1, 1]),
+                        mask=torch.ones(4, 2, dtype=torch.bool), valid=torch.ones(4, dtype=torch.bool),
+                        gamma=1.0, lam=0.5, whiten=False, group_std_norm=True)
+    out = entry.compute(x)
+    torch.testing.assert_close(out.advantages, torch.tensor(TABLE_EXPECTED[name]), rtol=1e-5, atol=1e-5)
+    expected_returns = TABLE_EXPECTED[name] if entry.uses_critic else [[0.0, 0.0]] * 4
+    torch.testing.assert_close(out.returns, torch.tensor(expected_returns))
+    assert all(math.isfinite(float(v)) for v in out.metrics.values())
+
+
+def test_gae_entry_needs_values():
+    x = AdvantageInputs(torch.zeros(2), torch.zeros(2, 3), 0.0, None, torch.zeros(2, dtype=torch.long),
+                        torch.ones(2, 3, dtype=torch.bool), torch.ones(2, dtype=torch.bool), 1.0, 1.0, True, True)
+    with pytest.raises(ValueError, match="gae needs the old values"):
+        ESTIMATORS["gae"].compute(x)

@@ -1,4 +1,8 @@
-"""PPO policy and value losses: hand examples, float64 loop references, invariances."""
+"""PPO policy and value losses: hand examples, float64 loop references, invariances.
+
+The policy loss is the learner's own composition (``workers/objective.py`` with ppo.loss_agg
+token_mean, no correction, no KL term): ``clipped_surrogate`` aggregated by ``aggregate`` over
+the step's valid tokens."""
 
 import math
 
@@ -6,9 +10,10 @@ import pytest
 import torch
 
 from rlhf_ray.algorithms import (
-    PolicyLossOutput,
+    SurrogateOutput,
     ValueLossOutput,
-    ppo_policy_loss,
+    aggregate,
+    clipped_surrogate,
     token_mean_loss,
     value_loss,
 )
@@ -25,6 +30,14 @@ def _policy_inputs(seed: int):
     new = old + 0.3 * torch.randn(3, 5, generator=g, dtype=torch.float64)
     adv = torch.randn(3, 5, generator=g, dtype=torch.float64)
     return new, old, adv, _mask()
+
+
+def _policy_loss(logprobs, old, adv, mask, clip_ratio, *, clip_ratio_high=None, dual_clip=None, num_tokens=None):
+    """(token-mean policy loss, surrogate) as the learner composes them; ``num_tokens`` is the
+    step's valid-token count (default: this batch's, at least 1)."""
+    sur = clipped_surrogate(logprobs, old, adv, mask, clip_ratio, clip_ratio_high=clip_ratio_high, dual_clip=dual_clip)
+    tokens = num_tokens if num_tokens is not None else max(int(mask.sum()), 1)
+    return aggregate(sur.per_token, mask, "token_mean", step_tokens=tokens, step_sequences=1), sur
 
 
 def _value_inputs(seed: int):
@@ -54,13 +67,12 @@ def test_token_mean_loss_hand_example():
 
 def test_policy_loss_at_ratio_one_is_minus_mean_advantage():
     _, old, adv, mask = _policy_inputs(0)
-    out = ppo_policy_loss(old, old, adv, mask, clip_ratio=0.2)
-    assert isinstance(out, PolicyLossOutput)
+    loss, sur = _policy_loss(old, old, adv, mask, clip_ratio=0.2)
+    assert isinstance(sur, SurrogateOutput)
     expected = -sum(adv[mask].tolist()) / int(mask.sum())
-    assert out.loss.item() == pytest.approx(expected, rel=1e-12)
-    assert out.clip_fraction.item() == 0.0
-    assert out.policy_kl.item() == 0.0
-    assert out.ratio_mean.item() == 1.0
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert not sur.clipped.any()
+    assert torch.equal(sur.log_ratio, torch.zeros_like(old))  # ratio 1 everywhere
 
 
 def test_policy_loss_clip_hand_example():
@@ -69,16 +81,15 @@ def test_policy_loss_clip_hand_example():
     adv = torch.tensor([[1.0, -1.0, 2.0, 100.0]])
     mask = torch.tensor([[True, True, True, False]])
     logprobs.requires_grad_(True)
-    out = ppo_policy_loss(logprobs, old, adv, mask, clip_ratio=0.2)
+    loss, sur = _policy_loss(logprobs, old, adv, mask, clip_ratio=0.2)
     # r=1.5, A=1:  max(-1.5, -1.2) = -1.2 (clipped);
     # r=0.5, A=-1: max(0.5, 0.8) = 0.8 (clipped);
     # r=1.1, A=2:  -2.2 in both branches (not clipped).
-    assert out.loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3)
-    assert out.clip_fraction.item() == pytest.approx(2.0 / 3.0)
-    assert out.ratio_mean.item() == pytest.approx((1.5 + 0.5 + 1.1) / 3)
-    kl = [(r - 1) - math.log(r) for r in (1.5, 0.5, 1.1)]
-    assert out.policy_kl.item() == pytest.approx(sum(kl) / 3)
-    out.loss.backward()
+    assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3)
+    assert sur.clipped.tolist() == [[True, True, False, False]]  # padding never counts as clipped
+    assert sur.log_ratio.exp()[mask].tolist() == pytest.approx([1.5, 0.5, 1.1])
+    assert sur.log_ratio[0, 3].item() == 0.0
+    loss.backward()
     # Only the unclipped token has a gradient: d(-A r)/d logp = -A r / N.
     torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, 0.0, -2.2 / 3, 0.0]]))
 
@@ -86,11 +97,11 @@ def test_policy_loss_clip_hand_example():
 def test_policy_loss_clip_higher_hand_example():
     logprobs = torch.log(torch.tensor([[1.25]]))
     zeros, ones, mask = torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1, dtype=torch.bool)
-    symmetric = ppo_policy_loss(logprobs, zeros, ones, mask, 0.2)
-    higher = ppo_policy_loss(logprobs, zeros, ones, mask, 0.2, clip_ratio_high=0.28)
-    assert symmetric.loss.item() == pytest.approx(-1.2)
-    assert higher.loss.item() == pytest.approx(-1.25)
-    assert (symmetric.clip_fraction.item(), higher.clip_fraction.item()) == (1.0, 0.0)
+    symmetric, sym_sur = _policy_loss(logprobs, zeros, ones, mask, 0.2)
+    higher, high_sur = _policy_loss(logprobs, zeros, ones, mask, 0.2, clip_ratio_high=0.28)
+    assert symmetric.item() == pytest.approx(-1.2)
+    assert higher.item() == pytest.approx(-1.25)
+    assert (sym_sur.clipped.item(), high_sur.clipped.item()) == (True, False)
 
 
 def test_policy_loss_dual_clip_hand_example():
@@ -98,13 +109,13 @@ def test_policy_loss_dual_clip_hand_example():
     adv = torch.tensor([[-1.0, 1.0, -1.0]])
     mask = torch.ones(1, 3, dtype=torch.bool)
     logprobs = torch.log(ratios).requires_grad_(True)
-    plain = ppo_policy_loss(logprobs.detach(), torch.zeros(1, 3), adv, mask, 0.2)
-    dual = ppo_policy_loss(logprobs, torch.zeros(1, 3), adv, mask, 0.2, dual_clip=3.0)
+    plain, _ = _policy_loss(logprobs.detach(), torch.zeros(1, 3), adv, mask, 0.2)
+    dual, _ = _policy_loss(logprobs, torch.zeros(1, 3), adv, mask, 0.2, dual_clip=3.0)
     # Per token without dual clip: max(5, 1.2) = 5; max(-5, -1.2) = -1.2; max(2, 1.2) = 2.
-    assert plain.loss.item() == pytest.approx((5.0 - 1.2 + 2.0) / 3)
+    assert plain.item() == pytest.approx((5.0 - 1.2 + 2.0) / 3)
     # Dual clip caps the A < 0 tokens at 3 * |A|: min(5, 3) = 3, min(2, 3) = 2.
-    assert dual.loss.item() == pytest.approx((3.0 - 1.2 + 2.0) / 3)
-    dual.loss.backward()
+    assert dual.item() == pytest.approx((3.0 - 1.2 + 2.0) / 3)
+    dual.backward()
     # Capped and clipped tokens get no gradient; the last one gets -A r / N.
     torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, 0.0, 2.0 / 3]]))
 
@@ -132,12 +143,10 @@ def test_policy_loss_matches_loop_reference(clip_high, dual):
             clipped_count += clipped > unclipped
             grads[i, t] = 0.0 if capped or clipped > unclipped else -a * r / n
     logprobs = new.clone().requires_grad_(True)
-    out = ppo_policy_loss(
-        logprobs, old, adv, mask, eps_low, clip_ratio_high=clip_high, dual_clip=dual
-    )
-    out.loss.backward()
-    assert out.loss.item() == pytest.approx(total / n, rel=1e-12)
-    assert out.clip_fraction.item() == pytest.approx(clipped_count / n)
+    loss, sur = _policy_loss(logprobs, old, adv, mask, eps_low, clip_ratio_high=clip_high, dual_clip=dual)
+    loss.backward()
+    assert loss.item() == pytest.approx(total / n, rel=1e-12)
+    assert int(sur.clipped.sum()) == clipped_count
     assert 0 < clipped_count < n  # both branches exercised
     torch.testing.assert_close(logprobs.grad, grads, rtol=1e-12, atol=1e-12)
 
@@ -208,12 +217,12 @@ def _split_sum(loss_fn, tensors, mask, grad_index):
     leaf = tensors[grad_index].clone().requires_grad_(True)
     args = list(tensors)
     args[grad_index] = leaf
-    full = loss_fn(*args, mask, num_tokens=n).loss
+    full = loss_fn(*args, mask, num_tokens=n)
     (full_grad,) = torch.autograd.grad(full, leaf)
     parts = []
     for rows in (slice(0, 1), slice(1, 3)):  # uneven token counts: 5 vs 2 + 4
         part_args = [x[rows] for x in args]
-        parts.append(loss_fn(*part_args, mask[rows], num_tokens=n).loss)
+        parts.append(loss_fn(*part_args, mask[rows], num_tokens=n))
     split_grad = torch.autograd.grad(parts[0] + parts[1], leaf)[0]
     return full, parts[0] + parts[1], full_grad, split_grad
 
@@ -222,7 +231,7 @@ def test_policy_loss_split_batch_sums_to_full_batch():
     new, old, adv, mask = _policy_inputs(3)
 
     def loss_fn(lp, lp_old, a, m, num_tokens):
-        return ppo_policy_loss(lp, lp_old, a, m, 0.2, dual_clip=2.0, num_tokens=num_tokens)
+        return _policy_loss(lp, lp_old, a, m, 0.2, dual_clip=2.0, num_tokens=num_tokens)[0]
 
     full, split, full_grad, split_grad = _split_sum(loss_fn, (new, old, adv), mask, 0)
     torch.testing.assert_close(split, full, rtol=1e-12, atol=1e-12)
@@ -230,7 +239,7 @@ def test_policy_loss_split_batch_sums_to_full_batch():
     assert full_grad.abs().sum() > 0
     # With the local default divisor the halves do NOT add up (the reason for num_tokens).
     halves = (slice(0, 1), slice(1, 3))
-    local = sum(loss_fn(new[r], old[r], adv[r], mask[r], None).loss for r in halves)
+    local = sum(loss_fn(new[r], old[r], adv[r], mask[r], None) for r in halves)
     assert local.item() != pytest.approx(full.item())
 
 
@@ -238,7 +247,7 @@ def test_value_loss_split_batch_sums_to_full_batch():
     new, old, returns, mask = _value_inputs(4)
 
     def loss_fn(v, v_old, g, m, num_tokens):
-        return value_loss(v, v_old, g, m, clip_range=0.2, num_tokens=num_tokens)
+        return value_loss(v, v_old, g, m, clip_range=0.2, num_tokens=num_tokens).loss
 
     full, split, full_grad, split_grad = _split_sum(loss_fn, (new, old, returns), mask, 0)
     torch.testing.assert_close(split, full, rtol=1e-12, atol=1e-12)
@@ -252,10 +261,10 @@ def _losses_with_padding(fill, new, old, adv, mask):
 
     logprobs = dirty(new).requires_grad_(True)
     values = dirty(new).requires_grad_(True)
-    pol = ppo_policy_loss(logprobs, dirty(old), dirty(adv), mask, 0.2, dual_clip=3.0)
+    pol, sur = _policy_loss(logprobs, dirty(old), dirty(adv), mask, 0.2, dual_clip=3.0)
     val = value_loss(values, dirty(old), dirty(adv), mask, clip_range=0.2)
-    (pol.loss + val.loss).backward()
-    return [*pol, *val, logprobs.grad, values.grad]
+    (pol + val.loss).backward()
+    return [pol, *sur, *val, logprobs.grad, values.grad]
 
 
 def test_masked_positions_change_neither_loss_nor_gradient():
@@ -274,10 +283,10 @@ def test_metrics_detached_and_inputs_not_mutated():
     new, old, adv, mask = _policy_inputs(6)
     before = [x.clone() for x in (new, old, adv, mask)]
     logprobs = new.clone().requires_grad_(True)
-    out = ppo_policy_loss(logprobs, old, adv, mask, 0.2)
-    assert out.loss.requires_grad
-    assert not any(m.requires_grad for m in out[1:])
-    assert all(m.dim() == 0 for m in out)
+    loss, sur = _policy_loss(logprobs, old, adv, mask, 0.2)
+    assert loss.requires_grad and loss.dim() == 0
+    assert sur.per_token.requires_grad
+    assert not sur.clipped.requires_grad and not sur.log_ratio.requires_grad
     vout = value_loss(logprobs, old, adv, mask, clip_range=0.1)
     assert vout.loss.requires_grad and not vout.clip_fraction.requires_grad
     assert all(torch.equal(a, b) for a, b in zip(before, (new, old, adv, mask)))
@@ -286,11 +295,11 @@ def test_metrics_detached_and_inputs_not_mutated():
 def test_bad_arguments_raise():
     new, old, adv, mask = _policy_inputs(7)
     with pytest.raises(ValueError, match="dual_clip"):
-        ppo_policy_loss(new, old, adv, mask, 0.2, dual_clip=1.0)
+        clipped_surrogate(new, old, adv, mask, 0.2, dual_clip=1.0)
     with pytest.raises(ValueError, match="clip_ratio"):
-        ppo_policy_loss(new, old, adv, mask, 0.0)
+        clipped_surrogate(new, old, adv, mask, 0.0)
     with pytest.raises(ValueError, match="advantages"):
-        ppo_policy_loss(new, old, adv[:, :4], mask, 0.2)
+        clipped_surrogate(new, old, adv[:, :4], mask, 0.2)
     with pytest.raises(ValueError, match="clip_range"):
         value_loss(new, old, adv, mask, clip_range=-0.1)
     with pytest.raises(ValueError, match="bool"):

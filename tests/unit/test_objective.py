@@ -67,3 +67,27 @@ def test_tis_truncates_the_weights():
     # min(w, 2) = [[1, 2, .25], [1.5]]: token mean -(1 + 2 + .25 + 1.5) / 4
     loss, _ = _loss(_ppo(rollout_correction="tis", correction_cap=2.0, loss_agg="token_mean"))
     assert loss.item() == pytest.approx(-4.75 / 4)
+
+
+def test_clip_hand_example_loss_gradient_and_stats():
+    # One sequence, 3 valid tokens (a 4th is padding) with ratios 1.5, .5, 1.1 and advantages 1, -1, 2:
+    # r=1.5, A=1: max(-1.5, -1.2) = -1.2 (clipped); r=.5, A=-1: max(.5, .8) = .8 (clipped);
+    # r=1.1, A=2: -2.2 in both branches. Only the unclipped token has a gradient, -A r / 3.
+    mask = torch.tensor([[True, True, True, False]])
+    zeros = torch.zeros(1, 4)
+    mb = ExperienceBatch(
+        input_ids=torch.ones(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 5, dtype=torch.bool),
+        position_ids=torch.arange(5)[None], response_mask=mask, rollout_logprobs=zeros,
+        truncated=torch.zeros(1, dtype=torch.bool), prompt_index=torch.zeros(1, dtype=torch.long),
+        old_logprobs=zeros, advantages=torch.tensor([[1.0, -1.0, 2.0, 100.0]]))
+    lp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 7.0]])).requires_grad_(True)
+    out = ppo_objective(_ppo(), mb, lp, None, torch.zeros(1, 4), step_tokens=3, step_sequences=1,
+                        kl_coef=0.0, max_len=4)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3)
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.0, 0.0, -2.2 / 3, 0.0]]))
+    assert out.stats["policy_loss"].item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3)
+    assert out.stats["clip_fraction"].item() == pytest.approx(2 / 3)
+    kl = [(r - 1) - math.log(r) for r in (1.5, 0.5, 1.1)]  # k3 of KL(old || new) per token
+    assert out.stats["policy_kl"].item() == pytest.approx(sum(kl) / 3)
+    assert out.stats["ratio_dev_max"].item() == pytest.approx(0.5)
