@@ -191,10 +191,18 @@ class ReferenceConfig:
 
 @dataclass(frozen=True)
 class LearnerConfig:
+    backend: Literal["deepspeed", "fsdp2"] = "deepspeed"
+    """Training engine of the learner ranks (and the SFT/RM trainers): deepspeed (ZeRO 0-3, optimiser
+    offload) or fsdp2 (PyTorch's fully_shard: parameters, gradients and optimiser state sharded over
+    the ranks, bf16 compute with float32 reductions, checkpoints through torch.distributed.checkpoint).
+    Both implement ``rlhf_ray.backends.engine.TrainEngine``."""
     num_ranks: int = 2
-    """DeepSpeed data-parallel ranks (one Ray actor each)."""
+    """Data-parallel ranks (one Ray actor each)."""
     zero_stage: Literal[0, 1, 2, 3] = 2
-    """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
+    """How much is sharded. deepspeed: the ZeRO stage, 0, 1, 2 or 3. fsdp2: 2 keeps a layer's
+    parameters gathered from its forward to its backward (one all-gather per layer and step, like
+    ZeRO-2's memory for parameters), 3 frees them after the forward and gathers again for the backward
+    (least memory); 0 and 1 are refused."""
     micro_batch_size: int = 4
     """Sequences per forward/backward pass on one rank; the rest is gradient accumulation (unused when
     learner.micro_batch_tokens is set)."""
@@ -240,8 +248,10 @@ class LearnerConfig:
     max_grad_norm: float = 1.0
     """Global gradient-norm clip (0 disables it)."""
     offload_optimizer: bool = False
-    """ZeRO optimiser-state offload to CPU memory (ZeRO-1/2/3), updated by DeepSpeed's CPU Adam (built
-    on first use, ~1 minute) or torch's AdamW where that cannot be built."""
+    """Optimiser state in CPU memory. deepspeed: ZeRO offload (ZeRO-1/2/3), updated by DeepSpeed's CPU
+    Adam (built on first use, ~1 minute) or torch's AdamW where that cannot be built. fsdp2: FSDP2's CPU
+    offload policy (sharded parameters, gradients and optimiser state live on the CPU; the step runs
+    there)."""
 
 
 @dataclass(frozen=True)

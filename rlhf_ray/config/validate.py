@@ -75,6 +75,10 @@ def field_errors(cfg: Any, positive: list[str], non_negative: dict[str, str] | N
 def optimizer_errors(lrn: LearnerConfig) -> list[str]:
     """The learner section's optimiser and schedule settings (PPO learner and SFT/RM trainers)."""
     errors = []
+    if lrn.backend == "fsdp2" and lrn.zero_stage < 2:
+        errors.append(f"--learner.zero_stage {lrn.zero_stage} has no FSDP2 equivalent: fsdp2 always shards "
+                      "parameters, gradients and optimiser state. Use --learner.zero_stage 2 (parameters kept "
+                      "gathered from forward to backward) or 3 (least memory), or --learner.backend deepspeed.")
     if lrn.max_grad_norm < 0:
         errors.append(f"--learner.max_grad_norm must be >= 0 (got {lrn.max_grad_norm}); 0 disables gradient clipping.")
     if lrn.weight_decay < 0:

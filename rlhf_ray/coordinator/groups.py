@@ -12,7 +12,7 @@ from __future__ import annotations
 import ray
 import torch
 
-from rlhf_ray.backends.deepspeed import dist_backend
+from rlhf_ray.backends.engine import dist_backend
 from rlhf_ray.backends.vllm import EngineSpec, engine_env
 from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate
 from rlhf_ray.config import Config
