@@ -76,7 +76,13 @@ class TrainEngine(Protocol):
         last micro-batch on this rank (the same count on every rank): there the gradients are
         reduced over ranks. After the last one each parameter's gradient is the SUM over ranks
         and micro-batches, i.e. the full-batch gradient: an engine whose framework averages over
-        ranks or divides by the accumulation count undoes it here."""
+        ranks or divides by the accumulation count undoes it here.
+
+        Tensors outside the engine that ``loss`` depends on (the value head replicated beside
+        it, ``rlhf_ray.backends.replicated``) receive the gradient of ``loss x world size``, on
+        every backend: autograd runs on the loss scaled by the world size and the engine's own
+        reduction averages over ranks, so an outside module that averages its gradients over
+        ranks the same way gets the sum too."""
 
     def step(self) -> StepOutcome:
         """The optimiser-step boundary, after ``backward(..., last=True)``: clip the global
