@@ -216,7 +216,7 @@ class TorchRunner:
     """The same update in plain torch (see the module docstring)."""
 
     def __init__(self, cfg, device: torch.device, clock: PhaseClock) -> None:
-        from rlhf_ray.backends.deepspeed import lr_scheduler
+        from rlhf_ray.backends.engine import lr_scheduler
         from rlhf_ray.config import resolve
         from rlhf_ray.models import ActorCritic
 

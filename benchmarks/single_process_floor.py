@@ -47,7 +47,7 @@ class FloorPPO:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController
-        from rlhf_ray.backends.deepspeed import build_optimizer
+        from rlhf_ray.backends.engine import make_torch_optimizer, param_groups
         from rlhf_ray.data.prompts import PromptSampler
         from rlhf_ray.models import ActorCritic
         from rlhf_ray.rewards import load_reward_function
@@ -59,7 +59,7 @@ class FloorPPO:
         self.ref = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32).eval().requires_grad_(False)
         self.tok = AutoTokenizer.from_pretrained(cfg.model.path)
         self.reward_fn = load_reward_function(cfg.reward.function)
-        self.opt = build_optimizer(self.model, cfg.learner)
+        self.opt = make_torch_optimizer(param_groups(self.model, cfg.learner), cfg.learner)
         p = cfg.ppo
         self.kl_ctl = (AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target
                        else FixedKLController(p.kl_coef))

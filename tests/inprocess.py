@@ -13,10 +13,8 @@ one initialised; DeepSpeed engines can be built several times in one process.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -126,33 +124,18 @@ def _value_head(learner) -> torch.nn.Module:
     return learner.head.module
 
 
-@contextlib.contextmanager
-def _full(params: list[torch.nn.Parameter]) -> Iterator[None]:
-    """Full values of ``params`` inside the block: gathered if ZeRO-3 partitioned them."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield
-    else:
-        yield
-
-
 def value_head_state(learner) -> dict[str, torch.Tensor]:
-    """The value head's full parameters (CPU copies, own dtype), gathered if partitioned."""
-    named = list(_value_head(learner).named_parameters())
-    with _full([p for _, p in named]):
-        return {name: p.data.detach().clone().cpu() for name, p in named}
+    """The value head's parameters (CPU copies, own dtype): whole on every rank, outside the engine."""
+    return {name: p.data.detach().clone().cpu() for name, p in _value_head(learner).named_parameters()}
 
 
 def value_head_dtypes(learner) -> dict[str, torch.dtype]:
-    """dtype of each value-head parameter as stored (the ZeRO-3 partition's, when partitioned)."""
-    return {name: p.ds_tensor.dtype if hasattr(p, "ds_tensor") else p.dtype
-            for name, p in _value_head(learner).named_parameters()}
+    """dtype of each value-head parameter as stored."""
+    return {name: p.dtype for name, p in _value_head(learner).named_parameters()}
 
 
 def sync_export(learner, bucket_bytes: int) -> tuple[list, dict[str, torch.Tensor]]:
-    """The weight-sync view: ``(buckets, {name: tensor})`` from ``_full_buckets`` over
+    """The weight-sync view: ``(buckets, {name: tensor})`` from ``WeightSender.full_buckets`` over
     ``plan_buckets(weight_specs(), bucket_bytes)``, copied to CPU while each bucket is gathered."""
     from rlhf_ray.weight_sync.plan import plan_buckets
 
@@ -160,7 +143,7 @@ def sync_export(learner, bucket_bytes: int) -> tuple[list, dict[str, torch.Tenso
     out: dict[str, torch.Tensor] = {}
     # enumerate the generator itself (not zip with buckets) so it runs to its end and leaves
     # the last ZeRO-3 gather context.
-    for i, tensors in enumerate(learner._full_buckets(buckets)):
+    for i, tensors in enumerate(learner.sender.full_buckets(buckets)):
         specs = buckets[i].specs
         assert len(specs) == len(tensors), (len(specs), len(tensors))
         for spec, t in zip(specs, tensors):

@@ -1,26 +1,32 @@
-"""DeepSpeed specifics for the learner: process-group set-up, the ZeRO config, the optimiser,
-ZeRO-3 model loading and parameter gathering.
+"""DeepSpeed behind the training-engine contract (``rlhf_ray.backends.engine.TrainEngine``):
+ZeRO stages 0-3, optimiser-state offload, bf16 with float32 master weights.
+
+The only module that imports DeepSpeed. What it adapts to the contract:
+- DeepSpeed averages gradients over ranks and (with ``scale_wrt_gas``) over accumulation steps;
+  ``backward`` scales the loss by the world size and turns the accumulation scaling off, so the
+  gradient is the sum the contract promises.
+- DeepSpeed's step must be called after every micro-batch (it counts them) and applies the
+  optimiser only at the accumulation boundary, which ``backward(..., last)`` sets.
+- ZeRO-0 in float32 clips without keeping the norm and applies a non-finite step (ZeRO-1/2/3
+  and bf16 skip it): the norm is taken from the reduced gradients and such a step is skipped
+  here, as DeepSpeed does elsewhere.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import math
 import os
-import warnings
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from rlhf_ray.backends.engine import (EngineSettings, StepOutcome, dist_backend, lr_scheduler, make_torch_optimizer,
+                                      nothing_to_gather, param_groups, warn_fallback)
 from rlhf_ray.config import LearnerConfig
 
 
-def dist_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-def init_distributed(master_addr: str, master_port: int, rank: int, world_size: int, timeout_s: float) -> None:
+def join_group(master_addr: str, master_port: int, rank: int, world_size: int, timeout_s: float) -> None:
     """Join the learner group. Every rank must call this concurrently. A collective that waits
     longer than ``timeout_s`` (a peer died mid-operation) raises instead of blocking the rank."""
     import deepspeed
@@ -72,49 +78,6 @@ def learner_ds_config(lrn: LearnerConfig, grad_accum_steps: int, dtype: str, hid
     }
 
 
-def hidden_size_of(path: str) -> int | None:
-    """The hidden size in a Hugging Face checkpoint's config (None if it cannot be read)."""
-    from transformers import AutoConfig
-
-    try:
-        return int(AutoConfig.from_pretrained(path).get_text_config().hidden_size)
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def activation_bytes(tokens: int, response_tokens: int, hidden: int, intermediate: int, layers: int,
-                     vocab: int) -> int:
-    """About how many bytes of activations autograd keeps for one bf16 micro-batch of ``tokens``
-    tokens without checkpointing: per token and layer ~8 H + 4 I values of 2 bytes (norm inputs,
-    q/k/v, attention output, residuals; the gated MLP's gate, up and product) with a fused
-    (SDPA/flash) attention that stores no T x T matrix; plus ~10 bytes per logit at the
-    ``response_tokens`` scored positions (bf16 logits, float32 log-softmax and entropy terms).
-    E.g. 16 x 1024 tokens, half of them scored, H 1024, I 4096, 24 layers, V 32000:
-    16384 x 24 x (8192 + 16384) x 2 + 8192 x 32000 x 10 = 19.3e9 + 2.6e9 = 21.9e9 bytes."""
-    return tokens * layers * (8 * hidden + 4 * intermediate) * 2 + response_tokens * vocab * 10
-
-
-def needs_activation_checkpointing(tokens: int, response_tokens: int, hidden: int, intermediate: int,
-                                   layers: int, vocab: int, free_bytes: int, headroom: float = 0.8) -> bool:
-    """True when one micro-batch's activations (:func:`activation_bytes`) exceed ``headroom`` of
-    the device memory left once the model, its optimiser state and bf16 gradients are in place.
-    Recomputing the forward costs ~1/3 more step time, so it is worth it only when needed."""
-    need = activation_bytes(tokens, response_tokens, hidden, intermediate, layers, vocab)
-    return need > headroom * free_bytes
-
-
-def make_torch_optimizer(groups: list[dict], lrn: LearnerConfig, fused: bool | None = None) -> torch.optim.Optimizer:
-    """AdamW or SGD over parameter ``groups`` with the learner section's settings. AdamW is
-    fused on CUDA (one kernel for all tensors: 4 ms vs 11 ms with foreach for 468M parameters
-    on an H200); ``fused=False`` for optimiser state that lives on the CPU."""
-    if lrn.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lrn.lr, weight_decay=lrn.weight_decay)
-    if fused is None:
-        fused = torch.cuda.is_available()
-    return torch.optim.AdamW(groups, lr=lrn.lr, betas=lrn.adam_betas, weight_decay=lrn.weight_decay,
-                             fused=fused or None)
-
-
 def _cpu_adam(groups: list[dict], lrn: LearnerConfig) -> torch.optim.Optimizer | None:
     """DeepSpeed's vectorised CPU Adam for offloaded optimiser state, or None (with a warning)
     where its C++ op cannot be built here."""
@@ -124,71 +87,18 @@ def _cpu_adam(groups: list[dict], lrn: LearnerConfig) -> torch.optim.Optimizer |
         return DeepSpeedCPUAdam(groups, lr=lrn.lr, betas=lrn.adam_betas, weight_decay=lrn.weight_decay,
                                 adamw_mode=True)
     except Exception as exc:  # the JIT build needs a compiler and headers
-        warnings.warn(f"DeepSpeed's CPU Adam could not be built ({type(exc).__name__}: {exc}); the offloaded "
-                      "optimiser state is updated by torch.optim.AdamW instead (slower, same result).")
+        warn_fallback("DeepSpeed's CPU Adam", exc, "the offloaded optimiser state is updated by torch.optim.AdamW "
+                      "instead (slower, same result)")
         return None
 
 
 def build_optimizer(model: torch.nn.Module, lrn: LearnerConfig) -> torch.optim.Optimizer:
-    """The engine's optimiser over ``model``'s trainable parameters at learner.lr; parameters
-    named ``value_head.*`` (a sequence-classification head, or an actor-critic head left in the
-    model) get their own group at value_head_lr. With learner.offload_optimizer, AdamW is
-    DeepSpeed's CPU Adam where it builds."""
-    head, rest = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (head if name.startswith("value_head.") else rest).append(p)
-    groups = [{"params": rest, "lr": lrn.lr, "name": "policy"},
-              {"params": head, "lr": lrn.value_head_lr or lrn.lr, "name": "value_head"}]
-    groups = [g for g in groups if g["params"]]
+    """The engine's optimiser over ``model``'s trainable parameters (:func:`param_groups`); with
+    learner.offload_optimizer, AdamW is DeepSpeed's CPU Adam where it builds."""
+    groups = param_groups(model, lrn)
     if lrn.offload_optimizer and lrn.optimizer == "adamw":
         return _cpu_adam(groups, lrn) or make_torch_optimizer(groups, lrn, fused=False)
     return make_torch_optimizer(groups, lrn, fused=False if lrn.offload_optimizer else None)
-
-
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
-    """Factor on the learning rate of optimiser step ``step`` (0-based).
-
-    Warm-up: ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps. Then with
-    ``progress = (step - warmup_steps) / (total_steps - warmup_steps)`` clipped to [0, 1]:
-    constant 1; linear ``1 - (1 - min_ratio) * progress``; cosine
-    ``min_ratio + (1 - min_ratio) * (1 + cos(pi * progress)) / 2``. E.g. warm-up 1, total 6,
-    cosine to 0.1: steps 0..5 get 1.0, 1.0, 0.914, 0.689, 0.411, 0.186, and 0.1 from step 6 on.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
-    if schedule == "linear":
-        return 1.0 - (1.0 - min_ratio) * progress
-    if schedule == "cosine":
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown lr schedule {schedule!r}; use constant, cosine or linear")
-
-
-def lr_scheduler(optimizer: torch.optim.Optimizer, lrn: LearnerConfig,
-                 total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Warm-up then learner.lr_schedule over ``total_steps`` optimiser steps (DeepSpeed steps it
-    once per optimiser step; its state is saved in DeepSpeed checkpoints)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
-        step, lrn.warmup_steps, total_steps, lrn.lr_schedule, lrn.min_lr_ratio))
-
-
-STATE_TAG = "state"
-
-
-def save_engine_state(engine, path: str) -> None:
-    """All ranks: model, optimiser and scheduler state (this rank's ZeRO shards) under ``path``."""
-    engine.save_checkpoint(path, tag=STATE_TAG)
-
-
-def load_engine_state(engine, path: str, rank: int) -> None:
-    """All ranks: restore what ``save_engine_state`` wrote; FileNotFoundError if nothing is there."""
-    load_path, _ = engine.load_checkpoint(path, tag=STATE_TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if load_path is None:
-        raise FileNotFoundError(f"no DeepSpeed state under {path} (rank {rank})")
 
 
 @contextlib.contextmanager
@@ -212,33 +122,98 @@ def zero3_loading(ds_conf: dict) -> Iterator[None]:
         del keep_alive
 
 
-@contextlib.contextmanager
-def gathered(params: Sequence[torch.nn.Parameter], zero_stage: int) -> Iterator[None]:
-    """Full values of ``params`` inside the block. Under ZeRO-3 every rank must enter it."""
-    if zero_stage == 3:
+STATE_TAG = "state"
+
+
+class DeepSpeedEngine:
+    """A DeepSpeed engine behind :class:`rlhf_ray.backends.engine.TrainEngine`."""
+
+    def __init__(self, engine: Any, optimizer: torch.optim.Optimizer, world_size: int, zero_stage: int) -> None:
+        self._engine = engine
+        self.optimizer = optimizer
+        self.module = engine.module
+        self.device = engine.device  # cuda:0 of the GPU Ray assigned, or cpu
+        self.world_size = world_size
+        self.zero_stage = zero_stage
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward through DeepSpeed (ZeRO-3 gathers in its hooks); a method of its
+        own so a profiler can wrap it on the instance (``benchmarks/learner_gpu.py``)."""
+        return self._engine(*args, **kwargs)
+
+    def train(self) -> None:
+        self._engine.train()
+
+    def eval(self) -> None:
+        self._engine.eval()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self._engine.set_gradient_accumulation_boundary(last)
+        # Undo DeepSpeed's mean over ranks and its 1/accumulation scaling: the caller's step counts normalise.
+        self._engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        if not last:
+            self._engine.step()  # counts the micro-batch; applies nothing off the boundary
+
+    def step(self) -> StepOutcome:
+        norm = self._engine.get_global_grad_norm()
+        skip = False
+        if norm is None:  # ZeRO-0 in float32: DeepSpeed neither keeps the norm nor skips
+            grads = [q.grad for q in self.module.parameters() if q.grad is not None]
+            if grads:
+                norm = torch.nn.utils.get_total_norm(grads)
+                skip = not bool(torch.isfinite(norm))  # one host sync, ZeRO-0 float32 only
+        if skip:
+            self._engine.zero_grad()
+            return StepOutcome(False, norm)
+        self._engine.step()
+        after = self._engine.get_global_grad_norm()
+        return StepOutcome(bool(self._engine.was_step_applied()), norm if after is None else after)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @contextlib.contextmanager
+    def gathered(self, params: Sequence[torch.nn.Parameter]) -> Iterator[list[torch.Tensor]]:
+        if self.zero_stage != 3:
+            with nothing_to_gather(params) as values:
+                yield values
+            return
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
-            yield
-    else:
-        yield
+            yield [p.data for p in params]
+
+    def full_shape(self, p: torch.nn.Parameter) -> tuple[int, ...]:
+        return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+
+    def local_numel(self, p: torch.nn.Parameter) -> int:
+        return int(p.numel())  # a ZeRO-3 parameter's local tensor is its (possibly empty) partition
+
+    def save(self, path: str) -> None:
+        self._engine.save_checkpoint(path, tag=STATE_TAG)
+
+    def load(self, path: str) -> None:
+        load_path, _ = self._engine.load_checkpoint(path, tag=STATE_TAG, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed state under {path}")
 
 
-def gather_full_state_dict(named_params: Iterable[tuple[str, torch.nn.Parameter]], zero_stage: int,
-                           keep: bool) -> dict[str, torch.Tensor]:
-    """Full CPU copies of ``named_params`` by name where ``keep`` is True, an empty dict elsewhere.
+def build(load: Callable[[], torch.nn.Module], settings: EngineSettings) -> DeepSpeedEngine:
+    """A DeepSpeed engine around ``load()``'s model (sharded as it loads under ZeRO-3), with the
+    learner section's optimiser and schedule."""
+    import deepspeed
+    import torch.distributed as dist
 
-    Under ZeRO-3 every rank must call it with the same parameters in the same order: each one is
-    gathered in turn (a collective every rank enters), so at most one parameter is held whole on
-    the device at a time. Usually one rank keeps (rank 0, which then writes or sends)."""
-    full: dict[str, torch.Tensor] = {}
-    for name, p in named_params:
-        with gathered([p], zero_stage):
-            if keep:
-                full[name] = p.data.detach().clone().cpu()
-    return full
-
-
-def param_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
-    """Full shape, also for a ZeRO-3 partitioned parameter (whose local tensor is empty)."""
-    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+    lrn = settings.learner
+    conf = learner_ds_config(lrn, settings.grad_accum_steps, settings.dtype, settings.hidden_size)
+    with zero3_loading(conf):
+        model = load()
+    optimizer = build_optimizer(model, lrn)
+    scheduler = lr_scheduler(optimizer, lrn, settings.total_steps)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=conf)
+    return DeepSpeedEngine(engine, optimizer, dist.get_world_size(), lrn.zero_stage)

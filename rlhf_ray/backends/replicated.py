@@ -1,4 +1,4 @@
-"""A small float32 module trained beside a ZeRO engine, replicated on every data-parallel rank.
+"""A small float32 module trained beside a training engine, replicated on every data-parallel rank.
 
 Used for the actor-critic's value head (``ActorCritic.detach_value_head``). ZeRO-3 flattens
 all partitioned parameters into buffers of one dtype, so a float32 head cannot live inside a
@@ -8,9 +8,9 @@ weights, float32 optimiser state and a float32 forward on every ZeRO stage, with
 optimiser offload; it holds H + 1 numbers, so replicating it costs nothing.
 
 Its gradient comes from the same backward as the body's. At each optimiser step the ranks'
-gradients are summed with one all-reduce and divided by the world size (the learner scales
-each rank's loss by the world size, as for the engine, whose gradients DeepSpeed averages),
-clipped to ``max_grad_norm`` on their own (the body's norm is DeepSpeed's), and the step is
+gradients are summed with one all-reduce and divided by the world size (every engine's
+``backward`` runs autograd on the loss times the world size, ``TrainEngine.backward``), clipped
+to ``max_grad_norm`` on their own (the body's norm is the engine's), and the step is
 skipped when they are not finite or the engine skipped its own step, so body and head never
 drift apart by one update.
 """
@@ -30,7 +30,7 @@ class ReplicatedModule:
     Args:
         module: the module, moved to ``device`` (its parameters stay float32).
         optimizer: over ``module``'s parameters.
-        scheduler: stepped once per applied optimiser step (DeepSpeed does not step its own
+        scheduler: stepped once per applied optimiser step (an engine does not step its own
             schedule on a skipped step either, so body and head stay in lock-step).
         max_grad_norm: clip threshold of this module's gradient norm (0: no clipping).
         world_size: data-parallel ranks that hold a replica (1: no communication).
@@ -83,7 +83,7 @@ def replicate(module: nn.Module, lrn: LearnerConfig, total_steps: int, device: t
     when ``world_size`` > 1; every rank must call it): learner.value_head_lr (default
     learner.lr), the learner's optimiser kind, betas, weight decay, warm-up and schedule, fused
     AdamW on CUDA."""
-    from rlhf_ray.backends.deepspeed import lr_scheduler, make_torch_optimizer
+    from rlhf_ray.backends.engine import lr_scheduler, make_torch_optimizer
 
     module = module.to(device)
     if world_size > 1:

@@ -1,7 +1,8 @@
-"""Supervised trainer roles: one DeepSpeed ZeRO rank of SFT or reward-model training.
+"""Supervised trainer roles: one data-parallel rank of SFT or reward-model training on the
+training engine learner.backend names (``rlhf_ray.backends.engine.TrainEngine``).
 
-``SupervisedTrainer`` holds everything the two share (joining the group, the ZeRO config,
-loading the model sharded under ZeRO-3, the optimiser, the epoch loop with gradient
+``SupervisedTrainer`` holds everything the two share (joining the group, building the engine
+around the model, sharded as it loads where the engine does so, the epoch loop with gradient
 accumulation, evaluation in lock-step, saving a Hugging Face checkpoint). A subclass adds only
 its model class and its loss: ``SFTTrainer`` (``AutoModelForCausalLM``, loss on response tokens)
 and ``RewardModelTrainer`` (``AutoModelForSequenceClassification`` with one label, pairwise loss).
@@ -11,9 +12,8 @@ optimiser step from a permutation all ranks compute alike, so no data moves per 
 
 Loss normalisation, as in the PPO learner: a loss is a sum over units (target tokens or pairs)
 divided by the unit count of the whole optimiser step over all ranks (one all-reduce per epoch);
-DeepSpeed averages gradients over ranks, so each rank scales its loss by the world size and
-backpropagates without DeepSpeed's 1/accumulation scaling. The sum is the full-batch gradient
-however the batch is split over ranks and micro-batches.
+the engine's ``backward`` makes the gradient the sum over ranks and micro-batches, i.e. the
+full-batch gradient however the batch is split.
 
 Plain classes, importable without Ray; their Ray shells are ``SFTTrainerActor`` and
 ``RewardModelTrainerActor`` in ``rlhf_ray/supervised/actors.py``.
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf_ray.algorithms.pairwise import pairwise_loss, sft_loss
-from rlhf_ray.backends import deepspeed as ds
+from rlhf_ray.backends.engine import EngineSettings, TrainEngine, gather_full_state_dict, train_backend
 from rlhf_ray.batch import plan_passes
 from rlhf_ray.checkpoint_files import checkpoint_path, publish
 from rlhf_ray.data.prompts import pad_token_id
@@ -54,7 +54,7 @@ class SupervisedTrainer(RoleBase):
         self.cfg = cfg  # the SFT/RM run's own tree (supervised/config.py)
         self.rank, self.world_size = rank, world_size
         self.sizes = resolve_trainer(cfg)
-        self.engine = None
+        self.engine: TrainEngine | None = None
         self.device = torch.device("cpu")
         self.train_set = self.eval_set = None
         self.global_step = 0
@@ -69,27 +69,24 @@ class SupervisedTrainer(RoleBase):
         return host, port
 
     def setup(self, master_addr: str, master_port: int, total_steps: int) -> dict:
-        """Join the group, load the model (sharded under ZeRO-3) and build the engine; the
-        learning-rate schedule spans ``total_steps`` optimiser steps."""
-        import deepspeed
-
-        ds.init_distributed(master_addr, master_port, self.rank, self.world_size,
-                            self.cfg.train.call_timeout_s)
+        """Join the group, load the model (sharded as it loads where the engine does so) and
+        build the engine; the learning-rate schedule spans ``total_steps`` optimiser steps."""
         m, lrn = self.cfg.model, self.cfg.learner
-        conf = ds.learner_ds_config(lrn, self.sizes.grad_accum_steps, m.dtype)
+        backend = train_backend(lrn.backend)
+        backend.join_group(master_addr, master_port, self.rank, self.world_size, self.cfg.train.call_timeout_s)
         torch.manual_seed(self.cfg.seed)  # a newly initialised head starts identical on every rank
         dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
-        with ds.zero3_loading(conf):
+
+        def load() -> torch.nn.Module:
             model = self._load_model(m.path, dtype)
-        if m.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        optimizer = ds.build_optimizer(model, lrn)
-        scheduler = ds.lr_scheduler(optimizer, lrn, total_steps)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
+            if m.gradient_checkpointing:
+                model.gradient_checkpointing_enable()
+            return model
+
+        self.engine = backend.build(load, EngineSettings(lrn, m.dtype, self.sizes.grad_accum_steps, total_steps))
         self.device = self.engine.device  # cuda:0 of the GPU Ray assigned, or cpu
-        n = sum(int(getattr(p, "ds_numel", p.numel())) for p in self.engine.module.parameters())
-        return {"rank": self.rank, "parameters": n, "zero_stage": lrn.zero_stage}
+        n = sum(math.prod(self.engine.full_shape(p)) for p in self.engine.module.parameters())
+        return {"rank": self.rank, "parameters": n, "backend": lrn.backend, "zero_stage": lrn.zero_stage}
 
     def set_data(self, train, eval_set) -> int:
         """Keep the tokenised train and eval sets (every rank gets all; it slices its own part)."""
@@ -143,15 +140,15 @@ class SupervisedTrainer(RoleBase):
         mb = self.cfg.learner.micro_batch_size
         for done, (step, count) in enumerate(zip(steps, counts), start=1):
             step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-            for rows in plan_passes(len(step), max_rows=mb):
+            parts = plan_passes(len(step), max_rows=mb)
+            for j, rows in enumerate(parts):
                 micro = step.select(rows).trim().to(self.device)
                 loss, stats = self._loss(micro, count)
-                # Undo DeepSpeed's mean over ranks; the step's unit count already normalises.
-                self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-                self.engine.step()
+                self.engine.backward(loss, last=j == len(parts) - 1)
                 step_loss += loss.detach()
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
+            self.engine.step()
             if self.global_step == first_step:
                 first_loss = step_loss
             self.global_step += 1
@@ -163,7 +160,7 @@ class SupervisedTrainer(RoleBase):
         out = {f"train/{k}": v / max(units, 1.0) for k, v in zip(keys[1:], totals[1:-1])}
         out.update({"train/first_step_loss": totals[-1] if steps else math.nan, "train/steps": float(len(steps)),
                     "train/units": units, "step": float(self.global_step),
-                    "lr": float(self.optimizer.param_groups[0]["lr"]), "train/seconds": time.perf_counter() - t0})
+                    "lr": self.engine.lr(), "train/seconds": time.perf_counter() - t0})
         return out
 
     @torch.no_grad()
@@ -192,7 +189,7 @@ class SupervisedTrainer(RoleBase):
 
     # ------------------------------------------------------------------ trainer checkpoints
     def save_state(self, epoch: int, next_step: int) -> str:
-        """All ranks: DeepSpeed state (model, optimiser, scheduler; ZeRO shards) and the position in
+        """All ranks: engine state (model, optimiser, scheduler; shards) and the position in
         the data (``next_step`` of ``epoch``) as ``<output_dir>/checkpoints/step_<global step>``,
         written under ``.tmp`` and published by rank 0 once every rank has written."""
         final = checkpoint_path(self.cfg.train.output_dir, self.global_step, prefix="step")
@@ -201,7 +198,7 @@ class SupervisedTrainer(RoleBase):
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         dist.barrier()
-        ds.save_engine_state(self.engine, tmp)
+        self.engine.save(tmp)
         dist.barrier()
         if self.rank == 0:
             position = {"epoch": epoch, "next_step": next_step, "global_step": self.global_step,
@@ -215,16 +212,16 @@ class SupervisedTrainer(RoleBase):
 
     def load_state(self, path: str, position: dict) -> int:
         """All ranks: restore what ``save_state`` wrote; returns the global step."""
-        ds.load_engine_state(self.engine, path, self.rank)
+        self.engine.load(path)
         self.global_step = int(position["global_step"])
         return self.global_step
 
     # ------------------------------------------------------------------ saving
     def save(self, out_dir: str, tokenizer_path: str) -> bool:
         """Write a standard Hugging Face checkpoint (config, safetensors, tokenizer) to ``out_dir``.
-        All ranks must call (ZeRO-3 gathers each parameter); rank 0 writes."""
+        All ranks must call (a sharding engine gathers each parameter); rank 0 writes."""
         module = self.engine.module
-        full = ds.gather_full_state_dict(module.named_parameters(), self.cfg.learner.zero_stage, keep=self.rank == 0)
+        full = gather_full_state_dict(self.engine, module.named_parameters(), keep=self.rank == 0)
         if self.rank == 0:
             persistent = set(module.state_dict().keys())
             full.update({n: b.detach().clone().cpu() for n, b in module.named_buffers() if n in persistent})

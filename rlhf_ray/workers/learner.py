@@ -1,4 +1,5 @@
-"""Learner role: one DeepSpeed ZeRO data-parallel rank of the shared-body actor-critic.
+"""Learner role: one data-parallel rank of the shared-body actor-critic, on the training engine
+that learner.backend names (DeepSpeed ZeRO or FSDP2, ``rlhf_ray.backends.engine.TrainEngine``).
 
 Each rank receives only its own slice of the iteration's experience. It computes old
 logprobs and values for that slice, runs the PPO update (epochs x mini-batches x
@@ -14,17 +15,21 @@ is spent on padding, the attention stays within each sequence and costs at most 
 batch's (``rlhf_ray.batch.pack_rows``).
 
 Loss normalisation: token-level losses are divided by the token count of the whole
-optimiser step (all ranks, all micro-batches), obtained by one all-reduce per epoch.
-DeepSpeed averages gradients over ranks, so each rank scales its loss by the world size and
-backpropagates without DeepSpeed's 1/accumulation scaling; the sum is then exactly the
-full-batch gradient, however the batch is split.
+optimiser step (all ranks, all micro-batches), obtained by one all-reduce per epoch. The
+engine makes the gradient the sum over ranks and micro-batches (its ``backward`` contract), so
+it is exactly the full-batch gradient, however the batch is split.
 
 The value head is trained outside the engine, in float32 on every ZeRO stage and dtype
 (``rlhf_ray.backends.replicated``); it is saved beside the engine state in checkpoints.
+
+Collaborators, built at set-up: the engine, the value head (``ReplicatedModule``), the
+weight sender (``learner_sync.WeightSender``) and the checkpoints (``learner_checkpoint``).
+The methods the coordinator calls on them are this class's own, one line each.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -33,16 +38,18 @@ import torch
 import torch.distributed as dist
 
 from rlhf_ray.algorithms import chunked_logprobs_and_entropy
-from rlhf_ray.backends import deepspeed as ds
+from rlhf_ray.backends.engine import (EngineSettings, TrainEngine, hidden_size_of, needs_activation_checkpointing,
+                                      train_backend)
 from rlhf_ray.backends.replicated import ReplicatedModule, replicate
 from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate, pack_generation, pack_rows, plan_passes
 from rlhf_ray.config import Config, LearnerConfig, ModelConfig, PPOConfig, resolve
 from rlhf_ray.models.actor_critic import POLICY_PREFIX
 from rlhf_ray.models.lora import LoraSpec, adapters_disabled
+from rlhf_ray.weight_sync.plan import Bucket, TensorSpec
 from rlhf_ray.weight_sync.transport import serve_rendezvous
 from rlhf_ray.workers.base import RoleBase
-from rlhf_ray.workers.learner_checkpoint import CheckpointIO
-from rlhf_ray.workers.learner_sync import WeightSender
+from rlhf_ray.workers.learner_checkpoint import LearnerCheckpoints
+from rlhf_ray.workers.learner_sync import WeightSender, gather_export
 from rlhf_ray.workers.objective import ppo_objective
 
 
@@ -115,16 +122,17 @@ def combine_rank_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-class Learner(CheckpointIO, WeightSender, RoleBase):
+class Learner(RoleBase):
     role = "learner"
 
     def __init__(self, spec: LearnerSpec, rank: int) -> None:
         super().__init__(rank, spec.threads)
         self.spec = spec
         self.rank, self.world_size = rank, spec.learner.num_ranks
-        self.engine = None
+        self.engine: TrainEngine | None = None
         self.head: ReplicatedModule | None = None
-        self.sync_group = None
+        self.sender = WeightSender(rank, spec.sync_timeout_s, self.node_ip)
+        self.checkpoints: LearnerCheckpoints | None = None
         self.shard: ExperienceBatch | None = None  # this rank's slice, kept from compute_old for train
 
     # ------------------------------------------------------------------ set-up
@@ -133,8 +141,8 @@ class Learner(CheckpointIO, WeightSender, RoleBase):
 
         The group's TCPStore server starts here, on 127.0.0.1 when ``loopback`` (every rank runs
         on this machine) or else on this node's address only, at a port the
-        kernel picks, and stays up: in ``setup`` torch's env:// rendezvous (through DeepSpeed)
-        creates rank 0's store with ``multi_tenant=True``, which reuses this server instead of
+        kernel picks, and stays up: in ``setup`` torch's env:// rendezvous (the engine's
+        ``join_group``) creates rank 0's store with ``multi_tenant=True``, which reuses this server instead of
         binding the port again. So the port cannot be taken in between (as after ``free_port``)
         and the store does not listen on every interface."""
         host = "127.0.0.1" if loopback else self.node_ip()
@@ -142,53 +150,52 @@ class Learner(CheckpointIO, WeightSender, RoleBase):
         return host, port
 
     def setup(self, master_addr: str, master_port: int) -> dict:
-        """Join the group, load the actor-critic (sharded under ZeRO-3) and build the engine.
+        """Join the group, load the actor-critic (sharded as it loads where the engine does so)
+        and build the engine.
 
-        The value head is held outside the engine, float32 on every ZeRO stage and dtype (see
-        ``rlhf_ray.backends.replicated``); the engine holds the body (and a separate critic)."""
-        import deepspeed
-
+        The value head is held outside the engine, float32 on every backend, stage and dtype
+        (see ``rlhf_ray.backends.replicated``); the engine holds the body (and a separate critic)."""
         from rlhf_ray.models import ActorCritic
         from rlhf_ray.models.export import export_plan
 
         spec = self.spec
-        ds.init_distributed(master_addr, master_port, self.rank, self.world_size, spec.call_timeout_s)
         m, lrn = spec.model, spec.learner
-        conf = ds.learner_ds_config(lrn, spec.grad_accum_steps, m.dtype, ds.hidden_size_of(m.path))
+        backend = train_backend(lrn.backend)
+        backend.join_group(master_addr, master_port, self.rank, self.world_size, spec.call_timeout_s)
         torch.manual_seed(spec.seed)  # the value head starts identical on every rank
-        dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
-        with ds.zero3_loading(conf):
+        heads = []
+
+        def load() -> torch.nn.Module:
             model = ActorCritic.from_pretrained(
                 m.path, value_head_init_std=m.value_head_init_std, value_grad_to_body=m.value_grad_to_body,
-                separate_critic=m.separate_critic, critic_path=m.critic_path, torch_dtype=dtype,
+                separate_critic=m.separate_critic, critic_path=m.critic_path,
+                torch_dtype=torch.bfloat16 if m.dtype == "bfloat16" else torch.float32,
                 lora=LoraSpec.of(m.lora), attn_implementation=m.attn_implementation)
-        head = model.detach_value_head()
-        total_steps = spec.total_steps
-        optimizer = ds.build_optimizer(model, lrn)
-        scheduler = ds.lr_scheduler(optimizer, lrn, total_steps)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
+            heads.append(model.detach_value_head())
+            return model
+
+        settings = EngineSettings(lrn, m.dtype, spec.grad_accum_steps, spec.total_steps, hidden_size_of(m.path))
+        self.engine = backend.build(load, settings)
         self.device = self.engine.device  # cuda:0 of the GPU Ray assigned, or cpu
         # Critic-free estimators train no value network: the head is dropped, not trained.
-        self.head = replicate(head, lrn, total_steps, self.device, self.world_size) if spec.ppo.uses_critic else None
+        self.head = (replicate(heads[0], lrn, spec.total_steps, self.device, self.world_size)
+                     if spec.ppo.uses_critic else None)
+        self.checkpoints = LearnerCheckpoints(self.engine, self.head, self.rank, m, spec.save_hf_policy)
         self.checkpointing = self._choose_checkpointing()
         if self.checkpointing:
             self.engine.module.policy.gradient_checkpointing_enable()
             if self.engine.module.critic_body is not None:
                 self.engine.module.critic_body.gradient_checkpointing_enable()
         packing_gap = self._check_packing() if lrn.packing else None
-        params = dict(self.engine.module.named_parameters())
         # A sync sends what training changes: every policy tensor, or with LoRA the adapted layers merged.
-        plan = export_plan(self.engine.module.policy, POLICY_PREFIX, changed_only=True)
-        self.sync_params = [(params[inner], hf) for inner, hf in plan.plain]
-        self.sync_merged = plan.merged
-        self.sync_partial = not plan.complete  # engines keep the layers a sync leaves out
-        numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731
-        n = sum(numel(p) for p in params.values())
-        trainable = sum(numel(p) for p in params.values() if p.requires_grad)
+        self.sender.bind(self.engine, export_plan(self.engine.module.policy, POLICY_PREFIX, changed_only=True))
+        params = list(self.engine.module.parameters())
+        full = lambda p: math.prod(self.engine.full_shape(p))  # noqa: E731
+        n = sum(full(p) for p in params)
+        trainable = sum(full(p) for p in params if p.requires_grad)
         head = sum(p.numel() for p in self.head.params) if self.head is not None else 0
         return {"rank": self.rank, "parameters": n + head, "trainable_parameters": trainable + head,
-                "zero_stage": lrn.zero_stage, "gradient_checkpointing": self.checkpointing,
+                "backend": lrn.backend, "zero_stage": lrn.zero_stage, "gradient_checkpointing": self.checkpointing,
                 "packing_gap": packing_gap}
 
     # Packed and padded logprobs agree to rounding; sequences that see each other differ by far more
@@ -237,9 +244,9 @@ class Learner(CheckpointIO, WeightSender, RoleBase):
         tokens = lrn.micro_batch_tokens or lrn.micro_batch_size * longest
         response_tokens = tokens * self.spec.response_tokens // longest
         free, _ = torch.cuda.mem_get_info(self.device)
-        local_params = sum(p.numel() for p in self.engine.module.parameters())  # this rank's share
+        local_params = sum(self.engine.local_numel(p) for p in self.engine.module.parameters())  # this rank's share
         bodies = 2 if self.engine.module.critic_body is not None else 1
-        return ds.needs_activation_checkpointing(
+        return needs_activation_checkpointing(
             tokens * bodies, response_tokens, body.hidden_size, body.intermediate_size, body.num_hidden_layers,
             body.vocab_size, free_bytes=free - 2 * local_params)
 
@@ -329,7 +336,7 @@ class Learner(CheckpointIO, WeightSender, RoleBase):
         if temperature != self.spec.temperature:
             raise ValueError(f"reference at temperature {temperature}, but the learner scores at "
                              f"{self.spec.temperature} (rollout.temperature)")
-        if not self.sync_merged and self.spec.model.lora.rank == 0:
+        if self.spec.model.lora.rank == 0:
             raise RuntimeError("reference_logprobs needs LoRA (model.lora.rank > 0): without adapters the "
                                "learner's policy is not the reference; use the reference role.")
         shard = batch.split(self.world_size)[self.rank]
@@ -398,21 +405,19 @@ class Learner(CheckpointIO, WeightSender, RoleBase):
                     real = int(micro.attention_mask.sum())
                     real_tokens += real
                     pass_tokens += real if self.spec.learner.packing else micro.input_ids.numel()
-                    self.engine.set_gradient_accumulation_boundary(j == len(parts) - 1)
-                    stats = self._micro_step(micro.to(self.device), count, sequences, update.kl_coef)
+                    stats = self._micro_step(micro.to(self.device), count, sequences, update.kl_coef,
+                                             last=j == len(parts) - 1)
                     dev = stats.pop("ratio_dev_max")
                     first_dev = dev if first_dev is None else first_dev
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v * n_tok
                     tokens += n_tok
-                stepped = self.engine.was_step_applied() and not self._skip_step
-                nonfinite_steps += int(not stepped)
+                outcome = self.engine.step()
+                nonfinite_steps += int(not outcome.applied)
                 if self.head is not None:
-                    head_norms.append(self.head.step(engine_stepped=stepped))
-                norm = self.engine.get_global_grad_norm()
-                norm = self._grad_norm if norm is None else norm
-                if norm is not None:
-                    grad_norms.append(norm)
+                    head_norms.append(self.head.step(engine_stepped=outcome.applied))
+                if outcome.grad_norm is not None:
+                    grad_norms.append(outcome.grad_norm)
         keys = list(sums)
         values = torch.stack([sums[k].float() for k in keys]).cpu().tolist() if keys else []  # the one sync
         metrics = {k: v / max(tokens, 1.0) for k, v in zip(keys, values)}
@@ -421,7 +426,7 @@ class Learner(CheckpointIO, WeightSender, RoleBase):
         if self.head is not None:
             metrics["value_head_grad_norm"] = float(torch.stack(head_norms).mean()) if head_norms else float("nan")
         metrics["onpolicy_ratio_dev"] = float(first_dev) if first_dev is not None else float("nan")
-        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        metrics["lr"] = self.engine.lr()
         metrics["skipped_steps"] = float(skipped_steps)
         metrics["nonfinite_steps"] = float(nonfinite_steps)  # optimiser steps skipped for a non-finite gradient
         metrics["learner_tokens"] = float(pass_tokens)
@@ -431,29 +436,58 @@ class Learner(CheckpointIO, WeightSender, RoleBase):
         return metrics
 
     def _micro_step(self, mb: ExperienceBatch, step_tokens: float, step_sequences: float,
-                    kl_coef: float) -> dict[str, torch.Tensor]:
-        """Forward and backward of one micro-batch; the engine steps at the boundary set by the
-        caller. The policy loss is aggregated by ppo.loss_agg over the whole step's token and
-        sequence counts (all ranks), so any split of the step sums to the same update. Returns
-        detached per-token means over this micro-batch (device tensors)."""
+                    kl_coef: float, last: bool) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro-batch (``last``: the step's last on this rank; the
+        caller steps the engine after it). The policy loss is aggregated by ppo.loss_agg over the
+        whole step's token and sequence counts (all ranks), so any split of the step sums to the
+        same update. Returns detached per-token means over this micro-batch (device tensors)."""
         p = self.spec.ppo
         f = self._forward(mb, entropy="grad" if p.entropy_coef > 0 else "log")
         loss, stats = ppo_objective(p, mb, f.logprobs, f.values, f.entropy, step_tokens=step_tokens,
                                     step_sequences=step_sequences, kl_coef=kl_coef, max_len=self.spec.response_tokens)
-        # Undo DeepSpeed's mean over ranks; the step's counts already normalise.
-        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-        self._grad_norm, self._skip_step = None, False
-        if self.engine.is_gradient_accumulation_boundary() and self.engine.get_global_grad_norm() is None:
-            # ZeRO-0 in fp32 clips without keeping the norm and steps whatever the gradient holds
-            # (ZeRO-1/2/3 and bf16 skip a non-finite step): take the norm from the reduced
-            # gradients, and skip a non-finite step here: drop the gradients and leave the
-            # optimiser and its schedule untouched, as DeepSpeed does when it skips.
-            grads = [q.grad for q in self.engine.module.parameters() if q.grad is not None]
-            if grads:
-                self._grad_norm = torch.nn.utils.get_total_norm(grads)
-                self._skip_step = not bool(torch.isfinite(self._grad_norm))  # one host sync, ZeRO-0 fp32 only
-        if self._skip_step:
-            self.engine.zero_grad()
-        else:
-            self.engine.step()
+        self.engine.backward(loss, last)
         return stats
+
+    # ------------------------------------------------------------------ weight sync and checkpoints
+    def weight_specs(self) -> list[TensorSpec]:
+        """The policy tensors a sync sends (never the value head), under HF names."""
+        return self.sender.weight_specs()
+
+    def sync_is_partial(self) -> bool:
+        """Whether a sync leaves layers out (LoRA: only the adapted layers travel), so the engines'
+        "weights were not loaded" warnings for the others are expected; from the export plan."""
+        return self.sender.partial
+
+    def sync_address(self, loopback: bool = False) -> tuple[str, int]:
+        """Where the weight-sync group's store will listen (rank 0; ``WeightSender.sync_address``)."""
+        return self.sender.sync_address(loopback)
+
+    def init_sync_group(self, master_addr: str, master_port: int, world_size: int, timeout_s: float) -> None:
+        """Rank 0 joins the broadcast group with the rollout engines (``WeightSender.init_sync_group``)."""
+        self.sender.init_sync_group(master_addr, master_port, world_size, timeout_s)
+
+    def broadcast_weights(self, buckets: list[Bucket]) -> dict[str, float]:
+        """Collective transport; every rank calls (``WeightSender.broadcast_weights``)."""
+        return self.sender.broadcast_weights(buckets)
+
+    def export_arrays(self, buckets: list[Bucket]) -> list:
+        """Object-store transport; every rank calls (``WeightSender.export_arrays``)."""
+        return self.sender.export_arrays(buckets)
+
+    def policy_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full policy weights under HF names on rank 0 (adapted layers merged; None elsewhere);
+        all ranks must call."""
+        from rlhf_ray.models.export import export_plan
+
+        out = gather_export(self.engine, export_plan(self.engine.module.policy, POLICY_PREFIX), keep=self.rank == 0)
+        return out if self.rank == 0 else None
+
+    def save_checkpoint(self, path: str, tokenizer_path: str | None = None) -> bool:
+        """All ranks: this rank's part of a checkpoint under ``path`` (``LearnerCheckpoints.save``)."""
+        self.checkpoints.save(path, tokenizer_path)
+        return True
+
+    def load_checkpoint(self, path: str) -> bool:
+        """All ranks: restore what ``save_checkpoint`` wrote (``LearnerCheckpoints.load``)."""
+        self.checkpoints.load(path)
+        return True

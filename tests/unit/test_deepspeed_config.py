@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_ray.backends.deepspeed import (activation_bytes, build_optimizer, gather_full_state_dict, learner_ds_config,
-                                         make_torch_optimizer, needs_activation_checkpointing)
+from rlhf_ray.backends.deepspeed import build_optimizer, learner_ds_config
+from rlhf_ray.backends.engine import (activation_bytes, gather_full_state_dict, make_torch_optimizer,
+                                      needs_activation_checkpointing, nothing_to_gather)
 from rlhf_ray.backends.replicated import ReplicatedModule, replicate
 from rlhf_ray.config import LearnerConfig
 
@@ -114,14 +115,20 @@ def test_replica_state_round_trips_with_its_schedule():
     assert isinstance(b, ReplicatedModule)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
-def test_gather_full_state_dict_copies_on_the_keeping_rank_only(stage):
-    # Below ZeRO-3 every rank holds full parameters: no collective, the same copies. (ZeRO-3 is
-    # covered by tests/integration/test_train_entrypoints.py, which saves an SFT model from it.)
+class _WholeEngine:
+    """An engine whose parameters are whole on every rank (ZeRO 0-2): nothing to gather."""
+
+    gathered = staticmethod(nothing_to_gather)
+
+
+def test_gather_full_state_dict_copies_on_the_keeping_rank_only():
+    # Where every rank holds full parameters: no collective, the same copies. (Sharded engines are
+    # covered by tests/unit/test_train_engines.py and tests/integration/test_train_entrypoints.py.)
     model = torch.nn.Linear(3, 2)
-    full = gather_full_state_dict(model.named_parameters(), stage, keep=True)
+    engine = _WholeEngine()
+    full = gather_full_state_dict(engine, model.named_parameters(), keep=True)
     assert list(full) == ["weight", "bias"]
     for name, p in model.named_parameters():
         assert torch.equal(full[name], p.detach()) and full[name].device.type == "cpu"
         assert full[name].data_ptr() != p.data_ptr() and not full[name].requires_grad  # copies, not views
-    assert gather_full_state_dict(model.named_parameters(), stage, keep=False) == {}
+    assert gather_full_state_dict(engine, model.named_parameters(), keep=False) == {}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf_ray.backends.deepspeed import lr_multiplier, lr_scheduler
+from rlhf_ray.backends.engine import lr_multiplier, lr_scheduler
 from rlhf_ray.config import ConfigError, LearnerConfig, load_config
 
 

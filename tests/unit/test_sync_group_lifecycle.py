@@ -24,11 +24,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf_ray.backends.engine import nothing_to_gather
 from rlhf_ray.backends.vllm import WeightReceiver
 from rlhf_ray.config import config_from_dict
 from rlhf_ray.weight_sync.plan import TensorSpec, plan_buckets
 from rlhf_ray.weight_sync.transport import destroy_sync_group, free_port, new_sync_group, send_buckets
 from rlhf_ray.workers.learner import Learner, LearnerSpec
+from rlhf_ray.workers.learner_sync import WeightSender
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,8 +105,8 @@ def test_sync_address_reserves_its_port_until_the_group_is_built():
     try:
         assert _accepts("127.0.0.1", port) and not _accepts("127.0.0.2", port)
     finally:
-        destroy_sync_group(learner.sync_group)
-        learner.sync_group = None
+        destroy_sync_group(learner.sender.group)
+        learner.sender.group = None
 
 
 MASTER = """
@@ -152,15 +154,15 @@ def test_master_address_serves_the_learner_group_store_on_a_reserved_port(loopba
 def test_learner_aborts_the_old_group_before_it_builds_the_new_one():
     events: list[str] = []
     learner = Learner(_spec(), rank=0)
-    learner.sync_group = FakeGroup(events)
+    learner.sender.group = FakeGroup(events)
     addr, port = learner.sync_address(loopback=True)
     learner.init_sync_group(addr, port, 1, 10.0)
     try:
         assert events == ["abort"]
-        assert isinstance(learner.sync_group, torch.distributed.ProcessGroupGloo)
+        assert isinstance(learner.sender.group, torch.distributed.ProcessGroupGloo)
     finally:
-        destroy_sync_group(learner.sync_group)
-        learner.sync_group = None
+        destroy_sync_group(learner.sender.group)
+        learner.sender.group = None
 
 
 def test_learner_rebuild_closes_the_old_store_before_the_new_group_forms():
@@ -187,13 +189,13 @@ def test_learner_rebuild_closes_the_old_store_before_the_new_group_forms():
     try:
         assert old_store_closed, "the old group's store still listened while the new group was being built"
         sent, got = torch.arange(4.0), torch.zeros(4)
-        _together(lambda: learner.sync_group.broadcast(sent, 0).wait(),
+        _together(lambda: learner.sender.group.broadcast(sent, 0).wait(),
                   lambda: new_peer.broadcast(got, 0).wait())
         assert torch.equal(got, sent)  # the new group works
     finally:
         destroy_sync_group(new_peer)
-        destroy_sync_group(learner.sync_group)
-        new_peer = learner.sync_group = None
+        destroy_sync_group(learner.sender.group)
+        new_peer = learner.sender.group = None
 
 
 def test_engine_aborts_its_old_group_before_it_joins_the_new_one():
@@ -215,8 +217,8 @@ def test_engine_aborts_its_old_group_before_it_joins_the_new_one():
 # ---- item: a failed send still drains the gathers; the send is bounded as a whole ------------
 
 
-class GatherCountingLearner(Learner):
-    """Counts the buckets ``_full_buckets`` gathers (each gather starts by looking up its params)."""
+class GatherCountingSender(WeightSender):
+    """Counts the buckets ``full_buckets`` gathers (each gather starts by looking up its params)."""
 
     gathers = 0
 
@@ -225,43 +227,56 @@ class GatherCountingLearner(Learner):
         return super()._bucket_params(bucket)
 
 
+class _WholeEngine:
+    """An engine whose parameters are whole on every rank: ``gathered`` yields them as they are."""
+
+    gathered = staticmethod(nothing_to_gather)
+
+
+def _counting_learner(spec: LearnerSpec) -> Learner:
+    learner = Learner(spec, rank=0)
+    learner.sender = GatherCountingSender(0, spec.sync_timeout_s, learner.node_ip)
+    learner.sender.engine = _WholeEngine()
+    return learner
+
+
 def _with_params(learner: Learner, n: int) -> list:
-    learner.sync_params = [(torch.nn.Parameter(torch.full((16,), float(i))), f"layer.{i}") for i in range(n)]
-    return plan_buckets([TensorSpec(name, (16,), "float32") for _, name in learner.sync_params], bucket_bytes=64)
+    learner.sender.plain = [(torch.nn.Parameter(torch.full((16,), float(i))), f"layer.{i}") for i in range(n)]
+    return plan_buckets([TensorSpec(name, (16,), "float32") for _, name in learner.sender.plain], bucket_bytes=64)
 
 
 def test_rank0_runs_every_gather_when_the_send_times_out():
     """An engine joined the group but never receives: rank 0's send times out after
     sync_timeout_s, and rank 0 still runs the gathers of the buckets it did not send (under
     ZeRO-3 the other ranks wait in them), then raises."""
-    learner = GatherCountingLearner(_spec(sync_timeout_s=0.5), rank=0)
+    learner = _counting_learner(_spec(sync_timeout_s=0.5))
     buckets = _with_params(learner, 5)
     assert len(buckets) == 5
     port = free_port()
-    learner.sync_group, peer = _together(lambda: new_sync_group("127.0.0.1", port, 0, 2, "gloo", 10.0),
+    learner.sender.group, peer = _together(lambda: new_sync_group("127.0.0.1", port, 0, 2, "gloo", 10.0),
                                          lambda: new_sync_group("127.0.0.1", port, 1, 2, "gloo", 10.0))
     t0 = time.monotonic()
     try:
         with pytest.raises(RuntimeError):
             learner.broadcast_weights(buckets)
         assert time.monotonic() - t0 < 5.0
-        assert learner.gathers == 5  # every bucket, not just the ones before the failure
+        assert learner.sender.gathers == 5  # every bucket, not just the ones before the failure
     finally:
         destroy_sync_group(peer)
-        destroy_sync_group(learner.sync_group)
-        peer = learner.sync_group = None
+        destroy_sync_group(learner.sender.group)
+        peer = learner.sender.group = None
 
 
 def test_rank0_runs_every_gather_when_an_export_fails():
-    learner = GatherCountingLearner(_spec(), rank=0)
+    learner = _counting_learner(_spec())
     buckets = _with_params(learner, 4)
     # The first bucket cannot be copied to the host (a meta tensor has no data): the export fails
     # before any ray.put (so no Ray starts here), with three buckets still to gather.
-    first, name = learner.sync_params[0]
-    learner.sync_params[0] = (torch.nn.Parameter(torch.empty(first.shape, device="meta")), name)
+    first, name = learner.sender.plain[0]
+    learner.sender.plain[0] = (torch.nn.Parameter(torch.empty(first.shape, device="meta")), name)
     with pytest.raises(NotImplementedError):
         learner.export_arrays(buckets)
-    assert learner.gathers == 4
+    assert learner.sender.gathers == 4
 
 
 class SlowWork:
