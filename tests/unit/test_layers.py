@@ -138,3 +138,49 @@ def test_the_checks_find_an_upward_edge_and_a_cycle():
     assert upward_edges(bad) == ["rlhf_ray.workers.learner (layer 3) imports rlhf_ray.coordinator.loop (layer 4)"]
     loop = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(loop) == [["a", "b", "c"]]
+
+
+# --------------------------------------------------------------------------- the seams
+
+# A framework's own API is imported in its backend's file only: the roles and drivers talk to a
+# training engine through ``rlhf_ray.backends.engine.TrainEngine``, never to DeepSpeed or FSDP.
+FRAMEWORK_HOMES = {
+    "deepspeed": {"rlhf_ray.backends.deepspeed"},
+    "torch.distributed.fsdp": {"rlhf_ray.backends.fsdp2"},
+    "torch.distributed.checkpoint": {"rlhf_ray.backends.fsdp2"},
+}
+
+
+def framework_imports(path: Path) -> set[str]:
+    """Every imported module name of ``path`` (absolute imports; inside functions too)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def framework_leaks(mods: dict[str, Path]) -> list[str]:
+    leaks = []
+    for module, path in mods.items():
+        for name in framework_imports(path):
+            for framework, homes in FRAMEWORK_HOMES.items():
+                if (name == framework or name.startswith(framework + ".")) and module not in homes:
+                    leaks.append(f"{module} imports {name} (only {sorted(homes)} may)")
+    return sorted(set(leaks))
+
+
+def test_frameworks_are_imported_only_in_their_backend():
+    assert not framework_leaks(modules()), "\n".join(framework_leaks(modules()))
+
+
+def test_the_framework_check_finds_a_leak(tmp_path):
+    leaky = tmp_path / "leaky.py"
+    leaky.write_text("def setup():\n    import deepspeed.zero\n    from torch.distributed.fsdp import fully_shard\n")
+    assert framework_leaks({"rlhf_ray.workers.leaky": leaky}) == [
+        "rlhf_ray.workers.leaky imports deepspeed.zero (only ['rlhf_ray.backends.deepspeed'] may)",
+        "rlhf_ray.workers.leaky imports torch.distributed.fsdp (only ['rlhf_ray.backends.fsdp2'] may)",
+        "rlhf_ray.workers.leaky imports torch.distributed.fsdp.fully_shard (only ['rlhf_ray.backends.fsdp2'] may)",
+    ]
