@@ -19,11 +19,12 @@ optimiser step (all ranks, all micro-batches), obtained by one all-reduce per ep
 engine makes the gradient the sum over ranks and micro-batches (its ``backward`` contract), so
 it is exactly the full-batch gradient, however the batch is split.
 
-The value head is trained outside the engine, in float32 on every ZeRO stage and dtype
+The value head is trained outside the engine, in float32 on every backend, stage and dtype
 (``rlhf_ray.backends.replicated``); it is saved beside the engine state in checkpoints.
 
 Collaborators, built at set-up: the engine, the value head (``ReplicatedModule``), the
-weight sender (``learner_sync.WeightSender``) and the checkpoints (``learner_checkpoint``).
+forward passes (``learner_passes.ForwardPasses``), the weight sender
+(``learner_sync.WeightSender``) and the checkpoints (``learner_checkpoint``).
 The methods the coordinator calls on them are this class's own, one line each.
 """
 
@@ -32,16 +33,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from rlhf_ray.algorithms import chunked_logprobs_and_entropy
 from rlhf_ray.backends.engine import (EngineSettings, TrainEngine, hidden_size_of, needs_activation_checkpointing,
                                       train_backend)
 from rlhf_ray.backends.replicated import ReplicatedModule, replicate
-from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate, pack_generation, pack_rows, plan_passes
+from rlhf_ray.batch import ExperienceBatch, TrainUpdate, plan_passes
 from rlhf_ray.config import Config, LearnerConfig, ModelConfig, PPOConfig, resolve
 from rlhf_ray.models.actor_critic import POLICY_PREFIX
 from rlhf_ray.models.lora import LoraSpec, adapters_disabled
@@ -49,14 +48,9 @@ from rlhf_ray.weight_sync.plan import Bucket, TensorSpec
 from rlhf_ray.weight_sync.transport import serve_rendezvous
 from rlhf_ray.workers.base import RoleBase
 from rlhf_ray.workers.learner_checkpoint import LearnerCheckpoints
+from rlhf_ray.workers.learner_passes import Forward, ForwardPasses
 from rlhf_ray.workers.learner_sync import WeightSender, gather_export
 from rlhf_ray.workers.objective import ppo_objective
-
-
-class _Forward(NamedTuple):
-    logprobs: torch.Tensor  # (B, R)
-    values: torch.Tensor | None  # (B, R); None without a critic
-    entropy: torch.Tensor | None  # (B, R); None when not asked for
 
 
 @dataclass(frozen=True)
@@ -181,12 +175,13 @@ class Learner(RoleBase):
         self.head = (replicate(heads[0], lrn, spec.total_steps, self.device, self.world_size)
                      if spec.ppo.uses_critic else None)
         self.checkpoints = LearnerCheckpoints(self.engine, self.head, self.rank, m, spec.save_hf_policy)
+        self.passes = ForwardPasses(self.engine, self.head, lrn, spec.temperature, self.world_size)
         self.checkpointing = self._choose_checkpointing()
         if self.checkpointing:
             self.engine.module.policy.gradient_checkpointing_enable()
             if self.engine.module.critic_body is not None:
                 self.engine.module.critic_body.gradient_checkpointing_enable()
-        packing_gap = self._check_packing() if lrn.packing else None
+        packing_gap = self.passes.check_packing(m.dtype) if lrn.packing else None
         # A sync sends what training changes: every policy tensor, or with LoRA the adapted layers merged.
         self.sender.bind(self.engine, export_plan(self.engine.module.policy, POLICY_PREFIX, changed_only=True))
         params = list(self.engine.module.parameters())
@@ -198,38 +193,6 @@ class Learner(RoleBase):
                 "backend": lrn.backend, "zero_stage": lrn.zero_stage, "gradient_checkpointing": self.checkpointing,
                 "packing_gap": packing_gap}
 
-    # Packed and padded logprobs agree to rounding; sequences that see each other differ by far more
-    # (0.5 nats on the tiny test model, nats on real ones).
-    _PACKING_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
-
-    @torch.no_grad()
-    def _check_packing(self) -> float:
-        """learner.packing needs an attention that keeps packed sequences apart: transformers'
-        sdpa/eager masks do, flash kernels do with the boundaries ``ActorCritic`` passes, other
-        kernels may not. Checked once for the model's own attention: three made-up sequences
-        (12, 5 and 6 tokens) go through the padded forward and the packed one, which lays them
-        in two rows, one holding two sequences; the per-sequence mean logprob gap must stay
-        within rounding. Every rank runs it (two forwards each: ZeRO-3 gathers). Returns the gap."""
-        vocab = self.engine.module.policy.config.get_text_config().vocab_size
-        g = torch.Generator().manual_seed(0)
-        draw = lambda n: torch.randint(1, vocab, (n,), generator=g).tolist()  # noqa: E731
-        gen = Generation(prompt_ids=[draw(2) for _ in range(3)], response_ids=[draw(n) for n in (10, 3, 4)],
-                         logprobs=[[0.0] * n for n in (10, 3, 4)], finish_reasons=["length"] * 3,
-                         prompt_index=[0, 1, 2])
-        mb = pack_generation(gen, pad_id=0).to(self.device)
-        packed = self._forward(mb, entropy="none", packing=True).logprobs.float()
-        padded = self._forward(mb, entropy="none", packing=False).logprobs.float()
-        mask = mb.response_mask
-        gap = float(((packed - padded).abs() * mask).sum(-1).div(mask.sum(-1)).max())
-        limit = self._PACKING_TOLERANCE[self.spec.model.dtype]
-        if not gap <= limit:
-            impl = self.engine.module.policy.config._attn_implementation
-            raise RuntimeError(
-                f"learner.packing: with attention {impl!r} the packed forward does not give the padded "
-                f"forward's logprobs (mean gap {gap:.3g} nats per token on a made-up batch, allowed {limit}): "
-                f"this attention lets packed sequences see each other. Set --learner.packing false, or load "
-                f"the model with sdpa, eager or flash attention.")
-        return gap
 
     def _choose_checkpointing(self) -> bool:
         """model.gradient_checkpointing, or when unset: on only if one micro-batch's activations
@@ -250,65 +213,6 @@ class Learner(RoleBase):
             tokens * bodies, response_tokens, body.hidden_size, body.intermediate_size, body.num_hidden_layers,
             body.vocab_size, free_bytes=free - 2 * local_params)
 
-    # ------------------------------------------------------------------ forward passes
-    def _forward(self, mb: ExperienceBatch, entropy: str, packing: bool | None = None) -> _Forward:
-        """Logprobs and values (B, R) at the response positions only (the LM head skips the
-        prompt). With learner.packing (or ``packing``) the rows are laid end to end without
-        padding first. ``entropy``: "grad" (it is in the loss), "log" (detached, for metrics)
-        or "none"."""
-        mask = mb.response_mask
-        temperature = self.spec.temperature
-        packing = self.spec.learner.packing if packing is None else packing
-        if packing:
-            rows = pack_rows(mb)
-            out = self.engine(rows.input_ids, None, rows.position_ids, keep_index=rows.keep_index)
-            tokens = mb.response_ids[mask].unsqueeze(0)  # (1, N), in keep_index order
-        else:
-            out = self.engine(mb.input_ids, mb.attention_mask.long(), mb.position_ids, response_len=mask.shape[1])
-            tokens = mb.response_ids
-        values = self.head.module(out.value_hidden) if self.head is not None else None
-        logprobs, ent = chunked_logprobs_and_entropy(out.logits, tokens, temperature, entropy,
-                                                     self.spec.learner.logprob_chunk)
-        if packing:  # (1, N) -> (B, R), zeros at padding
-            def unpack(t: torch.Tensor) -> torch.Tensor:
-                return torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(mask, t)
-
-            logprobs = unpack(logprobs)
-            values = unpack(values) if values is not None else None
-            ent = unpack(ent) if ent is not None else None
-        return _Forward(logprobs, values, ent)
-
-    def _parts(self, batch: ExperienceBatch, max_tokens: int, max_rows: int) -> list[torch.Tensor | None]:
-        """Row indices of ``batch``'s no-grad forward passes (``plan_passes``): by token budget
-        when ``max_tokens`` > 0, else consecutive chunks of ``max_rows`` sequences.
-
-        Every rank runs as many passes as the rank that needs the most (one all-reduce): under
-        ZeRO-3 each forward gathers parameters collectively, so a rank that stopped one pass
-        early would leave the others waiting in a gather. The extra passes are ``None``: the
-        caller runs them on one row and discards the result (as ``train``'s plan agrees its
-        micro-batch count)."""
-        lengths = batch.attention_mask.sum(-1).tolist() if max_tokens > 0 else None
-        plan = plan_passes(len(batch), max_rows=max_rows, lengths=lengths, max_tokens=max_tokens)
-        if self.world_size > 1:
-            most = torch.tensor([len(plan)], device=self.device)
-            dist.all_reduce(most, op=dist.ReduceOp.MAX)
-            plan = plan_passes(len(batch), max_rows=max_rows, lengths=lengths, max_tokens=max_tokens,
-                               passes=int(most.item()))
-        return [None if rows is None else torch.tensor(rows) for rows in plan]
-
-    def _no_grad_passes(self, shard: ExperienceBatch, fill) -> None:
-        """Forward ``shard`` in the agreed passes (``_parts``) and hand each real pass's
-        micro-batch and output to ``fill(rows, mb, forward)``; padding passes forward the shard's
-        first row and drop the result (the coordinator never sends an empty slice)."""
-        lrn = self.spec.learner
-        for rows in self._parts(shard, lrn.forward_max_tokens, lrn.forward_batch_size):
-            if rows is None:
-                if len(shard):
-                    self._forward(shard.select(torch.tensor([0])).trim().to(self.device), entropy="none")
-                continue
-            mb = shard.select(rows).trim().to(self.device)
-            fill(rows, mb, self._forward(mb, entropy="none"))
-
     @torch.no_grad()
     def compute_old(self, shard: ExperienceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Old logprobs and values (B, R) of this rank's slice at the current weights. The slice
@@ -317,13 +221,13 @@ class Learner(RoleBase):
         logprobs = torch.zeros(len(shard), R)
         values = torch.zeros(len(shard), R)
 
-        def fill(rows: torch.Tensor, mb: ExperienceBatch, f: _Forward) -> None:
+        def fill(rows: torch.Tensor, mb: ExperienceBatch, f: Forward) -> None:
             r = f.logprobs.shape[1]
             logprobs[rows, :r] = (f.logprobs * mb.response_mask).float().cpu()
             if f.values is not None:  # critic-free estimators have no values: they stay 0
                 values[rows, :r] = (f.values * mb.response_mask).cpu()
 
-        self._no_grad_passes(shard, fill)
+        self.passes.no_grad(shard, fill)
         self.shard = shard.replace(old_logprobs=logprobs, old_values=values)
         return logprobs, values
 
@@ -342,11 +246,11 @@ class Learner(RoleBase):
         shard = batch.split(self.world_size)[self.rank]
         out = torch.zeros(shard.response_mask.shape)
 
-        def fill(rows: torch.Tensor, mb: ExperienceBatch, f: _Forward) -> None:
+        def fill(rows: torch.Tensor, mb: ExperienceBatch, f: Forward) -> None:
             out[rows, :f.logprobs.shape[1]] = (f.logprobs * mb.response_mask).float().cpu()
 
         with adapters_disabled(self.engine.module.policy):
-            self._no_grad_passes(shard, fill)
+            self.passes.no_grad(shard, fill)
         return out
 
     # ------------------------------------------------------------------ PPO update
@@ -442,7 +346,7 @@ class Learner(RoleBase):
         whole step's token and sequence counts (all ranks), so any split of the step sums to the
         same update. Returns detached per-token means over this micro-batch (device tensors)."""
         p = self.spec.ppo
-        f = self._forward(mb, entropy="grad" if p.entropy_coef > 0 else "log")
+        f = self.passes.forward(mb, entropy="grad" if p.entropy_coef > 0 else "log")
         loss, stats = ppo_objective(p, mb, f.logprobs, f.values, f.entropy, step_tokens=step_tokens,
                                     step_sequences=step_sequences, kl_coef=kl_coef, max_len=self.spec.response_tokens)
         self.engine.backward(loss, last)
