@@ -57,7 +57,7 @@ def run_config(model: str, correction: str, asynchronous: bool, args) -> Any:
     if args.iterations:
         overrides["ppo.iterations"] = args.iterations
     if args.eager:
-        overrides["rollout.enforce_eager"] = True
+        overrides["rollout.vllm.enforce_eager"] = True
     return _env.bench_config(model, **overrides)
 
 

@@ -32,7 +32,7 @@ estimator), and a line in benchmarks/results/history.jsonl.
 
 What it leaves out: the other ``ppo`` options (loss_agg, kl_in loss, ratio sequence, rollout
 correction, dynamic sampling, overlong buffer) stay at their defaults; no held-out evaluation
-(``eval.every 0``), no checkpoints. The vLLM engine runs eagerly (``rollout.enforce_eager
+(``eval.every 0``), no checkpoints. The vLLM engine runs eagerly (``rollout.vllm.enforce_eager
 true``, unlike the demo): each of the 10 runs would otherwise spend ~10-15 s compiling, more
 than the compiled decode saves over 100 short iterations (``--compiled`` turns it back on). Start-up
 (~40 s per run here: engine, reference, reward and two DeepSpeed ranks) is ~half of each run. The
@@ -78,7 +78,7 @@ def run_config(model: str, task: str, estimator: str, args) -> Any:
     return _env.bench_config(model, **{
         **SHARED, "name": f"est-{task}-{estimator}", "reward.function": TASKS[task],
         "ppo.estimator": estimator, "ppo.iterations": args.iterations,
-        "rollout.enforce_eager": not args.compiled,
+        "rollout.vllm.enforce_eager": not args.compiled,
     })
 
 
@@ -238,7 +238,7 @@ def main() -> None:
            for r in runs}
     key["total_minutes"] = round(total_s / 60, 1)
     _env.save_results(args.name, {
-        "args": vars(args), "settings": {**SHARED, "rollout.enforce_eager": not args.compiled,
+        "args": vars(args), "settings": {**SHARED, "rollout.vllm.enforce_eager": not args.compiled,
                                          "tasks": {t: TASKS[t] for t in tasks}},
         "threads": threads, "load": {**quiet, "end": _env.loadavg()}, "total_seconds": total_s,
         "figure": os.path.relpath(png, _env.ROOT), "table": rows, "runs": runs}, key)

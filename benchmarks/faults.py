@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = tempfile.mkdtemp(prefix="faults-")
     cfg = bench_config(tiny_model(), **{"ppo.iterations": args.iterations, "checkpoint.every": args.checkpoint_every,
-                                        "logging.run_dir": run_dir, "rollout.enforce_eager": True,
+                                        "logging.run_dir": run_dir, "rollout.vllm.enforce_eager": True,
                                         "sync.timeout_s": 60, "resources.call_timeout_s": 120})
     start_ray()
     watcher = Watcher(run_dir, plan)

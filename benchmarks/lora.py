@@ -121,13 +121,11 @@ def memory_rows(demo: str, rank: int) -> list[dict[str, Any]]:
 def start_engine(model_path: str):
     from vllm import LLM
 
-    from rlhf_ray.backends.vllm import EngineSpec, engine_kwargs
-    from rlhf_ray.workers.rollout import _QuietBenignReload
+    from rlhf_ray.backends.rollout import RolloutSpec
+    from rlhf_ray.backends.vllm import _QuietBenignReload, engine_env, engine_kwargs
 
     logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietBenignReload())
-    from rlhf_ray.backends.vllm import engine_env
-
-    spec = EngineSpec.from_config(_env.bench_config(model_path))
+    spec = RolloutSpec.from_config(_env.bench_config(model_path))
     os.environ.update(engine_env(spec))  # in-process engine, 1 thread, as the rollout actor runs it
     return LLM(**engine_kwargs(spec, model_path, seed=0))
 

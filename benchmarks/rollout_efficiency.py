@@ -6,9 +6,9 @@ other processes hits both alike:
   * system: ``RolloutGroup.generate(...).result()`` on one ``RolloutActor`` (Ray actor, its
     runtime_env as ``Roles`` sets it: 1 thread, in-process vLLM engine) followed by
     ``pack_generation`` in the driver, i.e. the coordinator's generate phase;
-  * direct: ``vllm.LLM(**rlhf_ray.backends.vllm.engine_kwargs(EngineSpec.from_config(cfg), ...))`` in this process (same
+  * direct: ``vllm.LLM(**rlhf_ray.backends.vllm.engine_kwargs(RolloutSpec.from_config(cfg), ...))`` in this process (same
     engine arguments, env and seed, 1 thread), ``llm.generate`` with the same token prompts and
-    the same ``SamplingParams`` as ``RolloutEngine.generate`` builds;
+    the same ``SamplingParams`` as ``VLLMBackend.generate`` builds;
   * in between: ``RolloutEngine.generate`` (the same plain class, no Ray) + ``pack_generation``
     in this process, which adds only our output conversion and packing to ``direct``.
 Each path runs twice per repeat: without the sampled tokens' logprobs (most iterations) and with
@@ -63,9 +63,10 @@ def main() -> None:
     model = _env.tiny_model()
     # One engine config serves every size: max_model_len is the demo's 128 (prompts <= 48 tokens).
     cfg = make_config(model, *sizes[0], threads=args.threads)
-    from rlhf_ray.backends.vllm import EngineSpec, engine_env
+    from rlhf_ray.backends.rollout import RolloutSpec
+    from rlhf_ray.backends.vllm import engine_env
 
-    engine_spec = EngineSpec.from_config(cfg)
+    engine_spec = RolloutSpec.from_config(cfg)
     os.environ.update(engine_env(engine_spec))  # before vllm is imported, as the actor's runtime_env does
     threads = _env.set_threads(cfg.resources.rollout.threads)
     quiet = _env.wait_for_quiet(args.quiet_wait)
@@ -115,7 +116,7 @@ def main() -> None:
                 t_sys = time.perf_counter() - t0
 
                 t0 = time.perf_counter()
-                outs = local.llm.generate(token_prompts, params, use_tqdm=False)
+                outs = local.backend.llm.generate(token_prompts, params, use_tqdm=False)
                 t_direct = time.perf_counter() - t0
 
                 t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Where a run's start-up goes: from the launcher's start to the first iteration, per phase.
 
-    python -m benchmarks.startup [--set rollout.enforce_eager=true ...] [--name startup]
+    python -m benchmarks.startup [--set rollout.vllm.enforce_eager=true ...] [--name startup]
 
 Runs the demo config's start-up as ``python -m rlhf_ray.launch`` does (imports, inputs, Ray,
 roles, coordinator; the same ``StartupClock``), then asks Ray's state API when each actor's

@@ -128,11 +128,11 @@ def vllm_load_floor(cfg, model_path: str, reps: int) -> float:
     from safetensors.torch import load_file
     from vllm import LLM
 
-    from rlhf_ray.backends.vllm import EngineSpec, engine_kwargs
-    from rlhf_ray.workers.rollout import _QuietBenignReload
+    from rlhf_ray.backends.rollout import RolloutSpec
+    from rlhf_ray.backends.vllm import _QuietBenignReload, engine_kwargs
 
     logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietBenignReload())
-    kwargs = engine_kwargs(EngineSpec.from_config(cfg), model_path, seed=0)
+    kwargs = engine_kwargs(RolloutSpec.from_config(cfg), model_path, seed=0)
     kwargs.pop("worker_extension_cls", None)
     llm = LLM(**kwargs)
     state = {}
@@ -153,15 +153,16 @@ def vllm_load_floor(cfg, model_path: str, reps: int) -> float:
 
 
 def start_sync_roles(cfg):
-    from rlhf_ray.backends.vllm import EngineSpec, engine_env
+    from rlhf_ray.backends.rollout import RolloutSpec
+    from rlhf_ray.backends.vllm import engine_env
     from rlhf_ray.coordinator.groups import LearnerGroup, base_env
     from rlhf_ray.workers.actors import LearnerActor, RolloutActor
     from rlhf_ray.workers.learner import LearnerSpec
 
     res = cfg.resources
     engine = RolloutActor.options(num_cpus=res.rollout.num_cpus, max_concurrency=1, runtime_env={
-        "env_vars": {**base_env(res.rollout.threads), **engine_env(EngineSpec.from_config(cfg))}}).remote(
-        EngineSpec.from_config(cfg), 0)
+        "env_vars": {**base_env(res.rollout.threads), **engine_env(RolloutSpec.from_config(cfg))}}).remote(
+        RolloutSpec.from_config(cfg), 0)
     n = cfg.learner.num_ranks
     actors = [LearnerActor.options(num_cpus=res.learner.num_cpus, max_concurrency=1, runtime_env={
         "env_vars": base_env(res.learner.threads)}).remote(LearnerSpec.from_config(cfg), i) for i in range(n)]
@@ -200,7 +201,7 @@ def run_model(hidden: int, layers: int, args) -> dict[str, Any]:
     if args.bucket_mb is not None:
         overrides["sync.bucket_mb"] = args.bucket_mb
     if args.enforce_eager is not None:
-        overrides["rollout.enforce_eager"] = args.enforce_eager == "true"
+        overrides["rollout.vllm.enforce_eager"] = args.enforce_eager == "true"
     cfg = _env.bench_config(path, **overrides)
     engine, learners = start_sync_roles(cfg)
     out: dict[str, Any] = {"model": f"h{hidden}x{layers}", "parameters": count_parameters(path)}
@@ -237,20 +238,21 @@ def main() -> None:
     ap.add_argument("--zero-stage", type=int, default=2)
     ap.add_argument("--bucket-mb", type=float, default=None, help="sync.bucket_mb (default: the config's)")
     ap.add_argument("--enforce-eager", choices=("true", "false"), default=None,
-                    help="rollout.enforce_eager for the engines (default: the demo config's, false: compiled)")
+                    help="rollout.vllm.enforce_eager for the engines (default: the demo config's, false: compiled)")
     ap.add_argument("--no-load-floor", dest="load_floor", action="store_false",
                     help="skip the in-process vLLM reload floor")
     ap.add_argument("--quiet-wait", type=float, default=60.0)
     ap.add_argument("--name", default="weight_sync")
     args = ap.parse_args()
 
-    from rlhf_ray.backends.vllm import EngineSpec, engine_env
+    from rlhf_ray.backends.rollout import RolloutSpec
+    from rlhf_ray.backends.vllm import engine_env
 
     threads = _env.set_threads(1)
     quiet = _env.wait_for_quiet(args.quiet_wait)
     models = [tuple(int(x) for x in m.split("x")) for m in args.models.split(",")]
     base_cfg = _env.bench_config(_env.tiny_model())
-    os.environ.update(engine_env(EngineSpec.from_config(base_cfg)))  # for the in-process load floor, before vllm is imported
+    os.environ.update(engine_env(RolloutSpec.from_config(base_cfg)))  # for the in-process load floor, before vllm is imported
     _env.set_threads(1)
     _env.start_ray(num_cpus=4)
     results = [run_model(h, layer_count, args) for h, layer_count in models]

@@ -66,7 +66,7 @@ TWINS: dict[str, Twin] = {
             "resources.rollout.threads": ("1", "as above"),
             "resources.reference.threads": ("1", "as above"),
             "resources.reward.threads": ("1", "as above"),
-            "rollout.enforce_eager": ("true", "CUDA graphs need a GPU (the CPU compile path is the demo's twin)"),
+            "rollout.vllm.enforce_eager": ("true", "CUDA graphs need a GPU (the CPU compile path is the demo's twin)"),
             "resources.call_timeout_s": ("240", "a hang fails the test in 4 minutes, not 30"),
             "logging.run_dir": ("{run_dir}", "a test directory instead of /shared/runs"),
         },

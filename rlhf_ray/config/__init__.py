@@ -41,6 +41,7 @@ from rlhf_ray.config.schema import (
     RoleResources,
     RolloutConfig,
     SyncConfig,
+    VLLMConfig,
     get_path,
 )
 from rlhf_ray.config.sizes import Sizes, _divide, resolve
@@ -50,7 +51,7 @@ from rlhf_ray.config.validate import (field_errors, interface_errors, optimizer_
 __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "FrozenDict", "LearnerConfig",
     "LoggingConfig", "ModelConfig", "PPOConfig", "ReferenceConfig", "ResourcesConfig", "RewardConfig",
-    "RoleResources", "RolloutConfig", "Sizes", "SyncConfig", "choice_errors", "choices_of", "config_from_dict",
+    "RoleResources", "RolloutConfig", "Sizes", "SyncConfig", "VLLMConfig", "choice_errors", "choices_of", "config_from_dict",
     "config_to_dict", "field_docs", "fields_help", "Dtype", "Template", "TinyModel", "TooLong",
     "get_path", "iter_fields", "load_config", "parse_overrides", "resolve", "validate", "field_errors", "interface_errors", "optimizer_errors",
     "raise_if_any", "resource_errors", "redact_url", "redacted",

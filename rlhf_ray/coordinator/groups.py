@@ -13,7 +13,7 @@ import ray
 import torch
 
 from rlhf_ray.backends.engine import dist_backend
-from rlhf_ray.backends.vllm import EngineSpec, engine_env
+from rlhf_ray.backends.rollout import RolloutSpec, rollout_env
 from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate
 from rlhf_ray.config import Config
 from rlhf_ray.config.validate import reference_from_learner
@@ -223,7 +223,7 @@ class Roles:
             else ReferenceClient([], timeout)
         self.placement: dict[str, dict] = {}
         # Each role's actor class and the spec it is built from (its own settings, not the tree).
-        self.kinds = {"rollout": (RolloutActor, EngineSpec.from_config(cfg)),
+        self.kinds = {"rollout": (RolloutActor, RolloutSpec.from_config(cfg)),
                       "reference": (ReferenceActor, ReferenceSpec.from_config(cfg)),
                       "reward": (RewardActor, RewardSpec.from_config(cfg)),
                       "learner": (LearnerActor, LearnerSpec.from_config(cfg))}
@@ -251,8 +251,8 @@ class Roles:
         gen = self.generation.get(source, 0)
         name = f"{role}-{i}" + (f"-r{gen}" if gen else "")
         env = base_env(res.threads, collective_interface(self.cfg.resources.network_interface))
-        if isinstance(spec, EngineSpec):
-            env.update(engine_env(spec))
+        if isinstance(spec, RolloutSpec):
+            env.update(rollout_env(spec))
         return actor_cls.options(**actor_options(self.pgs[role], i, res, name, env)).remote(spec, i)
 
     def _start_learners(self) -> None:

@@ -46,7 +46,7 @@ def small_config(model_path: str, **overrides):
         "ppo.iterations": 3, "ppo.mini_batches": 2, "learner.micro_batch_size": 2,
         "learner.lr": 1e-3, "logging.tensorboard": True, "logging.progress_bar": False,
         "sync.check_logprobs_every": 1,  # the tests check the weight sync on every iteration
-        "rollout.enforce_eager": True,  # ~3 s engine start instead of ~15 s of compiling
+        "rollout.vllm.enforce_eager": True,  # ~3 s engine start instead of ~15 s of compiling
         "eval.every": 0,  # tests that evaluate turn it on
     }
     base.update(overrides)

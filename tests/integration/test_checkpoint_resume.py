@@ -83,7 +83,7 @@ def test_sigterm_stops_cleanly_with_a_checkpoint(tiny_llama, tmp_path):
            "--model.build_tiny", "none", "--ppo.iterations", "400", "--logging.run_dir", str(run_dir),
            "--rollout.prompts_per_iteration", "4",
            "--rollout.samples_per_prompt", "4", "--learner.micro_batch_size", "4", "--logging.tensorboard", "false",
-           "--rollout.enforce_eager", "true"]
+           "--rollout.vllm.enforce_eager", "true"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = run_dir / "metrics.jsonl"

@@ -38,7 +38,7 @@ def test_ppo_iterations_end_to_end(ray_cluster, tiny_llama, tmp_path, zero_stage
 
     cfg = small_config(tiny_llama, **{"learner.zero_stage": zero_stage, "sync.transport": transport,
                                       "model.separate_critic": separate_critic, "sync.bucket_mb": bucket_mb,
-                                      "rollout.enforce_eager": eager,
+                                      "rollout.vllm.enforce_eager": eager,
                                       "learner.warmup_steps": 1, "learner.lr_schedule": "cosine",
                                       "learner.min_lr_ratio": 0.1})
     summary = run(cfg, str(tmp_path / "run"))

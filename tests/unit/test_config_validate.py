@@ -139,7 +139,7 @@ def test_eval_settings_are_not_checked_while_eval_is_off():
                                                   "zero-initialised value head."),
         (["--rollout.top_k", "0"], "--rollout.top_k must be -1 (top-k off) or >= 1 (got 0)."),
         (["--rollout.top_k", "-2"], "--rollout.top_k must be -1 (top-k off) or >= 1 (got -2)."),
-        (["--rollout.gpu_memory_utilization", "1.5"], "--rollout.gpu_memory_utilization must be in (0, 1] (got 1.5)"),
+        (["--rollout.vllm.gpu_memory_utilization", "1.5"], "--rollout.vllm.gpu_memory_utilization must be in (0, 1] (got 1.5)"),
         (["--rollout.tensor_parallel_size", "0"], "--rollout.tensor_parallel_size must be > 0 (got 0)."),
         (["--reward.clip", "0"], "--reward.clip must be > 0 (got 0.0): scores are clipped to [-clip, clip]; unset "
                                  "it to keep them unclipped."),

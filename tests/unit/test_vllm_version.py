@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from rlhf_ray.backends import vllm as backend
-from rlhf_ray.backends.vllm import SUPPORTED_VLLM, EngineSpec, check_vllm_version, engine_kwargs
+from rlhf_ray.backends.rollout import RolloutSpec
+from rlhf_ray.backends.vllm import SUPPORTED_VLLM, check_vllm_version, engine_kwargs
 from rlhf_ray.config import Config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -96,7 +97,7 @@ def test_engine_kwargs_warns_once_per_process(monkeypatch, fresh_warning_state):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for seed in range(3):
-            engine_kwargs(EngineSpec.from_config(Config()), "/models/tiny", seed=seed)
+            engine_kwargs(RolloutSpec.from_config(Config()), "/models/tiny", seed=seed)
     unsupported = [w for w in caught if "vLLM 0.33.0 is installed" in str(w.message)]
     assert len(unsupported) == 1
     assert issubclass(unsupported[0].category, RuntimeWarning)
@@ -106,5 +107,5 @@ def test_engine_kwargs_is_silent_on_a_supported_vllm(monkeypatch, fresh_warning_
     monkeypatch.setattr(backend, "installed_vllm_version", lambda: "0.32.0+cpu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engine_kwargs(EngineSpec.from_config(Config()), "/models/tiny", seed=0)
+        engine_kwargs(RolloutSpec.from_config(Config()), "/models/tiny", seed=0)
     assert not [w for w in caught if "is installed" in str(w.message)]
