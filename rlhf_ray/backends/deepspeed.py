@@ -135,6 +135,7 @@ class DeepSpeedEngine:
         self.device = engine.device  # cuda:0 of the GPU Ray assigned, or cpu
         self.world_size = world_size
         self.zero_stage = zero_stage
+        self.outside_grad_scale = float(world_size)  # the loss is scaled by it in backward
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
@@ -186,6 +187,9 @@ class DeepSpeedEngine:
         with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
             yield [p.data for p in params]
 
+    def value_dtype(self, p: torch.nn.Parameter) -> torch.dtype:
+        return p.dtype  # bf16 mode keeps bf16 parameters (the float32 master copy is the optimiser's)
+
     def full_shape(self, p: torch.nn.Parameter) -> tuple[int, ...]:
         return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
 
@@ -196,6 +200,9 @@ class DeepSpeedEngine:
         self._engine.save_checkpoint(path, tag=STATE_TAG)
 
     def load(self, path: str) -> None:
+        if not os.path.isdir(os.path.join(path, STATE_TAG)):  # DeepSpeed itself fails with an assertion
+            raise FileNotFoundError(f"no DeepSpeed engine state under {path}: {os.path.join(path, STATE_TAG)} does not "
+                                    "exist; was it saved with learner.backend deepspeed?")
         load_path, _ = self._engine.load_checkpoint(path, tag=STATE_TAG, load_optimizer_states=True,
                                                     load_lr_scheduler_states=True)
         if load_path is None:

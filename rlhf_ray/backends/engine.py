@@ -60,6 +60,13 @@ class TrainEngine(Protocol):
     device: torch.device
     """Where this rank computes (``cuda:<i>`` of the GPU Ray assigned, or cpu)."""
 
+    outside_grad_scale: float
+    """``backward`` runs autograd on ``loss x outside_grad_scale``: a tensor outside the engine
+    that the loss depends on (the value head replicated beside it, ``rlhf_ray.backends.replicated``)
+    receives that multiple of its gradient, and divides it out after summing over ranks.
+    DeepSpeed: the world size (it averages its own gradients over ranks, so the loss is scaled);
+    FSDP2: 1 (it reduces with a sum)."""
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The model's forward, with whatever the framework does around it (gathering sharded
         parameters, casting to the compute dtype)."""
@@ -78,11 +85,8 @@ class TrainEngine(Protocol):
         and micro-batches, i.e. the full-batch gradient: an engine whose framework averages over
         ranks or divides by the accumulation count undoes it here.
 
-        Tensors outside the engine that ``loss`` depends on (the value head replicated beside
-        it, ``rlhf_ray.backends.replicated``) receive the gradient of ``loss x world size``, on
-        every backend: autograd runs on the loss scaled by the world size and the engine's own
-        reduction averages over ranks, so an outside module that averages its gradients over
-        ranks the same way gets the sum too."""
+        Tensors outside the engine that ``loss`` depends on receive the gradient of
+        ``loss x outside_grad_scale`` on this rank, unreduced."""
 
     def step(self) -> StepOutcome:
         """The optimiser-step boundary, after ``backward(..., last=True)``: clip the global
@@ -94,9 +98,14 @@ class TrainEngine(Protocol):
         """The learning rate the next step applies (the first parameter group's)."""
 
     def gathered(self, params: Sequence[torch.nn.Parameter]) -> ContextManager[list[torch.Tensor]]:
-        """Inside the block, the full values of ``params`` (on this rank's device, in order; read
-        them, do not keep or change them). Collective where parameters are sharded: every rank
-        enters with the same parameters."""
+        """Inside the block, the full values of ``params`` (on this rank's device, in order, each
+        in ``value_dtype(p)``; read them, do not keep or change them). Collective where
+        parameters are sharded: every rank enters with the same parameters."""
+
+    def value_dtype(self, p: torch.nn.Parameter) -> torch.dtype:
+        """The dtype the model computes with ``p`` in, which ``gathered`` gives and a weight sync
+        or an exported checkpoint carries: model.dtype for floating-point weights, whatever
+        dtype the engine keeps its master copy in (FSDP2 keeps float32 under bf16 compute)."""
 
     def full_shape(self, p: torch.nn.Parameter) -> tuple[int, ...]:
         """``p``'s full shape, also for a shard."""

@@ -22,8 +22,9 @@ The only module that imports FSDP2. How it meets the contract:
   their gradients and the optimiser state are float32; FSDP2's mixed-precision policy gathers
   the parameters as bf16 for the forward and backward (bf16 compute and activations, bf16
   logits) and reduces the gradients in float32: DeepSpeed's bf16 mode, in FSDP2's terms.
-  ``module.parameters()`` are therefore float32 (shards), and ``gathered`` returns float32 full
-  tensors.
+  ``module.parameters()`` are therefore float32 (shards); ``gathered`` casts the full tensors
+  to bf16 as the forward does (``value_dtype``), so a sync or an exported checkpoint carries
+  bf16, as with DeepSpeed.
 - learner.offload_optimizer: FSDP2's CPU offload policy (sharded parameters, gradients and
   optimiser state in CPU memory, the step on the CPU). On a CPU-only machine everything is in
   CPU memory already, so it changes nothing and is not applied.
@@ -36,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -87,18 +89,26 @@ class FSDP2Engine:
     :class:`rlhf_ray.backends.engine.TrainEngine`."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, max_grad_norm: float) -> None:
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, max_grad_norm: float,
+                 compute_dtype: torch.dtype = torch.float32) -> None:
         self.module = module
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.device = device
         self.max_grad_norm = max_grad_norm
+        self.outside_grad_scale = 1.0  # backward runs on the loss itself: FSDP2 reduces with a sum
+        self.compute_dtype = compute_dtype  # the mixed-precision policy's parameter dtype
         self._sharded = [m for m in module.modules() if isinstance(m, FSDPModule)]
         self._trainable = [p for p in module.parameters() if p.requires_grad]
         self.rank = dist.get_rank()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.module(*args, **kwargs)
+        with warnings.catch_warnings():
+            # The actor-critic returns its logits and hidden states at the response positions as
+            # views (a slice); FSDP2 warns that an in-place op on a view would skip its hooks.
+            # Nothing changes these outputs in place (the loss math is out of place).
+            warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+            out = self.module(*args, **kwargs)
         if not torch.is_grad_enabled():
             # No backward will reshard: without this, under zero_stage 2 the gathered parameters
             # would stay registered on the module after a no-grad pass (memory, and stale values
@@ -142,7 +152,12 @@ class FSDP2Engine:
     @contextlib.contextmanager
     def gathered(self, params: Sequence[nn.Parameter]) -> Iterator[list[torch.Tensor]]:
         with torch.no_grad():
-            yield [p.full_tensor() if isinstance(p, DTensor) else p.data for p in params]
+            yield [(p.full_tensor() if isinstance(p, DTensor) else p.data).to(self.value_dtype(p)) for p in params]
+
+    def value_dtype(self, p: nn.Parameter) -> torch.dtype:
+        # The float32 master weights are cast as the forward casts them: a sync or an export of a
+        # bf16 run carries bf16, as DeepSpeed's does.
+        return self.compute_dtype if p.dtype.is_floating_point else p.dtype
 
     def full_shape(self, p: nn.Parameter) -> tuple[int, ...]:
         return tuple(p.shape)  # a DTensor's shape is the global one
@@ -214,4 +229,6 @@ def build(load: Callable[[], nn.Module], settings: EngineSettings) -> FSDP2Engin
             m.set_force_sum_reduction_for_comms(True)
     optimizer = make_torch_optimizer(param_groups(model, lrn), lrn,
                                      fused=False if lrn.offload_optimizer or not on_gpu else None)
-    return FSDP2Engine(model, optimizer, lr_scheduler(optimizer, lrn, settings.total_steps), device, lrn.max_grad_norm)
+    compute = torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32
+    return FSDP2Engine(model, optimizer, lr_scheduler(optimizer, lrn, settings.total_steps), device, lrn.max_grad_norm,
+                       compute)

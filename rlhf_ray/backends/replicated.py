@@ -8,9 +8,10 @@ weights, float32 optimiser state and a float32 forward on every ZeRO stage, with
 optimiser offload; it holds H + 1 numbers, so replicating it costs nothing.
 
 Its gradient comes from the same backward as the body's. At each optimiser step the ranks'
-gradients are summed with one all-reduce and divided by the world size (every engine's
-``backward`` runs autograd on the loss times the world size, ``TrainEngine.backward``), clipped
-to ``max_grad_norm`` on their own (the body's norm is the engine's), and the step is
+gradients are summed with one all-reduce and divided by the engine's ``outside_grad_scale``
+(the factor its ``backward`` put on the loss: the world size for DeepSpeed, 1 for FSDP2), so
+they are the full-batch gradient as the body's are; clipped to ``max_grad_norm`` on their own
+(the body's norm is the engine's), and the step is
 skipped when they are not finite or the engine skipped its own step, so body and head never
 drift apart by one update.
 """
@@ -34,15 +35,19 @@ class ReplicatedModule:
             schedule on a skipped step either, so body and head stay in lock-step).
         max_grad_norm: clip threshold of this module's gradient norm (0: no clipping).
         world_size: data-parallel ranks that hold a replica (1: no communication).
+        grad_scale: the factor on every rank's gradient (``TrainEngine.outside_grad_scale``),
+            divided out after the sum over ranks.
     """
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, max_grad_norm: float, world_size: int) -> None:
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, max_grad_norm: float, world_size: int,
+                 grad_scale: float = 1.0) -> None:
         self.module = module
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.max_grad_norm = max_grad_norm
         self.world_size = world_size
+        self.grad_scale = grad_scale
         self.params = [p for p in module.parameters() if p.requires_grad]
 
     def step(self, engine_stepped: bool = True) -> torch.Tensor:
@@ -52,7 +57,8 @@ class ReplicatedModule:
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         if self.world_size > 1:
             dist.all_reduce(flat)
-            flat /= self.world_size
+        if self.grad_scale != 1.0:
+            flat /= self.grad_scale
         norm = flat.norm()
         if self.max_grad_norm > 0:
             flat *= torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
@@ -78,7 +84,7 @@ class ReplicatedModule:
 
 
 def replicate(module: nn.Module, lrn: LearnerConfig, total_steps: int, device: torch.device,
-              world_size: int) -> ReplicatedModule:
+              world_size: int, grad_scale: float = 1.0) -> ReplicatedModule:
     """The value head's replica, with rank 0's weights on every rank (one broadcast per tensor
     when ``world_size`` > 1; every rank must call it): learner.value_head_lr (default
     learner.lr), the learner's optimiser kind, betas, weight decay, warm-up and schedule, fused
@@ -96,4 +102,4 @@ def replicate(module: nn.Module, lrn: LearnerConfig, total_steps: int, device: t
     lr = lrn.value_head_lr or lrn.lr
     optimizer = make_torch_optimizer([{"params": list(module.parameters()), "lr": lr, "name": "value_head"}], lrn)
     return ReplicatedModule(module, optimizer, lr_scheduler(optimizer, lrn, total_steps), lrn.max_grad_norm,
-                            world_size)
+                            world_size, grad_scale)

@@ -172,8 +172,8 @@ class Learner(RoleBase):
         self.engine = backend.build(load, settings)
         self.device = self.engine.device  # cuda:0 of the GPU Ray assigned, or cpu
         # Critic-free estimators train no value network: the head is dropped, not trained.
-        self.head = (replicate(heads[0], lrn, spec.total_steps, self.device, self.world_size)
-                     if spec.ppo.uses_critic else None)
+        self.head = (replicate(heads[0], lrn, spec.total_steps, self.device, self.world_size,
+                               self.engine.outside_grad_scale) if spec.ppo.uses_critic else None)
         self.checkpoints = LearnerCheckpoints(self.engine, self.head, self.rank, m, spec.save_hf_policy)
         self.passes = ForwardPasses(self.engine, self.head, lrn, spec.temperature, self.world_size)
         self.checkpointing = self._choose_checkpointing()

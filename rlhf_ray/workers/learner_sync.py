@@ -65,9 +65,9 @@ class WeightSender:
 
     def weight_specs(self) -> list[TensorSpec]:
         """The policy tensors a sync sends (never the value head), full shapes, under HF names."""
-        shape = self.engine.full_shape
-        specs = [TensorSpec(hf, shape(p), dtype_name(p.dtype)) for p, hf in self.plain]
-        return specs + [TensorSpec(hf, shape(m.base), dtype_name(m.base.dtype)) for hf, m in self.merged.items()]
+        shape, dtype = self.engine.full_shape, self.engine.value_dtype
+        specs = [TensorSpec(hf, shape(p), dtype_name(dtype(p))) for p, hf in self.plain]
+        return specs + [TensorSpec(hf, shape(m.base), dtype_name(dtype(m.base))) for hf, m in self.merged.items()]
 
     # ------------------------------------------------------------------ the group with the engines
     def sync_address(self, loopback: bool = False) -> tuple[str, int]:

@@ -1,6 +1,6 @@
 """One learner rank with the whole batch and two ranks with half each make the same update.
 
-Runs real DeepSpeed learner actors (ZeRO-2, gloo) on a synthetic experience batch. SGD is used
+Runs real learner actors (DeepSpeed ZeRO-2, and FSDP2; gloo) on a synthetic experience batch. SGD is used
 so that the update is proportional to the gradient: Adam's first step is ~lr * sign(grad) and
 would hide a wrongly scaled gradient.
 """
@@ -59,14 +59,19 @@ def _update(ray, model: str, ranks: int, batch: ExperienceBatch, **overrides) ->
     return metrics, weights
 
 
-@pytest.mark.parametrize("overrides", [{}, {"ppo.loss_agg": "seq_mean_token_sum_norm", "ppo.estimator": "grpo"}],
-                         ids=["token_mean-gae", "dr_grpo"])
+@pytest.mark.parametrize("overrides", [
+    {}, {"ppo.loss_agg": "seq_mean_token_sum_norm", "ppo.estimator": "grpo"}, {"learner.backend": "fsdp2"},
+    {"learner.backend": "fsdp2", "learner.zero_stage": 3, "ppo.loss_agg": "seq_mean_token_sum_norm"}],
+    ids=["token_mean-gae", "dr_grpo", "fsdp2-gae", "fsdp2-reshard-seq_mean"])
 def test_one_rank_and_two_ranks_make_the_same_update(ray_cluster, tiny_llama, overrides):
     batch = synthetic_batch()
     m1, w1 = _update(ray_cluster, tiny_llama, 1, batch, **overrides)
     m2, w2 = _update(ray_cluster, tiny_llama, 2, batch, **overrides)
     assert m1["grad_norm"] > 0
     assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4)
+    if "value_head_grad_norm" in m1:  # the head beside the engine gets the full-batch gradient too
+        assert m1["value_head_grad_norm"] > 0
+        assert m2["value_head_grad_norm"] == pytest.approx(m1["value_head_grad_norm"], rel=1e-4)
     # the ranks hold different token counts: the group's metrics are the whole batch's
     assert m2["learner_tokens"] == m1["learner_tokens"] == int(batch.attention_mask.sum())
     for key in ("policy_loss", "entropy", "clip_fraction"):

@@ -89,6 +89,17 @@ def test_replica_clips_its_own_norm_and_steps_sgd_by_hand():
     assert head.weight.grad is None and head.weight.dtype == torch.float32
 
 
+def test_replica_divides_out_the_engines_outside_grad_scale():
+    # A DeepSpeed engine of 4 ranks runs autograd on loss x 4 (TrainEngine.outside_grad_scale):
+    # the head's gradient (4, 0) and 8 is 4x the true (1, 0) and 2. SGD lr 0.1, no clipping.
+    head = _head_and_grad([4.0, 0.0], 8.0)
+    lrn = LearnerConfig(optimizer="sgd", lr=0.1, max_grad_norm=0.0)
+    rep = replicate(head, lrn, total_steps=10, device=torch.device("cpu"), world_size=1, grad_scale=4.0)
+    assert float(rep.step()) == pytest.approx(5 ** 0.5)  # |(1, 0, 2)|
+    assert head.weight[0].tolist() == pytest.approx([0.9, 2.0])
+    assert head.bias.tolist() == pytest.approx([0.3])
+
+
 def test_replica_skips_non_finite_gradients_and_skipped_engine_steps():
     lrn = LearnerConfig(optimizer="sgd", lr=0.1, max_grad_norm=0.0)
     head = _head_and_grad([float("nan"), 0.0], 1.0)

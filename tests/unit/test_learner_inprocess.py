@@ -1,6 +1,8 @@
-"""The PPO learner in one process (world size 1, gloo on CPU), under every ZeRO stage x dtype.
+"""The PPO learner in one process (world size 1, gloo on CPU), under every ZeRO stage x dtype,
+and on FSDP2.
 
-For ZeRO 0/1/2/3 x float32/bfloat16 (DeepSpeed runs bf16 on CPU): set-up loads the checkpoint
+For ZeRO 0/1/2/3 x float32/bfloat16 (DeepSpeed runs bf16 on CPU), and FSDP2 (reshard 2 float32,
+3 bf16): set-up loads the checkpoint
 with a float32 value head; ``compute_old`` matches a plain transformers forward; one ``train``
 call moves the policy with finite metrics and an on-policy first mini-batch; the weight-sync
 export equals ``policy_state_dict``; a checkpoint round trip restores weights, value head and
@@ -29,7 +31,11 @@ from tests import inprocess as ip
 # DeepSpeed's own calls of renamed torch.distributed functions, once per bucket: noise here.
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.distributed\.\w+` is deprecated:FutureWarning")
 
-CASES = [(stage, dtype) for stage in (0, 1, 2, 3) for dtype in ("float32", "bfloat16")]
+# (backend, stage, dtype): every DeepSpeed ZeRO stage x dtype, and FSDP2 keeping gathered
+# parameters to the backward (2) in float32 and resharding after the forward (3) in bf16.
+CASES = [("deepspeed", stage, dtype) for stage in (0, 1, 2, 3) for dtype in ("float32", "bfloat16")] + [
+    ("fsdp2", 2, "float32"), ("fsdp2", 3, "bfloat16")]
+IDS = [f"zero{s}-{d}" if b == "deepspeed" else f"{b}-{s}-{d}" for b, s, d in CASES]
 
 # fp32 learner vs fp32 plain forward: only summation order differs (trimmed micro-batches,
 # response-only LM head); measured <= 1e-6.
@@ -45,12 +51,13 @@ def _tol(dtype: str) -> float:
     return FP32_TOL if dtype == "float32" else BF16_TOL
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"zero{s}-{d}" for s, d in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=IDS)
 def case(request, tiny_model):
-    """A set-up learner for one (stage, dtype), with its weights right after set-up."""
-    stage, dtype = request.param
-    learner, info = ip.build_learner(ip.learner_config(tiny_model, zero_stage=stage, dtype=dtype))
-    yield SimpleNamespace(learner=learner, info=info, stage=stage, dtype=dtype, model=tiny_model,
+    """A set-up learner for one (backend, stage, dtype), with its weights right after set-up."""
+    backend, stage, dtype = request.param
+    learner, info = ip.build_learner(ip.learner_config(tiny_model, zero_stage=stage, dtype=dtype,
+                                                       **{"learner.backend": backend}))
+    yield SimpleNamespace(learner=learner, info=info, backend=backend, stage=stage, dtype=dtype, model=tiny_model,
                           initial_policy=learner.policy_state_dict(), initial_head=ip.value_head_state(learner))
     ip.release(learner)
 
@@ -59,7 +66,7 @@ def test_setup_loads_the_checkpoint_with_a_float32_value_head(case, checkpoint):
     from rlhf_ray.tiny_models import count_parameters
 
     hidden = case.initial_head["linear.weight"].shape[1]
-    assert case.info["rank"] == 0 and case.info["zero_stage"] == case.stage
+    assert case.info["rank"] == 0 and case.info["zero_stage"] == case.stage and case.info["backend"] == case.backend
     assert case.info["parameters"] == count_parameters(case.model) + hidden + 1
     assert ip.value_head_dtypes(case.learner) == {"linear.weight": torch.float32, "linear.bias": torch.float32}
     assert all(t.dtype == torch.float32 for t in case.initial_head.values())

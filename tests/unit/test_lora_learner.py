@@ -27,13 +27,15 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 TOL = 1e-4  # fp32 learner vs fp32 plain forward: summation order only (see test_learner_inprocess)
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+@pytest.fixture(scope="module", params=[("deepspeed", 2), ("deepspeed", 3), ("fsdp2", 3)],
+                ids=["zero2", "zero3", "fsdp2"])
 def case(request, tiny_model):
     # lr 1e-2: one step visibly moves the (B = 0) adapters away from the base model.
-    cfg = ip.learner_config(tiny_model, zero_stage=request.param, **{"model.lora.rank": 4, "model.lora.alpha": 8,
-                                                                     "learner.lr": 1e-2})
+    backend, stage = request.param
+    cfg = ip.learner_config(tiny_model, zero_stage=stage, **{"model.lora.rank": 4, "model.lora.alpha": 8,
+                                                             "learner.lr": 1e-2, "learner.backend": backend})
     learner, info = ip.build_learner(cfg)
-    yield SimpleNamespace(learner=learner, info=info, stage=request.param, model=tiny_model)
+    yield SimpleNamespace(learner=learner, info=info, stage=stage, model=tiny_model)
     ip.release(learner)
 
 

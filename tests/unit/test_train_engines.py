@@ -342,6 +342,8 @@ def test_bf16_computes_in_bf16_and_keeps_float32_state(runs):
         assert res["params"] == {torch.float32}  # the sharded master weights
     assert res["applied"] is True
     assert _max_diff(res["after"], res["before"]) > 0
+    # what a sync or an export carries: the compute dtype, whatever the master copy's
+    assert {t.dtype for t in res["after"].values()} == {torch.bfloat16}
 
 
 def test_lora_trains_only_the_adapters(runs):
