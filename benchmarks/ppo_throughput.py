@@ -148,7 +148,7 @@ def size_config(model: str, prompts: int, samples: int, tokens: int, args) -> An
 
 def start_roles(cfg):
     """Roles (retrying briefly while the previous size's actor names are released)."""
-    from rlhf_ray.coordinator.groups import Roles
+    from rlhf_ray.runtime.groups import Roles
 
     for attempt in range(10):
         try:
@@ -282,7 +282,7 @@ def dissect_roles(roles, coord, gen, inputs, cfg, last_metrics: dict) -> dict[st
     import ray
 
     from rlhf_ray.batch import pack_generation
-    from rlhf_ray.coordinator.metrics import MetricsSink
+    from rlhf_ray.runtime.metrics import MetricsSink
 
     reps = 3
     batch = pack_generation(gen, inputs.pad_id, inputs.eos_ids)

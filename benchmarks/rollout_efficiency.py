@@ -76,8 +76,9 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     from rlhf_ray.batch import pack_generation
-    from rlhf_ray.coordinator.groups import RolloutGroup, base_env
     from rlhf_ray.coordinator.preflight import prepare_inputs
+    from rlhf_ray.runtime.cluster import base_env
+    from rlhf_ray.runtime.groups import RolloutGroup
     from rlhf_ray.workers.actors import RolloutActor
     from rlhf_ray.workers.rollout import RolloutEngine, SamplingSpec
 

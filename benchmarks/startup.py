@@ -102,12 +102,12 @@ def main() -> None:
     import ray
 
     from rlhf_ray.config import load_config
-    from rlhf_ray.coordinator import quiet
-    from rlhf_ray.coordinator.cluster import start_ray
-    from rlhf_ray.coordinator.groups import Roles
     from rlhf_ray.coordinator.loop import PPOCoordinator
     from rlhf_ray.coordinator.preflight import prepare_inputs
     from rlhf_ray.coordinator.startup import StartupClock
+    from rlhf_ray.runtime import quiet
+    from rlhf_ray.runtime.cluster import start_ray
+    from rlhf_ray.runtime.groups import Roles
 
     overrides = dict(kv.split("=", 1) for kv in args.set)
     cfg = load_config(str(_env.DEMO_CONFIG), {"eval.every": "0", "logging.tensorboard": "false", **overrides})

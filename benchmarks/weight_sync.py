@@ -155,7 +155,8 @@ def vllm_load_floor(cfg, model_path: str, reps: int) -> float:
 def start_sync_roles(cfg):
     from rlhf_ray.backends.rollout import RolloutSpec
     from rlhf_ray.backends.vllm import engine_env
-    from rlhf_ray.coordinator.groups import LearnerGroup, base_env
+    from rlhf_ray.runtime.cluster import base_env
+    from rlhf_ray.runtime.groups import LearnerGroup
     from rlhf_ray.workers.actors import LearnerActor, RolloutActor
     from rlhf_ray.workers.learner import LearnerSpec
 
@@ -193,7 +194,7 @@ def by_hand(ws, transport: str, reps: int) -> dict[str, float]:
 
 
 def run_model(hidden: int, layers: int, args) -> dict[str, Any]:
-    from rlhf_ray.coordinator.groups import WeightSync
+    from rlhf_ray.runtime.groups import WeightSync
     from rlhf_ray.tiny_models import count_parameters
 
     path = _env.tiny_model(f"llama-h{hidden}-l{layers}", hidden_size=hidden, num_layers=layers)

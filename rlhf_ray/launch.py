@@ -32,7 +32,7 @@ import sys  # noqa: E402
 
 from rlhf_ray.config import (Config, ConfigError, config_to_dict, fields_help, load_config,  # noqa: E402
                              parse_overrides, redacted, resolve)
-from rlhf_ray.coordinator.placement import placement_plan  # noqa: E402
+from rlhf_ray.runtime.placement import placement_plan  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             print("  " + p.describe())
         return 0
     from rlhf_ray.coordinator.loop import NonFiniteError, SyncMismatchError
-    from rlhf_ray.coordinator.pending import RemoteCallError
     from rlhf_ray.coordinator.run import run
+    from rlhf_ray.runtime.pending import RemoteCallError
 
     try:
         summary = run(cfg, run_dir_for(cfg), ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"),

@@ -84,9 +84,9 @@ def before_after(ppo: dict, shown: int) -> dict:
 
 def run_pipeline(cfg: PipelineConfig, ray_address: str | None = None) -> dict:
     """Run the configured stages in one Ray session; returns the summary."""
-    from rlhf_ray.coordinator.cluster import start_ray
     from rlhf_ray.coordinator.run import run as run_ppo
     from rlhf_ray.launch import run_dir_for
+    from rlhf_ray.runtime.cluster import start_ray
     from rlhf_ray.train_rm import train_rm
     from rlhf_ray.train_sft import train_sft
 
@@ -95,7 +95,7 @@ def run_pipeline(cfg: PipelineConfig, ray_address: str | None = None) -> dict:
     start_ray(ray_address)
     notices = None
     if cfg.ppo.logging.filter_warnings:  # the SFT and RM stages' notices; PPO's go to its run directory
-        from rlhf_ray.coordinator import quiet
+        from rlhf_ray.runtime import quiet
 
         notices = quiet.install(os.path.dirname(os.path.abspath(cfg.sft.train.output_dir)))
     summary: dict = {"stages": list(cfg.stages)}

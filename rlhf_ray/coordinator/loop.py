@@ -28,8 +28,8 @@ from rlhf_ray.algorithms import (AdaptiveKLController, FixedKLController, Runnin
 from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate, pack_generation
 from rlhf_ray.config import Config, resolve
 from rlhf_ray.coordinator.advantages import estimate_advantages
-from rlhf_ray.coordinator.pending import Done, Pending, RemoteCallError
 from rlhf_ray.data.prompts import PromptSampler, PromptSet
+from rlhf_ray.runtime.pending import Done, Pending, RemoteCallError
 from rlhf_ray.workers.rollout import SamplingSpec
 
 

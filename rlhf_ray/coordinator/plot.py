@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from rlhf_ray.coordinator.metrics import read_records
+from rlhf_ray.runtime.metrics import read_records
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rlhf_ray.config import Config
 from rlhf_ray.coordinator import checkpoint as ckpt
-from rlhf_ray.coordinator.pending import RemoteCallError, describe
+from rlhf_ray.runtime.pending import RemoteCallError, describe
 
 
 class Recovery:

@@ -21,13 +21,13 @@ from rlhf_ray.config import Config, config_to_dict, redacted
 from rlhf_ray.coordinator import checkpoint as ckpt
 from rlhf_ray.coordinator.gold import write_eval_samples, write_samples_md
 from rlhf_ray.coordinator.loop import NonFiniteError
-from rlhf_ray.coordinator.metrics import (Records, format_eval_line, format_line, format_progress, print_summary,
-                                          summarize)
-from rlhf_ray.coordinator.pending import RemoteCallError
 from rlhf_ray.coordinator.preflight import Inputs
+from rlhf_ray.coordinator.records import (Records, format_eval_line, format_line, format_progress, print_summary,
+                                          summarize)
 from rlhf_ray.coordinator.recovery import Recovery
 from rlhf_ray.coordinator.rollout_dump import RolloutDumper
 from rlhf_ray.coordinator.startup import StartupClock
+from rlhf_ray.runtime.pending import RemoteCallError
 
 
 def sample_lines(batch, tokenizer, k: int) -> list[str]:
@@ -312,13 +312,13 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
     ``time.perf_counter()`` at start, so the start-up figure includes its imports."""
     import ray
 
-    from rlhf_ray.coordinator import quiet
-    from rlhf_ray.coordinator.cluster import namespace_for, start_ray
-    from rlhf_ray.coordinator.groups import Roles
     from rlhf_ray.coordinator.loop import PPOCoordinator
-    from rlhf_ray.coordinator.placement import check_fits, placement_plan
     from rlhf_ray.coordinator.preflight import prepare_inputs
-    from rlhf_ray.coordinator.wandb_log import WandbRun, require_wandb
+    from rlhf_ray.runtime import quiet
+    from rlhf_ray.runtime.cluster import namespace_for, start_ray
+    from rlhf_ray.runtime.groups import Roles
+    from rlhf_ray.runtime.placement import check_fits, placement_plan
+    from rlhf_ray.runtime.wandb_log import WandbRun, require_wandb
 
     clock = StartupClock(started_at)
     require_wandb(cfg.logging)  # a missing optional extra fails before anything starts

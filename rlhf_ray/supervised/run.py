@@ -18,12 +18,12 @@ from typing import Any, Callable, Sequence
 
 from rlhf_ray.checkpoint_files import checkpoints_dir, complete_checkpoints
 from rlhf_ray.config import ConfigError, config_to_dict, fields_help, load_config, parse_overrides, redacted
-from rlhf_ray.coordinator.cluster import collective_interface
-from rlhf_ray.coordinator.metrics import MetricsSink, read_records
-from rlhf_ray.coordinator.pending import RayPending
-from rlhf_ray.coordinator.placement import (RolePlacement, actor_options, check_fits, create_groups, on_one_node,
-                                            role_bundle)
 from rlhf_ray.data.records import DataError
+from rlhf_ray.runtime.cluster import base_env, collective_interface
+from rlhf_ray.runtime.metrics import MetricsSink, read_records
+from rlhf_ray.runtime.pending import RayPending
+from rlhf_ray.runtime.placement import (RolePlacement, actor_options, check_fits, create_groups, on_one_node,
+                                        role_bundle)
 
 
 def parse_cli(prog: str, description: str, cls: type, validator: Callable,
@@ -51,8 +51,6 @@ class TrainerGroup:
 
     def __init__(self, cfg, actor_cls, role: str) -> None:
         import ray
-
-        from rlhf_ray.coordinator.groups import base_env
 
         self.cfg, self.role = cfg, role
         self.timeout_s = cfg.train.call_timeout_s
@@ -200,7 +198,7 @@ def run_supervised(cfg, actor_cls, role: str, train, eval_set, tokenizer_path: s
                    keys: Sequence[str], ray_address: str | None = None) -> dict[str, Any]:
     """Start (or attach to) Ray, run the trainer ranks through ``fit``, shut them down; returns
     the summary, also written to ``<train.output_dir>/train_summary.json``."""
-    from rlhf_ray.coordinator.cluster import start_ray
+    from rlhf_ray.runtime.cluster import start_ray
 
     resumed = resume_point(cfg) if cfg.train.resume else None  # before Ray: a mismatch fails fast
     if cfg.train.resume and resumed is None:

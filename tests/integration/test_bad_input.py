@@ -22,8 +22,8 @@ def test_reward_function_with_wrong_length_fails_before_ray(tiny_llama, tmp_path
 
 
 def test_reward_function_failing_mid_run_names_role_and_phase(ray_cluster, tiny_llama, tmp_path):
-    from rlhf_ray.coordinator.pending import RemoteCallError
     from rlhf_ray.coordinator.run import run
+    from rlhf_ray.runtime.pending import RemoteCallError
 
     fn = tmp_path / "bad_reward.py"
     fn.write_text("def score(prompts, responses):\n    return [1.0] * min(len(responses), 2)\n")
@@ -36,8 +36,8 @@ def test_reward_function_failing_mid_run_names_role_and_phase(ray_cluster, tiny_
 
 
 def test_roles_that_do_not_fit_fail_before_any_actor_starts(ray_cluster, tiny_llama, tmp_path):
-    from rlhf_ray.coordinator.placement import PlacementError
     from rlhf_ray.coordinator.run import run
+    from rlhf_ray.runtime.placement import PlacementError
 
     cfg = small_config(tiny_llama, **{"resources.learner.num_cpus": 3})
     with pytest.raises(PlacementError, match=r"CPU: plan needs 7, cluster has 4"):

@@ -127,7 +127,7 @@ def test_a_dead_member_leaves_the_others_answering_at_once(ray_cluster):
     next call answers at once. (RayPending used to ``ray.cancel`` the unanswered calls; cancelling
     one that Ray had not yet delivered left a hole in that actor's call sequence, so its next call
     waited 30 s and failed: in CI the learner's ping after an engine died in a weight sync.)"""
-    from rlhf_ray.coordinator.pending import RayPending, RemoteCallError
+    from rlhf_ray.runtime.pending import RayPending, RemoteCallError
 
     ray = ray_cluster
 

@@ -36,8 +36,8 @@ def synthetic_batch(B: int = 8, P: int = 5, R: int = 6, vocab: int = 400, seed: 
 
 
 def _update(ray, model: str, ranks: int, batch: ExperienceBatch, **overrides) -> tuple[dict, dict]:
-    from rlhf_ray.coordinator.groups import LearnerGroup
     from rlhf_ray.batch import TrainUpdate
+    from rlhf_ray.runtime.groups import LearnerGroup
     from rlhf_ray.workers.actors import LearnerActor
     from rlhf_ray.workers.learner import LearnerSpec
 
@@ -109,7 +109,7 @@ def test_zero3_no_grad_passes_agree_their_count_over_ranks(ray_cluster, tiny_lla
     slice (four 3-token rows) fits one pass and rank 1's (four 11-token rows) needs four: without
     agreement rank 1 waits in a gather that rank 0 never enters (issue: configs/gpu_8x.yaml hung).
     The results must equal one rank's over the whole batch without a budget."""
-    from rlhf_ray.coordinator.groups import LearnerGroup
+    from rlhf_ray.runtime.groups import LearnerGroup
     from rlhf_ray.workers.actors import LearnerActor
     from rlhf_ray.workers.learner import LearnerSpec
 

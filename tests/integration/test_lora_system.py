@@ -32,8 +32,8 @@ def _adapted_bytes(model_path: str) -> int:
 # rebuild each fused layer whole from a partial (adapted layers only) set of tensors.
 @pytest.mark.parametrize("zero_stage,transport,bucket_mb", [(2, "collective", 0.02), (3, "object_store", 16.0)])
 def test_lora_ppo_end_to_end(ray_cluster, tiny_llama, tmp_path, zero_stage, transport, bucket_mb):
-    from rlhf_ray.coordinator.placement import placement_plan
     from rlhf_ray.coordinator.run import run
+    from rlhf_ray.runtime.placement import placement_plan
 
     cfg = small_config(tiny_llama, **{"learner.zero_stage": zero_stage, "sync.transport": transport,
                                       "sync.bucket_mb": bucket_mb, "model.lora.rank": 4, "learner.lr": 1e-2})

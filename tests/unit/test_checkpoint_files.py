@@ -8,7 +8,7 @@ import pytest
 
 from rlhf_ray.config import config_from_dict
 from rlhf_ray.coordinator import checkpoint as ckpt
-from rlhf_ray.coordinator.pending import Done
+from rlhf_ray.runtime.pending import Done
 
 
 class FakeLearners:
@@ -124,7 +124,7 @@ def test_publish_flushes_the_checkpoint_before_the_rename(tmp_path, monkeypatch)
 
 
 def test_a_metrics_line_cut_short_by_a_crash_does_not_stop_a_resume(tmp_path):
-    from rlhf_ray.coordinator.metrics import MetricsSink, read_records
+    from rlhf_ray.runtime.metrics import MetricsSink, read_records
 
     sink = MetricsSink(str(tmp_path), tensorboard=False, ray_metrics=False)
     for i in range(3):
@@ -152,7 +152,7 @@ def test_tensorboard_shows_redone_iterations_once(tmp_path):
     # A learner restart mid-run and a resume in a new process (a new sink; supervised runs too)
     # both redo iterations: TensorBoard must show the new values only, one point per step.
     pytest.importorskip("tensorboard")
-    from rlhf_ray.coordinator.metrics import MetricsSink
+    from rlhf_ray.runtime.metrics import MetricsSink
 
     sink = MetricsSink(str(tmp_path), tensorboard=True, ray_metrics=False)
     for i in range(4):

@@ -9,7 +9,7 @@ import textwrap
 import typing
 
 from rlhf_ray.config import Config, PPOConfig, config_from_dict, config_to_dict, iter_fields, load_config, resolve
-from rlhf_ray.coordinator.placement import placement_plan
+from rlhf_ray.runtime.placement import placement_plan
 from tests.unit.test_config import DEMO, REPO_ROOT
 
 # ---- docs and CLI fields -----------------------------------------------------------

@@ -14,8 +14,8 @@ import pytest
 
 from rlhf_ray.config import config_to_dict, load_config, redact_url, redacted
 from rlhf_ray.coordinator.checkpoint import load_coordinator_state, save_checkpoint
-from rlhf_ray.coordinator.pending import Done
 from rlhf_ray.coordinator.run import write_config
+from rlhf_ray.runtime.pending import Done
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET_URL = "https://u:hunter2@h/score?token=abc"

@@ -18,8 +18,8 @@ import torch
 from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate
 from rlhf_ray.config import Config, config_from_dict
 from rlhf_ray.coordinator.loop import NonFiniteError, PPOCoordinator
-from rlhf_ray.coordinator.pending import Done, RemoteCallError
 from rlhf_ray.data.prompts import PromptSampler, PromptSet
+from rlhf_ray.runtime.pending import Done, RemoteCallError
 
 PAD, EOS, VOCAB = 0, 2, 50
 B, R = 3, 5

@@ -10,7 +10,7 @@ sync.timeout_s. The fakes below record when the generation in flight is finished
 import pytest
 import torch
 
-from rlhf_ray.coordinator.pending import Done, RemoteCallError
+from rlhf_ray.runtime.pending import Done, RemoteCallError
 from tests.unit.test_coordinator import (B, R, FakeLearners, FakeRollout, FakeSync, _config, _coordinator,
                                          _eval_prompts)
 

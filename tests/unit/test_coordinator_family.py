@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rlhf_ray.coordinator.pending import Done
+from rlhf_ray.runtime.pending import Done
 from tests.unit.test_coordinator import FakeLearners, FakeReward, FakeRollout, _config, _coordinator
 
 P, N = 2, 3  # prompts per iteration, samples per prompt: groups (0, 0, 0) and (1, 1, 1)

@@ -23,7 +23,7 @@ from packaging.requirements import Requirement
 
 from rlhf_ray import launch
 from rlhf_ray.config import Config, load_config
-from rlhf_ray.coordinator.placement import check_fits, placement_plan
+from rlhf_ray.runtime.placement import check_fits, placement_plan
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

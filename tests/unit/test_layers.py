@@ -6,8 +6,9 @@ Layers, lowest first (ARCHITECTURE.md draws them); a module may import its own l
 1. models, data, weight-sync planning, reward functions, tiny models
 2. engine backends (DeepSpeed, vLLM)
 3. roles: the PPO workers and the supervised trainer (plain classes; Ray shells in workers/actors.py)
-4. drivers: the PPO coordinator and the supervised run
-5. entry points (python -m ...)
+4. runtime: what every Ray stage needs (cluster, placement, pending calls, role handles, metrics sink)
+5. drivers: the PPO coordinator and the supervised run (with its Ray shells)
+6. entry points (python -m ...)
 
 Every ``import`` counts, also the ones inside functions. Read from the source with ``ast``;
 nothing is imported.
@@ -27,6 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
      "rlhf_ray.tiny_models", "rlhf_ray.supervised.data"),
     ("rlhf_ray.backends",),
     ("rlhf_ray.workers", "rlhf_ray.supervised.trainer"),
+    ("rlhf_ray.runtime",),
     ("rlhf_ray.coordinator", "rlhf_ray.supervised.run", "rlhf_ray.supervised.actors"),
     ("rlhf_ray.launch", "rlhf_ray.train_sft", "rlhf_ray.train_rm", "rlhf_ray.pipeline", "rlhf_ray.export"),
 ]
@@ -131,11 +133,29 @@ def test_no_import_cycles():
     assert not cycles(graph())
 
 
+def ppo_driver_imports(g: dict[str, set[str]]) -> list[str]:
+    """Edges from a supervised stage into the PPO driver: the stages share the runtime with PPO,
+    not the driver (each stands beside PPO; the pipeline, an entry point, chains them)."""
+    return sorted(f"{m} imports {t}" for m, targets in g.items() if m.startswith("rlhf_ray.supervised")
+                  for t in targets if t == "rlhf_ray.coordinator" or t.startswith("rlhf_ray.coordinator."))
+
+
+def test_the_supervised_stages_use_the_runtime_not_the_ppo_driver():
+    g = graph()
+    assert not ppo_driver_imports(g), "\n".join(ppo_driver_imports(g))
+    assert "rlhf_ray.runtime.pending" in g["rlhf_ray.supervised.run"]  # imports are read
+    bad = {**g, "rlhf_ray.supervised.run": g["rlhf_ray.supervised.run"] | {"rlhf_ray.coordinator.loop"}}
+    assert ppo_driver_imports(bad) == ["rlhf_ray.supervised.run imports rlhf_ray.coordinator.loop"]
+
+
 def test_the_checks_find_an_upward_edge_and_a_cycle():
     real = graph()
     assert "rlhf_ray.batch" in real["rlhf_ray.workers.learner"]  # imports are read
     bad = {**real, "rlhf_ray.workers.learner": real["rlhf_ray.workers.learner"] | {"rlhf_ray.coordinator.loop"}}
-    assert upward_edges(bad) == ["rlhf_ray.workers.learner (layer 3) imports rlhf_ray.coordinator.loop (layer 4)"]
+    assert upward_edges(bad) == ["rlhf_ray.workers.learner (layer 3) imports rlhf_ray.coordinator.loop (layer 5)"]
+    plumbing = {**real, "rlhf_ray.runtime.groups": real["rlhf_ray.runtime.groups"] | {"rlhf_ray.coordinator.loop"}}
+    assert upward_edges(plumbing) == [
+        "rlhf_ray.runtime.groups (layer 4) imports rlhf_ray.coordinator.loop (layer 5)"]
     loop = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(loop) == [["a", "b", "c"]]
 

@@ -1,4 +1,4 @@
-"""Reaping the local Ray cluster a killed driver left behind (``coordinator/local_cluster.py``):
+"""Reaping the local Ray cluster a killed driver left behind (``runtime/local_cluster.py``):
 only the recorded processes of drivers that are gone, and only while they are still the recorded
 process (pid, start time, command line, our uid: a reused pid is left alone); records only from a
 directory that is ours alone, never through symbolic links. Real processes, no Ray."""
@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from rlhf_ray.coordinator import local_cluster as lc
+from rlhf_ray.runtime import local_cluster as lc
 
 
 def _sleeper() -> subprocess.Popen:

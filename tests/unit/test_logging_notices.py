@@ -1,9 +1,9 @@
-"""The quieter terminal (``rlhf_ray.coordinator.quiet``): known non-actionable library notices
+"""The quieter terminal (``rlhf_ray.runtime.quiet``): known non-actionable library notices
 from the actors go to <run_dir>/library_notices.log, everything else is printed as before."""
 
 from __future__ import annotations
 
-from rlhf_ray.coordinator.quiet import NOTICES, LineFilter, NoticeLog, notice_name, wrap_printer
+from rlhf_ray.runtime.quiet import NOTICES, LineFilter, NoticeLog, notice_name, wrap_printer
 
 # Lines as the demo's actors print them (Ray's prefix is added later, by its printer).
 NOISE = {
@@ -72,7 +72,7 @@ def test_rays_autoscaler_stream_passes_through_untouched(tmp_path):
 def test_install_wraps_rays_printer_and_close_puts_it_back(tmp_path):
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-    from rlhf_ray.coordinator.quiet import install
+    from rlhf_ray.runtime.quiet import install
 
     printed: list[dict] = []
     saved = list(dispatcher.handlers)

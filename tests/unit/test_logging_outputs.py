@@ -13,12 +13,12 @@ import struct
 import pytest
 
 from rlhf_ray.algorithms import kl_estimate
-from rlhf_ray.coordinator.cluster import banner, metrics_urls, namespace_for
-from rlhf_ray.coordinator.metrics import EXPORTED_PREFIX, exported_name, gauge_name
 from rlhf_ray.coordinator.preflight import Inputs
 from rlhf_ray.coordinator.rollout_dump import dump_path
 from rlhf_ray.coordinator.run import Run
-from rlhf_ray.coordinator.wandb_log import WandbRun, require_wandb
+from rlhf_ray.runtime.cluster import banner, metrics_urls, namespace_for
+from rlhf_ray.runtime.metrics import EXPORTED_PREFIX, exported_name, gauge_name
+from rlhf_ray.runtime.wandb_log import WandbRun, require_wandb
 from tests.unit.test_coordinator import EOS, PAD, _config, _coordinator, _prompts
 from tests.unit.test_run import CharTokenizer, CheckpointingLearners, FakeRoles
 

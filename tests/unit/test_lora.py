@@ -57,7 +57,7 @@ def test_bad_lora_settings_fail_with_the_flag_named(overrides, needle):
 
 
 def test_no_reference_role_is_placed_when_the_learners_compute_it():
-    from rlhf_ray.coordinator.placement import placement_plan
+    from rlhf_ray.runtime.placement import placement_plan
 
     assert "reference" in [p.role for p in placement_plan(load_config(None, {}))]
     assert "reference" not in [p.role for p in placement_plan(load_config(None, {"model.lora.rank": "8"}))]

@@ -12,7 +12,7 @@ from rlhf_ray.supervised.config import SFTRunConfig, validate_sft
 
 
 def test_the_named_interface_reaches_every_actor_env():
-    from rlhf_ray.coordinator.groups import base_env  # imports Ray: inside, so tests/unit collects without it
+    from rlhf_ray.runtime.cluster import base_env
 
     env = base_env(2, "eth7")
     assert env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == "eth7" and env["OMP_NUM_THREADS"] == "2"
@@ -29,7 +29,7 @@ def test_an_existing_interface_is_accepted_and_a_missing_one_named_with_the_choi
 
 
 def test_a_local_cluster_keeps_the_collectives_on_loopback(monkeypatch):
-    from rlhf_ray.coordinator import cluster
+    from rlhf_ray.runtime import cluster
 
     monkeypatch.setattr(cluster, "_STARTED_LOCAL", False)  # attached to a cluster: the libraries choose
     assert cluster.collective_interface(None) is None

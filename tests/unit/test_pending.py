@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rlhf_ray.coordinator.pending import RayPending, RemoteCallError, describe
+from rlhf_ray.runtime.pending import RayPending, RemoteCallError, describe
 
 
 def test_describe_names_every_role_and_rank():

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_ray.config import config_from_dict, load_config
-from rlhf_ray.coordinator.placement import PlacementError, RolePlacement, check_fits, placement_plan
+from rlhf_ray.runtime.placement import PlacementError, RolePlacement, check_fits, placement_plan
 
 DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml")
 FLAGS = "Lower --resources.<role>.num_cpus/num_gpus, --rollout.num_engines or --learner.num_ranks, or add nodes."

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from rlhf_ray.coordinator.pending import Done, RemoteCallError, attribute_failure
 from rlhf_ray.coordinator.recovery import Recovery
+from rlhf_ray.runtime.pending import Done, RemoteCallError, attribute_failure
 
 
 def died(role: str, i: int = 0, kind: str = "died") -> RemoteCallError:
@@ -174,7 +174,7 @@ def _fake_get(ref):
 def _weight_sync(monkeypatch, learners: list, engines: list, timeout_s: float, transport: str = "collective"):
     import ray  # inside: tests/unit collects without Ray
 
-    from rlhf_ray.coordinator.groups import LearnerGroup, WeightSync
+    from rlhf_ray.runtime.groups import LearnerGroup, WeightSync
 
     monkeypatch.setattr(ray, "wait", _fake_wait)
     monkeypatch.setattr(ray, "get", _fake_get)

@@ -6,7 +6,7 @@ loaded (the learner's update count, carried in the weights), and it records ever
 coordinator runs a few PPO iterations with it through the control-flow fakes of
 ``test_coordinator.py`` (reference, reward) and a learner fake that holds weights; weights travel
 by the real bucket plan and the real transports of both kinds (flat arrays; a gloo broadcast from a
-thread), in-process, as ``coordinator.groups.WeightSync`` moves them over Ray.
+thread), in-process, as ``runtime.groups.WeightSync`` moves them over Ray.
 
 Also: the vLLM backend meets the contract (checked without importing vLLM), a backend missing a
 method is refused with what it lacks, the role checks what a backend returns and refuses to
@@ -34,7 +34,7 @@ from rlhf_ray.batch import Generation
 from rlhf_ray.config import RolloutConfig, choices_of, config_from_dict
 from rlhf_ray.config.choices import is_config_class
 from rlhf_ray.coordinator.loop import PPOCoordinator
-from rlhf_ray.coordinator.pending import Done
+from rlhf_ray.runtime.pending import Done
 from rlhf_ray.weight_sync.plan import TensorSpec, dtype_name, plan_buckets
 from rlhf_ray.weight_sync.transport import (destroy_sync_group, from_array, new_sync_group, receive_buckets,
                                             reserve_port, send_buckets, to_array)

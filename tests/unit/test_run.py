@@ -12,10 +12,10 @@ import torch
 from rlhf_ray.config import CheckpointConfig, config_from_dict
 from rlhf_ray.coordinator import checkpoint as ckpt
 from rlhf_ray.coordinator.loop import NonFiniteError
-from rlhf_ray.coordinator.metrics import print_summary
-from rlhf_ray.coordinator.pending import Done, RemoteCallError
 from rlhf_ray.coordinator.preflight import Inputs
+from rlhf_ray.coordinator.records import print_summary
 from rlhf_ray.coordinator.run import Run, roles_line
+from rlhf_ray.runtime.pending import Done, RemoteCallError
 from tests.unit.test_coordinator import (EOS, PAD, AllNaNReward, FakeLearners, FakeReward, _config, _coordinator,
                                          _prompts)
 

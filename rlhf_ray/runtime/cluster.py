@@ -12,8 +12,8 @@ from __future__ import annotations
 import atexit
 import os
 
-from rlhf_ray.coordinator.local_cluster import record, reap_orphans
-from rlhf_ray.coordinator.metrics import EXPORTED_PREFIX
+from rlhf_ray.runtime.local_cluster import record, reap_orphans
+from rlhf_ray.runtime.metrics import EXPORTED_PREFIX
 
 
 NO_PRESTART = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
@@ -32,6 +32,15 @@ def collective_interface(named: str | None) -> str | None:
         return named
     names = {n for _, n in socket.if_nameindex()}
     return next((n for n in ("lo", "lo0") if n in names), None)
+
+
+def base_env(threads: int, network_interface: str | None = None) -> dict[str, str]:
+    """Environment of every role's actor; ``network_interface`` pins gloo's and NCCL's sockets."""
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    if network_interface:
+        env.update(GLOO_SOCKET_IFNAME=network_interface, NCCL_SOCKET_IFNAME=network_interface)
+    return env
 
 
 def _remember_local_cluster() -> None:

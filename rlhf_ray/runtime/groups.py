@@ -1,4 +1,4 @@
-"""Handles on the running roles, as the coordinator sees them.
+"""Handles on the running PPO roles, as the PPO driver (``coordinator/``) sees them.
 
 Each client wraps the Ray actors of one role and turns a logical call ("generate these
 prompts", "train on this batch") into per-actor calls on pre-sliced inputs, returning a
@@ -17,23 +17,14 @@ from rlhf_ray.backends.rollout import RolloutSpec, rollout_env
 from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate
 from rlhf_ray.config import Config
 from rlhf_ray.config.validate import reference_from_learner
-from rlhf_ray.coordinator.cluster import collective_interface
-from rlhf_ray.coordinator.pending import Pending, RayPending, RemoteCallError, Source, attribute_failure, describe
-from rlhf_ray.coordinator.placement import actor_options, create_groups, on_one_node, placement_plan
+from rlhf_ray.runtime.cluster import base_env, collective_interface
+from rlhf_ray.runtime.pending import Pending, RayPending, RemoteCallError, Source, attribute_failure, describe
+from rlhf_ray.runtime.placement import actor_options, create_groups, on_one_node, placement_plan
 from rlhf_ray.weight_sync.plan import Bucket, plan_buckets
 from rlhf_ray.workers.actors import LearnerActor, ReferenceActor, RewardActor, RolloutActor
 from rlhf_ray.workers.frozen import ReferenceSpec, RewardSpec
 from rlhf_ray.workers.learner import LearnerSpec, combine_rank_metrics
 from rlhf_ray.workers.rollout import SamplingSpec
-
-
-def base_env(threads: int, network_interface: str | None = None) -> dict[str, str]:
-    """Environment of every role's actor; ``network_interface`` pins gloo's and NCCL's sockets."""
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    if network_interface:
-        env.update(GLOO_SOCKET_IFNAME=network_interface, NCCL_SOCKET_IFNAME=network_interface)
-    return env
 
 
 class RolloutGroup:
