@@ -163,11 +163,13 @@ def test_the_checks_find_an_upward_edge_and_a_cycle():
 # --------------------------------------------------------------------------- the seams
 
 # A framework's own API is imported in its backend's file only: the roles and drivers talk to a
-# training engine through ``rlhf_ray.backends.engine.TrainEngine``, never to DeepSpeed or FSDP.
+# training engine through ``rlhf_ray.backends.engine.TrainEngine`` and to a rollout engine through
+# ``rlhf_ray.backends.rollout.RolloutBackend``, never to DeepSpeed, FSDP or vLLM themselves.
 FRAMEWORK_HOMES = {
     "deepspeed": {"rlhf_ray.backends.deepspeed"},
     "torch.distributed.fsdp": {"rlhf_ray.backends.fsdp2"},
     "torch.distributed.checkpoint": {"rlhf_ray.backends.fsdp2"},
+    "vllm": {"rlhf_ray.backends.vllm"},
 }
 
 
