@@ -137,6 +137,14 @@ class TrainBackend(Protocol):
         ``learner.lr`` (:func:`param_groups`)."""
 
 
+def engine_label(lrn: LearnerConfig) -> str:
+    """How start-up lines name the learner section's engine: "ZeRO-2" (DeepSpeed) or "FSDP2,
+    reshard after forward" / "FSDP2, gathered to backward" (learner.zero_stage 3 / 2)."""
+    if lrn.backend == "fsdp2":
+        return "FSDP2, " + ("reshard after forward" if lrn.zero_stage == 3 else "gathered to backward")
+    return f"ZeRO-{lrn.zero_stage}"
+
+
 def train_backend(name: str) -> TrainBackend:
     """The backend module named ``name`` (``learner.backend``)."""
     return importlib.import_module(f"rlhf_ray.backends.{name}")  # type: ignore[return-value]

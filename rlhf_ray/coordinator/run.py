@@ -17,6 +17,7 @@ import time
 from typing import IO, Callable
 
 from rlhf_ray.batch import decode_rows
+from rlhf_ray.backends.engine import engine_label
 from rlhf_ray.config import Config, config_to_dict, redacted
 from rlhf_ray.coordinator import checkpoint as ckpt
 from rlhf_ray.coordinator.gold import write_eval_samples, write_samples_md
@@ -289,7 +290,7 @@ def roles_line(cfg: Config, seconds: float, reference_from_learner: bool) -> str
     """The start-up line naming the roles that run. With reference.from_learner (LoRA) there is no
     reference actor: the learner ranks compute the reference logprobs with the adapters off."""
     reference = "" if reference_from_learner else "reference, "
-    learners = (f"{cfg.learner.num_ranks} learner rank(s) (ZeRO-{cfg.learner.zero_stage}"
+    learners = (f"{cfg.learner.num_ranks} learner rank(s) ({engine_label(cfg.learner)}"
                 + ("; also the reference, adapters off)" if reference_from_learner else ")"))
     return f"roles up in {seconds:.1f} s: {cfg.rollout.num_engines} rollout engine(s), {reference}reward, {learners}"
 

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+from rlhf_ray.backends.engine import engine_label
 from rlhf_ray.checkpoint_files import checkpoints_dir, complete_checkpoints
 from rlhf_ray.config import ConfigError, config_to_dict, fields_help, load_config, parse_overrides, redacted
 from rlhf_ray.data.records import DataError
@@ -123,12 +124,13 @@ def resume_point(cfg) -> tuple[str, dict] | None:
     with open(os.path.join(path, "position.json")) as fh:
         position = json.load(fh)
     now = {"world_size": cfg.learner.num_ranks, "batch_size": cfg.train.batch_size, "seed": cfg.seed,
-           "shuffle": cfg.train.shuffle}
-    differ = [f"{k} {position[k]!r} then, {v!r} now" for k, v in now.items() if position.get(k) != v]
+           "shuffle": cfg.train.shuffle, "backend": cfg.learner.backend}
+    then = {"backend": "deepspeed", **position}  # positions from before learner.backend existed
+    differ = [f"{k} {then.get(k)!r} then, {v!r} now" for k, v in now.items() if then.get(k) != v]
     if differ:
         raise ConfigError(
-            f"cannot resume from {path}: it was written with other settings ({'; '.join(differ)}). The ZeRO "
-            "state is split per rank and the data order depends on these. Resume with the same values, or "
+            f"cannot resume from {path}: it was written with other settings ({'; '.join(differ)}). The engine "
+            "state is split per rank in its backend's format and the data order depends on these. Resume with the same values, or "
             f"start afresh without --train.resume (or move {checkpoints_dir(cfg.train.output_dir)} away).")
     return path, position
 
@@ -208,7 +210,7 @@ def run_supervised(cfg, actor_cls, role: str, train, eval_set, tokenizer_path: s
     group = TrainerGroup(cfg, actor_cls, role)
     try:
         info = group.setup(total_steps(cfg, len(train)))
-        print(f"{role}: {len(info)} rank(s) up (ZeRO-{cfg.learner.zero_stage}, {info[0]['parameters']} parameters) "
+        print(f"{role}: {len(info)} rank(s) up ({engine_label(cfg.learner)}, {info[0]['parameters']} parameters) "
               f"in {time.perf_counter() - t0:.1f} s")
         group.set_data(train, eval_set)
         history = fit(group, cfg, tokenizer_path, keys, resumed=resumed)

@@ -202,7 +202,8 @@ class SupervisedTrainer(RoleBase):
         dist.barrier()
         if self.rank == 0:
             position = {"epoch": epoch, "next_step": next_step, "global_step": self.global_step,
-                        "world_size": self.world_size, "batch_size": self.cfg.train.batch_size,
+                        "world_size": self.world_size, "backend": self.cfg.learner.backend,
+                        "batch_size": self.cfg.train.batch_size,
                         "seed": self.cfg.seed, "shuffle": self.cfg.train.shuffle}
             with open(os.path.join(tmp, "position.json"), "w") as fh:
                 json.dump(position, fh, indent=2)

@@ -309,3 +309,6 @@ def test_the_roles_line_names_a_reference_actor_only_where_there_is_one():
     lora = roles_line(cfg, 3.0, True)  # reference.from_learner: no reference actor exists
     assert lora == ("roles up in 3.0 s: 2 rollout engine(s), reward, 2 learner rank(s) "
                     "(ZeRO-3; also the reference, adapters off)")
+    fsdp2 = _config(learner={"num_ranks": 2, "micro_batch_size": 3, "zero_stage": 3, "backend": "fsdp2"}, rollout={
+        "prompts_per_iteration": 4, "samples_per_prompt": 1, "max_new_tokens": 5, "num_engines": 2})
+    assert roles_line(fsdp2, 3.0, False).endswith("2 learner rank(s) (FSDP2, reshard after forward)")

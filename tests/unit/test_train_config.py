@@ -133,6 +133,11 @@ def test_resume_point_picks_the_newest_complete_checkpoint_and_refuses_other_set
                     "train.batch_size": 32, "seed": 5})
     with pytest.raises(ConfigError, match=r"world_size 2 then, 1 now; .*seed 0 then, 5 now"):
         resume_point(other)
+    # a position from before learner.backend existed was written by DeepSpeed: its state is not FSDP2's
+    fsdp2 = _sft(**{"train.output_dir": tmp_path, "train.resume": "true", "learner.num_ranks": 2,
+                    "train.batch_size": 32, "learner.backend": "fsdp2"})
+    with pytest.raises(ConfigError, match=r"backend 'deepspeed' then, 'fsdp2' now"):
+        resume_point(fsdp2)
 
 
 def test_total_steps_is_the_schedule_horizon():
