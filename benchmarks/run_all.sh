@@ -34,6 +34,7 @@ vs_trl --also-shared --also-async
 rollout_efficiency --repeats 21
 weight_sync
 async_correction
+train_engines
 RUNS
 # Rows whose benchmarks compare inside one invocation and take no --quiet-wait.
 for bench in packing estimators vs_trl_grpo; do
