@@ -2,7 +2,7 @@
 
 Layout of ``<run_dir>/checkpoints/iter_000010/``::
 
-    learner/           DeepSpeed state of every rank (model, optimiser, scheduler; ZeRO shards)
+    learner/           the training engine's state of every rank (model, optimiser, scheduler; its shards)
     policy/            the policy as a standard Hugging Face model + value_head.safetensors + tokenizer
     coordinator.json   iteration, prompt-sampler position, KL controller, score statistics, config
     COMPLETE           written last
