@@ -59,10 +59,11 @@ def _update(ray, model: str, ranks: int, batch: ExperienceBatch, **overrides) ->
     return metrics, weights
 
 
+# FSDP2 at reshard 3 and the other loss aggregations: tests/unit/test_train_engines.py (the engine's
+# 1-vs-2-rank sum) with the learner's step counts checked here on DeepSpeed.
 @pytest.mark.parametrize("overrides", [
-    {}, {"ppo.loss_agg": "seq_mean_token_sum_norm", "ppo.estimator": "grpo"}, {"learner.backend": "fsdp2"},
-    {"learner.backend": "fsdp2", "learner.zero_stage": 3, "ppo.loss_agg": "seq_mean_token_sum_norm"}],
-    ids=["token_mean-gae", "dr_grpo", "fsdp2-gae", "fsdp2-reshard-seq_mean"])
+    {}, {"ppo.loss_agg": "seq_mean_token_sum_norm", "ppo.estimator": "grpo"}, {"learner.backend": "fsdp2"}],
+    ids=["token_mean-gae", "dr_grpo", "fsdp2-gae"])
 def test_one_rank_and_two_ranks_make_the_same_update(ray_cluster, tiny_llama, overrides):
     batch = synthetic_batch()
     m1, w1 = _update(ray_cluster, tiny_llama, 1, batch, **overrides)
