@@ -6,8 +6,14 @@ Advantage Estimation" (arXiv:1506.02438), eq. 16 in its recursive form:
     delta_t = r_t + gamma * V_{t+1} - V_t
     A_t     = delta_t + gamma * lam * A_{t+1}
 
-Each response is one episode; every token is one action. The episode ends after
-the last valid token, so the bootstrap value there is 0.
+Each response is one episode. The episode ends after the last valid token, so the
+bootstrap value there is 0. In a single-turn response every token is one action. In a
+multi-turn episode the response region also holds observation tokens (a tool's output, a
+user's reply) that the policy did not sample: ``action_mask`` marks the sampled ones, and the
+recursion steps over the others, carrying V_{t+1} and A_{t+1} across them, so the last action
+of one turn bootstraps from the first action of the next (as veRL's multi-turn GAE does).
+Observation tokens get advantage and return 0. A per-turn reward goes on its turn's last
+action token.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ def compute_gae(
     mask: torch.Tensor,
     gamma: float,
     lam: float,
+    action_mask: torch.Tensor | None = None,
 ) -> GAEOutput:
     """Per-token GAE advantages and returns for right-padded responses.
 
@@ -61,10 +68,20 @@ def compute_gae(
             right-padded (a prefix of True then False), else ValueError.
         gamma: discount factor in [0, 1].
         lam: GAE lambda in [0, 1].
+        action_mask: bool (B, R), True = a token the policy sampled, within
+            ``mask`` (None: every valid token). The other valid tokens are
+            observations: skipped by the recursion, rewards and values there
+            affect nothing. With no observation token the result is exactly
+            the single-turn one.
+
+    Example (gamma 1, lam 0.5): tokens action, action, obs, obs, action with
+    rewards [0, .5, 0, 0, 1] and values [.2, .4, -, -, .6] give advantages
+    [.65, .9, 0, 0, .4] (t=4: 1 - .6; t=1: .5 + .6 - .4 + .5 x .4; t=0:
+    .4 - .2 + .5 x .9).
 
     Returns:
         GAEOutput of float (B, R) tensors (dtype promoted from rewards and
-        values), 0 where ``mask`` is False. ``returns = advantages + values``.
+        values), 0 where ``mask`` (or ``action_mask``) is False. ``returns = advantages + values``.
         Rewards and values at masked positions affect nothing. Empty rows give
         all-zero outputs. Gradients flow to the inputs if they require them;
         callers normally pass detached values.
@@ -72,25 +89,34 @@ def compute_gae(
     _check_mask(rewards, mask, "rewards")
     _check_mask(values, mask, "values")
     check_right_padded(mask)
+    if action_mask is None:
+        action_mask = mask
+    else:
+        _check_mask(rewards, action_mask, "rewards")
+        if bool((action_mask & ~mask).any()):
+            raise ValueError("action_mask marks a token outside the response mask: actions must be valid tokens")
     if not 0.0 <= gamma <= 1.0 or not 0.0 <= lam <= 1.0:
         raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={gamma}, lam={lam}")
 
     # Zeroing padding makes V_{t+1} = 0 after the last valid token (terminal
     # state) and makes delta_t = 0 on the padding, so A stays 0 there.
-    rewards = _zero_masked(rewards, mask)
-    values = _zero_masked(values, mask)
+    rewards = _zero_masked(rewards, action_mask)
+    values = _zero_masked(values, action_mask)
     num_tokens = mask.shape[1]
     if num_tokens == 0:
         return GAEOutput(advantages=rewards + values, returns=rewards + values)
     zero = torch.zeros_like(values[:, 0] + rewards[:, 0])
     next_value, next_adv = zero, zero
     reversed_adv = []
-    # Reverse loop over R only; every step is vectorised over the B rows.
+    # Reverse loop over R only; every step is vectorised over the B rows. A position that is not
+    # an action (an observation, or padding after the episode) passes V_{t+1} and A_{t+1} on.
     for t in reversed(range(num_tokens)):
+        acts = action_mask[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_adv = delta + gamma * lam * next_adv
-        next_value = values[:, t]
-        reversed_adv.append(next_adv)
-    advantages = torch.stack(reversed_adv[::-1], dim=1)
-    returns = _zero_masked(advantages + values, mask)
-    return GAEOutput(advantages=_zero_masked(advantages, mask), returns=returns)
+        adv = delta + gamma * lam * next_adv
+        next_adv = torch.where(acts, adv, next_adv)
+        next_value = torch.where(acts, values[:, t], next_value)
+        reversed_adv.append(adv)
+    advantages = _zero_masked(torch.stack(reversed_adv[::-1], dim=1), action_mask)
+    returns = _zero_masked(advantages + values, action_mask)
+    return GAEOutput(advantages=advantages, returns=returns)

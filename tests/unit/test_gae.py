@@ -140,3 +140,68 @@ def test_rejects_masks_that_are_not_right_padded():
         compute_gae(rewards, rewards, torch.ones(2, 4, dtype=torch.bool), 1.5, 1.0)
     with pytest.raises(ValueError, match="bool"):
         compute_gae(rewards, rewards, torch.ones(2, 4), 1.0, 1.0)
+
+
+# ---- multi-turn episodes: observation tokens are skipped ---------------------
+
+
+def test_hand_example_with_observation_tokens():
+    # action, action, obs, obs, action; the turn's reward on its last action; gamma 1, lam .5
+    mask = torch.tensor([[True] * 5])
+    acts = torch.tensor([[True, True, False, False, True]])
+    rewards = torch.tensor([[0.0, 0.5, 0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.2, 0.4, 9.0, 9.0, 0.6]])  # values at observations are never read
+    out = compute_gae(rewards, values, mask, gamma=1.0, lam=0.5, action_mask=acts)
+    torch.testing.assert_close(out.advantages, torch.tensor([[0.65, 0.9, 0.0, 0.0, 0.4]]))
+    torch.testing.assert_close(out.returns, torch.tensor([[0.85, 1.3, 0.0, 0.0, 1.0]]))
+
+
+def _loop_multi_turn(rewards, values, acts, gamma, lam):
+    """The recursion over each row's action tokens alone (observations removed), on floats."""
+    out = []
+    for row_r, row_v, row_a in zip(rewards.tolist(), values.tolist(), acts.tolist()):
+        idx = [t for t, a in enumerate(row_a) if a]
+        adv = [0.0] * len(row_r)
+        running, next_value = 0.0, 0.0
+        for t in reversed(idx):
+            running = row_r[t] + gamma * next_value - row_v[t] + gamma * lam * running
+            next_value = row_v[t]
+            adv[t] = running
+        out.append(adv)
+    return out
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.9, 0.8), (0.5, 0.0)])
+def test_multi_turn_matches_the_recursion_over_actions_only(gamma, lam):
+    g = torch.Generator().manual_seed(3)
+    B, R, lengths = 3, 7, [7, 5, 2]  # B != R
+    mask = _right_padded(lengths, R)
+    acts = mask & (torch.rand(B, R, generator=g) < 0.6)
+    acts[:, 0] = True
+    rewards = torch.randn(B, R, generator=g, dtype=torch.float64)
+    values = torch.randn(B, R, generator=g, dtype=torch.float64)
+    out = compute_gae(rewards, values, mask, gamma, lam, action_mask=acts)
+    torch.testing.assert_close(out.advantages, torch.tensor(_loop_multi_turn(rewards, values, acts, gamma, lam),
+                                                            dtype=torch.float64))
+    assert bool((out.returns[~acts] == 0).all())
+
+
+def test_one_turn_episodes_give_the_single_turn_numbers_exactly():
+    g = torch.Generator().manual_seed(4)
+    mask = _right_padded([5, 3, 1], 5)
+    rewards, values = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    plain = compute_gae(rewards, values, mask, 0.95, 0.9)
+    every_token_acts = compute_gae(rewards, values, mask, 0.95, 0.9, action_mask=mask.clone())
+    assert torch.equal(plain.advantages, every_token_acts.advantages)
+    assert torch.equal(plain.returns, every_token_acts.returns)
+
+
+def test_observation_rewards_and_values_change_nothing_and_actions_stay_inside_the_mask():
+    mask = _right_padded([4, 4], 4)
+    acts = torch.tensor([[True, False, True, True], [True, True, False, True]])
+    rewards, values = torch.ones(2, 4), torch.full((2, 4), 0.5)
+    clean = compute_gae(rewards * acts, values * acts, mask, 0.9, 0.8, action_mask=acts)
+    noisy = compute_gae(rewards + 7 * ~acts, values - 3 * ~acts, mask, 0.9, 0.8, action_mask=acts)
+    assert torch.equal(clean.advantages, noisy.advantages) and torch.equal(clean.returns, noisy.returns)
+    with pytest.raises(ValueError, match="outside the response mask"):
+        compute_gae(rewards, values, _right_padded([2, 4], 4), 0.9, 0.8, action_mask=acts)
