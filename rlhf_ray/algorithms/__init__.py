@@ -9,7 +9,7 @@ enforces it).
 Vocabulary: B sequences, R response tokens, V vocab. Masks are bool, True = counts.
 """
 
-from .gae import GAEOutput, check_right_padded, compute_gae
+from .gae import GAEOutput, adaptive_lambda, check_right_padded, compute_gae
 from .estimators import (ESTIMATORS, AdvantageInputs, AdvantageOutput, Estimator, grpo_advantages,
                          group_baseline_scores, group_counts, reinforce_pp_advantages, rloo_advantages)
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate
@@ -26,6 +26,7 @@ from .policy_loss import (AGGREGATION_MODES, CORRECTION_MODES, RATIO_LEVELS, Cor
                           sequence_log_ratio)
 from .masked import (
     explained_variance,
+    masked_correlation,
     masked_mean,
     masked_sum,
     masked_var,
@@ -52,9 +53,11 @@ __all__ = [
     "check_right_padded",
     "clip_scores",
     "compute_gae",
+    "adaptive_lambda",
     "chunked_logprobs_and_entropy",
     "entropy_from_logits",
     "explained_variance",
+    "masked_correlation",
     "kl_estimate",
     "logprobs_and_entropy",
     "logprobs_from_logits",

@@ -37,8 +37,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .gae import compute_gae
-from .masked import _check_mask, _zero_masked, explained_variance, masked_mean, masked_whiten
+from .gae import adaptive_lambda, compute_gae
+from .masked import _check_mask, _zero_masked, explained_variance, masked_correlation, masked_mean, masked_whiten
 from .shaping import shape_token_rewards
 
 
@@ -302,9 +302,11 @@ class AdvantageInputs(NamedTuple):
     mask: torch.Tensor  # (B, R) bool response mask
     valid: torch.Tensor  # (B,) bool usable samples: only they enter a statistic, the others get 0
     gamma: float  # discount in [0, 1]
-    lam: float  # GAE lambda in [0, 1]
+    lam: float  # GAE lambda of the advantages, in [0, 1]
     whiten: bool  # gae: whiten the advantages over the batch's valid tokens
     group_std_norm: bool  # grpo: divide by the group std (False: Dr. GRPO)
+    lam_critic: float | None = None  # gae: GAE lambda of the value targets (the returns); None: lam
+    lam_adaptive_alpha: float | None = None  # gae: length-adaptive advantage lambda 1 - 1/(alpha x length); None: lam
 
 
 class AdvantageOutput(NamedTuple):
@@ -330,19 +332,38 @@ def _good(x: AdvantageInputs) -> torch.Tensor:
 def _gae(x: AdvantageInputs) -> AdvantageOutput:
     """GAE (Schulman et al. 2016, arXiv:1506.02438) on the learned values of per-token rewards (the
     score at the last token, minus reward_kl_coef x KL on every token), whitened over the batch's
-    valid tokens when ``whiten``; the returns are the value targets."""
+    valid tokens when ``whiten``; the returns are the value targets.
+
+    The advantages use ``lam`` (or, with ``lam_adaptive_alpha``, each response's length-adaptive
+    lambda, :func:`adaptive_lambda`), the value targets ``lam_critic``: decoupled as in VAPO
+    (arXiv:2504.05118), whose critic takes lambda 1 (unbiased Monte-Carlo targets) while the
+    policy keeps a lower-variance lambda. Equal lambdas give one GAE pass.
+
+    Value diagnostics beside the explained variance: the Pearson correlation of values and returns
+    over valid tokens, and the mean value at each response's first token against the mean return
+    there (with gamma 1 and lam_critic 1 that return is the sample's whole shaped reward)."""
     if x.values is None:
         raise ValueError("gae needs the old values (B, R) of a critic")
     good = _good(x)
     rewards = shape_token_rewards(x.scores, x.kl, x.mask, x.reward_kl_coef)
-    gae = compute_gae(rewards, x.values, x.mask, x.gamma, x.lam)
-    advantages = masked_whiten(gae.advantages, good) if x.whiten else gae.advantages * good
+    lam = x.lam if x.lam_adaptive_alpha is None else adaptive_lambda(x.mask.sum(-1), x.lam_adaptive_alpha)
+    actor = compute_gae(rewards, x.values, x.mask, x.gamma, lam)
+    lam_critic = x.lam if x.lam_critic is None else x.lam_critic
+    same = x.lam_adaptive_alpha is None and lam_critic == x.lam
+    returns = actor.returns if same else compute_gae(rewards, x.values, x.mask, x.gamma, lam_critic).returns
+    advantages = masked_whiten(actor.advantages, good) if x.whiten else actor.advantages * good
+    first = x.valid & x.mask[:, 0]  # responses are right-padded: position 0 is each one's first token
     metrics = {"shaped_reward_mean": rewards.sum(-1)[x.valid].mean(),
-               "advantage_mean_raw": masked_mean(gae.advantages, good),
-               "return_mean": masked_mean(gae.returns, good),
+               "advantage_mean_raw": masked_mean(actor.advantages, good),
+               "return_mean": masked_mean(returns, good),
                "value_mean": masked_mean(x.values, good),
-               "explained_variance": explained_variance(x.values, gae.returns, good)}
-    return AdvantageOutput(advantages, gae.returns * good, metrics)
+               "explained_variance": explained_variance(x.values, returns, good),
+               "value_return_corr": masked_correlation(x.values, returns, good),
+               "value_first_token_mean": x.values[:, 0][first].mean(),
+               "return_first_token_mean": returns[:, 0][first].mean()}
+    if x.lam_adaptive_alpha is not None:
+        metrics["lam_actor_mean"] = lam[x.valid].mean()
+    return AdvantageOutput(advantages, returns * good, metrics)
 
 
 def _critic_free(x: AdvantageInputs, advantages: torch.Tensor, shaped: torch.Tensor) -> AdvantageOutput:

@@ -56,7 +56,7 @@ def compute_gae(
     values: torch.Tensor,
     mask: torch.Tensor,
     gamma: float,
-    lam: float,
+    lam: float | torch.Tensor,
     action_mask: torch.Tensor | None = None,
 ) -> GAEOutput:
     """Per-token GAE advantages and returns for right-padded responses.
@@ -67,7 +67,8 @@ def compute_gae(
         mask: bool (B, R), True = real response token; each row must be
             right-padded (a prefix of True then False), else ValueError.
         gamma: discount factor in [0, 1].
-        lam: GAE lambda in [0, 1].
+        lam: GAE lambda in [0, 1], one for every row or a float (B,) tensor
+            of one per row (a length-adaptive lambda, :func:`adaptive_lambda`).
         action_mask: bool (B, R), True = a token the policy sampled, within
             ``mask`` (None: every valid token). The other valid tokens are
             observations: skipped by the recursion, rewards and values there
@@ -95,8 +96,13 @@ def compute_gae(
         _check_mask(rewards, action_mask, "rewards")
         if bool((action_mask & ~mask).any()):
             raise ValueError("action_mask marks a token outside the response mask: actions must be valid tokens")
-    if not 0.0 <= gamma <= 1.0 or not 0.0 <= lam <= 1.0:
+    lams = torch.as_tensor(lam, dtype=torch.float64)
+    if not 0.0 <= gamma <= 1.0 or not bool(((lams >= 0) & (lams <= 1)).all()):
         raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={gamma}, lam={lam}")
+    if torch.is_tensor(lam):
+        if lam.shape != mask.shape[:1]:
+            raise ValueError(f"a per-row lam must have shape (B,) = {tuple(mask.shape[:1])}, got {tuple(lam.shape)}")
+        lam = lam.to(device=rewards.device, dtype=torch.promote_types(rewards.dtype, values.dtype))
 
     # Zeroing padding makes V_{t+1} = 0 after the last valid token (terminal
     # state) and makes delta_t = 0 on the padding, so A stays 0 there.
@@ -120,3 +126,22 @@ def compute_gae(
     advantages = _zero_masked(torch.stack(reversed_adv[::-1], dim=1), action_mask)
     returns = _zero_masked(advantages + values, action_mask)
     return GAEOutput(advantages=advantages, returns=returns)
+
+
+def adaptive_lambda(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Length-adaptive GAE lambda per sequence (VAPO, Yue et al. 2025, arXiv:2504.05118, sec. 3.2):
+    ``lambda = 1 - 1 / (alpha * length)``, clipped to [0, 1], so the bias-variance trade-off
+    follows each response's length (a long response keeps lambda near 1: little bias).
+
+    Args:
+        lengths: (B,) response token counts (int or float).
+        alpha: > 0; VAPO uses 0.05.
+
+    Returns:
+        float (B,) lambdas. E.g. alpha 0.05: length 100 -> 0.8, 1000 -> 0.98, 10 -> 0 (clipped
+        from -1).
+    """
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    lengths = lengths.to(torch.float32).clamp(min=1.0)
+    return (1.0 - 1.0 / (alpha * lengths)).clamp(0.0, 1.0)

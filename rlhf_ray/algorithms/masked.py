@@ -192,3 +192,26 @@ def explained_variance(
     var_resid = _var(returns - values, mask, None, unbiased=False, keepdim=False)
     ratio = var_resid / var_returns.clamp(min=torch.finfo(var_returns.dtype).tiny)
     return torch.where(var_returns > 0, 1.0 - ratio, torch.zeros_like(ratio))
+
+
+def masked_correlation(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of ``a`` and ``b`` over the valid positions, a critic diagnostic
+    (values against their returns): cov(a, b) / (std(a) std(b)) with population moments.
+
+    Args:
+        a, b: float (B, R).
+        mask: bool (B, R); True = counts.
+
+    Returns:
+        Detached 0-dim tensor in [-1, 1]; 0 when either side is constant over the valid
+        positions (or fewer than two are valid), instead of NaN. E.g. a = [1, 2, 3], b = [2, 4, 7]:
+        cov 5/3, var 2/3 and 38/9, correlation 5 / sqrt(2 x 114/9) = 0.9934.
+    """
+    _check_mask(a, mask, "a")
+    _check_mask(b, mask, "b")
+    a, b = a.detach(), b.detach()
+    da = _zero_masked(a - _mean(a, mask, None, False), mask)
+    db = _zero_masked(b - _mean(b, mask, None, False), mask)
+    cov, va, vb = (da * db).sum(), (da * da).sum(), (db * db).sum()
+    denom = (va * vb).sqrt()
+    return torch.where(denom > 0, cov / denom.clamp(min=torch.finfo(denom.dtype).tiny), torch.zeros_like(cov))

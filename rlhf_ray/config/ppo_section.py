@@ -46,7 +46,14 @@ class PPOConfig:
     gamma: float = 1.0
     """GAE discount."""
     lam: float = 0.95
-    """GAE lambda."""
+    """GAE lambda of the advantages (and of the value targets unless ppo.lam_critic is set)."""
+    lam_critic: float | None = None
+    """GAE lambda of the value targets (the returns the value head regresses on), decoupled from the
+    advantages' ppo.lam (VAPO: 1.0, unbiased Monte-Carlo targets for the critic); unset: ppo.lam. gae only."""
+    lam_adaptive_alpha: float | None = None
+    """Length-adaptive advantage lambda per response, 1 - 1/(alpha x response length) clipped to [0, 1]
+    (VAPO's alpha: 0.05; length 100 -> 0.8); replaces ppo.lam for the advantages, not for the value
+    targets. Unset: ppo.lam for every response. gae only."""
     kl_coef: float = 0.02
     """Initial coefficient of the per-token KL penalty to the reference."""
     kl_estimator: Literal["auto", "k1", "k2", "k3"] = "auto"

@@ -119,6 +119,14 @@ def _ppo_errors(cfg: Config) -> list[str]:
         errors.append(f"--ppo.value_clip must be > 0 (got {p.value_clip}); unset it (null) to disable value clipping.")
     if not (0 <= p.gamma <= 1 and 0 <= p.lam <= 1):
         errors.append("--ppo.gamma and --ppo.lam must be in [0, 1].")
+    if p.lam_critic is not None and not 0 <= p.lam_critic <= 1:
+        errors.append(f"--ppo.lam_critic must be in [0, 1] (got {p.lam_critic}); unset it to use --ppo.lam.")
+    if p.lam_adaptive_alpha is not None and not p.lam_adaptive_alpha > 0:
+        errors.append(f"--ppo.lam_adaptive_alpha must be > 0 (got {p.lam_adaptive_alpha}); VAPO uses 0.05.")
+    for name in ("lam_critic", "lam_adaptive_alpha"):
+        if getattr(p, name) is not None and p.estimator != "gae":
+            errors.append(f"--ppo.{name} shapes GAE's lambdas, but --ppo.estimator is {p.estimator!r}, which "
+                          f"uses no critic and no lambda: unset it, or use --ppo.estimator gae.")
     if p.kl_target is not None and p.kl_target <= 0:
         errors.append("--ppo.kl_target must be > 0, or unset for a fixed coefficient.")
     elif p.kl_target is not None and p.kl_coef == 0:

@@ -30,7 +30,8 @@ def estimate_advantages(p: PPOConfig, scores: torch.Tensor, kl: torch.Tensor, kl
     """Advantages of one batch.
 
     Args:
-        p: the PPO section (estimator, gamma, lam, kl_in, whitening, group_std_norm).
+        p: the PPO section (estimator, gamma, lam, lam_critic, lam_adaptive_alpha, kl_in, whitening,
+            group_std_norm).
         scores: (B,) prepared outcome rewards (penalties, clipping, normalisation applied).
         kl: (B, R) per-token KL estimate of the old policy to the reference (0 at padding).
         kl_coef: the KL controller's current coefficient.
@@ -44,5 +45,6 @@ def estimate_advantages(p: PPOConfig, scores: torch.Tensor, kl: torch.Tensor, kl
     out = estimator.compute(AdvantageInputs(
         scores=scores, kl=kl, reward_kl_coef=kl_coef if p.kl_in == "reward" else 0.0,
         values=values if estimator.uses_critic else None, groups=groups, mask=mask, valid=valid,
-        gamma=p.gamma, lam=p.lam, whiten=p.whiten_advantages, group_std_norm=p.group_std_norm))
+        gamma=p.gamma, lam=p.lam, lam_critic=p.lam_critic,
+        lam_adaptive_alpha=p.lam_adaptive_alpha, whiten=p.whiten_advantages, group_std_norm=p.group_std_norm))
     return Advantages(out.advantages, out.returns, {name: float(v) for name, v in out.metrics.items()})

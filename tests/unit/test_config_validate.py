@@ -44,6 +44,10 @@ def test_invalid_choices_name_the_flag_and_the_choices(key, value, choices):
         (["--reward.kind", "model"], "--reward.kind model needs --reward.model_path <checkpoint dir>."),
         (["--model.critic_path", "x"], "--model.critic_path is set but --model.separate_critic is false"),
         (["--resources.learner.threads", "0"], "--resources.learner: num_cpus/num_gpus must be >= 0 and threads >= 1."),
+        (["--ppo.lam_critic", "1.2"], "--ppo.lam_critic must be in [0, 1] (got 1.2)"),
+        (["--ppo.lam_adaptive_alpha", "0"], "--ppo.lam_adaptive_alpha must be > 0 (got 0.0); VAPO uses 0.05."),
+        (["--ppo.estimator", "grpo", "--ppo.lam_critic", "1.0"],
+         "--ppo.lam_critic shapes GAE's lambdas, but --ppo.estimator is 'grpo'"),
     ],
 )
 def test_out_of_range_values_name_the_flag(overrides, message):

@@ -370,3 +370,41 @@ def test_gae_entry_needs_values():
                         torch.ones(2, 3, dtype=torch.bool), torch.ones(2, dtype=torch.bool), 1.0, 1.0, True, True)
     with pytest.raises(ValueError, match="gae needs the old values"):
         ESTIMATORS["gae"].compute(x)
+
+
+# ---- decoupled and length-adaptive lambda, value diagnostics ------------------
+
+
+def _gae_inputs(**kw) -> AdvantageInputs:
+    # one response of 2 tokens, score 1 at the last; values .5, .5; gamma 1
+    base = dict(scores=torch.tensor([1.0]), kl=torch.zeros(1, 2), reward_kl_coef=0.0,
+                values=torch.tensor([[0.5, 0.5]]), groups=torch.tensor([0]), mask=torch.ones(1, 2, dtype=torch.bool),
+                valid=torch.ones(1, dtype=torch.bool), gamma=1.0, lam=0.0, whiten=False, group_std_norm=True)
+    return AdvantageInputs(**{**base, **kw})
+
+
+def test_lam_critic_sets_the_value_targets_and_lam_the_advantages():
+    # lam 0: A = (0 + .5 - .5, 1 - .5) = (0, .5); lam_critic 1: G = Monte-Carlo return (1, 1)
+    out = ESTIMATORS["gae"].compute(_gae_inputs(lam_critic=1.0))
+    torch.testing.assert_close(out.advantages, torch.tensor([[0.0, 0.5]]))
+    torch.testing.assert_close(out.returns, torch.tensor([[1.0, 1.0]]))
+    coupled = ESTIMATORS["gae"].compute(_gae_inputs())  # lam_critic unset: TD(0) targets (.5, 1)
+    torch.testing.assert_close(coupled.returns, torch.tensor([[0.5, 1.0]]))
+
+
+def test_adaptive_lambda_replaces_lam_for_the_advantages_only():
+    # length 2, alpha 1: lambda = 1 - 1/2 = .5: A_1 = .5, A_0 = 0 + .5 x .5 = .25; targets keep lam 0
+    out = ESTIMATORS["gae"].compute(_gae_inputs(lam_adaptive_alpha=1.0))
+    torch.testing.assert_close(out.advantages, torch.tensor([[0.25, 0.5]]))
+    torch.testing.assert_close(out.returns, torch.tensor([[0.5, 1.0]]))
+    assert float(out.metrics["lam_actor_mean"]) == pytest.approx(0.5)
+
+
+def test_gae_logs_value_diagnostics():
+    x = _gae_inputs(scores=torch.tensor([1.0, 0.0]), kl=torch.zeros(2, 2), values=torch.tensor([[0.8, 0.9], [0.1, 0.2]]),
+                    groups=torch.tensor([0, 1]), mask=torch.ones(2, 2, dtype=torch.bool),
+                    valid=torch.ones(2, dtype=torch.bool), lam=1.0)
+    m = ESTIMATORS["gae"].compute(x).metrics
+    assert float(m["value_first_token_mean"]) == pytest.approx(0.45)  # (.8 + .1) / 2
+    assert float(m["return_first_token_mean"]) == pytest.approx(0.5)  # lam 1, gamma 1: the scores 1 and 0
+    assert 0.9 < float(m["value_return_corr"]) <= 1.0  # high values where the return is 1

@@ -205,3 +205,30 @@ def test_observation_rewards_and_values_change_nothing_and_actions_stay_inside_t
     assert torch.equal(clean.advantages, noisy.advantages) and torch.equal(clean.returns, noisy.returns)
     with pytest.raises(ValueError, match="outside the response mask"):
         compute_gae(rewards, values, _right_padded([2, 4], 4), 0.9, 0.8, action_mask=acts)
+
+
+# ---- per-row and length-adaptive lambda (VAPO) --------------------------------
+
+
+def test_adaptive_lambda_hand_values():
+    from rlhf_ray.algorithms import adaptive_lambda
+
+    got = adaptive_lambda(torch.tensor([100, 1000, 10, 20]), 0.05)
+    torch.testing.assert_close(got, torch.tensor([0.8, 0.98, 0.0, 0.0]))  # 1 - 1/(0.05 x 10) = -1 -> 0
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        adaptive_lambda(torch.tensor([5]), 0.0)
+
+
+def test_a_per_row_lambda_is_each_rows_own_gae():
+    g = torch.Generator().manual_seed(5)
+    mask = _right_padded([4, 3, 2], 4)
+    rewards, values = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    lams = torch.tensor([0.0, 0.5, 1.0])
+    out = compute_gae(rewards, values, mask, 0.9, lams)
+    for i, lam in enumerate(lams.tolist()):
+        row = compute_gae(rewards[i:i + 1], values[i:i + 1], mask[i:i + 1], 0.9, lam)
+        torch.testing.assert_close(out.advantages[i:i + 1], row.advantages)
+    with pytest.raises(ValueError, match="shape"):
+        compute_gae(rewards, values, mask, 0.9, torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="must lie in"):
+        compute_gae(rewards, values, mask, 0.9, torch.tensor([0.5, 1.5, 0.5]))

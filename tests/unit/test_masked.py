@@ -206,3 +206,16 @@ def test_bad_masks_raise():
         masked_sum(X, M.float())
     with pytest.raises(ValueError, match="shape"):
         masked_mean(X, M.T)
+
+
+def test_masked_correlation_hand_example_and_degenerate_cases():
+    from rlhf_ray.algorithms import masked_correlation
+
+    a = torch.tensor([[1.0, 2.0, 9.0], [3.0, 0.0, 0.0]])
+    b = torch.tensor([[2.0, 4.0, -5.0], [7.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])  # valid: a = 1, 2, 3; b = 2, 4, 7
+    assert float(masked_correlation(a, b, mask)) == pytest.approx(5 / math.sqrt(2 * 114 / 9))
+    assert float(masked_correlation(a, -b, mask)) == pytest.approx(-5 / math.sqrt(2 * 114 / 9))
+    assert float(masked_correlation(torch.ones(2, 3), b, mask)) == 0.0  # constant side: 0, not NaN
+    one = torch.tensor([[True, False, False], [False, False, False]])
+    assert float(masked_correlation(a, b, one)) == 0.0
