@@ -252,8 +252,14 @@ def dry_run_report(cfg: Config) -> tuple[list[str], MemoryPlanError | None]:
 
 
 def check_memory(cfg: Config) -> MemoryPlan | None:
-    """The pre-flight's check: raises :class:`MemoryPlanError` when a role cannot fit; prints one line."""
-    plan = memory_plan(cfg)
+    """The pre-flight's check: raises :class:`MemoryPlanError` when a role cannot fit; prints one
+    line. A model the plan cannot size (a config.json without Llama-style sizes) is reported and
+    not refused: the plan is a guard, not a requirement."""
+    try:
+        plan = memory_plan(cfg)
+    except (OSError, ValueError) as exc:
+        print(f"memory plan: not estimated: {exc}", flush=True)
+        return None
     if plan is None:
         return None
     error = plan.error()

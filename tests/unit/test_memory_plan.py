@@ -11,7 +11,7 @@ import pytest
 
 from rlhf_ray.backends.memory import (CUDA_CONTEXT, CUDA_GRAPHS, GIB, ModelShape, engine_estimate, frozen_estimate,
                                       layer_activation_bytes, learner_estimate, logit_bytes, role_estimates)
-from rlhf_ray.backends.memory_plan import MemoryPlanError, gpu_size, memory_plan
+from rlhf_ray.backends.memory_plan import MemoryPlanError, check_memory, gpu_size, memory_plan
 from rlhf_ray.config import ConfigError, load_config
 from rlhf_ray.launch import main
 
@@ -302,6 +302,13 @@ def test_a_real_launch_refuses_in_the_preflight_before_ray(model_dir, tmp_path, 
     assert err.startswith("error: memory plan: the learner role") and "--model.gradient_checkpointing true" in err
     assert not run_dir.exists()  # stopped before the run directory, Ray and the roles
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_a_model_the_plan_cannot_size_is_reported_not_refused(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"n_embd": 64, "n_layer": 2}')  # GPT-2's names
+    cfg = load_config("configs/gpu_8x.yaml", {"model.path": str(tmp_path), "resources.gpu_memory_gib": "80"})
+    assert check_memory(cfg) is None
+    assert "memory plan: not estimated: " in capsys.readouterr().out
 
 
 def test_cpu_configs_print_nothing_new(capsys):
