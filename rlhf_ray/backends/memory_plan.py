@@ -212,12 +212,12 @@ class MemoryPlan:
             budget = self.budget(est.role)
             verdict = "" if budget is None else ("  DOES NOT FIT in " if self.shortfall(est)[0] else "  fits in ")
             verdict += "" if budget is None else _gib(budget)
+            if est.role == "rollout" and "KV cache and activations" not in est.terms:  # GPU size unknown
+                verdict = f"  + KV cache and activations: {est.notes['KV cache and activations']}"
             out.append(f"  {est.role:<10} x{est.count}  {_gib(est.total):>6}{verdict}")
             for name, value in est.terms.items():
                 note = est.notes.get(name, "")
                 out.append(f"      {name:<26}{_gib(value):>6}  {note}".rstrip())
-            if est.role == "rollout" and "KV cache and activations" not in est.terms:
-                out.append(f"      {'KV cache and activations':<26}{'?':>6}  {est.notes['KV cache and activations']}")
         return out
 
     def summary(self) -> str:
