@@ -13,9 +13,11 @@ summary of reward and KL at start and end.
 
 Under ``ray job submit --working-dir . -- python -m rlhf_ray.launch ...`` the job runs in Ray's
 temporary copy of the working directory, which Ray deletes: a relative ``logging.run_dir`` is
-refused there (pass an absolute one). ``--dry-run`` prints the resolved config and the placement
-plan and exits. Errors in the inputs (data, reward function, models) and failed runs print one
-message; ``--debug`` adds the traceback.
+refused there (pass an absolute one). ``--dry-run`` prints the resolved config, the placement
+plan and, for a config with GPU roles, the memory plan (``rlhf_ray.backends.memory_plan``), and
+exits; a plan that cannot fit the GPU is refused there and by a real launch's pre-flight. Errors
+in the inputs (data, reward function, models) and failed runs print one message; ``--debug``
+adds the traceback.
 Checkpoints: every ``--checkpoint.every`` iterations and on Ctrl-C/SIGTERM; ``--resume PATH|auto``.
 """
 
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Config fields (any of them as --section.field VALUE):\n" + fields_help(Config))
     parser.add_argument("--config", help="YAML config file (see configs/)")
-    parser.add_argument("--dry-run", action="store_true", help="print resolved config and placement plan, then exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print resolved config, placement plan and memory plan, then exit")
     parser.add_argument("--ray-address", default=None, help="attach to this Ray cluster (default: RAY_ADDRESS or a new local one)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its message")
     parser.add_argument("--resume", default=None, metavar="PATH|auto",
@@ -85,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         print("placement plan (one placement group per role):")
         for p in plan:
             print("  " + p.describe())
+        from rlhf_ray.backends.memory_plan import dry_run_report
+
+        lines, refused = dry_run_report(cfg)  # no lines for a CPU-only config
+        for line in lines:
+            print(line)
+        if refused is not None:
+            return _fail(refused, 2, args.debug)
         return 0
     from rlhf_ray.coordinator.loop import NonFiniteError, SyncMismatchError
     from rlhf_ray.coordinator.run import run

@@ -1,6 +1,7 @@
 """The training-engine contract: what the PPO learner and the SFT/RM trainers need from a
 data-parallel training framework, and the framework-free pieces every engine shares (the
-optimiser, the learning-rate schedule, the activation-memory estimate).
+optimiser, the learning-rate schedule; the activation-memory estimate, whose home is
+``rlhf_ray.backends.memory``, is re-exported here).
 
 Two implementations: ``rlhf_ray.backends.deepspeed`` (ZeRO 0-3, optimiser offload) and
 ``rlhf_ray.backends.fsdp2`` (PyTorch's ``fully_shard``), picked by ``learner.backend``. A backend
@@ -26,6 +27,9 @@ from typing import Any, Callable, ContextManager, Iterable, NamedTuple, Protocol
 
 import torch
 
+# The activation formula has one home, the memory plan's; the learner's automatic gradient
+# checkpointing reads it from here.
+from rlhf_ray.backends.memory import activation_bytes, needs_activation_checkpointing  # noqa: F401
 from rlhf_ray.config import LearnerConfig
 
 
@@ -231,27 +235,6 @@ def warn_fallback(what: str, exc: BaseException, instead: str) -> None:
 
 
 # --------------------------------------------------------------------------- memory
-
-
-def activation_bytes(tokens: int, response_tokens: int, hidden: int, intermediate: int, layers: int,
-                     vocab: int) -> int:
-    """About how many bytes of activations autograd keeps for one bf16 micro-batch of ``tokens``
-    tokens without checkpointing: per token and layer ~8 H + 4 I values of 2 bytes (norm inputs,
-    q/k/v, attention output, residuals; the gated MLP's gate, up and product) with a fused
-    (SDPA/flash) attention that stores no T x T matrix; plus ~10 bytes per logit at the
-    ``response_tokens`` scored positions (bf16 logits, float32 log-softmax and entropy terms).
-    E.g. 16 x 1024 tokens, half of them scored, H 1024, I 4096, 24 layers, V 32000:
-    16384 x 24 x (8192 + 16384) x 2 + 8192 x 32000 x 10 = 19.3e9 + 2.6e9 = 21.9e9 bytes."""
-    return tokens * layers * (8 * hidden + 4 * intermediate) * 2 + response_tokens * vocab * 10
-
-
-def needs_activation_checkpointing(tokens: int, response_tokens: int, hidden: int, intermediate: int,
-                                   layers: int, vocab: int, free_bytes: int, headroom: float = 0.8) -> bool:
-    """True when one micro-batch's activations (:func:`activation_bytes`) exceed ``headroom`` of
-    the device memory left once the model, its optimiser state and bf16 gradients are in place.
-    Recomputing the forward costs ~1/3 more step time, so it is worth it only when needed."""
-    need = activation_bytes(tokens, response_tokens, hidden, intermediate, layers, vocab)
-    return need > headroom * free_bytes
 
 
 def hidden_size_of(path: str) -> int | None:

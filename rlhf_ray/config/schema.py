@@ -315,6 +315,11 @@ class ResourcesConfig:
     """Rollout/reference/reward actors that died or hung are replaced at most this many times per run."""
     max_learner_restarts: int = 2
     """The learner group is restarted from the last checkpoint at most this many times per run."""
+    gpu_memory_gib: float | None = None
+    """Memory of one GPU in GiB (torch.cuda.get_device_properties(0).total_memory / 2**30 there) for the memory plan: with it, --dry-run and the
+    pre-flight refuse a config whose estimated peak on a role's GPU exceeds it, naming the term and the
+    options that would fix it. Unset: the GPUs of the launcher's machine, if it has any; else the plan is
+    printed without a verdict."""
     network_interface: str | None = None
     """Multi-node runs: the network interface (e.g. eth1) the gloo/NCCL groups use, set for every actor as
     GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME. The stores listen on each node's Ray address: start Ray on

@@ -293,6 +293,9 @@ def _resource_errors(cfg: Config) -> list[str]:
     errors += interface_errors(res.network_interface, "--resources.network_interface")
     if res.max_actor_restarts < 0 or res.max_learner_restarts < 0:
         errors.append("--resources.max_actor_restarts and --resources.max_learner_restarts must be >= 0.")
+    if res.gpu_memory_gib is not None and not res.gpu_memory_gib > 0:
+        errors.append(f"--resources.gpu_memory_gib must be > 0 (got {res.gpu_memory_gib}): it is one GPU's memory in "
+                      "GiB for the memory plan; unset it (null) to use the GPUs the launcher sees.")
     if cfg.checkpoint.every < 0:
         errors.append("--checkpoint.every must be >= 0 (0 saves only at the end / on stop).")
     if cfg.model.critic_path and not cfg.model.separate_critic:

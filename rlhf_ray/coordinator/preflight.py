@@ -1,9 +1,10 @@
 """Pre-flight: everything about a PPO run that can be checked before Ray starts.
 
-The models exist (tiny ones are built when asked), the LoRA adapters can reach the engines, the
-tokenizer has EOS and a pad id, the prompts load and tokenise, the held-out evaluation prompts
-are set aside, and the reward function (or endpoint) answers a probe call. A bad input fails here with one message, before
-any actor holds a resource.
+The models exist (tiny ones are built when asked), each GPU role fits its GPU (the memory plan,
+``rlhf_ray.backends.memory_plan``), the LoRA adapters can reach the engines, the tokenizer has
+EOS and a pad id, the prompts load and tokenise, the held-out evaluation prompts are set aside,
+and the reward function (or endpoint) answers a probe call. A bad input fails here with one
+message, before any actor holds a resource.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from rlhf_ray.backends.memory_plan import check_memory
 from rlhf_ray.config import Config
 from rlhf_ray.data.prompts import PromptSet, load_prompts, pad_token_id, split_holdout
 
@@ -100,8 +102,8 @@ def probe_reward_function(spec: str, prompts: list[str], timeout_s: float) -> No
 
 def prepare_inputs(cfg: Config) -> Inputs:
     """Everything that can be checked before Ray starts: models exist (building tiny ones if
-    asked), the LoRA targets reach the engines, the tokenizer has pad/EOS, the reward function
-    loads, prompts tokenize."""
+    asked), the GPU roles fit their GPUs, the LoRA targets reach the engines, the tokenizer has
+    pad/EOS, the reward function loads, prompts tokenize."""
     from transformers import AutoTokenizer
 
     if cfg.model.build_tiny and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
@@ -114,6 +116,7 @@ def prepare_inputs(cfg: Config) -> Inputs:
         _check_model_dir(cfg.reference.path, "reference model", "--reference.path")
     if cfg.reward.kind == "model":
         _check_model_dir(cfg.reward.model_path or "", "reward model", "--reward.model_path")
+    check_memory(cfg)  # a role that cannot fit its GPU stops here, before Ray starts
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
     if tok.eos_token_id is None:
         raise ValueError(f"the tokenizer at {cfg.model.path!r} has no EOS token; responses could never end. "

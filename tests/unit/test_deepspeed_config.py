@@ -32,13 +32,16 @@ def test_offload_allows_a_torch_optimizer_as_the_fallback():
 
 
 def test_activation_bytes_hand_example():
-    # The docstring's case: 16 x 1024 tokens, half scored, H 1024, I 4096, 24 layers, V 32000.
-    assert activation_bytes(16384, 8192, 1024, 4096, 24, 32000) == 16384 * 24 * 24576 * 2 + 8192 * 32000 * 10
-    assert activation_bytes(1, 0, 10, 20, 2, 5) == 2 * (80 + 80) * 2
+    # The docstring's case: 16 x 1024 tokens, half scored, H 1024, I 4096, 24 layers, V 32000, bf16:
+    # per block 8 H + 12 H + 4 H + 8 I = 57344 bytes a token, the final norm 6 H; the logits 6 bytes
+    # each, and 4 float32 copies of a 4096-position chunk (rlhf_ray.backends.memory).
+    assert activation_bytes(16384, 8192, 1024, 4096, 24, 32000) == (16384 * (24 * 57344 + 6144) + 8192 * 32000 * 6
+                                                                    + 16 * 4096 * 32000)
+    assert activation_bytes(1, 0, 10, 20, 2, 5) == 2 * (80 + 120 + 40 + 160) + 60
 
 
 def test_checkpointing_only_when_activations_do_not_fit():
-    need = activation_bytes(16384, 8192, 1024, 4096, 24, 32000)  # ~21.9 GB
+    need = activation_bytes(16384, 8192, 1024, 4096, 24, 32000)  # ~26.3 GB
     args = (16384, 8192, 1024, 4096, 24, 32000)
     assert not needs_activation_checkpointing(*args, free_bytes=60 * 2**30)
     assert needs_activation_checkpointing(*args, free_bytes=20 * 2**30)
