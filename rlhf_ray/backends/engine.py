@@ -27,9 +27,6 @@ from typing import Any, Callable, ContextManager, Iterable, NamedTuple, Protocol
 
 import torch
 
-# The activation formula has one home, the memory plan's; the learner's automatic gradient
-# checkpointing reads it from here.
-from rlhf_ray.backends.memory import activation_bytes, needs_activation_checkpointing  # noqa: F401
 from rlhf_ray.config import LearnerConfig
 
 

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from rlhf_ray.backends.engine import (EngineSettings, TrainEngine, hidden_size_of, needs_activation_checkpointing,
-                                      train_backend)
+from rlhf_ray.backends.engine import EngineSettings, TrainEngine, hidden_size_of, train_backend
+from rlhf_ray.backends.memory import needs_activation_checkpointing
 from rlhf_ray.backends.replicated import ReplicatedModule, replicate
 from rlhf_ray.batch import ExperienceBatch, TrainUpdate, plan_passes
 from rlhf_ray.config import Config, LearnerConfig, ModelConfig, PPOConfig, resolve

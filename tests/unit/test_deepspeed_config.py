@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from rlhf_ray.backends.deepspeed import build_optimizer, learner_ds_config
-from rlhf_ray.backends.engine import (activation_bytes, gather_full_state_dict, make_torch_optimizer,
-                                      needs_activation_checkpointing, nothing_to_gather)
+from rlhf_ray.backends.engine import gather_full_state_dict, make_torch_optimizer, nothing_to_gather
+from rlhf_ray.backends.memory import activation_bytes, needs_activation_checkpointing
 from rlhf_ray.backends.replicated import ReplicatedModule, replicate
 from rlhf_ray.config import LearnerConfig
 
