@@ -66,7 +66,7 @@ def probe_reward_function(spec: str, prompts: list[str], timeout_s: float) -> No
     fails here, before any actor starts."""
     import threading
 
-    from rlhf_ray.rewards import load_reward_function
+    from rlhf_ray.rewards import call_once, load_reward_function
 
     fn = load_reward_function(spec)
     prompts = (prompts * 2)[:2]
@@ -74,7 +74,7 @@ def probe_reward_function(spec: str, prompts: list[str], timeout_s: float) -> No
 
     def call() -> None:
         try:
-            result["scores"] = list(fn(prompts, ["", "42"]))
+            result["scores"] = list(call_once(fn, prompts, ["", "42"]))  # an async def function is awaited
         except Exception as exc:  # reported below, in the caller's thread
             result["error"] = exc
 
