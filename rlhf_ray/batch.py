@@ -335,7 +335,8 @@ def join_rows(parts: Sequence[Sequence[int]], values: Sequence[torch.Tensor]) ->
     E.g. parts [[1], [0, 2]] with values [[10], [20, 30]] -> [20, 10, 30]."""
     order = [i for part in parts for i in part]
     if sorted(order) != list(range(len(order))):
-        raise ValueError(f"the parts must hold each row 0..{len(order) - 1} once, got {[list(p) for p in parts]}")
+        raise ValueError(f"the parts must hold the rows 0..{len(order) - 1} (as many as they hold in all) each once, "
+                         f"got {[list(p) for p in parts]}: a row would be lost or taken twice")
     for part, value in zip(parts, values, strict=True):
         if value.shape[0] != len(part):
             raise ValueError(f"a part of {len(part)} rows came back with {value.shape[0]}")
