@@ -93,7 +93,11 @@ def score_in_calls(fn: Callable[[list[str], list[str]], Any], prompts: list[str]
         results = _run_threads(fn, calls, concurrency, timeout_s, what)
     out: list[Any] = []
     for rows, values in zip(plan, results):
-        values = list(values)
+        try:
+            values = list(values)
+        except TypeError:
+            raise TypeError(f"{what} returned {type(values).__name__}, not a list of scores; it must return one "
+                            "float per response.") from None
         if len(values) != len(rows):
             raise ValueError(f"{what} returned {len(values)} scores for {len(rows)} responses; it must return one "
                              "float per response.")

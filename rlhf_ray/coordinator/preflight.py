@@ -130,7 +130,7 @@ def prepare_inputs(cfg: Config) -> Inputs:
         from rlhf_ray.reward_server import post_scores
 
         post_scores(cfg.reward.url or "", (prompts.texts * 2)[:2], ["", "42"], cfg.reward.http_timeout_s,
-                    cfg.reward.http_retries)  # an endpoint that is down fails here, before Ray starts
+                    cfg.reward.http_retries, cfg.reward.http_backoff_s)  # an endpoint that is down fails here
     gold = None
     if cfg.reward.gold:
         from rlhf_ray.coordinator.gold import GoldCheck

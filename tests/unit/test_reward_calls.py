@@ -156,6 +156,8 @@ def test_each_call_must_return_one_score_per_sample():
 
     with pytest.raises(ValueError, match="reward function g returned 3 scores for 4 responses"):
         score_in_calls(short, PROMPTS[:8], RESPONSES[:8], concurrency=2, what="reward function g")
+    with pytest.raises(TypeError, match="reward function g returned float, not a list of scores"):
+        score_in_calls(lambda p, r: 1.0, PROMPTS[:2], RESPONSES[:2], what="reward function g")
 
 
 def test_a_functions_own_error_is_named_plain_or_async():
