@@ -162,28 +162,26 @@ def start_roles(cfg):
 def coordinator_steps(cfg, iterations: int) -> list[dict]:
     """``iterations`` PPO steps on freshly started roles (shut down afterwards): their metric rows.
     Starts the private Ray cluster if it is not running."""
-    import ray
-
     from benchmarks import _env
     from rlhf_ray.coordinator.loop import PPOCoordinator
     from rlhf_ray.coordinator.preflight import prepare_inputs
+    from rlhf_ray.runtime.groups import SharedBatch
 
     inputs = prepare_inputs(cfg)
     _env.start_ray(num_cpus=4)
     roles = start_roles(cfg)
     try:
         coord = PPOCoordinator(cfg, inputs.prompts, inputs.pad_id, inputs.eos_ids, roles.rollout, roles.reference,
-                               roles.reward, roles.learners, roles.weight_sync, put=ray.put)
+                               roles.reward, roles.learners, roles.weight_sync, put=SharedBatch)
         return [coord.step() for _ in range(iterations)]
     finally:
         roles.shutdown()
 
 
 def run_size(model: str, size: tuple[int, int, int], args, dissect: bool) -> dict[str, Any]:
-    import ray
-
     from rlhf_ray.coordinator.loop import PPOCoordinator
     from rlhf_ray.coordinator.preflight import prepare_inputs
+    from rlhf_ray.runtime.groups import SharedBatch
 
     prompts, samples, tokens = size
     cfg = size_config(model, prompts, samples, tokens, args)
@@ -196,9 +194,10 @@ def run_size(model: str, size: tuple[int, int, int], args, dissect: bool) -> dic
 
     def timed_put(x):
         t = time.perf_counter()
-        ref = ray.put(x)
+        shared = SharedBatch(x)
+        shared.whole()  # the object both one-replica roles read, put here to time it
         sub["score.put"] = time.perf_counter() - t
-        return ref
+        return shared
 
     coord = PPOCoordinator(cfg, inputs.prompts, inputs.pad_id, inputs.eos_ids,
                            Timed(roles.rollout, sub, "rollout", keep=last_gen), Timed(roles.reference, sub, "reference"),
@@ -282,6 +281,7 @@ def dissect_roles(roles, coord, gen, inputs, cfg, last_metrics: dict) -> dict[st
     import ray
 
     from rlhf_ray.batch import pack_generation
+    from rlhf_ray.runtime.groups import SharedBatch
     from rlhf_ray.runtime.metrics import MetricsSink
 
     reps = 3
@@ -301,7 +301,7 @@ def dissect_roles(roles, coord, gen, inputs, cfg, last_metrics: dict) -> dict[st
             xs.append(time.perf_counter() - t0)
         return _env.median(xs)
 
-    ref = ray.put(batch)
+    ref = SharedBatch(batch)
     alone = {
         "reference.logprobs": timeit(lambda: roles.reference.logprobs(ref, temp).result()),
         "reward.score": timeit(lambda: roles.reward.score(ref).result()),

@@ -35,6 +35,7 @@ rollout_efficiency --repeats 21
 weight_sync
 async_correction
 train_engines
+frozen_scaleout
 RUNS
 # Rows whose benchmarks compare inside one invocation and take no --quiet-wait.
 for bench in packing estimators vs_trl_grpo; do

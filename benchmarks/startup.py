@@ -107,7 +107,7 @@ def main() -> None:
     from rlhf_ray.coordinator.startup import StartupClock
     from rlhf_ray.runtime import quiet
     from rlhf_ray.runtime.cluster import start_ray
-    from rlhf_ray.runtime.groups import Roles
+    from rlhf_ray.runtime.groups import Roles, SharedBatch
 
     overrides = dict(kv.split("=", 1) for kv in args.set)
     cfg = load_config(str(_env.DEMO_CONFIG), {"eval.every": "0", "logging.tensorboard": "false", **overrides})
@@ -128,7 +128,7 @@ def main() -> None:
     idle_cpu = sum(c for c in (cpu_seconds(pid) for pid in idle) if c is not None)
     try:
         coord = PPOCoordinator(cfg, inputs.prompts, inputs.pad_id, inputs.eos_ids, roles.rollout, roles.reference,
-                               roles.reward, roles.learners, roles.weight_sync, put=ray.put)
+                               roles.reward, roles.learners, roles.weight_sync, put=SharedBatch)
         clock.lap("coordinator")
         t0 = time.perf_counter()
         roles.weight_sync.sync()

@@ -328,6 +328,24 @@ def token_balanced_parts(lengths: Sequence[int], parts: int) -> list[list[int]]:
     return [sorted(g) for g in groups]
 
 
+def join_rows(parts: Sequence[Sequence[int]], values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The rows of ``values`` put back in batch order: ``values[k]`` holds, in order, the rows
+    ``parts[k]`` of a batch of B rows (e.g. what each replica computed over its part from
+    :func:`token_balanced_parts`); the parts together hold each of 0..B-1 once. Returns (B, ...).
+    E.g. parts [[1], [0, 2]] with values [[10], [20, 30]] -> [20, 10, 30]."""
+    order = [i for part in parts for i in part]
+    if sorted(order) != list(range(len(order))):
+        raise ValueError(f"the parts must hold the rows 0..{len(order) - 1} (as many as they hold in all) each once, "
+                         f"got {[list(p) for p in parts]}: a row would be lost or taken twice")
+    for part, value in zip(parts, values, strict=True):
+        if value.shape[0] != len(part):
+            raise ValueError(f"a part of {len(part)} rows came back with {value.shape[0]}")
+    stacked = torch.cat(list(values))
+    out = torch.empty_like(stacked)
+    out[torch.tensor(order, dtype=torch.long)] = stacked
+    return out
+
+
 def parts_for_budget(lengths: Sequence[int], max_tokens: int) -> int:
     """The fewest parts for which :func:`token_balanced_parts` keeps every part within
     ``max_tokens`` tokens (a sequence longer than the budget gets a part to itself).

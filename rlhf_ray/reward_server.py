@@ -45,7 +45,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from rlhf_ray.config import redact_url
-from rlhf_ray.rewards import RewardFn, load_reward_function
+from rlhf_ray.rewards import RewardFn, call_once, load_reward_function
 
 TOKEN_ENV = "RLHF_REWARD_TOKEN"
 DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
@@ -206,7 +206,7 @@ def make_server(fn: RewardFn, host: str = "127.0.0.1", port: int = 8000, *, toke
                                          f"{max_request_bytes} bytes (--max-request-mb)", length)
             try:
                 req = json.loads(self.rfile.read(length))
-                scores = [float(x) for x in fn(list(req["prompts"]), list(req["responses"]))]
+                scores = [float(x) for x in call_once(fn, list(req["prompts"]), list(req["responses"]))]
             except Exception as exc:  # the client gets the reason, the server keeps serving
                 return self._reply(400, {"error": f"{type(exc).__name__}: {exc}"})
             self._reply(200, {"scores": scores})
@@ -270,8 +270,9 @@ def _rejection(url: str, code: int, detail: str, sent_token: bool, nbytes: int, 
 
 def post_scores(url: str, prompts: list[str], responses: list[str], timeout_s: float = 30.0,
                 retries: int = 3, backoff_s: float = 0.5) -> list[float]:
-    """Scores from a reward endpoint; connection failures and 5xx are retried with exponential
-    backoff, then raise ConnectionError saying what was tried. A 4xx (bad request, the function
+    """Scores from a reward endpoint; connection failures, timeouts (``timeout_s`` per attempt), 5xx
+    and 429 (too many requests: a judge's rate limit) are retried after ``backoff_s``, doubling each
+    time, then raise ConnectionError saying what was tried. Any other 4xx (bad request, the function
     raised, a missing or wrong token, a request over the size limit) is not retried: ValueError
     saying what to fix. Sends ``Authorization: Bearer $RLHF_REWARD_TOKEN`` when that is set,
     only over https or to loopback (else ValueError, before anything is sent); never follows a
@@ -293,7 +294,7 @@ def post_scores(url: str, prompts: list[str], responses: list[str], timeout_s: f
                                  "responses")
             return [float(s) for s in scores]
         except urllib.error.HTTPError as exc:
-            if exc.code < 500:
+            if exc.code < 500 and exc.code != 429:
                 redirect = 300 <= exc.code < 400
                 detail = exc.headers.get("Location", "") if redirect else exc.read().decode(errors="replace")
                 raise ValueError(_rejection(shown, exc.code, detail, token is not None, len(body),
@@ -303,6 +304,11 @@ def post_scores(url: str, prompts: list[str], responses: list[str], timeout_s: f
             last = exc
         if attempt < retries:
             time.sleep(backoff_s * 2 ** attempt)
+    if isinstance(last, urllib.error.HTTPError):
+        raise ConnectionError(f"reward endpoint {shown} answered {last.code} ({last.reason}) to each of {retries + 1} "
+                              "attempts; check the server's log, or give it more time between attempts "
+                              "(--reward.http_retries, --reward.http_backoff_s) or fewer requests at once "
+                              "(--reward.concurrency).")
     raise ConnectionError(f"reward endpoint {shown} unreachable after {retries + 1} attempts ({last}); start it "
                           "(python -m rlhf_ray.reward_server ...) or fix --reward.url.")
 

@@ -1,17 +1,20 @@
 """Reward functions: the built-in demo tasks and the loader for user functions.
 
 A reward function has the signature ``fn(prompts: list[str], responses: list[str]) -> list[float]``
-and returns one score per response. Users point ``reward.function`` at
+and returns one score per response; it may be an ``async def`` (awaited, several calls at once with
+``reward.concurrency``: ``rlhf_ray/reward_calls.py``). Users point ``reward.function`` at
 ``path/to/file.py:function_name`` or ``package.module:function_name``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
+import inspect
 import os
 import re
-from typing import Callable
+from typing import Any, Callable
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -49,6 +52,24 @@ def larger_number_correct(prompts: list[str], responses: list[str]) -> list[floa
             raise ValueError(f"not a 'which is larger' prompt: {prompt!r} (expected {LARGER_PROMPT!r})")
         answer = response.strip().removesuffix(".").strip()
         out.append(1.0 if answer == str(max(int(m[1]), int(m[2]))) else 0.0)
+    return out
+
+
+def is_async(fn: Callable) -> bool:
+    """Whether calling ``fn`` gives a coroutine (an ``async def`` function, or an object whose
+    ``__call__`` is one)."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
+def call_once(fn: Callable, prompts: list[str], responses: list[str]) -> Any:
+    """``fn(prompts, responses)``, awaited on a new event loop when it returns an awaitable (an
+    ``async def`` reward function), from a thread that runs no loop (a probe, a server's handler)."""
+    out = fn(prompts, responses)
+    if inspect.isawaitable(out):
+        async def wait():
+            return await out
+
+        out = asyncio.run(wait())
     return out
 
 

@@ -169,9 +169,28 @@ class RewardConfig:
     http_timeout_s: float = 60.0
     """Timeout of one request to the reward endpoint."""
     http_retries: int = 3
-    """Retries (exponential backoff from 0.5 s) when the endpoint is unreachable or answers 5xx."""
+    """Retries (exponential backoff from reward.http_backoff_s) when the endpoint is unreachable, times out, or
+    answers 5xx or 429 (too many requests)."""
+    http_backoff_s: float = 0.5
+    """Wait before the first retry of a request to the endpoint; each further retry waits twice as long."""
     micro_batch_size: int = 16
     """Sequences per reward-model forward pass."""
+    replicas: int = 1
+    """Reward actors. Each scores one part of every batch, the parts scored at once: a reward model's parts hold
+    similar token counts, a function's or endpoint's similar sample counts; scores come back in the batch's order.
+    One placement bundle per replica (resources.reward, resources.strategy), as for the rollout engines."""
+    concurrency: int = 1
+    """Calls of the reward function (kind function) or requests to the endpoint (kind http) in flight at once, in
+    each reward replica: a plain function runs in that many threads, an ``async def`` function is awaited that
+    many at a time on one event loop. 1: one call after another. Not for kind model (use reward.replicas)."""
+    samples_per_call: int = 0
+    """Samples in one call of the reward function or one request to the endpoint. 0: each replica's part of the
+    batch is cut into reward.concurrency calls of near-equal size, so at the defaults the function gets the
+    whole batch in one call; set it (e.g. 1) for a judge that scores one sample per call."""
+    function_timeout_s: float = 0.0
+    """Longest one call of the reward function may take before the run stops with an error naming it; 0: no
+    limit. An ``async def`` call is cancelled; a plain function's thread cannot be stopped and is left to finish.
+    Requests to an endpoint time out after reward.http_timeout_s instead."""
     clip: float | None = None
     """Clip scores to [-clip, clip] before shaping."""
     normalize: bool = False
@@ -196,6 +215,11 @@ class ReferenceConfig:
     """Sequences per reference forward pass."""
     packing: bool = True
     """Lay each pass's sequences end to end, without padding (see learner.packing)."""
+    replicas: int = 1
+    """Reference actors. Each computes the logprobs of one part of every batch, the parts of similar token counts
+    and computed at once; the logprobs come back in the batch's order. One placement bundle per replica
+    (resources.reference, resources.strategy), as for the rollout engines. Not with reference.from_learner (the
+    learner ranks compute the reference there: no reference actor)."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ _POSITIVE = [
     "rollout.max_new_tokens", "rollout.temperature", "rollout.max_model_len", "rollout.tensor_parallel_size",
     "ppo.iterations", "ppo.epochs", "ppo.mini_batches", "learner.num_ranks",
     "learner.micro_batch_size", "learner.forward_batch_size", "learner.lr", "learner.logprob_chunk",
-    "reward.micro_batch_size", "reference.micro_batch_size", "data.max_prompt_tokens",
+    "reward.micro_batch_size", "reference.micro_batch_size", "reward.replicas", "reference.replicas",
+    "reward.concurrency", "data.max_prompt_tokens",
     "sync.bucket_mb", "sync.timeout_s", "resources.call_timeout_s", "resources.startup_timeout_s", "ppo.kl_horizon",
     "checkpoint.keep_last", "ppo.max_bad_iterations", "logging.log_every",
 ]
@@ -243,6 +244,21 @@ def _reward_errors(cfg: Config) -> list[str]:
         errors.append("--reward.kind http needs --reward.url http://host:port/score.")
     if rw.http_retries < 0:
         errors.append("--reward.http_retries must be >= 0.")
+    if rw.http_backoff_s < 0:
+        errors.append(f"--reward.http_backoff_s must be >= 0 (got {rw.http_backoff_s}); 0 retries at once.")
+    if rw.samples_per_call < 0:
+        errors.append(f"--reward.samples_per_call must be >= 0 (got {rw.samples_per_call}); 0 cuts each replica's "
+                      "part of the batch into --reward.concurrency calls.")
+    if rw.function_timeout_s < 0:
+        errors.append(f"--reward.function_timeout_s must be >= 0 (got {rw.function_timeout_s}); 0 sets no limit.")
+    if rw.kind == "model" and (rw.concurrency != 1 or rw.samples_per_call):
+        errors.append("--reward.concurrency and --reward.samples_per_call apply to reward functions and endpoints; "
+                      "a reward model (--reward.kind model) scores in forward passes of --reward.micro_batch_size "
+                      "sequences. Unset them, and use --reward.replicas to score on several actors at once.")
+    if rw.kind != "function" and rw.function_timeout_s:
+        errors.append(f"--reward.function_timeout_s applies to reward functions, not --reward.kind {rw.kind}"
+                      + (": requests to the endpoint time out after --reward.http_timeout_s." if rw.kind == "http"
+                         else ". Unset it."))
     if rw.kind == "model" and not rw.model_path:
         errors.append("--reward.kind model needs --reward.model_path <checkpoint dir>.")
     if rw.clip is not None and rw.clip <= 0:
@@ -335,6 +351,13 @@ def lora_errors(cfg: Config) -> list[str]:
     if cfg.reference.from_learner and lora.rank == 0:
         errors.append("--reference.from_learner true needs LoRA: the base model is the policy with its adapters "
                       "off. Set --model.lora.rank > 0, or --reference.from_learner false.")
+    if cfg.reference.replicas > 1 and reference_from_learner(cfg):
+        why = "--reference.from_learner true" if cfg.reference.from_learner else \
+            "LoRA (--model.lora.rank > 0 turns --reference.from_learner on unless --reference.path is set)"
+        errors.append(f"--reference.replicas {cfg.reference.replicas} has no effect with reference.from_learner, "
+                      f"here from {why}: the learner ranks compute the reference logprobs, each over its own slice "
+                      "of the batch, and there is no reference actor to replicate. Drop --reference.replicas, or set "
+                      "--reference.from_learner false for separate reference actors.")
     if cfg.reference.from_learner and cfg.reference.path:
         errors.append(f"--reference.from_learner true uses the policy's base model ({cfg.model.path}), but "
                       f"--reference.path is {cfg.reference.path}; drop one of them.")

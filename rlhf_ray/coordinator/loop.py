@@ -69,7 +69,7 @@ class PPOCoordinator:
         self.cfg, self.prompts, self.pad_id, self.eos_ids = cfg, prompts, pad_id, eos_ids
         self.rollout, self.reference, self.reward = rollout, reference, reward
         self.learners, self.weight_sync = learners, weight_sync
-        self.put = put  # ray.put in the real system: the batch is shared by reference and reward
+        self.put = put  # runtime.groups.SharedBatch in the real system: reference and reward share the batch
         self.sizes = resolve(cfg)
         self.spec = SamplingSpec.from_config(cfg)
         ev = cfg.eval

@@ -68,7 +68,7 @@ def probe_reward_function(spec: str, prompts: list[str], timeout_s: float) -> No
     fails here, before any actor starts."""
     import threading
 
-    from rlhf_ray.rewards import load_reward_function
+    from rlhf_ray.rewards import call_once, load_reward_function
 
     fn = load_reward_function(spec)
     prompts = (prompts * 2)[:2]
@@ -76,7 +76,7 @@ def probe_reward_function(spec: str, prompts: list[str], timeout_s: float) -> No
 
     def call() -> None:
         try:
-            result["scores"] = list(fn(prompts, ["", "42"]))
+            result["scores"] = list(call_once(fn, prompts, ["", "42"]))  # an async def function is awaited
         except Exception as exc:  # reported below, in the caller's thread
             result["error"] = exc
 
@@ -133,7 +133,7 @@ def prepare_inputs(cfg: Config) -> Inputs:
         from rlhf_ray.reward_server import post_scores
 
         post_scores(cfg.reward.url or "", (prompts.texts * 2)[:2], ["", "42"], cfg.reward.http_timeout_s,
-                    cfg.reward.http_retries)  # an endpoint that is down fails here, before Ray starts
+                    cfg.reward.http_retries, cfg.reward.http_backoff_s)  # an endpoint that is down fails here
     gold = None
     if cfg.reward.gold:
         from rlhf_ray.coordinator.gold import GoldCheck

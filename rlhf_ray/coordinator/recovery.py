@@ -11,10 +11,10 @@ from rlhf_ray.runtime.pending import RemoteCallError, describe
 class Recovery:
     """What to do when a role fails mid-run.
 
-    * A rollout engine, the reference or the reward actor that died or hung is replaced in its
-      placement bundle (an engine also gets the current weights) and the iteration is redone
-      with the same prompts: the coordinator rolled its state back, so no sample is lost or
-      counted twice.
+    * A rollout engine, a reference or a reward replica that died or hung is replaced in its
+      placement bundle (an engine also gets the current weights; the other replicas keep running)
+      and the iteration is redone with the same prompts, the batch split over the replicas again:
+      the coordinator rolled its state back, so no sample is lost or counted twice.
     * A learner rank that died or hung takes the whole group down with it (its collectives
       cannot continue): the group is restarted and reloaded from the last complete checkpoint
       (or from the initial model if there is none), and the iterations since are redone.

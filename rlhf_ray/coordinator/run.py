@@ -289,10 +289,14 @@ class Run:
 def roles_line(cfg: Config, seconds: float, reference_from_learner: bool) -> str:
     """The start-up line naming the roles that run. With reference.from_learner (LoRA) there is no
     reference actor: the learner ranks compute the reference logprobs with the adapters off."""
-    reference = "" if reference_from_learner else "reference, "
+    def replicated(role: str, n: int) -> str:
+        return f"{n} {role} replicas" if n > 1 else role
+
+    reference = "" if reference_from_learner else replicated("reference", cfg.reference.replicas) + ", "
     learners = (f"{cfg.learner.num_ranks} learner rank(s) ({engine_label(cfg.learner)}"
                 + ("; also the reference, adapters off)" if reference_from_learner else ")"))
-    return f"roles up in {seconds:.1f} s: {cfg.rollout.num_engines} rollout engine(s), {reference}reward, {learners}"
+    return (f"roles up in {seconds:.1f} s: {cfg.rollout.num_engines} rollout engine(s), {reference}"
+            f"{replicated('reward', cfg.reward.replicas)}, {learners}")
 
 
 def write_config(cfg: Config, run_dir: str) -> str:
@@ -317,7 +321,7 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
     from rlhf_ray.coordinator.preflight import prepare_inputs
     from rlhf_ray.runtime import quiet
     from rlhf_ray.runtime.cluster import namespace_for, start_ray
-    from rlhf_ray.runtime.groups import Roles
+    from rlhf_ray.runtime.groups import Roles, SharedBatch
     from rlhf_ray.runtime.placement import check_fits, placement_plan
     from rlhf_ray.runtime.wandb_log import WandbRun, require_wandb
 
@@ -349,7 +353,7 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
             json.dump(roles.placement, fh, indent=2)
         try:
             coord = PPOCoordinator(cfg, inputs.prompts, inputs.pad_id, inputs.eos_ids, roles.rollout, roles.reference,
-                                   roles.reward, roles.learners, roles.weight_sync, put=ray.put,
+                                   roles.reward, roles.learners, roles.weight_sync, put=SharedBatch,
                                    eval_prompts=inputs.eval_prompts)
         except BaseException:
             roles.shutdown()

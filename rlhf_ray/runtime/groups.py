@@ -9,12 +9,14 @@ actors that died.
 
 from __future__ import annotations
 
+from typing import Any, Callable, Sequence
+
 import ray
 import torch
 
 from rlhf_ray.backends.engine import dist_backend
 from rlhf_ray.backends.rollout import RolloutSpec, rollout_env
-from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate
+from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate, join_rows, token_balanced_parts
 from rlhf_ray.config import Config
 from rlhf_ray.config.validate import reference_from_learner
 from rlhf_ray.runtime.cluster import base_env, collective_interface
@@ -44,13 +46,67 @@ class RolloutGroup:
         return RayPending(refs, sources, "generate", self.timeout_s, Generation.concat)
 
 
-class ReferenceClient:
-    def __init__(self, actors: list, timeout_s: float) -> None:
-        self.actors, self.timeout_s = actors, timeout_s
+class SharedBatch:
+    """One batch as the coordinator hands it to the reference and reward clients (its ``put``): the
+    batch itself, from which each client plans its replicas' parts, and each part put in the object
+    store once, by whichever client asks first. With one replica per role (the default) both roles
+    read the same object, the whole batch; so do two roles split the same way.
 
-    def logprobs(self, batch_ref, temperature: float) -> Pending[torch.Tensor]:
-        return RayPending([self.actors[0].logprobs.remote(batch_ref, temperature)], [("reference", 0)],
-                          "reference logprobs", self.timeout_s, lambda xs: xs[0])
+    ``put``: ``ray.put`` (the default), or a stand-in for tests."""
+
+    def __init__(self, batch: ExperienceBatch, put: Callable[[ExperienceBatch], Any] | None = None) -> None:
+        self.batch = batch
+        self._put = put or ray.put
+        self._refs: dict[tuple[int, ...], Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    def part(self, rows: Sequence[int]):
+        """The object-store reference of the rows ``rows`` (ascending) of the batch."""
+        key = tuple(rows)
+        if key not in self._refs:
+            whole = key == tuple(range(len(self.batch)))
+            self._refs[key] = self._put(self.batch if whole else self.batch.select(torch.tensor(key)))
+        return self._refs[key]
+
+    def whole(self):
+        return self.part(range(len(self.batch)))
+
+
+class FrozenReplicas:
+    """The replicas of a frozen role (reference or reward): a call on a batch becomes one call per
+    replica on a part of it, the parts of similar weight (``token_balanced_parts``: tokens, or one
+    per sample with ``by_tokens`` False), at most one part per row; results are put back in the
+    batch's order (``join_rows``). A replica that fails is named in the error by its index."""
+
+    role = "frozen"
+    what = "frozen role call"
+
+    def __init__(self, actors: list, timeout_s: float, by_tokens: bool = True) -> None:
+        self.actors, self.timeout_s, self.by_tokens = actors, timeout_s, by_tokens
+
+    def parts(self, batch: ExperienceBatch) -> list[list[int]]:
+        """Row indices of each replica's part: as many parts as replicas, fewer when B is smaller."""
+        weights = batch.attention_mask.sum(-1).tolist() if self.by_tokens else [1] * len(batch)
+        return token_balanced_parts(weights, min(len(self.actors), len(batch)))
+
+    def _call(self, shared: SharedBatch, method: Callable, *args) -> Pending[torch.Tensor]:
+        """``method(actor).remote(part, *args)`` for each replica and its part."""
+        parts = self.parts(shared.batch)
+        refs = [method(self.actors[k]).remote(shared.part(rows), *args) for k, rows in enumerate(parts)]
+        return RayPending(refs, [(self.role, k) for k in range(len(parts))], self.what, self.timeout_s,
+                          lambda values: join_rows(parts, values))
+
+
+class ReferenceClient(FrozenReplicas):
+    """reference.replicas reference actors; parts of similar token counts."""
+
+    role, what = "reference", "reference logprobs"
+
+    def logprobs(self, shared: SharedBatch, temperature: float) -> Pending[torch.Tensor]:
+        """(B, R) reference logprobs of ``shared``'s batch."""
+        return self._call(shared, lambda actor: actor.logprobs, temperature)
 
 
 class LearnerReferenceClient:
@@ -62,19 +118,22 @@ class LearnerReferenceClient:
     def __init__(self, learners: "LearnerGroup") -> None:
         self.learners = learners
 
-    def logprobs(self, batch_ref, temperature: float) -> Pending[torch.Tensor]:
+    def logprobs(self, shared: SharedBatch, temperature: float) -> Pending[torch.Tensor]:
+        batch_ref = shared.whole()  # each rank computes its own slice of it
         refs = [a.reference_logprobs.remote(batch_ref, temperature) for a in self.learners.actors]
         return RayPending(refs, self.learners.sources(), "reference logprobs (learners, adapters off)",
                           self.learners.timeout_s, torch.cat)
 
 
-class RewardClient:
-    def __init__(self, actors: list, timeout_s: float) -> None:
-        self.actors, self.timeout_s = actors, timeout_s
+class RewardClient(FrozenReplicas):
+    """reward.replicas reward actors. A reward model's parts hold similar token counts (its cost is
+    a forward pass); a function's or endpoint's similar sample counts (its cost is per call)."""
 
-    def score(self, batch_ref) -> Pending[torch.Tensor]:
-        return RayPending([self.actors[0].score.remote(batch_ref)], [("reward", 0)], "reward scoring",
-                          self.timeout_s, lambda xs: xs[0])
+    role, what = "reward", "reward scoring"
+
+    def score(self, shared: SharedBatch) -> Pending[torch.Tensor]:
+        """(B,) scores of ``shared``'s batch."""
+        return self._call(shared, lambda actor: actor.score)
 
 
 class LearnerGroup:
@@ -207,7 +266,7 @@ class Roles:
         self.generation: dict[Source, int] = {}  # restarts per actor, for unique names
         self.engines: list = []
         self.rollout = RolloutGroup(self.engines, timeout)
-        self.reward = RewardClient([], timeout)
+        self.reward = RewardClient([], timeout, by_tokens=cfg.reward.kind == "model")
         self.learners = LearnerGroup([], timeout)
         self.reference_from_learner = reference_from_learner(cfg)
         self.reference = LearnerReferenceClient(self.learners) if self.reference_from_learner \
@@ -221,14 +280,16 @@ class Roles:
         try:
             self.engines += [self._spawn(("rollout", i)) for i in range(cfg.rollout.num_engines)]
             if not self.reference_from_learner:
-                self.reference.actors.append(self._spawn(("reference", 0)))
-            self.reward.actors.append(self._spawn(("reward", 0)))
+                self.reference.actors += [self._spawn(("reference", i)) for i in range(cfg.reference.replicas)]
+            self.reward.actors += [self._spawn(("reward", i)) for i in range(cfg.reward.replicas)]
             self._start_learners()
             self._ping(self.labelled_actors())
             self.weight_sync = WeightSync(cfg, self.learners, self.engines)
+            replicas = cfg.reference.replicas
             print("reference logprobs: " + ("the learner ranks, policy with its LoRA adapters off (base model; no "
                                             "reference actor)" if self.reference_from_learner else
-                                            f"the reference actor ({cfg.reference.path or cfg.model.path})"))
+                                            (f"{replicas} reference actors" if replicas > 1 else "the reference actor")
+                                            + f" ({cfg.reference.path or cfg.model.path})"))
         except BaseException:
             self.shutdown()  # never leave half a system holding the cluster's resources
             raise
@@ -259,13 +320,15 @@ class Roles:
 
     def labelled_actors(self) -> list[tuple[Source, object]]:
         return ([(("rollout", i), e) for i, e in enumerate(self.engines)]
-                + [(("reference", 0), a) for a in self.reference.actors] + [(("reward", 0), self.reward.actors[0])]
+                + [(("reference", i), a) for i, a in enumerate(self.reference.actors)]
+                + [(("reward", i), a) for i, a in enumerate(self.reward.actors)]
                 + [(("learner", i), a) for i, a in enumerate(self.learners.actors)])
 
     # ------------------------------------------------------------------ replacing actors
     def replace(self, source: Source) -> None:
-        """Kill and re-create one rollout/reference/reward actor in its placement bundle. A new
-        engine joins a rebuilt sync group; the next weight sync brings it the current policy."""
+        """Kill and re-create one rollout engine, reference or reward replica in its placement bundle
+        (the others keep running). A new engine joins a rebuilt sync group; the next weight sync
+        brings it the current policy. A frozen replica needs nothing more: it loads its model."""
         role, i = source
         holder = {"rollout": self.engines, "reference": self.reference.actors, "reward": self.reward.actors}[role]
         ray.kill(holder[i], no_restart=True)

@@ -14,14 +14,15 @@ T = TypeVar("T")
 Source = tuple[str, int]  # (role, rank/index): ("rollout", 0), ("learner", 1), ("reward", 0)
 
 
-_SINGLE = ("reference", "reward")  # roles with one actor: named without an index
+_REPLICATED = ("reference", "reward")  # one actor by default; replica 0 keeps the role's plain name
 
 
 def describe(source: Source) -> str:
-    """"rollout engine 0", "learner rank 1", "sft rank 0", "reward"."""
+    """"rollout engine 0", "learner rank 1", "sft rank 0", "reward", "reward replica 1" (replica 0 of
+    the reference and the reward is named as the role, what a run with one replica has always shown)."""
     role, index = source
-    if role in _SINGLE:
-        return role
+    if role in _REPLICATED:
+        return role if index == 0 else f"{role} replica {index}"
     return f"rollout engine {index}" if role == "rollout" else f"{role} rank {index}"
 
 

@@ -38,12 +38,13 @@ def role_bundle(res: RoleResources) -> dict[str, float]:
 
 
 def placement_plan(cfg: Config) -> list[RolePlacement]:
-    """One entry per role; no reference role when the learners compute the reference (LoRA)."""
+    """One entry per role, one bundle per actor (engine, replica, rank); no reference role when the
+    learners compute the reference (LoRA)."""
     r = cfg.resources
     plan = [
         RolePlacement("rollout", cfg.rollout.num_engines, role_bundle(r.rollout), r.strategy),
-        RolePlacement("reference", 1, role_bundle(r.reference), r.strategy),
-        RolePlacement("reward", 1, role_bundle(r.reward), r.strategy),
+        RolePlacement("reference", cfg.reference.replicas, role_bundle(r.reference), r.strategy),
+        RolePlacement("reward", cfg.reward.replicas, role_bundle(r.reward), r.strategy),
         RolePlacement("learner", cfg.learner.num_ranks, role_bundle(r.learner), r.strategy),
     ]
     return [p for p in plan if not (p.role == "reference" and reference_from_learner(cfg))]
@@ -62,6 +63,8 @@ def check_fits(plan: list[RolePlacement], cluster: dict[str, float]) -> None:
         custom = [k for k in short if k not in ("CPU", "GPU", "memory")]
         hint = ("Lower --resources.<role>.num_cpus/num_gpus, --rollout.num_engines or --learner.num_ranks, "
                 "or add nodes.")
+        if any(p.role in ("reference", "reward") and p.count > 1 for p in plan):
+            hint += " --reference.replicas and --reward.replicas count too."
         if custom:
             hint += (f" Custom resources {custom} come from --resources.<role>.custom: start nodes that offer "
                      "them (ray start --resources '{...}') or drop them from the config.")

@@ -14,11 +14,12 @@ import torch
 
 from rlhf_ray.algorithms import logprobs_from_logits
 from rlhf_ray.batch import ExperienceBatch, decode_rows, pack_rows, plan_passes
-from rlhf_ray.config import Config, ReferenceConfig, RewardConfig
+from rlhf_ray.config import Config, ReferenceConfig, RewardConfig, redact_url
 from rlhf_ray.data.prompts import pad_token_id
 from rlhf_ray.data.rm_inputs import decode_pair, pair_ids, same_tokenizer
 from rlhf_ray.models import causal_lm_logits_at, positions_from_mask, response_positions
 from rlhf_ray.models.reward_head import pooled_scores, score_head
+from rlhf_ray.reward_calls import score_in_calls, with_named_errors
 from rlhf_ray.rewards import load_reward_function
 from rlhf_ray.workers.base import RoleBase
 
@@ -167,13 +168,17 @@ class RewardScorer(FrozenModelRole):
         if self.spec.reward.kind == "model":
             return self._run_model(self.model_inputs(batch))
         prompts, responses = self.decode(batch)
+        r = self.spec.reward
         if self.fn is not None:
             return self._call_function(prompts, responses)
         from rlhf_ray.reward_server import post_scores
 
-        r = self.spec.reward
-        return torch.tensor(post_scores(r.url or "", prompts, responses, r.http_timeout_s, r.http_retries),
-                            dtype=torch.float32)
+        def post(p: list[str], q: list[str]) -> list[float]:
+            return post_scores(r.url or "", p, q, r.http_timeout_s, r.http_retries, r.http_backoff_s)
+
+        scores = score_in_calls(post, prompts, responses, samples_per_call=r.samples_per_call,
+                                concurrency=r.concurrency, what=f"reward endpoint {redact_url(r.url or '')}")
+        return torch.tensor(scores, dtype=torch.float32)
 
     def model_inputs(self, batch: ExperienceBatch) -> list[list[int]]:
         """The reward model's input ids of each row: prompt ids then response ids, padding removed."""
@@ -189,14 +194,14 @@ class RewardScorer(FrozenModelRole):
         return rows
 
     def _call_function(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        name = self.spec.reward.function
-        try:
-            values = list(self.fn(prompts, responses))  # type: ignore[misc]
-        except Exception as exc:
-            raise RuntimeError(f"reward function {name} raised {type(exc).__name__}: {exc}") from exc
-        if len(values) != len(responses):
-            raise ValueError(f"reward function {name} returned {len(values)} scores for {len(responses)} "
-                             "responses; it must return one float per response.")
+        """The function's scores, over the calls and at the concurrency reward.samples_per_call and
+        reward.concurrency set (``rlhf_ray/reward_calls.py``); an ``async def`` function is awaited."""
+        r = self.spec.reward
+        what = f"reward function {r.function}"
+        values = score_in_calls(with_named_errors(self.fn, what), prompts, responses,  # type: ignore[arg-type]
+                                samples_per_call=r.samples_per_call, concurrency=r.concurrency,
+                                timeout_s=r.function_timeout_s, what=what)
+        name = r.function
         try:
             out = torch.tensor([float(v) for v in values], dtype=torch.float32)
         except (TypeError, ValueError) as exc:

@@ -24,7 +24,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "rlhf_ray"
 LAYERS: list[tuple[str, ...]] = [
     ("rlhf_ray.config", "rlhf_ray.batch", "rlhf_ray.algorithms", "rlhf_ray.checkpoint_files",
      "rlhf_ray.supervised.config", "rlhf_ray.supervised"),  # (the package's __init__ is a docstring)
-    ("rlhf_ray.models", "rlhf_ray.data", "rlhf_ray.weight_sync", "rlhf_ray.rewards", "rlhf_ray.reward_server",
+    ("rlhf_ray.models", "rlhf_ray.data", "rlhf_ray.weight_sync", "rlhf_ray.rewards", "rlhf_ray.reward_calls",
+     "rlhf_ray.reward_server",
      "rlhf_ray.tiny_models", "rlhf_ray.supervised.data"),
     ("rlhf_ray.backends",),
     ("rlhf_ray.workers", "rlhf_ray.supervised.trainer"),
