@@ -62,7 +62,7 @@ def test_every_cli_field_is_accepted_back_as_an_override_with_its_default():
 def test_ppo_docs_come_from_the_string_under_each_field():
     docs = {name: doc for name, _, _, doc in iter_fields(PPOConfig)}
     assert docs["gamma"] == "GAE discount."
-    assert docs["lam"] == "GAE lambda."
+    assert docs["lam"] == "GAE lambda of the advantages (and of the value targets unless ppo.lam_critic is set)."
 
 
 # ---- the launcher (subprocess: must not start or even import Ray) -----------------
