@@ -41,8 +41,8 @@ IFACE=rrlink
 names() {  # ID -> the namespace (and temporary veth end) names and the Ray temp dirs of this cluster
   NS_A="rr${1}a"
   NS_B="rr${1}b"
-XX
-  TMP_B="/tmp/${NS_B}"
+  TMP_A="/tmp/two_node-${1}a"  # short: Ray's unix socket paths live under it
+  TMP_B="/tmp/two_node-${1}b"
 }
 
 in_ns() {  # in_ns NAMESPACE DIR COMMAND...: run COMMAND in the namespace with the cluster's environment
