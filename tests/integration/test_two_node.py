@@ -45,8 +45,26 @@ def two_nodes(tmp_path):
     finally:
         ours = nodes.pids("a") + nodes.pids("b")
         nodes.down()
-        assert [p for p in ours if os.path.exists(f"/proc/{p}")] == [], "processes of the cluster left running"
+        assert _ended(ours, within_s=15) == [], "processes of the cluster left running"
         assert nodes.gone(), "namespaces or links left behind"
+
+
+def _ended(pids: list[int], within_s: float) -> list[int]:
+    """The pids still running after ``within_s`` (a zombie, ended and waiting for init to reap
+    it, counts as ended)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        running = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as fh:
+                    if fh.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        running.append(pid)
+            except OSError:
+                pass
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(0.5)
 
 
 def _entrypoint(model: str, run_dir: Path, **overrides) -> list[str]:
@@ -171,5 +189,7 @@ def test_a_worker_node_killed_mid_run_stops_the_run_naming_the_node_and_last_che
     summary = json.loads((run_dir / "summary.json").read_text())
     assert not summary["completed"] and summary["final_iteration"] >= int(last[-6:])
     assert not nodes.pids("b") and nodes.pids("a")  # node B is gone, the head is still up
-    print(f"\n{error}\nkilled {killed} processes of node b; the run stopped {stopped_after:.0f} s later; "
+    recovery = [line for line in logs.splitlines() if "restarting the learner group" in line or "replacing it" in line]
+    print("\n".join(["", *recovery, error]))
+    print(f"killed {killed} processes of node b; the run stopped {stopped_after:.0f} s later; "
           f"case took {time.monotonic() - started:.0f} s")
