@@ -154,7 +154,8 @@ def test_a_job_across_two_nodes_places_roles_syncs_weights_and_listens_only_insi
     for node in "ab":
         assert {a for a in own[node] if not a.startswith("fe80:")} == {"127.0.0.1", "::1", nodes.addr[node]}
         assert [s for s in listening[node] if outside(s, own[node])] == []
-    # The weight-sync group across the nodes listens on learner rank 0's node address, not on all.
+    # Learner rank 0's sockets for the groups across the link (the weight-sync store, gloo on
+    # rrlink) are on its node's address, not on all of them.
     learner_pid = placement["learner rank 0"]["pid"]
     assert any(s.pid == learner_pid and s.address == nodes.addr["b"] for s in listening["b"]), listening["b"]
     for node in "ab":
@@ -179,8 +180,9 @@ def test_a_worker_node_killed_mid_run_stops_the_run_naming_the_node_and_last_che
     assert state == "FAILED", logs[-4000:]
     stopped_after = time.monotonic() - lost_at
 
-    # The learners were pinned to node B (node_b), which no live node offers: no restart can
-    # start, so the run stops at once, naming the node and the checkpoint to resume from.
+    # The learners were pinned to node B (node_b), which no live node offers: no restart can come
+    # up, so the run stops, naming the node and the checkpoint to resume from. (Ray may report the
+    # learners dead before it marks their node dead; the restart tried then fails once it has.)
     last = os.path.dirname(_complete(run_dir)[-1])
     error = next((line for line in logs.splitlines() if line.startswith("error: node ")), None)
     assert error is not None, logs[-4000:]
