@@ -124,13 +124,15 @@ demo() {  # the whole round trip, cleaned up on every exit
   # Globals: the trap runs after this function has returned.
   DEMO_ID=$id DEMO_DIR=$dir
   trap 'down "$DEMO_ID" "$DEMO_DIR"' EXIT
-  trap 'exit 130' INT TERM
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
   up "$id" "$dir"
   local run="$dir/run" job="two-node-$id"
   in_ns "$NS_A" "$dir" "$RAY" job submit --address http://127.0.0.1:8265 --submission-id "$job" --no-wait -- \
     "$PY" -m rlhf_ray.launch --config "$ROOT/configs/demo_cpu.yaml" --model.path "$ROOT/artifacts/tiny-llama" \
     --ppo.iterations 2 --rollout.prompts_per_iteration 4 --rollout.samples_per_prompt 4 \
-    --ppo.mini_batches 2 --learner.micro_batch_size 2 --rollout.max_new_tokens 8 --rollout.vllm.enforce_eager true --eval.every 0 --checkpoint.every 1 \
+    --ppo.mini_batches 2 --learner.micro_batch_size 2 --rollout.max_new_tokens 8 \
+    --rollout.vllm.enforce_eager true --eval.every 0 --checkpoint.every 1 \
     --sync.check_logprobs_every 1 --logging.progress_bar false --logging.log_every 1 \
     --resources.network_interface "$IFACE" --resources.rollout.custom '{node_a: 1}' \
     --resources.reference.custom '{node_a: 1}' --resources.reward.custom '{node_a: 1}' \

@@ -359,8 +359,10 @@ def test_roles_report_a_dead_node_and_whether_a_live_one_fits_the_role(monkeypat
     roles.placement = {"learner rank 0": {"node_id": "b", "node_ip": "10.77.0.2"},
                        "rollout engine 0": {"node_id": "b", "node_ip": "10.77.0.2"},
                        "reward": {"node_id": "a", "node_ip": "10.77.0.1"}}
-    nodes = [{"NodeID": "a", "Alive": True, "NodeManagerAddress": "10.77.0.1", "Resources": {"CPU": 2.0, "node_a": 4.0}},
-             {"NodeID": "b", "Alive": False, "NodeManagerAddress": "10.77.0.2", "Resources": {"CPU": 2.0, "node_b": 4.0}}]
+    nodes = [{"NodeID": "a", "Alive": True, "NodeManagerAddress": "10.77.0.1",
+              "Resources": {"CPU": 2.0, "node_a": 4.0}},
+             {"NodeID": "b", "Alive": False, "NodeManagerAddress": "10.77.0.2",
+              "Resources": {"CPU": 2.0, "node_b": 4.0}}]
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
     assert roles.lost_node(("learner", 0)) == {"node_id": "b", "node_ip": "10.77.0.2",
                                                "bundle": {"CPU": 0.5, "node_b": 1.0}, "replaceable": False}
