@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(refused, 2, args.debug)
         return 0
     from rlhf_ray.coordinator.loop import NonFiniteError, SyncMismatchError
+    from rlhf_ray.coordinator.recovery import NodeLostError
     from rlhf_ray.coordinator.run import run
     from rlhf_ray.runtime.pending import RemoteCallError
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                       resume=args.resume, started_at=STARTED_AT)
     except (ValueError, FileNotFoundError, ImportError, TimeoutError) as exc:  # the inputs: before Ray starts
         return _fail(exc, 2, args.debug)
-    except (RemoteCallError, NonFiniteError, SyncMismatchError) as exc:  # a run that could not go on
+    except (RemoteCallError, NonFiniteError, SyncMismatchError, NodeLostError) as exc:  # a run that could not go on
         return _fail(exc, 1, args.debug)
     return 0 if summary.get("completed") or summary.get("stopped") else 1
 

@@ -8,6 +8,26 @@ from rlhf_ray.coordinator import checkpoint as ckpt
 from rlhf_ray.runtime.pending import RemoteCallError, describe
 
 
+class NodeLostError(RuntimeError):
+    """A role's actor was lost with its node and no live node can hold a replacement: the run
+    stops (naming the node and the last checkpoint) instead of waiting for resources that left."""
+
+
+def node_lost_message(exc: RemoteCallError, lost: dict, run_dir: str) -> str:
+    """What the run says when it stops on a lost node (``Roles.lost_node``): which node, which
+    role and why it cannot come back, the last complete checkpoint and how to continue."""
+    role = exc.source[0]
+    found = ckpt.complete_checkpoints(run_dir)
+    bundle = ", ".join(f"{k}: {v:g}" for k, v in lost["bundle"].items())
+    fix = f"once the node is back (or --resources.{role} fits the nodes left)"
+    then = (f"Last checkpoint: {found[-1]}; {fix}, continue with --resume {found[-1]}" if found else
+            f"No checkpoint was written before the loss (--checkpoint.every); {fix}, start the run again")
+    return (f"node {lost['node_ip']} (Ray node {lost['node_id']}) was lost with {describe(exc.source)} on it: Ray "
+            f"marks the node dead, and no live node has what the {role} role asks for ({{{bundle}}}), so it "
+            f"cannot be restarted and the run stops. {then}. (Seen as: {describe(exc.source)} {exc.kind} in "
+            f"{exc.what!r}, phase {exc.phase}.)")
+
+
 class Recovery:
     """What to do when a role fails mid-run.
 
@@ -23,7 +43,10 @@ class Recovery:
       engine that dies there first shows as an error of learner rank 0's broadcast.
     * A role that raised an error (bad reward function, bad data) is not retried: the same
       input would fail again. Restarts are bounded by resources.max_actor_restarts and
-      resources.max_learner_restarts."""
+      resources.max_learner_restarts.
+    * A role lost with its node (Ray marks the node dead) is restarted on the nodes left when one
+      of them can hold it; when none can (it asked for resources only that node had), the run
+      stops at once with ``NodeLostError``, naming the node and the last checkpoint."""
 
     def __init__(self, cfg: Config, roles, coord, run_dir: str, initial_state: dict, say) -> None:
         self.cfg, self.roles, self.coord, self.run_dir = cfg, roles, coord, run_dir
@@ -61,13 +84,17 @@ class Recovery:
         role = exc.source[0]
         if exc.kind == "error":
             raise exc
+        lost = self.roles.lost_node(exc.source)
+        if lost is not None and not lost["replaceable"]:
+            raise NodeLostError(node_lost_message(exc, lost, self.run_dir)) from exc
+        where = f", lost with node {lost['node_ip']}, which the nodes left can replace" if lost else ""
         res = self.cfg.resources
         if role != "learner":
             if self.actor_restarts >= res.max_actor_restarts:
                 raise RuntimeError(f"giving up after {self.actor_restarts} actor replacements "
                                    f"(--resources.max_actor_restarts): {exc}") from exc
             self.actor_restarts += 1
-            self.say(f"{describe(exc.source)} {exc.kind} (phase {exc.phase}); replacing it and redoing "
+            self.say(f"{describe(exc.source)} {exc.kind} (phase {exc.phase}{where}); replacing it and redoing "
                      f"iteration {self.coord.iteration}")
             self.roles.replace(exc.source)
             self.coord.mark_weights_stale()
@@ -77,7 +104,7 @@ class Recovery:
                                f"(--resources.max_learner_restarts): {exc}") from exc
         self.learner_restarts += 1
         found = ckpt.complete_checkpoints(self.run_dir)
-        self.say(f"{describe(exc.source)} {exc.kind} (phase {exc.phase}); restarting the learner group from "
+        self.say(f"{describe(exc.source)} {exc.kind} (phase {exc.phase}{where}); restarting the learner group from "
                  f"{found[-1] if found else 'the initial model (no checkpoint yet)'}")
         self.learners_consistent = False
         self.roles.restart_learners()

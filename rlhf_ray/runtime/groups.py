@@ -21,7 +21,8 @@ from rlhf_ray.config import Config
 from rlhf_ray.config.validate import reference_from_learner
 from rlhf_ray.runtime.cluster import base_env, collective_interface
 from rlhf_ray.runtime.pending import Pending, RayPending, RemoteCallError, Source, attribute_failure, describe
-from rlhf_ray.runtime.placement import actor_options, create_groups, on_one_node, placement_plan
+from rlhf_ray.runtime.placement import (actor_options, create_groups, fits_some_node, on_one_node, placement_plan,
+                                        role_bundle)
 from rlhf_ray.weight_sync.plan import Bucket, plan_buckets
 from rlhf_ray.workers.actors import LearnerActor, ReferenceActor, RewardActor, RolloutActor
 from rlhf_ray.workers.frozen import ReferenceSpec, RewardSpec
@@ -347,6 +348,21 @@ class Roles:
         self._start_learners()
         self._ping([(("learner", i), a) for i, a in enumerate(self.learners.actors)])
         self.weight_sync.rebuild()
+
+    def lost_node(self, source: Source) -> dict | None:
+        """The node ``source``'s actor ran on, if Ray now reports that node dead (else None):
+        ``node_id``, ``node_ip``, the role's ``bundle`` and whether a live node could hold a
+        replacement (``replaceable``, ``fits_some_node``). Recovery stops the run at once when
+        nothing could: a restart would wait for resources that left with the node."""
+        where = self.placement.get(describe(source), {})
+        nodes = ray.nodes()
+        node = next((n for n in nodes if n["NodeID"] == where.get("node_id")), None)
+        if node is None or node["Alive"]:
+            return None
+        bundle = role_bundle(getattr(self.cfg.resources, source[0]))
+        live = [n["Resources"] for n in nodes if n["Alive"]]
+        return {"node_id": node["NodeID"], "node_ip": node["NodeManagerAddress"], "bundle": bundle,
+                "replaceable": fits_some_node(bundle, live)}
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group

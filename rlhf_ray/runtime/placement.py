@@ -89,6 +89,14 @@ def create_groups(plan: list[RolePlacement], timeout_s: float) -> dict:
     return groups
 
 
+def fits_some_node(bundle: dict[str, float], nodes: list[dict[str, float]]) -> bool:
+    """Whether one actor's ``bundle`` (``role_bundle``) could be placed on one of ``nodes`` (each
+    node's total resources, as ``ray.nodes()`` reports them), were that node idle. False means
+    no replacement can ever start there: e.g. the role asks for a custom resource that only a
+    lost node offered."""
+    return any(all(have.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items()) for have in nodes)
+
+
 def on_one_node(pings: list[dict]) -> bool:
     """Whether the actors that answered ``ping`` (``RoleBase.ping``) all run on one machine: their
     groups then rendezvous over 127.0.0.1, so nothing of theirs listens on the network."""

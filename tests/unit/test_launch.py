@@ -39,3 +39,16 @@ def test_an_input_error_is_one_message_with_exit_code_2(model, tmp_path, capsys)
     code = main(["--config", "configs/demo_cpu.yaml", "--model.path", model, "--model.build_tiny", "none",
                  "--data.prompts", str(bad), "--logging.run_dir", str(tmp_path / "run"), "--debug"])
     assert code == 2 and "Traceback" in capsys.readouterr().err
+
+
+def test_a_run_stopped_by_a_lost_node_is_one_message_with_exit_code_1(tmp_path, capsys, monkeypatch):
+    from rlhf_ray.coordinator import run as run_module
+    from rlhf_ray.coordinator.recovery import NodeLostError
+
+    def lost(*args, **kwargs):
+        raise NodeLostError("node 10.77.0.2 (Ray node 5e1f) was lost with learner rank 0 on it: ...")
+
+    monkeypatch.setattr(run_module, "run", lost)  # what run() raises once Recovery gives up on the node
+    code = main(["--config", "configs/demo_cpu.yaml", "--logging.run_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: node 10.77.0.2 (Ray node 5e1f) was lost") and "Traceback" not in err

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_ray.config import config_from_dict, load_config
-from rlhf_ray.runtime.placement import PlacementError, RolePlacement, check_fits, placement_plan
+from rlhf_ray.runtime.placement import PlacementError, RolePlacement, check_fits, fits_some_node, placement_plan
 
 DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml")
 FLAGS = "Lower --resources.<role>.num_cpus/num_gpus, --rollout.num_engines or --learner.num_ranks, or add nodes."
@@ -135,3 +135,12 @@ def test_gpu_config_fits_when_enough():
 def test_short_custom_resource_names_the_custom_flag():
     with pytest.raises(PlacementError, match=r"--resources\.<role>\.custom|--resources\.rollout\.custom"):
         check_fits(placement_plan(_gpu_config()), {"CPU": 100.0, "GPU": 8.0, "node_b": 2.0})
+
+
+def test_a_bundle_fits_some_node_only_where_one_node_has_all_it_asks_for():
+    nodes = [{"CPU": 2.0, "node_a": 4.0}, {"CPU": 0.25, "node_b": 4.0}]
+    assert fits_some_node({"CPU": 0.5, "node_a": 1.0}, nodes)
+    assert not fits_some_node({"CPU": 0.5, "node_b": 1.0}, nodes)  # node_b's node has too little CPU
+    assert not fits_some_node({"CPU": 0.5, "node_b": 1.0}, nodes[:1])  # the node offering node_b is gone
+    assert fits_some_node({"CPU": 0.25, "node_b": 1.0}, nodes)
+    assert not fits_some_node({"CPU": 0.01}, [])

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rlhf_ray.coordinator.recovery import Recovery
+from rlhf_ray.coordinator.recovery import NodeLostError, Recovery
 from rlhf_ray.runtime.pending import Done, RemoteCallError, attribute_failure
 
 
@@ -18,9 +18,13 @@ def died(role: str, i: int = 0, kind: str = "died") -> RemoteCallError:
 class FakeRoles:
     """``failures``: what each ``replace`` call raises in turn (None = succeeds)."""
 
-    def __init__(self, failures: list) -> None:
+    def __init__(self, failures: list, lost: dict | None = None) -> None:
         self.failures, self.calls = list(failures), []
         self.learners = SimpleNamespace(load_checkpoint=lambda path: Done(None))
+        self.lost = lost or {}  # source -> what Roles.lost_node reports for it (None: its node is alive)
+
+    def lost_node(self, source):
+        return self.lost.get(source)
 
     def replace(self, source) -> None:
         self.calls.append(("replace", source))
@@ -289,3 +293,80 @@ def test_a_learner_restart_cut_short_by_a_lost_engine_still_loads_the_checkpoint
     assert roles.calls == [("restart_learners",), ("replace", ("rollout", 0))]
     assert loaded == [str(done)] and coord.iteration == 3 and rec.learners_consistent and coord.stale
     assert engine_lost.phase == "recovery"
+
+
+# ---- a role lost with its node (Roles.lost_node) ------------------------------------------------
+
+def _complete_checkpoint(run_dir, iteration: int):
+    done = run_dir / "checkpoints" / f"iter_{iteration:06d}"
+    done.mkdir(parents=True)
+    (done / "coordinator.json").write_text(f'{{"coordinator": {{"iteration": {iteration}}}}}')
+    (done / "COMPLETE").write_text(f"iteration {iteration}\n")
+    return done
+
+
+def _lost(replaceable: bool) -> dict:
+    return {"node_id": "5e1f00d", "node_ip": "10.77.0.2", "bundle": {"CPU": 0.5, "node_b": 1.0},
+            "replaceable": replaceable}
+
+
+def test_a_learner_lost_with_a_node_nothing_else_can_hold_stops_naming_the_node_and_checkpoint(tmp_path):
+    # Learners pinned to node B (custom resource node_b) and node B is gone: a restart would wait
+    # startup_timeout_s for a bundle no live node can hold, max_learner_restarts times, and then
+    # say "giving up" without naming the node or the checkpoint to resume from.
+    _complete_checkpoint(tmp_path, 1)
+    last = _complete_checkpoint(tmp_path, 2)
+    roles = FakeRoles([], lost={("learner", 0): _lost(replaceable=False)})
+    first = died("learner", 0)
+    first.phase = "update"
+    with pytest.raises(NodeLostError) as info:
+        recovery(tmp_path, roles, FakeCoord(3)).handle(first)
+    message = str(info.value)
+    assert message.startswith("node 10.77.0.2 (Ray node 5e1f00d) was lost with learner rank 0 on it")
+    assert "asks for ({CPU: 0.5, node_b: 1})" in message and "--resources.learner" in message
+    assert f"Last checkpoint: {last}" in message and f"--resume {last}" in message
+    assert "learner rank 0 died in 'a call', phase update" in message
+    assert roles.calls == [] and info.value.__cause__ is first  # nothing restarted
+
+
+def test_a_node_lost_before_any_checkpoint_says_so(tmp_path):
+    roles = FakeRoles([], lost={("rollout", 0): _lost(replaceable=False)})
+    with pytest.raises(NodeLostError, match=r"No checkpoint was written before the loss \(--checkpoint.every\)"):
+        recovery(tmp_path, roles, FakeCoord(1)).handle(died("rollout", 0))
+    assert roles.calls == []
+
+
+def test_a_role_lost_with_a_node_is_restarted_when_the_nodes_left_can_hold_it(tmp_path):
+    said = []
+    roles = FakeRoles([], lost={("learner", 1): _lost(replaceable=True)})
+    rec = Recovery(SimpleNamespace(resources=SimpleNamespace(max_actor_restarts=3, max_learner_restarts=2)), roles,
+                   FakeCoord(4), str(tmp_path), {"iteration": 0}, say=said.append)
+    assert rec.handle(died("learner", 1)) == 0
+    assert roles.calls == [("restart_learners",)]
+    assert "lost with node 10.77.0.2, which the nodes left can replace" in said[0]
+
+
+def test_roles_report_a_dead_node_and_whether_a_live_one_fits_the_role(monkeypatch):
+    import ray  # inside: tests/unit collects without Ray
+
+    from rlhf_ray.config import config_from_dict
+    from rlhf_ray.runtime.groups import Roles
+
+    cfg = config_from_dict({"resources": {"learner": {"num_cpus": 0.5, "custom": {"node_b": 1}},
+                                          "rollout": {"num_cpus": 0.5}}})
+    roles = Roles.__new__(Roles)  # its constructor starts actors over Ray
+    roles.cfg = cfg
+    roles.placement = {"learner rank 0": {"node_id": "b", "node_ip": "10.77.0.2"},
+                       "rollout engine 0": {"node_id": "b", "node_ip": "10.77.0.2"},
+                       "reward": {"node_id": "a", "node_ip": "10.77.0.1"}}
+    nodes = [{"NodeID": "a", "Alive": True, "NodeManagerAddress": "10.77.0.1",
+              "Resources": {"CPU": 2.0, "node_a": 4.0}},
+             {"NodeID": "b", "Alive": False, "NodeManagerAddress": "10.77.0.2",
+              "Resources": {"CPU": 2.0, "node_b": 4.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    assert roles.lost_node(("learner", 0)) == {"node_id": "b", "node_ip": "10.77.0.2",
+                                               "bundle": {"CPU": 0.5, "node_b": 1.0}, "replaceable": False}
+    assert roles.lost_node(("rollout", 0))["replaceable"] is True  # node A has the CPU it asks for
+    assert roles.lost_node(("reward", 0)) is None  # its node is alive
+    nodes[1]["Alive"] = True
+    assert roles.lost_node(("learner", 0)) is None

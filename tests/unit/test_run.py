@@ -59,6 +59,9 @@ class FakeRoles:
     def restart_learners(self) -> None:
         self.restarts += 1
 
+    def lost_node(self, source) -> None:  # every node stays up here
+        return None
+
     def shutdown(self) -> None:
         self.shut = True
 
