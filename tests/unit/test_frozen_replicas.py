@@ -205,6 +205,9 @@ class ReplicaRoles:
         self.reference, self.reward, self.replaced = reference, reward, []
         self.learners = SimpleNamespace(load_checkpoint=None)
 
+    def lost_node(self, source) -> None:  # every node stays up here
+        return None
+
     def replace(self, source) -> None:
         role, i = source
         self.replaced.append(source)

@@ -293,7 +293,11 @@ def test_dry_run_refuses_a_plan_that_cannot_fit(model_dir, capsys):
     assert captured.err.startswith("error: memory plan: the learner role") and "activations" in captured.err
 
 
-def test_a_real_launch_refuses_in_the_preflight_before_ray(model_dir, tmp_path, capsys):
+def test_a_real_launch_refuses_in_the_preflight_before_ray(model_dir, tmp_path, capsys, monkeypatch):
+    import rlhf_ray.runtime.cluster as cluster
+
+    started = []  # Ray may already run in this process (the integration tests' cluster): watch the call
+    monkeypatch.setattr(cluster, "start_ray", lambda *a, **k: started.append(a) or pytest.fail("Ray was started"))
     run_dir = tmp_path / "run"
     argv = ["--config", "configs/gpu_8x.yaml", "--logging.run_dir", str(run_dir)] + [
         a for k, v in _too_big(model_dir).items() for a in ("--" + k, v)]
@@ -301,7 +305,7 @@ def test_a_real_launch_refuses_in_the_preflight_before_ray(model_dir, tmp_path, 
     err = capsys.readouterr().err
     assert err.startswith("error: memory plan: the learner role") and "--model.gradient_checkpointing true" in err
     assert not run_dir.exists()  # stopped before the run directory, Ray and the roles
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    assert started == []
 
 
 def test_a_model_the_plan_cannot_size_is_reported_not_refused(tmp_path, capsys):
