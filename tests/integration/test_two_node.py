@@ -35,10 +35,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.skipif(_WHY_NOT is not None, 
 _CLUSTERS = itertools.count()
 
 
-@pytest.fixture
-def two_nodes(tmp_path):
-    """A fresh cluster per test (the second one kills a node); removed whatever happens."""
-    nodes = TwoNodes(f"{os.getpid()}{next(_CLUSTERS)}", tmp_path / "cluster")
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """One cluster for the module (its start and clean-up take ~25 s), removed whatever happens.
+    The whole-run case goes first; the second case kills the worker node, so it comes last."""
+    nodes = TwoNodes(f"{os.getpid()}{next(_CLUSTERS)}", tmp_path_factory.mktemp("two_nodes") / "cluster")
     try:
         nodes.up()
         yield nodes
