@@ -100,11 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf_ray.coordinator.recovery import NodeLostError
     from rlhf_ray.coordinator.run import run
     from rlhf_ray.runtime.pending import RemoteCallError
+    from rlhf_ray.runtime.placement import PlacementError
 
     try:
         summary = run(cfg, run_dir_for(cfg), ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"),
                       resume=args.resume, started_at=STARTED_AT)
     except (ValueError, FileNotFoundError, ImportError, TimeoutError) as exc:  # the inputs: before Ray starts
+        return _fail(exc, 2, args.debug)
+    except PlacementError as exc:  # the roles do not fit the cluster: checked before any actor starts
         return _fail(exc, 2, args.debug)
     except (RemoteCallError, NonFiniteError, SyncMismatchError, NodeLostError) as exc:  # a run that could not go on
         return _fail(exc, 1, args.debug)

@@ -52,3 +52,16 @@ def test_a_run_stopped_by_a_lost_node_is_one_message_with_exit_code_1(tmp_path, 
     code = main(["--config", "configs/demo_cpu.yaml", "--logging.run_dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: node 10.77.0.2 (Ray node 5e1f) was lost") and "Traceback" not in err
+
+
+def test_roles_that_do_not_fit_the_cluster_are_one_message_with_exit_code_2(tmp_path, capsys, monkeypatch):
+    from rlhf_ray.coordinator import run as run_module
+    from rlhf_ray.runtime.placement import PlacementError
+
+    def too_big(*args, **kwargs):
+        raise PlacementError("the roles do not fit on this cluster:\n  CPU: plan needs 2.5, cluster has 2")
+
+    monkeypatch.setattr(run_module, "run", too_big)  # what run() raises from check_fits, before any actor
+    code = main(["--config", "configs/demo_cpu.yaml", "--logging.run_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: the roles do not fit on this cluster:") and "Traceback" not in err
