@@ -17,12 +17,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from rlhf_ray.backends.engine import (EngineSettings, StepOutcome, dist_backend, lr_scheduler, make_torch_optimizer,
-                                      nothing_to_gather, param_groups, warn_fallback)
+                                      nothing_to_gather, param_groups)
 from rlhf_ray.config import LearnerConfig
 
 
@@ -87,8 +88,8 @@ def _cpu_adam(groups: list[dict], lrn: LearnerConfig) -> torch.optim.Optimizer |
         return DeepSpeedCPUAdam(groups, lr=lrn.lr, betas=lrn.adam_betas, weight_decay=lrn.weight_decay,
                                 adamw_mode=True)
     except Exception as exc:  # the JIT build needs a compiler and headers
-        warn_fallback("DeepSpeed's CPU Adam", exc, "the offloaded optimiser state is updated by torch.optim.AdamW "
-                      "instead (slower, same result)")
+        warnings.warn(f"DeepSpeed's CPU Adam could not be built ({type(exc).__name__}: {exc}); the offloaded optimiser "
+                      "state is updated by torch.optim.AdamW instead (slower, same result).")
         return None
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterable, NamedTuple, Protocol, Sequence
 
@@ -224,11 +223,6 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, lrn: LearnerConfig,
     applied optimiser step, saved with the engine state."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
         step, lrn.warmup_steps, total_steps, lrn.lr_schedule, lrn.min_lr_ratio))
-
-
-def warn_fallback(what: str, exc: BaseException, instead: str) -> None:
-    """One warning for an optional fast path that could not be used here."""
-    warnings.warn(f"{what} could not be used ({type(exc).__name__}: {exc}); {instead}.")
 
 
 # --------------------------------------------------------------------------- memory
