@@ -1,0 +1,1 @@
+"""Environments for multi-turn episodes (``rollout.env``): the contract and the built-in ones."""
