@@ -22,27 +22,44 @@ import torch
 
 @dataclass
 class Generation:
-    """Responses from the rollout engines, one entry per sample (prompts repeated n times)."""
+    """Responses from the rollout engines, one entry per sample (prompts repeated n times).
+
+    A multi-turn episode (``rollout.env``) is one sample whose response holds every turn and every
+    observation after the prompt, in order, as token ids; the three episode lists say which tokens
+    the policy sampled, where the environment's rewards land, and how the episode went. They are
+    None for single responses (every response token is the policy's)."""
 
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
-    logprobs: list[list[float]]  # sampled-token logprobs under the engine's weights, at temperature
-    finish_reasons: list[str]  # "stop" (EOS / stop token) or "length" (cut off)
+    logprobs: list[list[float]]  # sampled-token logprobs under the engine's weights, at temperature (0 at observations)
+    finish_reasons: list[str]  # "stop" (EOS / stop token; an episode: the environment's done) or "length" (cut off);
+    # an episode may also end with "max_turns", "max_episode_tokens", "env_error" or "env_timeout"
     prompt_index: list[int]  # index of the prompt in the iteration's prompt list (the group id)
+    action_masks: list[list[bool]] | None = None  # episodes: per response token, True = sampled by the policy
+    turn_rewards: list[list[float]] | None = None  # episodes: the environment's reward on each turn's last token
+    episodes: list[dict] | None = None  # episodes: turns, tool_calls, tool_errors, observation_tokens
 
     def __len__(self) -> int:
         return len(self.response_ids)
 
     def rows(self, indices: Sequence[int]) -> "Generation":
         """The samples at ``indices``, in that order."""
-        return Generation(*([getattr(self, f.name)[i] for i in indices] for f in dataclasses.fields(Generation)))
+        return Generation(**{f.name: None if getattr(self, f.name) is None else [getattr(self, f.name)[i] for i in indices]
+                             for f in dataclasses.fields(Generation)})
 
     @staticmethod
     def concat(parts: Sequence["Generation"]) -> "Generation":
-        out = Generation([], [], [], [], [])
-        for part in parts:
-            for f in dataclasses.fields(Generation):
-                getattr(out, f.name).extend(getattr(part, f.name))
+        """Samples of ``parts`` in order; the episode lists are kept when every part has them."""
+        out = Generation([], [], [], [], [], [], [], [])
+        for f in dataclasses.fields(Generation):
+            values = [getattr(part, f.name) for part in parts]
+            if any(v is None for v in values):
+                if not all(v is None for v in values):
+                    raise ValueError(f"cannot concat episodes with single responses ({f.name} missing in some parts)")
+                setattr(out, f.name, None)
+            else:
+                for v in values:
+                    getattr(out, f.name).extend(v)
         return out
 
 
@@ -65,6 +82,9 @@ class ExperienceBatch:
     advantages: torch.Tensor | None = None  # (B, R) float32
     returns: torch.Tensor | None = None  # (B, R) float32
     bad_rows: torch.Tensor | None = None  # (B,) bool: quarantined samples (NaN/inf score, logprob or value)
+    # Episodes (rollout.env) only; None: every response token is the policy's.
+    action_mask: torch.Tensor | None = None  # (B, R) bool: tokens the policy sampled (the loss mask); within response_mask
+    turn_rewards: torch.Tensor | None = None  # (B, R) float32: the environment's rewards, on each turn's last token
 
     # ------------------------------------------------------------------ shape helpers
     def __len__(self) -> int:
@@ -81,6 +101,14 @@ class ExperienceBatch:
 
     def num_response_tokens(self) -> int:
         return int(self.response_mask.sum())
+
+    @property
+    def actions(self) -> torch.Tensor:
+        """(B, R) bool: the tokens the policy sampled, which alone get the policy loss, the
+        entropy, the KL and the logprob checks. ``response_mask`` says which tokens are real (the
+        model reads them and computes their logprobs); in an episode the observations are real
+        but not actions. Single responses: the response mask itself."""
+        return self.response_mask if self.action_mask is None else self.action_mask
 
     def _tensor_fields(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
@@ -183,12 +211,13 @@ class TrainUpdate:
 def pack_generation(gen: Generation, pad_id: int, eos_ids: Sequence[int] = ()) -> ExperienceBatch:
     """Pad a Generation into tensors: prompts left-padded to P, responses right-padded to R.
 
-    A response is ``truncated`` when its finish reason is "length" and it does not end in
-    one of ``eos_ids`` (a response that ends exactly at the limit with EOS is complete).
+    A response is ``truncated`` when its finish reason is one of :data:`CUT_OFF` and it does not
+    end in one of ``eos_ids`` (a response that ends exactly at the limit with EOS is complete). An
+    episode's action flags and turn rewards become ``action_mask`` and ``turn_rewards``.
     """
     if len(gen) == 0:
         raise ValueError("cannot pack an empty generation")
-    lengths = {f.name: len(getattr(gen, f.name)) for f in dataclasses.fields(Generation)}
+    lengths = {f.name: len(getattr(gen, f.name)) for f in dataclasses.fields(Generation) if getattr(gen, f.name) is not None}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"a Generation needs one entry per sample in every list, got {lengths}")
     B = len(gen)
@@ -197,6 +226,9 @@ def pack_generation(gen: Generation, pad_id: int, eos_ids: Sequence[int] = ()) -
     input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
     attention = torch.zeros((B, P + R), dtype=torch.bool)
     logprobs = torch.zeros((B, R), dtype=torch.float32)
+    episodes = gen.action_masks is not None
+    actions = torch.zeros((B, R), dtype=torch.bool) if episodes else None
+    turn_rewards = torch.zeros((B, R), dtype=torch.float32) if episodes else None
     eos = set(eos_ids)
     truncated = torch.zeros(B, dtype=torch.bool)
     for i, (p, r, lp) in enumerate(zip(gen.prompt_ids, gen.response_ids, gen.logprobs)):
@@ -208,7 +240,15 @@ def pack_generation(gen: Generation, pad_id: int, eos_ids: Sequence[int] = ()) -
             input_ids[i, P: P + len(r)] = torch.tensor(r, dtype=torch.long)
             attention[i, P: P + len(r)] = True
             logprobs[i, : len(r)] = torch.tensor(lp, dtype=torch.float32)
-        truncated[i] = gen.finish_reasons[i] == "length" and not (r and r[-1] in eos)
+        if episodes:
+            acts, rewards = gen.action_masks[i], gen.turn_rewards[i]
+            if len(acts) != len(r) or len(rewards) != len(r):
+                raise ValueError(f"episode {i}: {len(r)} response tokens but {len(acts)} action flags and "
+                                 f"{len(rewards)} turn rewards")
+            if r:
+                actions[i, : len(r)] = torch.tensor(acts, dtype=torch.bool)
+                turn_rewards[i, : len(r)] = torch.tensor(rewards, dtype=torch.float32)
+        truncated[i] = gen.finish_reasons[i] in CUT_OFF and not (r and r[-1] in eos)
     position_ids = (attention.long().cumsum(-1) - 1).clamp(min=0)
     return ExperienceBatch(
         input_ids=input_ids,
@@ -218,7 +258,14 @@ def pack_generation(gen: Generation, pad_id: int, eos_ids: Sequence[int] = ()) -
         rollout_logprobs=logprobs,
         truncated=truncated,
         prompt_index=torch.tensor(gen.prompt_index, dtype=torch.long),
+        action_mask=actions,
+        turn_rewards=turn_rewards,
     )
+
+
+CUT_OFF = ("length", "max_turns", "max_episode_tokens")
+"""Finish reasons of a sample that was cut off (``truncated`` unless it ends in EOS): a response at
+its token limit, an episode at its turn or token limit."""
 
 
 def decode_rows(batch: ExperienceBatch, tokenizer) -> tuple[list[str], list[str]]:

@@ -307,6 +307,24 @@ class AdvantageInputs(NamedTuple):
     group_std_norm: bool  # grpo: divide by the group std (False: Dr. GRPO)
     lam_critic: float | None = None  # gae: GAE lambda of the value targets (the returns); None: lam
     lam_adaptive_alpha: float | None = None  # gae: length-adaptive advantage lambda 1 - 1/(alpha x length); None: lam
+    actions: torch.Tensor | None = None  # (B, R) bool tokens the policy sampled (episodes), within mask; None: mask
+    turn_rewards: torch.Tensor | None = None  # (B, R) float environment rewards on turns' last tokens; None: none
+
+
+def _actions(x: AdvantageInputs) -> torch.Tensor:
+    """(B, R) bool: the policy's tokens. In an episode the observations between its turns are real
+    tokens (``mask``) but not actions: they get no advantage, no KL and no reward of their own."""
+    return x.mask if x.actions is None else x.actions
+
+
+def _token_rewards(x: AdvantageInputs, scores: torch.Tensor) -> torch.Tensor:
+    """(B, R) per-token rewards on the actions: ``scores`` on each sample's last action, minus
+    reward_kl_coef x KL on every action, plus the environment's turn rewards (on turns' last tokens)."""
+    actions = _actions(x)
+    rewards = shape_token_rewards(scores, x.kl * actions, actions, x.reward_kl_coef)
+    if x.turn_rewards is not None:
+        rewards = rewards + x.turn_rewards.to(rewards.dtype) * actions
+    return rewards
 
 
 class AdvantageOutput(NamedTuple):
@@ -325,8 +343,8 @@ class Estimator:
 
 
 def _good(x: AdvantageInputs) -> torch.Tensor:
-    """(B, R) bool: the valid tokens of the usable samples."""
-    return x.mask & x.valid[:, None]
+    """(B, R) bool: the actions (the valid tokens of a single response) of the usable samples."""
+    return _actions(x) & x.valid[:, None]
 
 
 def _gae(x: AdvantageInputs) -> AdvantageOutput:
@@ -344,13 +362,14 @@ def _gae(x: AdvantageInputs) -> AdvantageOutput:
     there (with gamma 1 and lam_critic 1 that return is the sample's whole shaped reward)."""
     if x.values is None:
         raise ValueError("gae needs the old values (B, R) of a critic")
-    good = _good(x)
-    rewards = shape_token_rewards(x.scores, x.kl, x.mask, x.reward_kl_coef)
-    lam = x.lam if x.lam_adaptive_alpha is None else adaptive_lambda(x.mask.sum(-1), x.lam_adaptive_alpha)
-    actor = compute_gae(rewards, x.values, x.mask, x.gamma, lam)
+    good, actions = _good(x), _actions(x)
+    rewards = _token_rewards(x, x.scores)
+    lam = x.lam if x.lam_adaptive_alpha is None else adaptive_lambda(actions.sum(-1), x.lam_adaptive_alpha)
+    actor = compute_gae(rewards, x.values, x.mask, x.gamma, lam, action_mask=actions)
     lam_critic = x.lam if x.lam_critic is None else x.lam_critic
     same = x.lam_adaptive_alpha is None and lam_critic == x.lam
-    returns = actor.returns if same else compute_gae(rewards, x.values, x.mask, x.gamma, lam_critic).returns
+    returns = actor.returns if same else compute_gae(rewards, x.values, x.mask, x.gamma, lam_critic,
+                                                     action_mask=actions).returns
     advantages = masked_whiten(actor.advantages, good) if x.whiten else actor.advantages * good
     first = x.valid & x.mask[:, 0]  # responses are right-padded: position 0 is each one's first token
     metrics = {"shaped_reward_mean": rewards.sum(-1)[x.valid].mean(),
@@ -375,8 +394,12 @@ def _critic_free(x: AdvantageInputs, advantages: torch.Tensor, shaped: torch.Ten
 
 
 def _outcome(x: AdvantageInputs) -> torch.Tensor:
-    """(B,) score minus reward_kl_coef x the sample's summed KL: one outcome per sequence."""
-    return x.scores - x.reward_kl_coef * (x.kl * _good(x)).sum(-1)
+    """(B,) score minus reward_kl_coef x the sample's summed KL (plus an episode's turn rewards): one
+    outcome per sequence."""
+    outcome = x.scores - x.reward_kl_coef * (x.kl * _good(x)).sum(-1)
+    if x.turn_rewards is not None:
+        outcome = outcome + (x.turn_rewards * _good(x)).sum(-1).to(outcome.dtype)
+    return outcome
 
 
 def _grpo(x: AdvantageInputs) -> AdvantageOutput:
@@ -396,7 +419,7 @@ def _rloo(x: AdvantageInputs) -> AdvantageOutput:
 def _reinforce_pp(x: AdvantageInputs, scores: torch.Tensor | None = None) -> AdvantageOutput:
     """REINFORCE++: returns of the per-token rewards (score at the last token minus the KL
     penalty), whitened over the batch; see :func:`reinforce_pp_advantages`."""
-    rewards = shape_token_rewards(x.scores if scores is None else scores, x.kl, x.mask, x.reward_kl_coef)
+    rewards = _token_rewards(x, x.scores if scores is None else scores)
     advantages, _ = reinforce_pp_advantages(rewards, _good(x), gamma=x.gamma, valid=x.valid)
     return _critic_free(x, advantages, rewards.sum(-1))
 

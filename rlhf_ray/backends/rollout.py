@@ -43,12 +43,13 @@ class SamplingSpec:
     top_k: int = -1
     stop_token_ids: tuple[int, ...] = ()
     logprobs: bool = True  # return each sampled token's logprob (else NaN in their place)
+    stop: tuple[str, ...] = ()  # strings that end a response; the tokens completing one are kept
 
     @staticmethod
     def from_config(cfg: Config) -> "SamplingSpec":
         r = cfg.rollout
         return SamplingSpec(r.samples_per_prompt, r.max_new_tokens, r.temperature, r.top_p, r.top_k,
-                            tuple(r.stop_token_ids))
+                            tuple(r.stop_token_ids), stop=tuple(r.stop))
 
 
 @dataclass(frozen=True)
@@ -104,10 +105,11 @@ class RolloutBackend(Protocol):
         ``Generation`` with ``len(prompt_ids) * spec.n`` samples grouped by prompt, in prompt
         order: ``prompt_index`` is the prompt's position in ``prompt_ids`` (the role maps it to the
         iteration's), ``prompt_ids`` that prompt's ids, ``response_ids`` at most
-        ``spec.max_new_tokens`` ids including a final EOS or stop token, ``logprobs`` one per
+        ``spec.max_new_tokens`` ids including a final EOS or stop token (or the tokens that complete a
+        stop string of ``spec.stop``: no token is cut, so the ids are exactly the sampled ones), ``logprobs`` one per
         response token, the log-probability of the sampled token under the distribution it was
         sampled from (after temperature; NaN everywhere when ``spec.logprobs`` is off, and a
-        backend may then skip computing them), ``finish_reasons`` "stop" (EOS or stop token) or
+        backend may then skip computing them), ``finish_reasons`` "stop" (EOS, stop token or stop string) or
         "length" (cut off at ``spec.max_new_tokens``). Sampling is full-softmax at
         ``spec.temperature`` (``top_p`` 1, ``top_k`` -1: validation refuses others) and reproducible
         for a given seed, weights and prompts."""

@@ -177,7 +177,9 @@ class VLLMBackend:
             n=spec.n, max_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
             top_k=spec.top_k, stop_token_ids=list(spec.stop_token_ids) or None,
             logprobs=0 if spec.logprobs else None,
-            detokenize=False,
+            # Stop strings are matched on the text, so only then does the engine detokenize; the
+            # string stays in the output and the token ids are never cut (token in, token out).
+            detokenize=bool(spec.stop), stop=list(spec.stop) or None, include_stop_str_in_output=True,
         )
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params,
                                     use_tqdm=False)

@@ -51,6 +51,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         # every other problem of the config.
         kinds = {type(a) for a in args}
         return _convert(value, kinds.pop(), key) if len(kinds) == 1 else value
+    if tp is typing.Any:  # free-form (e.g. rollout.env_args): kept as YAML gave it
+        return value
     if isinstance(value, str) and tp is not str:
         value = _parse_scalar(value, key)
     if tp is bool:

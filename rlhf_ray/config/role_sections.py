@@ -6,7 +6,7 @@ beside ``schema.py``, which imports them into the tree. Standard library only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,27 @@ class RolloutConfig:
     """Generate the next batch while this one is scored and trained (one step off-policy): an iteration
     then takes about max(generation, training) instead of their sum. ppo.rollout_correction auto (the
     default) then corrects toward the weights that sampled the batch (tis)."""
+    stop: tuple[str, ...] = ()
+    """Strings that end a turn (e.g. a tool call's closing tag "</calc>"); the tokens that complete the string
+    are kept, so the turn's tokens are exactly the sampled ones."""
+    env: str | None = None
+    """Multi-turn episodes: the environment class, as path/to/file.py:Class or package.module:Class
+    (``rlhf_ray.envs.base.Environment``: reset(record), step(text) -> StepResult). Each sample becomes an episode
+    of policy turns and the environment's observations (token ids the policy reads but is not trained on). Unset:
+    one response per sample, as always."""
+    env_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the environment's constructor (one object per episode)."""
+    max_turns: int = 4
+    """Policy turns in one episode at most (rollout.env); an episode cut here ends with finish reason max_turns."""
+    max_episode_tokens: int | None = None
+    """Tokens after the prompt in one episode (turns and observations) at most; unset: max_turns x
+    max_new_tokens. An episode that reaches it ends with finish reason max_episode_tokens."""
+    env_timeout_s: float = 10.0
+    """Longest one environment step (a tool call) may take; an overrunning step ends its episode with finish
+    reason env_timeout (counted) and the run goes on."""
+    env_workers: int = 16
+    """Environment steps (tool calls) that run at once; the engines keep generating the other episodes' turns
+    meanwhile."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     """Settings only the vllm backend reads."""
 

@@ -208,6 +208,7 @@ def _rollout_errors(cfg: Config) -> list[str]:
             f"--rollout.max_model_len {r.max_model_len} cannot hold --data.max_prompt_tokens "
             f"{cfg.data.max_prompt_tokens} + --rollout.max_new_tokens {r.max_new_tokens}; "
             f"raise it to at least {need} or shorten prompts/responses.")
+    errors += _episode_errors(cfg)
     if r.tensor_parallel_size > 1 and cfg.sync.transport == "collective":
         errors.append(f"--rollout.tensor_parallel_size {r.tensor_parallel_size} with --sync.transport collective: "
                       "every tensor-parallel worker of an engine would join the broadcast group with the engine's "
@@ -288,6 +289,36 @@ def _eval_errors(cfg: Config) -> list[str]:
         errors.append(f"--rollout.max_model_len {room} cannot hold --data.max_prompt_tokens {prompt} + "
                       f"--eval.max_new_tokens {tokens}; raise it to at least {prompt + tokens} or shorten the "
                       "evaluation responses.")
+    return errors
+
+
+def episode_tokens(cfg: Config) -> int:
+    """Tokens after the prompt one sample may hold: rollout.max_new_tokens, or with rollout.env the
+    episode's budget (rollout.max_episode_tokens, else max_turns x max_new_tokens)."""
+    r = cfg.rollout
+    if r.env is None:
+        return r.max_new_tokens
+    return r.max_episode_tokens if r.max_episode_tokens is not None else r.max_turns * r.max_new_tokens
+
+
+def _episode_errors(cfg: Config) -> list[str]:
+    """Multi-turn settings: positive limits, and an episode that fits the engines' context."""
+    r, errors = cfg.rollout, []
+    if r.env is None:
+        return errors
+    if r.max_turns < 1:
+        errors.append(f"--rollout.max_turns must be >= 1 (got {r.max_turns}).")
+    if r.env_timeout_s <= 0 or r.env_workers < 1:
+        errors.append(f"--rollout.env_timeout_s must be > 0 and --rollout.env_workers >= 1 (got {r.env_timeout_s} "
+                      f"and {r.env_workers}).")
+    if r.max_episode_tokens is not None and r.max_episode_tokens < 1:
+        errors.append(f"--rollout.max_episode_tokens must be >= 1 (got {r.max_episode_tokens}).")
+    need = cfg.data.max_prompt_tokens + episode_tokens(cfg)
+    if need > r.max_model_len:
+        errors.append(f"--rollout.max_model_len {r.max_model_len} cannot hold --data.max_prompt_tokens "
+                      f"{cfg.data.max_prompt_tokens} + an episode of {episode_tokens(cfg)} tokens "
+                      "(--rollout.max_episode_tokens, else --rollout.max_turns x --rollout.max_new_tokens); raise it "
+                      f"to at least {need} or lower the episode budget.")
     return errors
 
 

@@ -26,7 +26,8 @@ class Advantages(NamedTuple):
 
 def estimate_advantages(p: PPOConfig, scores: torch.Tensor, kl: torch.Tensor, kl_coef: float,
                         values: torch.Tensor | None, groups: torch.Tensor, mask: torch.Tensor,
-                        valid: torch.Tensor) -> Advantages:
+                        valid: torch.Tensor, actions: torch.Tensor | None = None,
+                        turn_rewards: torch.Tensor | None = None) -> Advantages:
     """Advantages of one batch.
 
     Args:
@@ -40,11 +41,14 @@ def estimate_advantages(p: PPOConfig, scores: torch.Tensor, kl: torch.Tensor, kl
         mask: (B, R) bool response mask (every row has a token; quarantined rows' inputs are zeroed).
         valid: (B,) bool, the usable (not quarantined) samples: only they enter any statistic, and the
             others get advantage 0.
+        actions: (B, R) bool, the tokens the policy sampled (multi-turn episodes; None: all of ``mask``).
+        turn_rewards: (B, R) float, an environment's rewards on its turns' last tokens (episodes; None: none).
     """
     estimator = ESTIMATORS[p.estimator]
     out = estimator.compute(AdvantageInputs(
         scores=scores, kl=kl, reward_kl_coef=kl_coef if p.kl_in == "reward" else 0.0,
         values=values if estimator.uses_critic else None, groups=groups, mask=mask, valid=valid,
         gamma=p.gamma, lam=p.lam, lam_critic=p.lam_critic,
-        lam_adaptive_alpha=p.lam_adaptive_alpha, whiten=p.whiten_advantages, group_std_norm=p.group_std_norm))
+        lam_adaptive_alpha=p.lam_adaptive_alpha, whiten=p.whiten_advantages, group_std_norm=p.group_std_norm,
+        actions=actions, turn_rewards=turn_rewards))
     return Advantages(out.advantages, out.returns, {name: float(v) for name, v in out.metrics.items()})

@@ -27,7 +27,9 @@ from rlhf_ray.algorithms import (AdaptiveKLController, FixedKLController, Runnin
                                  clip_scores, kl_estimate, normalize_scores, overlong_penalty)
 from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate, pack_generation
 from rlhf_ray.config import Config, resolve
+from rlhf_ray.config.validate import episode_tokens
 from rlhf_ray.coordinator.advantages import estimate_advantages
+from rlhf_ray.coordinator.episodes import Background, EpisodeLimits, EpisodeRunner, episode_metrics
 from rlhf_ray.data.prompts import PromptSampler, PromptSet
 from rlhf_ray.runtime.pending import Done, Pending, RemoteCallError
 from rlhf_ray.workers.rollout import SamplingSpec
@@ -35,6 +37,8 @@ from rlhf_ray.workers.rollout import SamplingSpec
 
 class Rollout(Protocol):
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> Pending: ...
+    # Optional, for multi-turn episodes: one generate callable per engine (else ``generate`` serves as one).
+    # def engine_calls(self) -> list[Callable[[list[list[int]], SamplingSpec], Pending]]: ...
 
 
 class Reference(Protocol):
@@ -65,7 +69,7 @@ class SyncMismatchError(RuntimeError):
 class PPOCoordinator:
     def __init__(self, cfg: Config, prompts: PromptSet, pad_id: int, eos_ids: list[int], rollout: Rollout,
                  reference: Reference, reward: Reward, learners: Learners, weight_sync: Sync,
-                 put=lambda x: x, eval_prompts: PromptSet | None = None) -> None:
+                 put=lambda x: x, eval_prompts: PromptSet | None = None, tokenizer=None) -> None:
         self.cfg, self.prompts, self.pad_id, self.eos_ids = cfg, prompts, pad_id, eos_ids
         self.rollout, self.reference, self.reward = rollout, reference, reward
         self.learners, self.weight_sync = learners, weight_sync
@@ -90,6 +94,8 @@ class PPOCoordinator:
         self._pending: Pending | None = None
         self._times: dict[str, float] = {}
         self._prompt_indices: list[int] = []
+        self._row_prompts: list[int] = []  # the prompt (index into ``prompts``) of each sample of the batch
+        self.episodes = episode_runner(cfg, tokenizer) if cfg.rollout.env else None
 
     @contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -111,6 +117,22 @@ class PPOCoordinator:
 
     def _spec(self, iteration: int) -> SamplingSpec:
         return dataclasses.replace(self.spec, logprobs=self._checks_logprobs(iteration))
+
+    def _generate(self, prompts: PromptSet, idx: list[int], spec: SamplingSpec) -> Pending:
+        """Samples for the prompts ``idx`` of ``prompts``: one response each, or with rollout.env an
+        episode each (run in a background thread, the engines shared out turn by turn)."""
+        ids = [prompts.token_ids[i] for i in idx]
+        if self.episodes is None:
+            return self.rollout.generate(ids, spec)
+        calls = self.rollout.engine_calls() if hasattr(self.rollout, "engine_calls") else [self.rollout.generate]
+        records = [prompt_record(prompts, i) for i in idx]
+        return Background(lambda: self.episodes.run(calls, ids, records, spec))
+
+    def _reward_score(self, shared, prompts: PromptSet, rows: list[int]) -> Pending:
+        """The reward of a batch whose row j answers prompt ``rows[j]`` of ``prompts``: with the
+        prompt records' other fields (an expected answer) as keyword columns when they have any."""
+        fields = prompt_columns(prompts, rows)
+        return self.reward.score(shared, fields) if fields else self.reward.score(shared)
 
     def mark_weights_stale(self) -> None:
         """The engines must receive the learner's weights before the next generation (after a
@@ -147,8 +169,7 @@ class PPOCoordinator:
             sync_metrics = self._sync_if_stale()
             idx = self.pending_prompts or self.sampler.next(self.cfg.rollout.prompts_per_iteration)
             with self._phase("generate"):
-                gen = self.rollout.generate([self.prompts.token_ids[i] for i in idx],
-                                            self._spec(self.iteration)).result()
+                gen = self._generate(self.prompts, idx, self._spec(self.iteration)).result()
         else:
             # One step off-policy: this batch was generated during the previous update.
             idx = self.pending_prompts
@@ -156,16 +177,17 @@ class PPOCoordinator:
                 gen = self._pending.result()
             sync_metrics = {}
         self._pending, self.pending_prompts, self._prompt_indices = None, None, idx
+        self._row_prompts = [idx[g] for g in gen.prompt_index]
         scores, sampling_metrics = None, {}
         if self.cfg.ppo.dynamic_sampling:
             with self._phase("dynamic_sampling"):
                 gen, scores, sampling_metrics = self._varied_groups(gen)
         batch = pack_generation(gen, self.pad_id, self.eos_ids)
+        sampling_metrics.update(episode_metrics(gen))
         if self.cfg.rollout.async_generation:
             sync_metrics = sync_metrics or self._sync_if_stale()
             self.pending_prompts = self.sampler.next(self.cfg.rollout.prompts_per_iteration)
-            self._pending = self.rollout.generate([self.prompts.token_ids[i] for i in self.pending_prompts],
-                                                  self._spec(self.iteration + 1))
+            self._pending = self._generate(self.prompts, self.pending_prompts, self._spec(self.iteration + 1))
         with self._phase("score"):
             batch = self._score(batch, scores)
         with self._phase("advantages"):
@@ -205,9 +227,10 @@ class PPOCoordinator:
         waited = self._await_pending_generation()
         t0 = time.perf_counter()
         self._sync_if_stale()
-        gen = self.rollout.generate(self.eval_prompts.token_ids, self.eval_spec).result()
+        rows = list(range(len(self.eval_prompts.token_ids)))
+        gen = self._generate(self.eval_prompts, rows, self.eval_spec).result()
         batch = pack_generation(gen, self.pad_id, self.eos_ids)
-        scores = self.reward.score(self.put(batch)).result()
+        scores = self._reward_score(self.put(batch), self.eval_prompts, [rows[g] for g in gen.prompt_index]).result()
         finite = torch.isfinite(scores)
         good = scores[finite]
         metrics = {
@@ -220,6 +243,7 @@ class PPOCoordinator:
             "eval/nonfinite_scores": float((~finite).sum()),
             "time/eval": time.perf_counter() - t0,
             "time/eval_wait_generation": waited,  # the next step's batch, awaited before the sync
+            **episode_metrics(gen, "eval/episode/"),
         }
         return metrics, batch.replace(scores=scores)
 
@@ -260,7 +284,7 @@ class PPOCoordinator:
         reward is not asked again when dynamic sampling already scored the batch)."""
         shared = self.put(batch)
         ref = self.reference.logprobs(shared, self.cfg.rollout.temperature)
-        rew = self.reward.score(shared) if scores is None else None
+        rew = self._reward_score(shared, self.prompts, self._row_prompts) if scores is None else None
         old = self.learners.compute_old(batch)
         old_logprobs, old_values = old.result()
         return batch.replace(ref_logprobs=ref.result(), scores=rew.result() if rew is not None else scores,
@@ -273,28 +297,31 @@ class PPOCoordinator:
         groups are kept; a batch still short is filled with dropped groups, in order. Returns the
         batch's samples with group ids renumbered 0..P-1, their scores, and the counts."""
         P, spec = self.cfg.rollout.prompts_per_iteration, self._spec(self.iteration)
-        kept: list[tuple[Generation, torch.Tensor]] = []
-        dropped: list[tuple[Generation, torch.Tensor]] = []
+        kept: list[tuple[Generation, torch.Tensor, int]] = []  # a group's samples, their scores, its prompt
+        dropped: list[tuple[Generation, torch.Tensor, int]] = []
         rounds = 0
+        idx = self._prompt_indices
         while True:
-            scores = self.reward.score(self.put(pack_generation(gen, self.pad_id, self.eos_ids))).result()
+            shared = self.put(pack_generation(gen, self.pad_id, self.eos_ids))
+            scores = self._reward_score(shared, self.prompts, [idx[g] for g in gen.prompt_index]).result()
             for group in dict.fromkeys(gen.prompt_index):  # groups in order of appearance
                 rows = [i for i, g in enumerate(gen.prompt_index) if g == group]
                 s = scores[rows]
                 varied = bool(torch.isfinite(s).all()) and float(s.max() - s.min()) > 0
-                (kept if varied else dropped).append((gen.rows(rows), s))
+                (kept if varied else dropped).append((gen.rows(rows), s, idx[group]))
             if len(kept) >= P or rounds >= self.cfg.ppo.max_extra_generations:
                 break
             rounds += 1
             idx = self.sampler.next(P)
             self._prompt_indices = list(self._prompt_indices) + list(idx)
-            gen = self.rollout.generate([self.prompts.token_ids[i] for i in idx], spec).result()
+            gen = self._generate(self.prompts, idx, spec).result()
         chosen = (kept + dropped)[:P]
-        for new_id, (g, _) in enumerate(chosen):
+        self._row_prompts = [prompt for g, _, prompt in chosen for _ in range(len(g))]
+        for new_id, (g, _, _) in enumerate(chosen):
             g.prompt_index = [new_id] * len(g)
         metrics = {"dynamic/extra_generations": float(rounds), "dynamic/dropped_groups": float(len(dropped)),
                    "dynamic/filled_groups": float(max(0, P - len(kept)))}
-        return Generation.concat([g for g, _ in chosen]), torch.cat([s for _, s in chosen]), metrics
+        return Generation.concat([g for g, _, _ in chosen]), torch.cat([s for _, s, _ in chosen]), metrics
 
     def _quarantine(self, batch: ExperienceBatch) -> tuple[ExperienceBatch, int]:
         """Samples with NaN/inf in their score, reference/old logprobs or values are kept in the
@@ -342,12 +369,14 @@ class PPOCoordinator:
         valid = ~batch.bad_rows
         mask = batch.response_mask
         scores = self._prepared_scores(batch)
-        kl = kl_estimate(batch.old_logprobs, batch.ref_logprobs, p.kl_estimator) * mask
+        actions = batch.actions  # the policy's tokens: an episode's observations get no KL and no advantage
+        kl = kl_estimate(batch.old_logprobs, batch.ref_logprobs, p.kl_estimator) * actions
         kl_coef = self.kl_ctl.value
-        out = estimate_advantages(p, scores, kl, kl_coef, batch.old_values, batch.prompt_index, mask, valid)
+        out = estimate_advantages(p, scores, kl, kl_coef, batch.old_values, batch.prompt_index, mask, valid,
+                                  actions=batch.action_mask, turn_rewards=batch.turn_rewards)
         usable = valid if n_bad < len(batch) else torch.ones_like(valid)
         kl_per_seq = kl.sum(-1)[usable]
-        kl_k2_per_seq = (kl_estimate(batch.old_logprobs, batch.ref_logprobs, "k2") * mask).sum(-1)[usable]
+        kl_k2_per_seq = (kl_estimate(batch.old_logprobs, batch.ref_logprobs, "k2") * actions).sum(-1)[usable]
         if n_bad < len(batch):
             self.kl_ctl.update(float(kl_per_seq.mean()), len(batch) - n_bad)
         metrics = {
@@ -359,7 +388,9 @@ class PPOCoordinator:
             **out.metrics,
             "skipped_samples": float(n_bad),
         }
-        good = mask & valid[:, None]
+        # From here on response_mask is the loss mask: the usable samples' actions (every learner
+        # term, the metrics and the logprob check read it; the learner ranks keep the full one).
+        good = actions & valid[:, None]
         return batch.replace(advantages=out.advantages, returns=out.returns, response_mask=good), metrics
 
     def _batch_metrics(self, batch: ExperienceBatch) -> dict[str, float]:
@@ -402,3 +433,31 @@ class PPOCoordinator:
         # pending prompts are generated again, synchronously, on the current weights.
         self.pending_prompts = state.get("pending_prompts")
         self._pending = None
+
+
+def prompt_record(prompts: PromptSet, i: int) -> dict:
+    """Prompt ``i``'s record as an environment's ``reset`` gets it: its text under ``prompt`` and the
+    record's other fields."""
+    fields = getattr(prompts, "fields", None) or []
+    return {"prompt": prompts.texts[i], **(fields[i] if i < len(fields) else {})}
+
+
+def prompt_columns(prompts: PromptSet, rows: list[int]) -> dict[str, list]:
+    """The prompt records' other fields, one column per field with one value per row ({} if none)."""
+    columns = getattr(prompts, "columns", None)
+    return columns(rows) if columns is not None else {}
+
+
+def episode_runner(cfg: Config, tokenizer) -> EpisodeRunner:
+    """The runner of rollout.env's episodes: observations encoded once, without special tokens; the
+    environment reads each turn decoded without them."""
+    from rlhf_ray.envs.base import load_env_class
+
+    if tokenizer is None:
+        raise ValueError("rollout.env needs the policy tokenizer (PPOCoordinator(..., tokenizer=...)) to encode "
+                         "observations and decode turns.")
+    r = cfg.rollout
+    cls, args = load_env_class(r.env), dict(r.env_args)
+    limits = EpisodeLimits(r.max_turns, r.max_new_tokens, episode_tokens(cfg), r.env_timeout_s, r.env_workers)
+    return EpisodeRunner(lambda: cls(**args), lambda text: tokenizer.encode(text, add_special_tokens=False),
+                         lambda ids: tokenizer.decode(ids, skip_special_tokens=True), limits)

@@ -117,6 +117,10 @@ def prepare_inputs(cfg: Config) -> Inputs:
     if cfg.reward.kind == "model":
         _check_model_dir(cfg.reward.model_path or "", "reward model", "--reward.model_path")
     check_memory(cfg)  # a role that cannot fit its GPU stops here, before Ray starts
+    if cfg.rollout.env:
+        from rlhf_ray.envs.base import check_env
+
+        check_env(cfg.rollout.env, dict(cfg.rollout.env_args))  # cannot import or build one: stops here
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
     if tok.eos_token_id is None:
         raise ValueError(f"the tokenizer at {cfg.model.path!r} has no EOS token; responses could never end. "

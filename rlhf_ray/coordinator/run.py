@@ -354,7 +354,7 @@ def run(cfg: Config, run_dir: str, ray_address: str | None = None, resume: str |
         try:
             coord = PPOCoordinator(cfg, inputs.prompts, inputs.pad_id, inputs.eos_ids, roles.rollout, roles.reference,
                                    roles.reward, roles.learners, roles.weight_sync, put=SharedBatch,
-                                   eval_prompts=inputs.eval_prompts)
+                                   eval_prompts=inputs.eval_prompts, tokenizer=inputs.tokenizer)
         except BaseException:
             roles.shutdown()
             raise

@@ -46,6 +46,14 @@ class RolloutGroup:
                 sources.append(("rollout", i))
         return RayPending(refs, sources, "generate", self.timeout_s, Generation.concat)
 
+    def engine_calls(self) -> list[Callable[[list[list[int]], SamplingSpec], Pending[Generation]]]:
+        """One generate callable per engine (multi-turn episodes share turns out engine by engine)."""
+        def call(i: int, actor) -> Callable[[list[list[int]], SamplingSpec], Pending[Generation]]:
+            return lambda prompt_ids, spec: RayPending(
+                [actor.generate.remote(prompt_ids, list(range(len(prompt_ids))), spec)], [("rollout", i)],
+                "generate", self.timeout_s, lambda parts: parts[0])
+        return [call(i, actor) for i, actor in enumerate(self.actors)]
+
 
 class SharedBatch:
     """One batch as the coordinator hands it to the reference and reward clients (its ``put``): the

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
      "rlhf_ray.supervised.config", "rlhf_ray.supervised"),  # (the package's __init__ is a docstring)
     ("rlhf_ray.models", "rlhf_ray.data", "rlhf_ray.weight_sync", "rlhf_ray.rewards", "rlhf_ray.reward_calls",
      "rlhf_ray.reward_server",
-     "rlhf_ray.tiny_models", "rlhf_ray.supervised.data"),
+     "rlhf_ray.tiny_models", "rlhf_ray.supervised.data", "rlhf_ray.envs"),
     ("rlhf_ray.backends",),
     ("rlhf_ray.workers", "rlhf_ray.supervised.trainer"),
     ("rlhf_ray.runtime",),

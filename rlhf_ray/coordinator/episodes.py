@@ -1,0 +1,294 @@
+"""Multi-turn episodes: the policy's turns on the rollout engines, the environment's steps in
+worker threads, all of one iteration's episodes at once.
+
+::
+
+    engine thread i (one per engine)            step workers (rollout.env_workers threads)
+    -------------------------------------       -------------------------------------------
+    take every episode whose turn is due   ->   for each sampled turn: env.step(text) with
+    one generate call on engine i (n = 1)       rollout.env_timeout_s; append the observation's
+    hand each turn to a step worker        <-   ids and queue the next turn, or end the episode
+
+An engine never waits for a tool: while some episodes' tools run, it generates the turns of the
+others (whichever are due when it is free), so an iteration's time is not the sum of its tool
+latencies (``benchmarks/episodes.py`` measures it).
+
+Token in, token out: an episode's context is its prompt ids followed by every sampled token as the
+engine returned it and every observation's ids; nothing is decoded and encoded again. The text an
+environment sees is decoded from the turn's ids (for the environment only); an observation's text
+is encoded once. What comes back is one :class:`~rlhf_ray.batch.Generation` sample per episode,
+with the episode lists set (which tokens are actions, the turn rewards, the counts).
+
+A broken environment ends only its own episode, with a counted finish reason: ``env_error`` (it
+raised, or answered something other than a ``StepResult``) or ``env_timeout`` (it overran;
+its thread cannot be stopped and is left to finish, daemonic). An engine that fails stops the
+whole call (the coordinator then redoes the iteration).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+from rlhf_ray.backends.rollout import SamplingSpec
+from rlhf_ray.batch import Generation
+from rlhf_ray.envs.base import Environment, StepResult
+from rlhf_ray.runtime.pending import Pending
+
+EngineCall = Callable[[list[list[int]], SamplingSpec], Pending[Generation]]
+
+
+@dataclass(frozen=True)
+class EpisodeLimits:
+    max_turns: int  # policy turns at most
+    max_new_tokens: int  # tokens of one turn at most
+    max_episode_tokens: int  # tokens after the prompt (turns and observations) at most
+    timeout_s: float  # one environment step at most
+    workers: int  # environment steps at once
+
+
+@dataclass
+class Episode:
+    """One episode's state; ``tokens`` holds everything after the prompt, in order."""
+
+    prompt_index: int
+    prompt_ids: list[int]
+    env: Any
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    actions: list[bool] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    turns: int = 0
+    tool_calls: int = 0
+    tool_errors: int = 0
+    env_seconds: float = 0.0
+    finish: str | None = None
+    broken: str | None = None  # why reset failed: the first turn runs, then the episode ends (env_error)
+    last_turn: tuple[list[int], str] = ([], "")  # the last turn's tokens and engine finish reason
+
+    def context(self) -> list[int]:
+        return self.prompt_ids + self.tokens
+
+    def info(self) -> dict:
+        return {"turns": self.turns, "tool_calls": self.tool_calls, "tool_errors": self.tool_errors,
+                "observation_tokens": len(self.actions) - sum(self.actions), "env_seconds": self.env_seconds,
+                **({"error": self.broken} if self.broken else {})}
+
+
+def call_with_timeout(fn: Callable[[], Any], timeout_s: float) -> Any:
+    """``fn()`` in a daemon thread; TimeoutError if it has not returned within ``timeout_s`` (the
+    thread is left running: Python cannot stop it). Its exception is raised here."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True, name="env-step")
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise TimeoutError(f"no answer within {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+class EpisodeRunner:
+    """Runs the episodes of one generate call over ``engines`` (one callable per rollout engine,
+    each sending one generate call to its engine; :meth:`run`).
+
+    ``make_env`` builds one environment (``rollout.env`` with ``rollout.env_args``); ``encode``
+    turns an observation's text into ids (no special tokens), ``decode`` a turn's ids into the text
+    the environment reads."""
+
+    def __init__(self, make_env: Callable[[], Environment], encode: Callable[[str], list[int]],
+                 decode: Callable[[list[int]], str], limits: EpisodeLimits) -> None:
+        self.make_env, self.encode, self.decode, self.limits = make_env, encode, decode, limits
+
+    def run(self, engines: Sequence[EngineCall], prompt_ids: list[list[int]], records: list[dict],
+            spec: SamplingSpec) -> Generation:
+        """``spec.n`` episodes per prompt (``records[i]`` is prompt i's record, given to ``reset``),
+        grouped by prompt in prompt order like a single-turn generate: ``prompt_index`` is the
+        prompt's position in ``prompt_ids``. Each turn samples with ``spec`` (n = 1, at most
+        ``max_new_tokens`` tokens, its stop strings). Raises the first engine failure."""
+        if len(records) != len(prompt_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(records)} records")
+        episodes = [Episode(i, list(ids), None) for i, ids in enumerate(prompt_ids) for _ in range(spec.n)]
+        turn_spec = replace(spec, n=1, max_new_tokens=self.limits.max_new_tokens)
+        state = _Queue(len(episodes))
+        with ThreadPoolExecutor(max_workers=self.limits.workers, thread_name_prefix="env") as steps:
+            for ep in episodes:
+                self._reset(ep, records[ep.prompt_index])
+                state.put(ep)
+            threads = [threading.Thread(target=self._engine_loop, args=(engine, turn_spec, state, steps), daemon=True,
+                                        name=f"episodes-engine-{i}") for i, engine in enumerate(engines)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if state.error is not None:
+                steps.shutdown(wait=False, cancel_futures=True)
+                raise state.error
+        return Generation(
+            prompt_ids=[ep.prompt_ids for ep in episodes], response_ids=[ep.tokens for ep in episodes],
+            logprobs=[ep.logprobs for ep in episodes], finish_reasons=[ep.finish or "stop" for ep in episodes],
+            prompt_index=[ep.prompt_index for ep in episodes], action_masks=[ep.actions for ep in episodes],
+            turn_rewards=[ep.rewards for ep in episodes], episodes=[ep.info() for ep in episodes])
+
+    # ------------------------------------------------------------------ the two kinds of threads
+    def _reset(self, ep: Episode, record: dict) -> None:
+        try:
+            ep.env = self.make_env()
+            call_with_timeout(lambda: ep.env.reset(dict(record)), self.limits.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - the episode ends with env_error after its first turn
+            ep.broken = f"reset: {type(exc).__name__}: {exc}"
+
+    def _engine_loop(self, engine: EngineCall, spec: SamplingSpec, state: "_Queue", steps: ThreadPoolExecutor) -> None:
+        while True:
+            due = state.take()
+            if not due:
+                return
+            try:
+                gen = engine([ep.context() for ep in due], spec).result()
+            except BaseException as exc:  # noqa: BLE001 - raised by run()
+                state.fail(exc)
+                return
+            for ep, tokens, logprobs, reason in zip(due, gen.response_ids, gen.logprobs, gen.finish_reasons):
+                room = self.limits.max_episode_tokens - len(ep.tokens)
+                cut = len(tokens) > room
+                tokens, logprobs = list(tokens[:room]), list(logprobs[:room])
+                ep.tokens += tokens
+                ep.logprobs += logprobs
+                ep.actions += [True] * len(tokens)
+                ep.rewards += [0.0] * len(tokens)
+                ep.turns += 1
+                ep.last_turn = (tokens, "max_episode_tokens" if cut else reason)
+                steps.submit(self._after_turn, ep, state)
+
+    def _after_turn(self, ep: Episode, state: "_Queue") -> None:
+        """The environment's answer to the turn just sampled; the episode is queued again or ends."""
+        tokens, reason = ep.last_turn
+        if ep.broken:
+            return state.finish(ep, "env_error")
+        t0 = time.perf_counter()
+        try:
+            result = call_with_timeout(lambda: ep.env.step(self.decode(tokens)), self.limits.timeout_s)
+            if not isinstance(result, StepResult):
+                raise TypeError(f"step returned {type(result).__name__}, not a StepResult")
+            observation = result.observation
+            ids = self.encode(observation) if isinstance(observation, str) else list(observation)
+            if not all(isinstance(i, int) for i in ids):
+                raise TypeError("an observation must be text or a list of token ids")
+        except TimeoutError:
+            ep.env_seconds += time.perf_counter() - t0
+            return state.finish(ep, "env_timeout")
+        except Exception as exc:  # noqa: BLE001 - contained: this episode ends, the run goes on
+            ep.env_seconds += time.perf_counter() - t0
+            ep.broken = f"step: {type(exc).__name__}: {exc}"
+            return state.finish(ep, "env_error")
+        ep.env_seconds += time.perf_counter() - t0
+        ep.tool_calls += int(result.info.get("tool_calls", 0))
+        ep.tool_errors += int(result.info.get("tool_errors", 0))
+        if tokens:
+            ep.rewards[-1] += float(result.reward)
+        if result.done:
+            return state.finish(ep, "stop")
+        if reason == "max_episode_tokens" or len(ep.tokens) + len(ids) >= self.limits.max_episode_tokens:
+            return state.finish(ep, "max_episode_tokens")  # no room for the observation and another turn
+        if ep.turns >= self.limits.max_turns:
+            return state.finish(ep, "max_turns")
+        ep.tokens += ids
+        ep.logprobs += [0.0] * len(ids)
+        ep.actions += [False] * len(ids)
+        ep.rewards += [0.0] * len(ids)
+        state.put(ep)
+
+
+class _Queue:
+    """The episodes whose turn is due, how many are still running, and the first engine failure."""
+
+    def __init__(self, running: int) -> None:
+        self.due: collections.deque[Episode] = collections.deque()
+        self.running = running
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
+
+    def put(self, ep: Episode) -> None:
+        with self.cond:
+            self.due.append(ep)
+            self.cond.notify()
+
+    def finish(self, ep: Episode, reason: str) -> None:
+        with self.cond:
+            ep.finish = reason
+            self.running -= 1
+            self.cond.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        with self.cond:
+            if self.error is None:
+                self.error = exc
+            self.cond.notify_all()
+
+    def take(self) -> list[Episode]:
+        """Every due episode (waiting until one is due); [] once all ended or an engine failed."""
+        with self.cond:
+            while not self.due and self.running > 0 and self.error is None:
+                self.cond.wait()
+            if self.error is not None or self.running == 0:
+                return []
+            due = list(self.due)
+            self.due.clear()
+            return due
+
+
+class Background:
+    """A call run in a thread of its own, as a ``Pending``: ``result()`` waits and returns its value
+    or raises its exception (a multi-turn generate in flight during an update, with async generation)."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._box: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True, name="episodes")
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - raised by result()
+            self._box["error"] = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box["value"]
+
+
+def episode_metrics(gen: Generation, prefix: str = "episode/") -> dict[str, float]:
+    """Turns, tool calls and errors, the observations' share of the tokens and the finish reasons
+    of a batch of episodes ({} for single responses)."""
+    if gen.episodes is None:
+        return {}
+    n = max(len(gen), 1)
+    tokens = sum(len(r) for r in gen.response_ids)
+    obs = sum(e["observation_tokens"] for e in gen.episodes)
+    out = {"turns_mean": sum(e["turns"] for e in gen.episodes) / n,
+           "tool_calls_mean": sum(e["tool_calls"] for e in gen.episodes) / n,
+           "tool_call_rate": sum(e["tool_calls"] > 0 for e in gen.episodes) / n,
+           "tool_errors": float(sum(e["tool_errors"] for e in gen.episodes)),
+           "observation_token_share": obs / max(tokens, 1),
+           "env_seconds_sum": sum(e["env_seconds"] for e in gen.episodes)}
+    for reason in FINISH_REASONS:
+        out[f"finish_{reason}"] = float(sum(r == reason for r in gen.finish_reasons))
+    return {prefix + name: value for name, value in out.items()}
+
+
+FINISH_REASONS = ("stop", "max_turns", "max_episode_tokens", "env_error", "env_timeout")
+"""How an episode ends: the environment said done; a limit; a broken environment."""
