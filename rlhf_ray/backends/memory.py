@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass, field
 
 from rlhf_ray.config import Config
-from rlhf_ray.config.validate import reference_from_learner
+from rlhf_ray.config.validate import episode_tokens, reference_from_learner
 
 GIB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
@@ -199,13 +199,14 @@ def _tokens(cfg: Config) -> tuple[int, int, int, int]:
     """(tokens of one learner micro-batch, its scored positions, micro-batches per optimiser step,
     tokens of one no-grad pass) at full-length prompts and responses."""
     lrn, r = cfg.learner, cfg.rollout
-    longest = cfg.data.max_prompt_tokens + r.max_new_tokens
+    response = episode_tokens(cfg)  # a multi-turn episode's turns and observations
+    longest = cfg.data.max_prompt_tokens + response
     step_seqs = r.prompts_per_iteration * r.samples_per_prompt // (lrn.num_ranks * cfg.ppo.mini_batches)
     step_tokens = max(1, step_seqs) * longest
     tokens = min(lrn.micro_batch_tokens or lrn.micro_batch_size * longest, step_tokens)
     shard_tokens = step_tokens * cfg.ppo.mini_batches
     no_grad = min(lrn.forward_max_tokens or lrn.forward_batch_size * longest, shard_tokens)
-    return tokens, tokens * r.max_new_tokens // longest, math.ceil(step_tokens / tokens), no_grad
+    return tokens, tokens * response // longest, math.ceil(step_tokens / tokens), no_grad
 
 
 def learner_estimate(cfg: Config, policy: ModelShape, critic: ModelShape | None = None,
@@ -297,7 +298,7 @@ def _learner_activations(cfg: Config, bodies: list[ModelShape], tokens: int, sco
     notes["activations"] = (f"one micro-batch of {tokens} tokens, {sum(b.layers for b in bodies)} layers, "
                             f"gradient checkpointing {'on' if ckpt else 'off'} ({how})")
     notes["logits"] = f"{scored} scored positions x {policy.vocab} vocabulary, chunks of {lrn.logprob_chunk}"
-    ng_scored = no_grad * cfg.rollout.max_new_tokens // (cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
+    ng_scored = no_grad * episode_tokens(cfg) // (cfg.data.max_prompt_tokens + episode_tokens(cfg))
     ng_acts = sum(inference_bytes(no_grad, b, d) for b in bodies)
     ng_logits = ng_scored * policy.vocab * d + 8 * min(lrn.logprob_chunk, ng_scored) * policy.vocab
     if ng_acts + ng_logits > acts + logits:
@@ -344,13 +345,13 @@ def frozen_estimate(cfg: Config, role: str, shape: ModelShape | None) -> RoleEst
     notes: dict[str, str] = {}
     if shape is not None:
         mbs = cfg.reference.micro_batch_size if role == "reference" else cfg.reward.micro_batch_size
-        tokens = mbs * (cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
+        tokens = mbs * (cfg.data.max_prompt_tokens + episode_tokens(cfg))
         t["weights"] = d * shape.params(lm_head=role == "reference")
         notes["weights"] = f"{cfg.model.dtype} {shape.params(lm_head=role == 'reference') / 1e9:.2f}B parameters"
         t["activations"] = inference_bytes(tokens, shape, d)
         notes["activations"] = f"one micro-batch of {mbs} x {tokens // mbs} tokens, no gradient"
         if role == "reference":
-            t["logits"] = mbs * cfg.rollout.max_new_tokens * shape.vocab * (d + 8)
+            t["logits"] = mbs * episode_tokens(cfg) * shape.vocab * (d + 8)
     else:
         notes["CUDA context"] = f"reward.kind {cfg.reward.kind}: no model on this GPU"
     t["CUDA context"] = CUDA_CONTEXT

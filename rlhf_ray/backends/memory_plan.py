@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from rlhf_ray.backends.memory import CUDA_GRAPHS, GIB, ModelShape, RoleEstimate, role_estimates
 from rlhf_ray.config import Config, ConfigError, resolve
+from rlhf_ray.config.validate import episode_tokens
 
 
 class MemoryPlanError(ValueError):
@@ -81,7 +82,7 @@ def _set(obj: Any, dotted: str, value: Any) -> Any:
 def _candidates(cfg: Config, role: str, term: str, gpu_bytes: int) -> list[tuple[str, str, Any]]:
     """(flag as printed, dotted key, value): the options that shrink ``role``'s memory."""
     lrn, m, r = cfg.learner, cfg.model, cfg.rollout
-    longest = cfg.data.max_prompt_tokens + r.max_new_tokens
+    longest = cfg.data.max_prompt_tokens + episode_tokens(cfg)
     out: list[tuple[str, str, Any]] = []
     if role == "learner":
         if not lrn.offload_optimizer:

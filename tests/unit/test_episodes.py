@@ -372,3 +372,12 @@ def test_a_ppo_step_on_episodes_trains_only_the_policys_tokens():
     assert m["logprob_mismatch_mean"] == 0.0
     assert m["episode/turns_mean"] == 2.0 and m["episode/tool_call_rate"] == 1.0
     assert m["episode/observation_token_share"] > 0
+
+
+def test_the_memory_plan_counts_a_whole_episode():
+    from rlhf_ray.backends.memory import _tokens
+
+    single = config_from_dict({"rollout": {"max_new_tokens": 16}, "data": {"max_prompt_tokens": 32}})
+    episode = config_from_dict({"rollout": {"max_new_tokens": 16, "env": "x.py:E", "max_turns": 3,
+                                            "max_model_len": 256}, "data": {"max_prompt_tokens": 32}})
+    assert _tokens(episode)[0] == _tokens(single)[0] * (32 + 48) // (32 + 16)
