@@ -279,6 +279,30 @@ def decode_rows(batch: ExperienceBatch, tokenizer) -> tuple[list[str], list[str]
     return prompts, responses
 
 
+def conversations(batch: ExperienceBatch, tokenizer) -> list[list[dict]]:
+    """Each row's response as turns: ``{"role": "policy" | "observation", "text": ...}``, one entry per
+    run of the policy's tokens (trained) or an environment's (context only), decoded without special
+    tokens. A single response is one policy entry."""
+    P = batch.prompt_len
+    out = []
+    for ids, real, acts in zip(batch.input_ids[:, P:], batch.attention_mask[:, P:], batch.actions):
+        turns: list[dict] = []
+        flags = acts[real].tolist() if batch.action_mask is not None else [True] * int(real.sum())
+        for token, policy in zip(ids[real].tolist(), flags):
+            role = "policy" if policy else "observation"
+            if not turns or turns[-1]["role"] != role:
+                turns.append({"role": role, "ids": []})
+            turns[-1]["ids"].append(token)
+        out.append([{"role": t["role"], "text": tokenizer.decode(t["ids"], skip_special_tokens=True)} for t in turns])
+    return out
+
+
+def marked_text(turns: list[dict]) -> str:
+    """A conversation of :func:`conversations` as one text, each observation in ``[[ ]]``: what the
+    policy was trained on is everything outside the brackets."""
+    return "".join(t["text"] if t["role"] == "policy" else f"[[{t['text']}]]" for t in turns)
+
+
 # --------------------------------------------------------------------------- padding-free packing
 
 

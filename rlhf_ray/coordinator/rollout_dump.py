@@ -12,6 +12,9 @@
 - ``response_tokens``, ``finish_reason`` (``stop``: ended with EOS / a stop token; ``length``:
   cut at ``rollout.max_new_tokens``), ``quarantined`` (NaN/inf somewhere: its numbers are zeroed
   and it trained on nothing).
+- multi-turn episodes (``rollout.env``) also: ``turns`` (the policy's) and ``conversation``, the
+  response as ``{"role": "policy" | "observation", "text"}`` entries (observations are context,
+  not trained on); ``kl`` and ``advantages`` then cover the policy's tokens only.
 
 The driver only slices tensors it already holds (the iteration's batch is on the CPU); decoding
 and writing run on one background thread, so the loop does not wait for them.
@@ -26,7 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from rlhf_ray.algorithms import kl_estimate
-from rlhf_ray.batch import ExperienceBatch, decode_rows
+from rlhf_ray.batch import ExperienceBatch, conversations, decode_rows
 
 
 def rollout_rows(batch: ExperienceBatch, tokenizer, iteration: int, kl_estimator: str) -> list[dict]:
@@ -34,11 +37,13 @@ def rollout_rows(batch: ExperienceBatch, tokenizer, iteration: int, kl_estimator
     P = batch.prompt_len
     real = batch.attention_mask[:, P:]  # (B, R) bool: the response's tokens, quarantined rows too
     bad = batch.bad_rows if batch.bad_rows is not None else torch.zeros(len(batch), dtype=torch.bool)
-    counted = real & ~bad[:, None]
+    acts = real if batch.action_mask is None else batch.action_mask  # an episode's observations are not counted
+    counted = acts & ~bad[:, None]
     kl = (kl_estimate(batch.old_logprobs, batch.ref_logprobs, kl_estimator) * counted).sum(-1)  # (B,)
     n = counted.sum(-1)
     adv_mean = (batch.advantages * counted).sum(-1) / n.clamp(min=1)
     prompts, responses = decode_rows(batch, tokenizer)
+    turns = conversations(batch, tokenizer) if batch.action_mask is not None else None
     rows = []
     for i in range(len(batch)):
         rows.append({
@@ -50,6 +55,8 @@ def rollout_rows(batch: ExperienceBatch, tokenizer, iteration: int, kl_estimator
             "finish_reason": "length" if bool(batch.truncated[i]) else "stop",
             "quarantined": bool(bad[i]),
         })
+        if turns is not None:
+            rows[-1].update(turns=sum(t["role"] == "policy" for t in turns[i]), conversation=turns[i])
     return rows
 
 

@@ -381,3 +381,53 @@ def test_the_memory_plan_counts_a_whole_episode():
     episode = config_from_dict({"rollout": {"max_new_tokens": 16, "env": "x.py:E", "max_turns": 3,
                                             "max_model_len": 256}, "data": {"max_prompt_tokens": 32}})
     assert _tokens(episode)[0] == _tokens(single)[0] * (32 + 48) // (32 + 16)
+
+
+def test_rollout_dump_shows_episodes_as_conversations():
+    from rlhf_ray.batch import marked_text
+    from rlhf_ray.coordinator.rollout_dump import rollout_rows
+
+    batch = _episode_batch()
+    B, R = batch.response_mask.shape
+    batch = batch.replace(scores=torch.zeros(B), old_logprobs=torch.zeros(B, R), ref_logprobs=torch.full((B, R), -1.0),
+                          advantages=torch.ones(B, R))
+    row = rollout_rows(batch, CharTokenizer(), 0, "k1")[0]
+    assert row["turns"] == 2
+    assert row["conversation"] == [{"role": "policy", "text": "<ab>"}, {"role": "observation", "text": "=4."},
+                                   {"role": "policy", "text": "ok"}]
+    assert row["kl"] == pytest.approx(7.0)  # k1 = 0 - (-1) on each of the 7 policy tokens (<ab>, ok, EOS)
+    assert len(row["advantages"]) == 7
+    assert marked_text(row["conversation"]) == "<ab>[[=4.]]ok"
+
+
+def test_an_engine_lost_mid_episode_redoes_the_iteration_with_nothing_lost_or_doubled():
+    from tests.unit.test_coordinator import PAD, FakeReference, FakeReward, FakeSync, _prompts, _put
+
+    from rlhf_ray.coordinator.loop import PPOCoordinator
+
+    class DiesOnce(EpisodeRollout):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def generate(self, prompt_ids, spec):
+            self.calls += 1
+            if self.calls == 2:  # the second turn's call: every episode is mid-way
+                raise RemoteCallError("rollout engine 0 died", "died", ("rollout", 0), "generate")
+            return super().generate(prompt_ids, spec)
+
+    cfg = config_from_dict({"seed": 3, "rollout": {"prompts_per_iteration": 2, "samples_per_prompt": 2,
+                                                   "max_new_tokens": 8, "max_turns": 3,
+                                                   "env": "tests.unit.test_episodes:Calc"},
+                            "ppo": {"mini_batches": 1}, "learner": {"num_ranks": 1, "micro_batch_size": 4}})
+    rollout, learners = DiesOnce(), ObservationBlindLearners()
+    coord = PPOCoordinator(cfg, _prompts(), PAD, [EOS], rollout, FakeReference(), FakeReward(), learners,
+                           FakeSync(), put=_put, tokenizer=CharTokenizer())
+    with pytest.raises(RemoteCallError) as failed:
+        coord.step()
+    assert failed.value.phase == "generate" and coord.iteration == 0 and not learners.train_calls
+    first_prompts = rollout.engine.contexts[:4]
+    m = coord.step()
+    assert m["iteration"] == 0 and len(learners.train_calls) == 1  # redone once, trained once
+    assert rollout.engine.contexts[4:8] == first_prompts  # the same prompts, each episode from its start
+    assert m["episode/finish_stop"] == 4.0 and coord.last_batch.action_mask.shape[0] == 4
