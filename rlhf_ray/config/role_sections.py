@@ -68,8 +68,9 @@ class RolloutConfig:
     max_turns: int = 4
     """Policy turns in one episode at most (rollout.env); an episode cut here ends with finish reason max_turns."""
     max_episode_tokens: int | None = None
-    """Tokens after the prompt in one episode (turns and observations) at most; unset: max_turns x
-    max_new_tokens. An episode that reaches it ends with finish reason max_episode_tokens."""
+    """Tokens after the prompt in one episode (turns and observations) at most; unset: what the engines'
+    context holds after the longest prompt (rollout.max_model_len - data.max_prompt_tokens). An episode that
+    reaches it ends with finish reason max_episode_tokens."""
     env_timeout_s: float = 10.0
     """Longest one environment step (a tool call) may take; an overrunning step ends its episode with finish
     reason env_timeout (counted) and the run goes on."""

@@ -294,11 +294,12 @@ def _eval_errors(cfg: Config) -> list[str]:
 
 def episode_tokens(cfg: Config) -> int:
     """Tokens after the prompt one sample may hold: rollout.max_new_tokens, or with rollout.env the
-    episode's budget (rollout.max_episode_tokens, else max_turns x max_new_tokens)."""
+    episode's budget (rollout.max_episode_tokens, else what the engines' context holds after the
+    longest prompt)."""
     r = cfg.rollout
     if r.env is None:
         return r.max_new_tokens
-    return r.max_episode_tokens if r.max_episode_tokens is not None else r.max_turns * r.max_new_tokens
+    return r.max_episode_tokens if r.max_episode_tokens is not None else r.max_model_len - cfg.data.max_prompt_tokens
 
 
 def _episode_errors(cfg: Config) -> list[str]:
@@ -314,11 +315,14 @@ def _episode_errors(cfg: Config) -> list[str]:
     if r.max_episode_tokens is not None and r.max_episode_tokens < 1:
         errors.append(f"--rollout.max_episode_tokens must be >= 1 (got {r.max_episode_tokens}).")
     need = cfg.data.max_prompt_tokens + episode_tokens(cfg)
-    if need > r.max_model_len:
+    if episode_tokens(cfg) < r.max_new_tokens:
+        errors.append(f"an episode must hold at least one turn of --rollout.max_new_tokens {r.max_new_tokens}, but "
+                      f"its budget is {episode_tokens(cfg)} tokens (--rollout.max_episode_tokens, else "
+                      "--rollout.max_model_len - --data.max_prompt_tokens); raise it.")
+    elif need > r.max_model_len:
         errors.append(f"--rollout.max_model_len {r.max_model_len} cannot hold --data.max_prompt_tokens "
-                      f"{cfg.data.max_prompt_tokens} + an episode of {episode_tokens(cfg)} tokens "
-                      "(--rollout.max_episode_tokens, else --rollout.max_turns x --rollout.max_new_tokens); raise it "
-                      f"to at least {need} or lower the episode budget.")
+                      f"{cfg.data.max_prompt_tokens} + an episode of --rollout.max_episode_tokens "
+                      f"{episode_tokens(cfg)}; raise it to at least {need} or lower the episode budget.")
     return errors
 
 

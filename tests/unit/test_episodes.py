@@ -284,9 +284,13 @@ def test_group_estimators_add_turn_rewards_to_the_outcome():
 
 
 def test_episode_budget_must_fit_the_context():
-    cfg = config_from_dict({"rollout": {"env": "x.py:E", "max_turns": 4, "max_new_tokens": 16, "max_model_len": 96},
+    cfg = config_from_dict({"rollout": {"env": "x.py:E", "max_episode_tokens": 64, "max_new_tokens": 16,
+                                        "max_model_len": 96}, "data": {"max_prompt_tokens": 40}})
+    with pytest.raises(ConfigError, match="max_episode_tokens 64; raise it to at least 104"):
+        validate(cfg)
+    cfg = config_from_dict({"rollout": {"env": "x.py:E", "max_new_tokens": 16, "max_model_len": 50},
                             "data": {"max_prompt_tokens": 40}})
-    with pytest.raises(ConfigError, match="an episode of 64 tokens"):
+    with pytest.raises(ConfigError, match="at least one turn of --rollout.max_new_tokens 16, but its budget is 10"):
         validate(cfg)
 
 
@@ -379,7 +383,7 @@ def test_the_memory_plan_counts_a_whole_episode():
 
     single = config_from_dict({"rollout": {"max_new_tokens": 16}, "data": {"max_prompt_tokens": 32}})
     episode = config_from_dict({"rollout": {"max_new_tokens": 16, "env": "x.py:E", "max_turns": 3,
-                                            "max_model_len": 256}, "data": {"max_prompt_tokens": 32}})
+                                            "max_model_len": 80}, "data": {"max_prompt_tokens": 32}})
     assert _tokens(episode)[0] == _tokens(single)[0] * (32 + 48) // (32 + 16)
 
 
