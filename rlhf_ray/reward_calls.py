@@ -16,7 +16,9 @@ those run at once.
   cannot be stopped, so it is left to finish while the error goes up.
 
 Scores come back in the samples' order whatever order the calls finish in. Requests to an
-endpoint carry their own timeout and retries (``rlhf_ray.reward_server.post_scores``).
+endpoint carry their own timeout and retries (``rlhf_ray.reward_server.post_scores``). The
+prompt records' fields (one column per field, a value per sample) are cut with the samples: each
+call gets its samples' values, as keyword arguments.
 """
 
 from __future__ import annotations
@@ -54,41 +56,52 @@ def with_named_errors(fn: Callable, what: str) -> Callable:
         return RuntimeError(f"{what} raised {type(exc).__name__}: {exc}")
 
     if is_async(fn):
-        async def call_async(prompts: list[str], responses: list[str]):
+        async def call_async(prompts: list[str], responses: list[str], /, **fields):
             try:
-                return await fn(prompts, responses)
+                return await fn(prompts, responses, **fields)
             except Exception as exc:
                 raise named(exc) from exc
 
         return call_async
 
-    def call(prompts: list[str], responses: list[str]):
+    def call(prompts: list[str], responses: list[str], /, **fields):
         try:
-            return fn(prompts, responses)
+            return fn(prompts, responses, **fields)
         except Exception as exc:
             raise named(exc) from exc
 
     return call
 
 
-def score_in_calls(fn: Callable[[list[str], list[str]], Any], prompts: list[str], responses: list[str], *,
-                   samples_per_call: int = 0, concurrency: int = 1, timeout_s: float = 0.0,
-                   what: str = "reward function") -> list[Any]:
-    """``fn(prompts, responses)`` over the calls of :func:`call_plan`, at most ``concurrency`` at
-    once; returns the values of every call joined in the samples' order (one per sample, checked).
+def slice_columns(columns: dict[str, list], rows: list[int]) -> dict[str, list]:
+    """The values of ``rows`` in every column: {"answer": ["a", "b", "c"]}, [2, 0] -> {"answer": ["c", "a"]}."""
+    return {name: [values[i] for i in rows] for name, values in columns.items()}
+
+
+def score_in_calls(fn: Callable[..., Any], prompts: list[str], responses: list[str], *,
+                   fields: dict[str, list] | None = None, samples_per_call: int = 0, concurrency: int = 1,
+                   timeout_s: float = 0.0, what: str = "reward function") -> list[Any]:
+    """``fn(prompts, responses, **fields)`` over the calls of :func:`call_plan`, at most
+    ``concurrency`` at once, each call with its samples' values of every field column (one value
+    per sample); returns the values of every call joined in the samples' order (one per sample,
+    checked).
 
     An exception raised by a call goes up as it is (the first one seen); a call longer than
     ``timeout_s`` (> 0) raises TimeoutError naming ``what``, the call and the flag to change."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
+    fields = fields or {}
+    for name, values in fields.items():
+        if len(values) != len(responses):
+            raise ValueError(f"field {name!r} has {len(values)} values for {len(responses)} responses")
     plan = call_plan(len(responses), samples_per_call, concurrency)
-    calls = [([prompts[i] for i in rows], [responses[i] for i in rows]) for rows in plan]
+    calls = [([prompts[i] for i in rows], [responses[i] for i in rows], slice_columns(fields, rows)) for rows in plan]
     if not calls:
         return []
     if is_async(fn):
         results = _run_async(fn, calls, concurrency, timeout_s, what)
     elif (concurrency == 1 or len(calls) == 1) and timeout_s <= 0:
-        results = [fn(p, r) for p, r in calls]
+        results = [fn(p, r, **f) for p, r, f in calls]
     else:
         results = _run_threads(fn, calls, concurrency, timeout_s, what)
     out: list[Any] = []
@@ -120,7 +133,8 @@ def _run_threads(fn, calls: list, concurrency: int, timeout_s: float, what: str)
     def one(k: int):
         with lock:
             started[k] = time.monotonic()
-        return fn(*calls[k])
+        p, r, f = calls[k]
+        return fn(p, r, **f)
 
     pool = ThreadPoolExecutor(max_workers=min(concurrency, len(calls)), thread_name_prefix="reward-call")
     try:
@@ -150,11 +164,12 @@ def _run_async(fn, calls: list, concurrency: int, timeout_s: float, what: str) -
         gate = asyncio.Semaphore(concurrency)
 
         async def one(k: int):
+            p, r, f = calls[k]
             async with gate:
                 if timeout_s <= 0:
-                    return await fn(*calls[k])
+                    return await fn(p, r, **f)
                 try:
-                    return await asyncio.wait_for(fn(*calls[k]), timeout_s)
+                    return await asyncio.wait_for(fn(p, r, **f), timeout_s)
                 except asyncio.TimeoutError:
                     raise _timeout_error(what, k, calls, timeout_s) from None
 

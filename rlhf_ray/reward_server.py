@@ -8,6 +8,9 @@ sandbox that runs code, a judge model on other hardware).
 Binds to 127.0.0.1 unless ``--host`` says otherwise. Protocol: ``POST /score`` with JSON
 ``{"prompts": [...], "responses": [...]}`` answers ``{"scores": [...]}``; ``GET /health``
 answers ``ok`` (no token needed). A client for it is ``post_scores`` below (retries with backoff).
+When the prompt records have fields besides the prompt (an expected answer), the body also holds
+``"fields": {"answer": [...], ...}``, one value per response, and the function gets those it
+takes as keyword arguments (``rlhf_ray.rewards.FieldParameters``); no ``fields``, none.
 
 Access: when the environment variable ``RLHF_REWARD_TOKEN`` is set, ``POST /score`` needs
 ``Authorization: Bearer <token>`` (else 401), compared in constant time; ``post_scores`` sends
@@ -45,7 +48,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from rlhf_ray.config import redact_url
-from rlhf_ray.rewards import RewardFn, call_once, load_reward_function
+from rlhf_ray.rewards import RewardFn, call_once, field_parameters, load_reward_function
 
 TOKEN_ENV = "RLHF_REWARD_TOKEN"
 DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
@@ -147,6 +150,7 @@ def make_server(fn: RewardFn, host: str = "127.0.0.1", port: int = 8000, *, toke
         raise ValueError(f"--max-connections must be at least 1, got {max_connections}.")
     # Digests of equal length, so compare_digest's time tells nothing about the token's length either.
     expected = hashlib.sha256(token.encode()).digest() if token else None
+    takes = field_parameters(fn)
 
     class Handler(BaseHTTPRequestHandler):
         timeout = IDLE_TIMEOUT_S
@@ -206,7 +210,11 @@ def make_server(fn: RewardFn, host: str = "127.0.0.1", port: int = 8000, *, toke
                                          f"{max_request_bytes} bytes (--max-request-mb)", length)
             try:
                 req = json.loads(self.rfile.read(length))
-                scores = [float(x) for x in call_once(fn, list(req["prompts"]), list(req["responses"]))]
+                responses, fields = list(req["responses"]), takes.pick(req.get("fields"))
+                for name, values in fields.items():
+                    if not isinstance(values, list) or len(values) != len(responses):
+                        raise ValueError(f"field {name!r} must be a list of one value per response ({len(responses)})")
+                scores = [float(x) for x in call_once(fn, list(req["prompts"]), responses, fields)]
             except Exception as exc:  # the client gets the reason, the server keeps serving
                 return self._reply(400, {"error": f"{type(exc).__name__}: {exc}"})
             self._reply(200, {"scores": scores})
@@ -269,15 +277,17 @@ def _rejection(url: str, code: int, detail: str, sent_token: bool, nbytes: int, 
 
 
 def post_scores(url: str, prompts: list[str], responses: list[str], timeout_s: float = 30.0,
-                retries: int = 3, backoff_s: float = 0.5) -> list[float]:
+                retries: int = 3, backoff_s: float = 0.5, fields: dict[str, list] | None = None) -> list[float]:
     """Scores from a reward endpoint; connection failures, timeouts (``timeout_s`` per attempt), 5xx
     and 429 (too many requests: a judge's rate limit) are retried after ``backoff_s``, doubling each
     time, then raise ConnectionError saying what was tried. Any other 4xx (bad request, the function
     raised, a missing or wrong token, a request over the size limit) is not retried: ValueError
     saying what to fix. Sends ``Authorization: Bearer $RLHF_REWARD_TOKEN`` when that is set,
     only over https or to loopback (else ValueError, before anything is sent); never follows a
-    redirect (ValueError naming its target). Errors show the URL with its secrets masked."""
-    body = json.dumps({"prompts": prompts, "responses": responses}).encode()
+    redirect (ValueError naming its target). Errors show the URL with its secrets masked.
+    ``fields``: the prompt records' fields, one value per response, sent as ``"fields"`` (left
+    out when there are none, so a server that predates them reads the same body)."""
+    body = json.dumps({"prompts": prompts, "responses": responses, **({"fields": fields} if fields else {})}).encode()
     token = read_token()
     check_token_transport(url, token)
     opener = _opener(url)

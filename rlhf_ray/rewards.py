@@ -1,9 +1,16 @@
-"""Reward functions: the built-in demo tasks and the loader for user functions.
+"""Reward functions: the built-in demo tasks, the loader for user functions, and which fields of
+the prompt records a function takes.
 
-A reward function has the signature ``fn(prompts: list[str], responses: list[str]) -> list[float]``
-and returns one score per response; it may be an ``async def`` (awaited, several calls at once with
-``reward.concurrency``: ``rlhf_ray/reward_calls.py``). Users point ``reward.function`` at
-``path/to/file.py:function_name`` or ``package.module:function_name``.
+A reward function has the signature ``fn(prompts: list[str], responses: list[str], **fields) ->
+list[float]`` and returns one score per response; it may be an ``async def`` (awaited, several
+calls at once with ``reward.concurrency``: ``rlhf_ray/reward_calls.py``). Users point
+``reward.function`` at ``path/to/file.py:function_name`` or ``package.module:function_name``.
+
+Fields: a prompt record's fields other than the prompt (``{"prompt": "What is 3*4?", "answer":
+"12"}``) reach the function as keyword arguments, each a list with one value per response (the
+value of that response's prompt; None where its record lacks the field). A function gets the
+fields it names as parameters (``fn(prompts, responses, answer)``), all of them with ``**kwargs``,
+and none when it takes only the two lists, as before fields existed (:class:`FieldParameters`).
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ import importlib.util
 import inspect
 import os
 import re
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -61,10 +69,61 @@ def is_async(fn: Callable) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
 
 
-def call_once(fn: Callable, prompts: list[str], responses: list[str]) -> Any:
-    """``fn(prompts, responses)``, awaited on a new event loop when it returns an awaitable (an
-    ``async def`` reward function), from a thread that runs no loop (a probe, a server's handler)."""
-    out = fn(prompts, responses)
+@dataclass(frozen=True)
+class FieldParameters:
+    """Which record fields a reward function takes, read from its signature
+    (:func:`field_parameters`). ``prompts`` and ``responses`` go to its first two positional
+    parameters (``bound``); a field goes to a later parameter of its name (``named``, those without
+    a default ``required``), or to ``**kwargs`` (``takes_all``)."""
+
+    bound: tuple[str, ...] = ()
+    named: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+    takes_all: bool = False
+
+    def pick(self, fields: dict[str, list] | None) -> dict[str, list]:
+        """The columns of ``fields`` the function takes."""
+        fields = fields or {}
+        return {k: v for k, v in fields.items() if (self.takes_all and k not in self.bound) or k in self.named}
+
+    def check(self, names: Iterable[str], what: str, source: str = "--data.prompts") -> None:
+        """A clear error when the records' field ``names`` cannot fill the function's parameters:
+        a parameter without a default that no record has, or (with ``**kwargs``) a field named like
+        the parameter its prompts or responses go to."""
+        names = list(names)
+        have = ", ".join(repr(n) for n in names) or "none"
+        for name in self.required:
+            if name not in names:
+                raise ValueError(f"{what} has a parameter {name!r} without a default, and no record of {source} has "
+                                 f"a field {name!r} to fill it (their fields besides the prompt: {have}). Add "
+                                 f'"{name}" to the records, give the parameter a default, or rename it to one of '
+                                 "their fields.")
+        clash = [n for n in names if self.takes_all and n in self.bound]
+        if clash:
+            raise ValueError(f"{what} takes **kwargs and the records of {source} have a field {clash[0]!r}, the name "
+                             "of the parameter its prompts or responses go to; rename the field or the parameter.")
+
+
+def field_parameters(fn: Callable) -> FieldParameters:
+    """The record fields ``fn`` takes (see :class:`FieldParameters`); a callable without a readable
+    signature (some built-ins) takes none."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return FieldParameters()
+    kind = inspect.Parameter
+    bound = [p for p in params if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)][:2]
+    named = [p for p in params if p.kind in (kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY) and p not in bound]
+    return FieldParameters(tuple(p.name for p in bound), tuple(p.name for p in named),
+                           tuple(p.name for p in named if p.default is p.empty),
+                           any(p.kind == kind.VAR_KEYWORD for p in params))
+
+
+def call_once(fn: Callable, prompts: list[str], responses: list[str], fields: dict[str, list] | None = None) -> Any:
+    """``fn(prompts, responses, **fields)``, awaited on a new event loop when it returns an
+    awaitable (an ``async def`` reward function), from a thread that runs no loop (a probe, a
+    server's handler). ``fields``: the columns ``fn`` takes (:meth:`FieldParameters.pick`)."""
+    out = fn(prompts, responses, **(fields or {}))
     if inspect.isawaitable(out):
         async def wait():
             return await out

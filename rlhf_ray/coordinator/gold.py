@@ -5,7 +5,9 @@ The reward a policy is trained on is often a proxy: a reward model learned from 
 function (e.g. ``rlhf_ray.rewards:larger_number_correct``, 1 for a right answer), that is never
 used for training. The run logs its mean on each iteration's samples (``gold_mean``) and on each
 evaluation (``eval/gold_mean``), so a proxy reward that rises while the gold check does not
-(over-optimisation of the reward model) shows in the records and in ``curves.png``.
+(over-optimisation of the reward model) shows in the records and in ``curves.png``. Like a
+reward function it may take the prompt records' fields (``fn(prompts, responses, answer)``: the
+expected answer of each sample's prompt), by the same rule (``rlhf_ray.rewards.FieldParameters``).
 
 Each evaluation's responses go to ``<run_dir>/eval_samples/iter_NNNNNN.jsonl``, one record per
 response (prompt, response, reward, gold when set): the before/after comparison of a run reads
@@ -19,7 +21,7 @@ import math
 import os
 
 from rlhf_ray.batch import ExperienceBatch, decode_rows
-from rlhf_ray.rewards import load_reward_function
+from rlhf_ray.rewards import call_once, field_parameters, load_reward_function
 
 EVAL_SAMPLES_DIR = "eval_samples"
 
@@ -30,18 +32,21 @@ class GoldCheck:
     def __init__(self, spec: str, tokenizer) -> None:
         self.spec = spec
         self.fn = load_reward_function(spec)
+        self.takes = field_parameters(self.fn)
         self.tokenizer = tokenizer
 
-    def verdicts(self, prompts: list[str], responses: list[str]) -> list[float]:
-        scores = [float(s) for s in self.fn(prompts, responses)]
+    def verdicts(self, prompts: list[str], responses: list[str], fields: dict[str, list] | None = None) -> list[float]:
+        """One gold value per response; ``fields``: the prompt records' fields, one value per response."""
+        scores = [float(s) for s in call_once(self.fn, prompts, responses, self.takes.pick(fields))]
         if len(scores) != len(responses):
             raise ValueError(f"reward.gold {self.spec!r} returned {len(scores)} values for {len(responses)} responses")
         return scores
 
-    def mean(self, batch: ExperienceBatch) -> float:
-        """Mean gold value over the batch's samples (decoded without special tokens)."""
+    def mean(self, batch: ExperienceBatch, fields: dict[str, list] | None = None) -> float:
+        """Mean gold value over the batch's samples (decoded without special tokens); ``fields``:
+        one value per row."""
         prompts, responses = decode_rows(batch, self.tokenizer)
-        scores = self.verdicts(prompts, responses)
+        scores = self.verdicts(prompts, responses, fields)
         return sum(scores) / len(scores) if scores else float("nan")
 
 
@@ -50,12 +55,12 @@ def eval_samples_path(run_dir: str, iteration: int) -> str:
 
 
 def write_eval_samples(run_dir: str, iteration: int, batch: ExperienceBatch, tokenizer,
-                       gold: GoldCheck | None) -> float | None:
+                       gold: GoldCheck | None, fields: dict[str, list] | None = None) -> float | None:
     """Write one evaluation's responses (see the module docstring); returns the gold mean, or None
-    without a gold check."""
+    without a gold check. ``fields``: the prompt records' fields, one value per row, for the check."""
     prompts, responses = decode_rows(batch, tokenizer)
     scores = batch.scores.tolist() if batch.scores is not None else [float("nan")] * len(batch)
-    verdicts = gold.verdicts(prompts, responses) if gold is not None else None
+    verdicts = gold.verdicts(prompts, responses, fields) if gold is not None else None
     path = eval_samples_path(run_dir, iteration)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"

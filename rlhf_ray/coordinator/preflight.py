@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from rlhf_ray.backends.memory_plan import check_memory
 from rlhf_ray.config import Config
 from rlhf_ray.data.prompts import PromptSet, load_prompts, pad_token_id, split_holdout
+from rlhf_ray.rewards import FieldParameters, field_parameters, load_reward_function
 
 
 @dataclass
@@ -38,8 +39,7 @@ def eval_prompt_set(cfg: Config, prompts: PromptSet, tokenizer) -> tuple[PromptS
         prompts, held = split_holdout(prompts, ev.holdout, cfg.seed)
     else:
         held = load_prompts(dataclasses.replace(cfg.data, prompts=ev.prompts), tokenizer, cfg.seed)
-    k = min(ev.max_prompts, len(held.token_ids))
-    return prompts, dataclasses.replace(held, texts=held.texts[:k], token_ids=held.token_ids[:k])
+    return prompts, held.select(list(range(min(ev.max_prompts, len(held.token_ids)))))
 
 
 def _check_model_dir(path: str, what: str, flag: str) -> None:
@@ -62,21 +62,28 @@ def check_lora_targets(cfg: Config) -> None:
         raise ValueError(error)
 
 
-def probe_reward_function(spec: str, prompts: list[str], timeout_s: float) -> None:
+def probe_reward_function(spec: str, prompts: list[str], timeout_s: float,
+                          fields: dict[str, list] | None = None) -> FieldParameters:
     """Load the reward function and call it once on real prompts with two made-up responses, so
     that a function that cannot be imported, raises, hangs, or returns the wrong number of scores
-    fails here, before any actor starts."""
+    fails here, before any actor starts. ``fields``: the prompts' record fields (one value per
+    prompt; every field any record has, ``PromptSet.columns``): a parameter without a default that
+    no record fills fails here too, and the call gets the fields the function takes. Returns which
+    fields it takes."""
     import threading
 
-    from rlhf_ray.rewards import call_once, load_reward_function
+    from rlhf_ray.rewards import call_once
 
     fn = load_reward_function(spec)
+    takes = field_parameters(fn)
+    takes.check(list(fields or {}), f"reward function {spec}")
     prompts = (prompts * 2)[:2]
+    picked = {name: (values * 2)[:2] for name, values in takes.pick(fields).items()}
     result: dict = {}
 
     def call() -> None:
         try:
-            result["scores"] = list(call_once(fn, prompts, ["", "42"]))  # an async def function is awaited
+            result["scores"] = list(call_once(fn, prompts, ["", "42"], picked))  # an async def function is awaited
         except Exception as exc:  # reported below, in the caller's thread
             result["error"] = exc
 
@@ -98,6 +105,7 @@ def probe_reward_function(spec: str, prompts: list[str], timeout_s: float) -> No
         [float(x) for x in scores]
     except (TypeError, ValueError):
         raise ValueError(f"reward function {spec} returned {scores!r} on a probe call; scores must be numbers.") from None
+    return takes
 
 
 def prepare_inputs(cfg: Config) -> Inputs:
@@ -131,18 +139,31 @@ def prepare_inputs(cfg: Config) -> Inputs:
     prompts, eval_prompts = eval_prompt_set(cfg, prompts, tok)
     if eval_prompts is not None and cfg.eval.prompts is not None:
         print(f"evaluation prompts from {cfg.eval.prompts}: {eval_prompts.describe()}", flush=True)
+    probed = [0, 1 % len(prompts.token_ids)]  # two prompts (one twice in a set of one)
     if cfg.reward.kind == "function":
-        probe_reward_function(cfg.reward.function or "", prompts.texts[:2], cfg.resources.call_timeout_s)
+        takes = probe_reward_function(cfg.reward.function or "", prompts.texts[:2], cfg.resources.call_timeout_s,
+                                      prompts.columns(probed))
+        if eval_prompts is not None and cfg.eval.prompts is not None:
+            takes.check(eval_prompts.field_names(), f"reward function {cfg.reward.function}", "--eval.prompts")
     elif cfg.reward.kind == "http":
         from rlhf_ray.reward_server import post_scores
 
-        post_scores(cfg.reward.url or "", (prompts.texts * 2)[:2], ["", "42"], cfg.reward.http_timeout_s,
-                    cfg.reward.http_retries, cfg.reward.http_backoff_s)  # an endpoint that is down fails here
+        post_scores(cfg.reward.url or "", [prompts.texts[i] for i in probed], ["", "42"], cfg.reward.http_timeout_s,
+                    cfg.reward.http_retries, cfg.reward.http_backoff_s,
+                    prompts.columns(probed))  # an endpoint that is down fails here
     gold = None
     if cfg.reward.gold:
         from rlhf_ray.coordinator.gold import GoldCheck
 
         gold = GoldCheck(cfg.reward.gold, tok)  # an import error or a wrong name fails here
+        gold.takes.check(prompts.field_names(), f"reward.gold {cfg.reward.gold}")
+        taken = list(gold.takes.pick(prompts.columns([])))
+        if taken and cfg.ppo.dynamic_sampling:
+            raise ValueError(f"reward.gold {cfg.reward.gold} takes the prompt records' fields {taken}, and with "
+                             "--ppo.dynamic_sampling the driver does not know which prompt each kept sample came from; "
+                             "turn dynamic sampling off, or use a gold check that reads only prompts and responses.")
+        if eval_prompts is not None and cfg.eval.prompts is not None:
+            gold.takes.check(eval_prompts.field_names(), f"reward.gold {cfg.reward.gold}", "--eval.prompts")
     if len(prompts.token_ids) < cfg.rollout.prompts_per_iteration:
         held = f" (after holding out {cfg.eval.holdout} for evaluation)" if cfg.eval.every and not cfg.eval.prompts else ""
         raise ValueError(f"only {len(prompts.token_ids)} usable prompts{held} but --rollout.prompts_per_iteration is "

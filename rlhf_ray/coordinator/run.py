@@ -183,7 +183,9 @@ class Run:
     def evaluate(self) -> dict:
         """The policy on the held-out prompts now (see ``PPOCoordinator.evaluate``)."""
         metrics, batch = self.coord.evaluate()
-        gold = write_eval_samples(self.run_dir, self.coord.iteration, batch, self.inputs.tokenizer, self.inputs.gold)
+        fields = self.inputs.eval_prompts.columns(batch.prompt_index.tolist())  # each row's evaluation prompt
+        gold = write_eval_samples(self.run_dir, self.coord.iteration, batch, self.inputs.tokenizer, self.inputs.gold,
+                                  fields)
         if gold is not None:
             metrics["eval/gold_mean"] = gold
         self.records.add_eval(metrics)
@@ -196,7 +198,7 @@ class Run:
         """Record one iteration: files, progress bar, and every logging.log_every a full line."""
         metrics.update(self.recovery.counters())
         if self.inputs.gold is not None:
-            metrics["gold_mean"] = self.inputs.gold.mean(self.coord.last_batch)
+            metrics["gold_mean"] = self.inputs.gold.mean(self.coord.last_batch, self._gold_fields(metrics))
         self.records.add(metrics)
         self.dumper.maybe_dump(int(metrics["iteration"]), self.coord.last_batch)
         drawn = self._bar_drawn
@@ -211,6 +213,16 @@ class Run:
             self._say(format_line(metrics) + progress)
             for line in sample_lines(self.coord.last_batch, self.inputs.tokenizer, self.cfg.logging.print_samples):
                 self._say(line)
+
+    def _gold_fields(self, metrics: dict) -> dict[str, list]:
+        """The prompt fields of each row of the last batch, for the gold check: the row's group
+        (``prompt_index``) is its prompt's place among the iteration's ``prompt_indices``. Not so
+        with ppo.dynamic_sampling, which renumbers the groups it keeps: pre-flight refuses a gold
+        check that takes fields there."""
+        if not self.inputs.prompts.field_names() or self.cfg.ppo.dynamic_sampling:
+            return {}
+        drawn = metrics["prompt_indices"]
+        return self.inputs.prompts.columns([drawn[g] for g in self.coord.last_batch.prompt_index.tolist()])
 
     def checkpoint(self) -> str | None:
         """Save the learner and coordinator state at the current iteration (once per iteration)."""

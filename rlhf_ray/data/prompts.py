@@ -6,6 +6,10 @@ Prompt files are read by the same record reader as the supervised stages' prompt
 line (JSONL) or record (Parquet) alike. Blank lines hold no prompt; they are counted
 (``PromptSet.blank``) and reported by the pre-flight, not dropped unseen.
 
+A record's other fields (``{"prompt": "What is 3*4?", "answer": "12"}``: an expected answer, a
+test case) stay with its prompt (``PromptSet.fields``) through every drop and split, and reach
+the reward function as keyword arguments, one value per sample (``PromptSet.columns``).
+
 ``data.template`` says what a prompt is: plain text, or (chat) a user message or message list
 rendered with the tokenizer's chat template. Either way it is tokenised by the rule the SFT and
 reward-model data use (``rlhf_ray.data.rm_inputs.prompt_ids``), so the policy and the reward
@@ -21,6 +25,7 @@ import dataclasses
 import os
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from rlhf_ray.config import DataConfig
 from rlhf_ray.data.records import DataError, file_format, iter_rows, prompt_texts
@@ -49,8 +54,9 @@ def builtin_prompts(name: str, n: int, seed: int) -> list[str]:
     return out
 
 
-def _read_prompt_texts(cfg: DataConfig, seed: int, tokenizer) -> tuple[list[str], int]:
-    """(prompt texts, blank lines skipped) of ``cfg.prompts``, per ``cfg.template``."""
+def _read_prompt_texts(cfg: DataConfig, seed: int, tokenizer) -> tuple[list[str], list[dict[str, Any]], int]:
+    """(prompt texts, each record's other fields, blank lines skipped) of ``cfg.prompts``, per
+    ``cfg.template``."""
     src = cfg.prompts
     blank: list[int] = []
     if src.startswith("builtin:"):
@@ -58,18 +64,20 @@ def _read_prompt_texts(cfg: DataConfig, seed: int, tokenizer) -> tuple[list[str]
         if cfg.template == "chat":  # each generated prompt is a user turn
             texts = prompt_texts(((f"{src} prompt {i}", {"prompt": t}) for i, t in enumerate(texts)), "prompt",
                                  "chat", tokenizer)
+        fields: list[dict[str, Any]] = [{} for _ in texts]
     else:
         if not os.path.isfile(src):
             raise FileNotFoundError(f"prompt file {src!r} does not exist; set --data.prompts to a JSONL file "
                                     "or builtin:digits.")
         # Anything but a Parquet extension is read as JSONL, as before Parquet was accepted.
-        texts = prompt_texts(iter_rows(src, file_format(src, default="jsonl"), blank), cfg.prompt_field,
-                             cfg.template, tokenizer)
+        rows = list(iter_rows(src, file_format(src, default="jsonl"), blank))
+        texts = prompt_texts(rows, cfg.prompt_field, cfg.template, tokenizer)
+        fields = [{k: v for k, v in record.items() if k != cfg.prompt_field} for _, record in rows]
     if not texts:
         only = f" (only {len(blank)} blank lines)" if blank else ""
         raise ValueError(f"prompt source {src!r} holds no prompts{only}; point --data.prompts at a JSONL file with "
                          f'one {{"{cfg.prompt_field}": ...}} record per line, or use builtin:digits.')
-    return texts, len(blank)
+    return texts, fields, len(blank)
 
 
 def load_prompt_texts(cfg: DataConfig, seed: int, tokenizer=None) -> list[str]:
@@ -97,10 +105,30 @@ class PromptSet:
     dropped: int  # prompts removed for being too long (or empty)
     truncated: int  # prompts cut to max_prompt_tokens
     blank: int = 0  # blank lines of the prompt file, skipped (they hold no record)
+    # Each prompt's record without its prompt field, aligned with token_ids ({} for a built-in
+    # prompt); an empty list: no prompt has fields.
+    fields: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def describe(self) -> str:
         return (f"{len(self.token_ids)} prompts ({self.blank} blank lines skipped, {self.dropped} dropped as too "
                 f"long or empty, {self.truncated} truncated)")
+
+    def select(self, indices: list[int]) -> "PromptSet":
+        """The prompts at ``indices``, in that order, with their fields; the counts are kept."""
+        return dataclasses.replace(self, texts=[self.texts[i] for i in indices],
+                                   token_ids=[self.token_ids[i] for i in indices],
+                                   fields=[self.fields[i] for i in indices] if self.fields else [])
+
+    def columns(self, indices: list[int]) -> dict[str, list]:
+        """The fields of the prompts at ``indices`` as columns, one value per index (a sample's
+        prompt index, repeated for each of its samples): name -> values, None where a record lacks
+        the field. Every field any record has is a column; ``{}`` when no record has one. E.g.
+        fields [{"answer": "12"}, {}] and indices [1, 0, 0] -> {"answer": [None, "12", "12"]}."""
+        return {name: [self.fields[i].get(name) for i in indices] for name in self.field_names()}
+
+    def field_names(self) -> list[str]:
+        """Every field some record has besides the prompt, in order of first appearance."""
+        return list(dict.fromkeys(name for record in self.fields for name in record))
 
 
 def keep_last_tokens(ids: list[int], max_tokens: int, bos_id: int | None) -> list[int]:
@@ -114,11 +142,15 @@ def keep_last_tokens(ids: list[int], max_tokens: int, bos_id: int | None) -> lis
     return list(ids[len(ids) - max_tokens:])
 
 
-def tokenize_prompts(texts: list[str], tokenizer, max_tokens: int, too_long: str, chat: bool = False) -> PromptSet:
+def tokenize_prompts(texts: list[str], tokenizer, max_tokens: int, too_long: str, chat: bool = False,
+                     fields: list[dict[str, Any]] | None = None) -> PromptSet:
     """Tokenise prompts (``rm_inputs.prompt_ids``: the tokenizer's special tokens for plain text
     that does not already begin with BOS, none for a ``chat`` rendering) and apply the length
-    policy (drop / truncate keeping the end and a leading BOS (:func:`keep_last_tokens`) / error)."""
+    policy (drop / truncate keeping the end and a leading BOS (:func:`keep_last_tokens`) / error).
+    ``fields``: each text's record fields, kept with the prompts that stay."""
+    assert fields is None or not fields or len(fields) == len(texts), "one fields dict per text"
     bos_id = getattr(tokenizer, "bos_token_id", None)
+    kept: list[int] = []
     kept_texts, kept_ids, dropped, truncated = [], [], 0, 0
     for i, text in enumerate(texts):
         ids = prompt_ids(tokenizer, text, chat)
@@ -134,19 +166,21 @@ def tokenize_prompts(texts: list[str], tokenizer, max_tokens: int, too_long: str
                 continue
             ids = keep_last_tokens(list(ids), max_tokens, bos_id)
             truncated += 1
+        kept.append(i)
         kept_texts.append(text)
         kept_ids.append(list(ids))
     if not kept_ids:
         raise ValueError(f"all {len(texts)} prompts were dropped as longer than --data.max_prompt_tokens "
                          f"{max_tokens}; raise the limit or set --data.too_long truncate.")
-    return PromptSet(kept_texts, kept_ids, dropped, truncated)
+    return PromptSet(kept_texts, kept_ids, dropped, truncated, fields=[fields[i] for i in kept] if fields else [])
 
 
 def load_prompts(cfg: DataConfig, tokenizer, seed: int) -> PromptSet:
     """The prompts of ``cfg`` read (:func:`load_prompt_texts`), tokenised under the length policy
     (:func:`tokenize_prompts`, per ``cfg.template``) and counted: blank lines, drops, truncations."""
-    texts, blank = _read_prompt_texts(cfg, seed, tokenizer)
-    out = tokenize_prompts(texts, tokenizer, cfg.max_prompt_tokens, cfg.too_long, chat=cfg.template == "chat")
+    texts, fields, blank = _read_prompt_texts(cfg, seed, tokenizer)
+    out = tokenize_prompts(texts, tokenizer, cfg.max_prompt_tokens, cfg.too_long, chat=cfg.template == "chat",
+                           fields=fields)
     return dataclasses.replace(out, blank=blank)
 
 
@@ -159,13 +193,8 @@ def split_holdout(prompts: PromptSet, k: int, seed: int) -> tuple[PromptSet, Pro
                          f"{n - 1}, or give separate evaluation prompts with --eval.prompts.")
     held = sorted(random.Random(seed * 7919 + 17).sample(range(n), k))
     held_set = set(held)
-
-    def pick(idx: list[int], dropped: int = 0, truncated: int = 0, blank: int = 0) -> PromptSet:
-        return PromptSet([prompts.texts[i] for i in idx], [prompts.token_ids[i] for i in idx], dropped, truncated,
-                         blank)
-
     train = [i for i in range(n) if i not in held_set]
-    return pick(train, prompts.dropped, prompts.truncated, prompts.blank), pick(held)
+    return prompts.select(train), dataclasses.replace(prompts.select(held), dropped=0, truncated=0, blank=0)
 
 
 class PromptSampler:

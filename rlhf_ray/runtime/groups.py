@@ -19,6 +19,7 @@ from rlhf_ray.backends.rollout import RolloutSpec, rollout_env
 from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate, join_rows, token_balanced_parts
 from rlhf_ray.config import Config
 from rlhf_ray.config.validate import reference_from_learner
+from rlhf_ray.reward_calls import slice_columns
 from rlhf_ray.runtime.cluster import base_env, collective_interface
 from rlhf_ray.runtime.pending import Pending, RayPending, RemoteCallError, Source, attribute_failure, describe
 from rlhf_ray.runtime.placement import (actor_options, create_groups, fits_some_node, on_one_node, placement_plan,
@@ -100,10 +101,13 @@ class FrozenReplicas:
         weights = batch.attention_mask.sum(-1).tolist() if self.by_tokens else [1] * len(batch)
         return token_balanced_parts(weights, min(len(self.actors), len(batch)))
 
-    def _call(self, shared: SharedBatch, method: Callable, *args) -> Pending[torch.Tensor]:
-        """``method(actor).remote(part, *args)`` for each replica and its part."""
+    def _call(self, shared: SharedBatch, method: Callable, *args, columns: dict[str, list] | None = None
+              ) -> Pending[torch.Tensor]:
+        """``method(actor).remote(part, *args)`` for each replica and its part; with ``columns`` (one
+        value per row of the batch), ``method(actor).remote(part, *args, the part's rows of them)``."""
         parts = self.parts(shared.batch)
-        refs = [method(self.actors[k]).remote(shared.part(rows), *args) for k, rows in enumerate(parts)]
+        extra = [(slice_columns(columns, rows),) if columns else () for rows in parts]
+        refs = [method(self.actors[k]).remote(shared.part(rows), *args, *extra[k]) for k, rows in enumerate(parts)]
         return RayPending(refs, [(self.role, k) for k in range(len(parts))], self.what, self.timeout_s,
                           lambda values: join_rows(parts, values))
 
@@ -140,9 +144,14 @@ class RewardClient(FrozenReplicas):
 
     role, what = "reward", "reward scoring"
 
-    def score(self, shared: SharedBatch) -> Pending[torch.Tensor]:
-        """(B,) scores of ``shared``'s batch."""
-        return self._call(shared, lambda actor: actor.score)
+    def score(self, shared: SharedBatch, fields: dict[str, list] | None = None) -> Pending[torch.Tensor]:
+        """(B,) scores of ``shared``'s batch. ``fields``: the prompt records' fields, a column of one
+        value per row (``PromptSet.columns``); each replica gets its part's rows of every column."""
+        if fields:
+            for name, values in fields.items():
+                if len(values) != len(shared):
+                    raise ValueError(f"field {name!r} has {len(values)} values for a batch of {len(shared)} rows")
+        return self._call(shared, lambda actor: actor.score, columns=fields)
 
 
 class LearnerGroup:

@@ -20,7 +20,7 @@ from rlhf_ray.data.rm_inputs import decode_pair, pair_ids, same_tokenizer
 from rlhf_ray.models import causal_lm_logits_at, positions_from_mask, response_positions
 from rlhf_ray.models.reward_head import pooled_scores, score_head
 from rlhf_ray.reward_calls import score_in_calls, with_named_errors
-from rlhf_ray.rewards import load_reward_function
+from rlhf_ray.rewards import field_parameters, load_reward_function
 from rlhf_ray.workers.base import RoleBase
 
 
@@ -129,7 +129,9 @@ class RewardScorer(FrozenModelRole):
     the policy's tokenizer and encoded with the reward model's by the rule training used. The
     score is read at each sequence's last token (that EOS, also where the pad token is EOS), as
     training reads it (``rlhf_ray/models/reward_head.py``). A function or an endpoint gets texts
-    with the special tokens removed (``decode``)."""
+    with the special tokens removed (``decode``), and the prompt records' fields (``score``'s
+    ``fields``): a function those it takes (``rlhf_ray.rewards.FieldParameters``), an endpoint
+    all of them; a reward model none."""
 
     role = "reward"
 
@@ -144,6 +146,7 @@ class RewardScorer(FrozenModelRole):
         self.fn = None
         if r.kind == "function":
             self.fn = load_reward_function(r.function or "")
+            self.fn_fields = field_parameters(self.fn)
         elif r.kind == "model":
             from transformers import AutoModelForSequenceClassification
 
@@ -163,20 +166,21 @@ class RewardScorer(FrozenModelRole):
         return decode_rows(batch, self.policy_tokenizer)
 
     @torch.no_grad()
-    def score(self, batch: ExperienceBatch) -> torch.Tensor:
-        """(B,) float32 scores."""
+    def score(self, batch: ExperienceBatch, fields: dict[str, list] | None = None) -> torch.Tensor:
+        """(B,) float32 scores. ``fields``: the prompt records' fields as columns, one value per row
+        of ``batch`` (``PromptSet.columns``), or None when the records have none."""
         if self.spec.reward.kind == "model":
             return self._run_model(self.model_inputs(batch))
         prompts, responses = self.decode(batch)
         r = self.spec.reward
         if self.fn is not None:
-            return self._call_function(prompts, responses)
+            return self._call_function(prompts, responses, self.fn_fields.pick(fields))
         from rlhf_ray.reward_server import post_scores
 
-        def post(p: list[str], q: list[str]) -> list[float]:
-            return post_scores(r.url or "", p, q, r.http_timeout_s, r.http_retries, r.http_backoff_s)
+        def post(p: list[str], q: list[str], /, **columns) -> list[float]:
+            return post_scores(r.url or "", p, q, r.http_timeout_s, r.http_retries, r.http_backoff_s, columns)
 
-        scores = score_in_calls(post, prompts, responses, samples_per_call=r.samples_per_call,
+        scores = score_in_calls(post, prompts, responses, fields=fields, samples_per_call=r.samples_per_call,
                                 concurrency=r.concurrency, what=f"reward endpoint {redact_url(r.url or '')}")
         return torch.tensor(scores, dtype=torch.float32)
 
@@ -193,13 +197,14 @@ class RewardScorer(FrozenModelRole):
             rows.append(pair_ids(self.rm_tokenizer, p_text, r_text, chat=False, finished=finished)[0])
         return rows
 
-    def _call_function(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def _call_function(self, prompts: list[str], responses: list[str], fields: dict[str, list]) -> torch.Tensor:
         """The function's scores, over the calls and at the concurrency reward.samples_per_call and
-        reward.concurrency set (``rlhf_ray/reward_calls.py``); an ``async def`` function is awaited."""
+        reward.concurrency set (``rlhf_ray/reward_calls.py``), each call with its samples' values of
+        ``fields``; an ``async def`` function is awaited."""
         r = self.spec.reward
         what = f"reward function {r.function}"
         values = score_in_calls(with_named_errors(self.fn, what), prompts, responses,  # type: ignore[arg-type]
-                                samples_per_call=r.samples_per_call, concurrency=r.concurrency,
+                                fields=fields, samples_per_call=r.samples_per_call, concurrency=r.concurrency,
                                 timeout_s=r.function_timeout_s, what=what)
         name = r.function
         try:
