@@ -86,11 +86,15 @@ class RewardConfig:
     kind: Literal["function", "model", "http"] = "function"
     """function: a Python reward function; model: a sequence-classification reward model; http: an endpoint."""
     function: str | None = "rlhf_ray.rewards:digit_fraction"
-    """Reward function as path/to/file.py:name or package.module:name; fn(prompts, responses) -> list[float]."""
+    """Reward function as path/to/file.py:name or package.module:name; fn(prompts, responses, **fields) ->
+    list[float], where fields are the prompt records' other fields (e.g. answer), each a list with one value per
+    response, passed as the keyword arguments the function names (all of them with **kwargs, none to a
+    two-argument function). With rollout.env a response is the whole episode after the prompt."""
     model_path: str | None = None
     """Reward model checkpoint (AutoModelForSequenceClassification, one label) when kind=model."""
     url: str | None = None
-    """Reward endpoint for kind=http: POST {prompts, responses} -> {scores} (see rlhf_ray.reward_server)."""
+    """Reward endpoint for kind=http: POST {prompts, responses, fields} -> {scores} (fields only when the prompt
+    records have them; see rlhf_ray.reward_server)."""
     http_timeout_s: float = 60.0
     """Timeout of one request to the reward endpoint."""
     http_retries: int = 3

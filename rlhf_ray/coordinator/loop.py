@@ -94,7 +94,7 @@ class PPOCoordinator:
         self._pending: Pending | None = None
         self._times: dict[str, float] = {}
         self._prompt_indices: list[int] = []
-        self._row_prompts: list[int] = []  # the prompt (index into ``prompts``) of each sample of the batch
+        self.row_prompts: list[int] = []  # the prompt (index into ``prompts``) of each sample of the batch
         self.episodes = episode_runner(cfg, tokenizer) if cfg.rollout.env else None
 
     @contextmanager
@@ -131,7 +131,7 @@ class PPOCoordinator:
     def _reward_score(self, shared, prompts: PromptSet, rows: list[int]) -> Pending:
         """The reward of a batch whose row j answers prompt ``rows[j]`` of ``prompts``: with the
         prompt records' other fields (an expected answer) as keyword columns when they have any."""
-        fields = prompt_columns(prompts, rows)
+        fields = prompts.columns(rows)
         return self.reward.score(shared, fields) if fields else self.reward.score(shared)
 
     def mark_weights_stale(self) -> None:
@@ -177,7 +177,7 @@ class PPOCoordinator:
                 gen = self._pending.result()
             sync_metrics = {}
         self._pending, self.pending_prompts, self._prompt_indices = None, None, idx
-        self._row_prompts = [idx[g] for g in gen.prompt_index]
+        self.row_prompts = [idx[g] for g in gen.prompt_index]
         scores, sampling_metrics = None, {}
         if self.cfg.ppo.dynamic_sampling:
             with self._phase("dynamic_sampling"):
@@ -284,7 +284,7 @@ class PPOCoordinator:
         reward is not asked again when dynamic sampling already scored the batch)."""
         shared = self.put(batch)
         ref = self.reference.logprobs(shared, self.cfg.rollout.temperature)
-        rew = self._reward_score(shared, self.prompts, self._row_prompts) if scores is None else None
+        rew = self._reward_score(shared, self.prompts, self.row_prompts) if scores is None else None
         old = self.learners.compute_old(batch)
         old_logprobs, old_values = old.result()
         return batch.replace(ref_logprobs=ref.result(), scores=rew.result() if rew is not None else scores,
@@ -316,7 +316,7 @@ class PPOCoordinator:
             self._prompt_indices = list(self._prompt_indices) + list(idx)
             gen = self._generate(self.prompts, idx, spec).result()
         chosen = (kept + dropped)[:P]
-        self._row_prompts = [prompt for g, _, prompt in chosen for _ in range(len(g))]
+        self.row_prompts = [prompt for g, _, prompt in chosen for _ in range(len(g))]
         for new_id, (g, _, _) in enumerate(chosen):
             g.prompt_index = [new_id] * len(g)
         metrics = {"dynamic/extra_generations": float(rounds), "dynamic/dropped_groups": float(len(dropped)),
@@ -438,14 +438,7 @@ class PPOCoordinator:
 def prompt_record(prompts: PromptSet, i: int) -> dict:
     """Prompt ``i``'s record as an environment's ``reset`` gets it: its text under ``prompt`` and the
     record's other fields."""
-    fields = getattr(prompts, "fields", None) or []
-    return {"prompt": prompts.texts[i], **(fields[i] if i < len(fields) else {})}
-
-
-def prompt_columns(prompts: PromptSet, rows: list[int]) -> dict[str, list]:
-    """The prompt records' other fields, one column per field with one value per row ({} if none)."""
-    columns = getattr(prompts, "columns", None)
-    return columns(rows) if columns is not None else {}
+    return {"prompt": prompts.texts[i], **(prompts.fields[i] if prompts.fields else {})}
 
 
 def episode_runner(cfg: Config, tokenizer) -> EpisodeRunner:

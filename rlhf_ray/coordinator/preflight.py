@@ -157,11 +157,6 @@ def prepare_inputs(cfg: Config) -> Inputs:
 
         gold = GoldCheck(cfg.reward.gold, tok)  # an import error or a wrong name fails here
         gold.takes.check(prompts.field_names(), f"reward.gold {cfg.reward.gold}")
-        taken = list(gold.takes.pick(prompts.columns([])))
-        if taken and cfg.ppo.dynamic_sampling:
-            raise ValueError(f"reward.gold {cfg.reward.gold} takes the prompt records' fields {taken}, and with "
-                             "--ppo.dynamic_sampling the driver does not know which prompt each kept sample came from; "
-                             "turn dynamic sampling off, or use a gold check that reads only prompts and responses.")
         if eval_prompts is not None and cfg.eval.prompts is not None:
             gold.takes.check(eval_prompts.field_names(), f"reward.gold {cfg.reward.gold}", "--eval.prompts")
     if len(prompts.token_ids) < cfg.rollout.prompts_per_iteration:

@@ -215,14 +215,9 @@ class Run:
                 self._say(line)
 
     def _gold_fields(self, metrics: dict) -> dict[str, list]:
-        """The prompt fields of each row of the last batch, for the gold check: the row's group
-        (``prompt_index``) is its prompt's place among the iteration's ``prompt_indices``. Not so
-        with ppo.dynamic_sampling, which renumbers the groups it keeps: pre-flight refuses a gold
-        check that takes fields there."""
-        if not self.inputs.prompts.field_names() or self.cfg.ppo.dynamic_sampling:
-            return {}
-        drawn = metrics["prompt_indices"]
-        return self.inputs.prompts.columns([drawn[g] for g in self.coord.last_batch.prompt_index.tolist()])
+        """The prompt fields of each row of the last batch, for the gold check (the coordinator
+        keeps each row's prompt, through dynamic sampling's renumbering too)."""
+        return self.inputs.prompts.columns(self.coord.row_prompts)
 
     def checkpoint(self) -> str | None:
         """Save the learner and coordinator state at the current iteration (once per iteration)."""

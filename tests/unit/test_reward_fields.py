@@ -311,12 +311,40 @@ def test_preflight_probes_with_the_records_fields(tmp_path, rewards_file):
     gold = {**overrides, "reward.function": f"{rewards_file}:length", "reward.gold": f"{rewards_file}:exact"}
     with pytest.raises(ValueError, match=r"reward.gold .*:exact has a parameter 'answer' without a default"):
         prepare_inputs(load_config(None, gold))
-    # The driver cannot tell a kept sample's prompt under dynamic sampling (it renumbers the groups).
+    # Under dynamic sampling too: the coordinator keeps each kept sample's prompt (row_prompts).
     grouped = {**gold, "reward.gold": f"{rewards_file}:first_labels", "rollout.samples_per_prompt": 2,
                "ppo.dynamic_sampling": True}
-    with pytest.raises(ValueError, match=r"takes the prompt records' fields \['label'\], and with "
-                                         "--ppo.dynamic_sampling"):
-        prepare_inputs(load_config(None, grouped))
+    prepare_inputs(load_config(None, grouped))
+
+
+def test_dynamic_sampling_keeps_each_rows_prompt_and_fields():
+    """Prompt i's field k is i % 2; the reward gives row j of a group (0, k): groups of even prompts
+    score alike and are dropped. Every kept row must be an odd prompt's, and the fields the reward
+    saw for it must be that prompt's."""
+    from tests.unit.test_coordinator import PAD, EOS, FakeLearners, FakeReference, FakeRollout, FakeSync, _put
+
+    from rlhf_ray.config import config_from_dict
+    from rlhf_ray.coordinator.loop import PPOCoordinator
+    from rlhf_ray.runtime.pending import Done
+
+    class ByField:
+        def score(self, shared, fields=None):
+            batch = shared[1]
+            scores = [float(fields["k"][j]) * (j % 2) for j in range(len(batch))]
+            return Done(torch.tensor(scores))
+
+    ids = [[10 + i, 11] for i in range(12)]
+    prompts = PromptSet([f"p{i}" for i in range(12)], ids, 0, 0, fields=[{"k": i % 2} for i in range(12)])
+    cfg = config_from_dict({"seed": 1, "rollout": {"prompts_per_iteration": 3, "samples_per_prompt": 2,
+                                                   "max_new_tokens": 5},
+                            "ppo": {"mini_batches": 1, "estimator": "grpo", "dynamic_sampling": True,
+                                    "max_extra_generations": 4},
+                            "learner": {"num_ranks": 1, "micro_batch_size": 6}})
+    coord = PPOCoordinator(cfg, prompts, PAD, [EOS], FakeRollout(), FakeReference(), ByField(), FakeLearners(),
+                           FakeSync(), put=_put)
+    coord.step()
+    assert len(coord.row_prompts) == 6 and all(i % 2 == 1 for i in coord.row_prompts)
+    assert prompts.columns(coord.row_prompts) == {"k": [1] * 6}
 
 
 # ---- the gold check ----------------------------------------------------------------------------
