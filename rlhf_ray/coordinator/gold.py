@@ -11,7 +11,8 @@ expected answer of each sample's prompt), by the same rule (``rlhf_ray.rewards.F
 
 Each evaluation's responses go to ``<run_dir>/eval_samples/iter_NNNNNN.jsonl``, one record per
 response (prompt, response, reward, gold when set): the before/after comparison of a run reads
-the first and the last of these files.
+the first and the last of these files. A multi-turn episode's response shows each observation in
+``[[ ]]``: the policy was trained on the text outside them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import math
 import os
 
-from rlhf_ray.batch import ExperienceBatch, decode_rows
+from rlhf_ray.batch import ExperienceBatch, conversations, decode_rows, marked_text
 from rlhf_ray.rewards import call_once, field_parameters, load_reward_function
 
 EVAL_SAMPLES_DIR = "eval_samples"
@@ -61,6 +62,8 @@ def write_eval_samples(run_dir: str, iteration: int, batch: ExperienceBatch, tok
     prompts, responses = decode_rows(batch, tokenizer)
     scores = batch.scores.tolist() if batch.scores is not None else [float("nan")] * len(batch)
     verdicts = gold.verdicts(prompts, responses, fields) if gold is not None else None
+    if batch.action_mask is not None:  # episodes: observations in [[ ]], the policy's text outside
+        responses = [marked_text(turns) for turns in conversations(batch, tokenizer)]
     path = eval_samples_path(run_dir, iteration)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"

@@ -435,3 +435,26 @@ def test_an_engine_lost_mid_episode_redoes_the_iteration_with_nothing_lost_or_do
     assert m["iteration"] == 0 and len(learners.train_calls) == 1  # redone once, trained once
     assert rollout.engine.contexts[4:8] == first_prompts  # the same prompts, each episode from its start
     assert m["episode/finish_stop"] == 4.0 and coord.last_batch.action_mask.shape[0] == 4
+
+
+def test_eval_samples_mark_the_observations(tmp_path):
+    from rlhf_ray.coordinator.gold import read_eval_samples, write_eval_samples
+
+    batch = _episode_batch()
+    write_eval_samples(str(tmp_path), 0, batch.replace(scores=torch.zeros(len(batch))), CharTokenizer(), None)
+    rows = read_eval_samples(str(tmp_path / "eval_samples" / "iter_000000.jsonl"))
+    assert rows[0]["response"] == "<ab>[[=4.]]ok"
+
+
+def test_an_environment_that_cannot_be_built_stops_before_any_role(tmp_path):
+    from rlhf_ray.config import load_config
+    from rlhf_ray.coordinator.preflight import prepare_inputs
+    from rlhf_ray.tiny_models import build_tiny_model
+
+    model = str(build_tiny_model(tmp_path / "m", arch="llama", seed=0))
+    env = tmp_path / "env.py"
+    env.write_text("class Needs:\n    def __init__(self, tools):\n        pass\n"
+                   "    def reset(self, record):\n        pass\n    def step(self, text):\n        pass\n")
+    cfg = load_config(None, {"model.path": model, "eval.every": 0, "rollout.env": f"{env}:Needs"})
+    with pytest.raises(EnvError, match=r"Needs\(\*\*\{\}\) failed \(TypeError: .*tools.*fix rollout.env_args"):
+        prepare_inputs(cfg)
