@@ -304,3 +304,36 @@ def test_packing_is_checked_against_the_padded_forward_at_set_up(tiny_model):
         "model.attn_implementation": leaky, "learner.packing": False}))
     assert info["packing_gap"] is None
     ip.release(learner)
+
+
+# --------------------------------------------------------------------------- multi-turn episodes
+
+
+@pytest.mark.parametrize("overrides", [{}, {"learner.packing": False, "model.lora.rank": 4, "model.lora.alpha": 8}],
+                         ids=["full-packed", "lora-padded"])
+def test_observation_tokens_get_no_loss(tiny_model, overrides):
+    """An episode's observation tokens are context: the update's mask (the loss mask) leaves them
+    out, so whatever advantages, returns and old values sit there must not change the update. Two
+    learners from the same checkpoint train on the same batch, the second with garbage (+-100) at
+    the observations; their weights and value heads must come out equal."""
+    from rlhf_ray.batch import TrainUpdate
+
+    batch = ip.synthetic_batch()
+    observation = batch.response_mask.clone()
+    observation[:, [0, 3, 4, 5]] = False  # tokens 1 and 2 of each response of 3+ tokens are an observation
+    loss_mask = batch.response_mask & ~observation
+    results = []
+    for garbage in (0.0, 100.0):
+        learner, _ = ip.build_learner(ip.learner_config(tiny_model, zero_stage=2, **overrides))
+        try:
+            learner.compute_old(batch.replace(old_values=batch.old_values + garbage * observation))
+            update = TrainUpdate(batch.advantages * loss_mask + garbage * observation,
+                                 batch.returns * loss_mask - garbage * observation, loss_mask)
+            metrics = learner.train(update, iteration=0)
+            results.append((learner.policy_state_dict(), ip.value_head_state(learner), metrics))
+        finally:
+            ip.release(learner)
+    (policy_a, head_a, m_a), (policy_b, head_b, m_b) = results
+    assert ip.max_abs_diff(policy_a, policy_b) < 1e-6 and ip.max_abs_diff(head_a, head_b) < 1e-6
+    assert m_a["value_loss"] == pytest.approx(m_b["value_loss"], rel=1e-5)
+    assert m_a["policy_loss"] == pytest.approx(m_b["policy_loss"], rel=1e-5, abs=1e-7)
