@@ -99,7 +99,8 @@ def summarise(prompts: list[str], answers: list[int], responses: list[str]) -> d
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.tool_policy_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tool_policy_check",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a Hugging Face model directory (e.g. the SFT output)")
     parser.add_argument("--prompts", required=True, help="JSONL with prompt and answer fields")
     parser.add_argument("--n", type=int, default=200, help="how many prompts (the first n)")
