@@ -39,6 +39,7 @@ import json
 import os
 import sys
 import time
+from typing import Callable
 
 from rlhf_ray.supervised.config import PipelineConfig, validate_pipeline
 
@@ -68,7 +69,7 @@ def preflight(cfg: PipelineConfig) -> None:
                                         "or set --demo_data_dir.")
 
 
-def before_after(ppo: dict, shown: int, has_tool_call=None) -> dict:
+def before_after(ppo: dict, shown: int, has_tool_call: Callable[[str], bool] | None = None) -> dict:
     """What the user reads at the end: the first and last held-out evaluations of the PPO run
     (iteration 0 is the SFT policy) side by side, and the one-line verdict's numbers. With
     ``has_tool_call`` (response text -> bool), also the share of held-out episodes that call the
@@ -129,8 +130,8 @@ def run_pipeline(cfg: PipelineConfig, ray_address: str | None = None) -> dict:
         seconds["rm"] = time.perf_counter() - t
         print(f"stage {n}{of} done in {seconds['rm']:.0f} s. " + stage_line("rm", summary["rm"]), flush=True)
     if "ppo" in cfg.stages:
-        n, scorer = cfg.stages.index("ppo") + 1, "model" if cfg.ppo.reward.kind == "model" else cfg.ppo.reward.kind
-        print(f"\n=== stage {n}{of}: PPO with the reward {scorer} ===")
+        n = cfg.stages.index("ppo") + 1
+        print(f"\n=== stage {n}{of}: PPO with the reward {cfg.ppo.reward.kind} ===")
         t = time.perf_counter()
         run_dir = run_dir_for(cfg.ppo)
         ppo = run_ppo(cfg.ppo, run_dir, ray_address=ray_address)
@@ -147,7 +148,7 @@ def run_pipeline(cfg: PipelineConfig, ray_address: str | None = None) -> dict:
     return summary
 
 
-def tool_call_check(demo_task: str):
+def tool_call_check(demo_task: str) -> Callable[[str], bool] | None:
     """How the verdict tells an episode that called the tool (response text -> bool), for a demo
     task with a tool; None for the others."""
     if demo_task != "tools":
