@@ -4,6 +4,7 @@
     python -m rlhf_ray.pipeline --config configs/pipeline_cpu.yaml
     python -m rlhf_ray.pipeline --config configs/pipeline_cpu.yaml --stages "[ppo]"  # reuse the SFT and RM outputs
     python -m rlhf_ray.pipeline --config configs/pipeline_cpu.yaml --dry-run
+    scripts/demo.sh --tools                                                          # the tool-use job
 
 Writes the offline demo data for ``demo_task`` unless it is there (``compare``, "which is
 larger": ``rlhf_ray.data.compare_task``), fine-tunes the base model on the demonstrations
@@ -22,6 +23,13 @@ sees), and a one-line verdict: held-out gold accuracy and RM reward before -> af
 ``curves.png`` in the PPO run directory shows the RM reward with the gold check on one panel and
 the KL on another. The summary is also written to ``<ppo run dir>/pipeline_summary.json``.
 
+The tool-use job (``configs/tools_cpu.yaml``, ``demo_task: tools``: "multiply with a calculator",
+``rlhf_ray.data.tool_task``) has no reward-model stage: demo data -> SFT on noisy tool-use episodes
+-> PPO whose rollouts are episodes with the calculator environment (``rollout.env``), scored by a
+reward function that checks the final answer (``rlhf_ray.rewards:tool_answer_correct``, also the
+gold check). Its verdict adds the held-out tool-call rate (episodes with a ``<calc>`` call) before
+-> after.
+
 What it leaves out: hyper-parameter search; stages on separate clusters.
 """
 
@@ -31,6 +39,7 @@ import json
 import os
 import sys
 import time
+from typing import Callable
 
 from rlhf_ray.supervised.config import PipelineConfig, validate_pipeline
 
@@ -60,9 +69,11 @@ def preflight(cfg: PipelineConfig) -> None:
                                         "or set --demo_data_dir.")
 
 
-def before_after(ppo: dict, shown: int) -> dict:
+def before_after(ppo: dict, shown: int, has_tool_call: Callable[[str], bool] | None = None) -> dict:
     """What the user reads at the end: the first and last held-out evaluations of the PPO run
-    (iteration 0 is the SFT policy) side by side, and the one-line verdict's numbers."""
+    (iteration 0 is the SFT policy) side by side, and the one-line verdict's numbers. With
+    ``has_tool_call`` (response text -> bool), also the share of held-out episodes that call the
+    tool, before and after."""
     from rlhf_ray.coordinator.gold import evaluations_side_by_side
 
     ev = ppo.get("eval") or {}
@@ -73,10 +84,14 @@ def before_after(ppo: dict, shown: int) -> dict:
            "temperature": ev.get("temperature"), "responses": int(last.get("eval/samples", 0)),
            "reward": [first.get("eval/reward_mean"), last.get("eval/reward_mean")],
            "gold": [first.get("eval/gold_mean"), last.get("eval/gold_mean")],
-           "kl_end": ppo.get("kl_end"), "samples_md": ppo.get("samples")}
+           "kl_end": ppo.get("kl_end"), "samples_md": ppo.get("samples"),
+           "reward_name": "RM reward" if ppo.get("reward_kind", "model") == "model" else "reward"}
     try:
         rows = evaluations_side_by_side(ppo["run_dir"], first["iteration"], last["iteration"])
         out["rows"] = rows[:shown]
+        if has_tool_call is not None and rows:
+            out["tool_call_rate"] = [sum(bool(has_tool_call(r[side]["response"])) for r in rows) / len(rows)
+                                     for side in ("before", "after")]
     except (OSError, ValueError) as exc:
         out["rows_note"] = str(exc)
     return out
@@ -100,27 +115,30 @@ def run_pipeline(cfg: PipelineConfig, ray_address: str | None = None) -> dict:
         notices = quiet.install(os.path.dirname(os.path.abspath(cfg.sft.train.output_dir)))
     summary: dict = {"stages": list(cfg.stages)}
     seconds: dict[str, float] = {}
+    of = f"/{len(cfg.stages)}"
     if "sft" in cfg.stages:
-        print("\n=== stage 1/3: supervised fine-tuning ===")
+        print(f"\n=== stage 1{of}: supervised fine-tuning ===")
         t = time.perf_counter()
         summary["sft"] = train_sft(cfg.sft, ray_address)
         seconds["sft"] = time.perf_counter() - t
-        print(f"stage 1/3 done in {seconds['sft']:.0f} s. " + stage_line("sft", summary["sft"]), flush=True)
+        print(f"stage 1{of} done in {seconds['sft']:.0f} s. " + stage_line("sft", summary["sft"]), flush=True)
     if "rm" in cfg.stages:
-        print("\n=== stage 2/3: reward model ===")
+        n = cfg.stages.index("rm") + 1
+        print(f"\n=== stage {n}{of}: reward model ===")
         t = time.perf_counter()
         summary["rm"] = train_rm(cfg.rm, ray_address)
         seconds["rm"] = time.perf_counter() - t
-        print(f"stage 2/3 done in {seconds['rm']:.0f} s. " + stage_line("rm", summary["rm"]), flush=True)
+        print(f"stage {n}{of} done in {seconds['rm']:.0f} s. " + stage_line("rm", summary["rm"]), flush=True)
     if "ppo" in cfg.stages:
-        print("\n=== stage 3/3: PPO with the reward model ===")
+        n = cfg.stages.index("ppo") + 1
+        print(f"\n=== stage {n}{of}: PPO with the reward {cfg.ppo.reward.kind} ===")
         t = time.perf_counter()
         run_dir = run_dir_for(cfg.ppo)
         ppo = run_ppo(cfg.ppo, run_dir, ray_address=ray_address)
-        summary["ppo"] = {k: v for k, v in ppo.items() if k != "placement"}
+        summary["ppo"] = {**{k: v for k, v in ppo.items() if k != "placement"}, "reward_kind": cfg.ppo.reward.kind}
         seconds["ppo"] = time.perf_counter() - t
-        print(f"stage 3/3 done in {seconds['ppo']:.0f} s. " + stage_line("ppo", summary["ppo"]), flush=True)
-        summary["before_after"] = before_after(summary["ppo"], cfg.samples_shown)
+        print(f"stage {n}{of} done in {seconds['ppo']:.0f} s. " + stage_line("ppo", summary["ppo"]), flush=True)
+        summary["before_after"] = before_after(summary["ppo"], cfg.samples_shown, tool_call_check(cfg.demo_task))
         with open(os.path.join(ppo["run_dir"], "pipeline_summary.json"), "w") as fh:
             json.dump({**summary, "seconds": seconds}, fh, indent=2, default=str)
     summary["seconds"] = {**seconds, "total": time.perf_counter() - t0}
@@ -128,6 +146,16 @@ def run_pipeline(cfg: PipelineConfig, ray_address: str | None = None) -> dict:
         print(notices.summary().replace("library notice", "SFT/RM library notice"))
     print(format_summary(summary))
     return summary
+
+
+def tool_call_check(demo_task: str) -> Callable[[str], bool] | None:
+    """How the verdict tells an episode that called the tool (response text -> bool), for a demo
+    task with a tool; None for the others."""
+    if demo_task != "tools":
+        return None
+    from rlhf_ray.envs.calculator import find_calls
+
+    return lambda text: bool(find_calls(text))
 
 
 def stage_line(stage: str, x: dict) -> str:
@@ -139,7 +167,8 @@ def stage_line(stage: str, x: dict) -> str:
     if stage == "rm":
         return (f"RM: held-out pairwise accuracy {x['eval_before']['accuracy']:.3f} -> "
                 f"{x['eval_after']['accuracy']:.3f} (chance 0.5)")
-    return (f"PPO: RM reward {x.get('reward_start', float('nan')):.3f} -> {x.get('reward_end', float('nan')):.3f}, "
+    name = "RM reward" if x.get("reward_kind", "model") == "model" else "reward"
+    return (f"PPO: {name} {x.get('reward_start', float('nan')):.3f} -> {x.get('reward_end', float('nan')):.3f}, "
             f"KL {x.get('kl_start', float('nan')):.3f} -> {x.get('kl_end', float('nan')):.3f} "
             f"(means of first/last 5 of {x.get('iterations', 0)} iterations); run: {x.get('run_dir')}")
 
@@ -164,15 +193,17 @@ def format_summary(s: dict) -> str:
 
 
 def verdict(ba: dict) -> str:
-    """The one-line verdict: held-out gold accuracy and RM reward before -> after, final KL."""
+    """The one-line verdict: held-out gold accuracy, tool-call rate (a tool task only) and reward
+    before -> after, final KL."""
     def pair(xs: list) -> str:
         return " -> ".join("n/a" if x is None else f"{x:.3f}" for x in xs)
 
     how = "greedy" if not ba.get("temperature") else f"sampled at temperature {ba['temperature']:g}"
     gold = (f"held-out gold accuracy {pair(ba['gold'])} ({ba.get('responses', 0)} answers, {how}); "
             if ba["gold"][0] is not None else "")
+    tools = f"held-out tool-call rate {pair(ba['tool_call_rate'])}; " if ba.get("tool_call_rate") else ""
     kl = "n/a" if ba.get("kl_end") is None else f"{ba['kl_end']:.3f}"
-    return f"VERDICT: {gold}held-out RM reward {pair(ba['reward'])}; final KL {kl}"
+    return f"VERDICT: {gold}{tools}held-out {ba.get('reward_name', 'RM reward')} {pair(ba['reward'])}; final KL {kl}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -155,3 +155,25 @@ def load_reward_function(spec: str) -> RewardFn:
     if not callable(fn):
         raise AttributeError(f"{where!r} has no function {name!r} (from --reward.function {spec!r}).")
     return fn
+
+
+def tool_answer_correct(prompts: list[str], responses: list[str], answer: list | None = None) -> list[float]:
+    """Reward and gold check of the tool-use demo task "multiply with a calculator"
+    (``rlhf_ray.data.tool_task``): 1.0 when the last ``answer N`` of the episode's text (turns and
+    calculator outputs after the prompt) is the expected answer, else 0.0 (also with no answer).
+    ``answer`` holds the records' ``answer`` fields, one per response (ints or digit strings);
+    without it (a caller that passes no record fields) the product is read from the prompt
+    (``Q: what is 37 * 48? A:``), and a prompt of another form is a ValueError."""
+    from rlhf_ray.data.tool_task import final_answer, operands_of
+
+    if answer is None:
+        expected = [a * b for a, b in (operands_of(p) for p in prompts)]
+    else:
+        bad = [x for x in answer if not re.fullmatch(r"\s*-?\d+\s*", str(x))]
+        if bad:
+            raise ValueError(f"tool_answer_correct: a record's answer field is {bad[0]!r}, not an integer; fix the "
+                             "prompt file's answer fields.")
+        expected = [int(str(x)) for x in answer]
+    if len(expected) != len(responses):
+        raise ValueError(f"tool_answer_correct got {len(expected)} expected answers for {len(responses)} responses")
+    return [1.0 if final_answer(r) == e else 0.0 for r, e in zip(responses, expected)]

@@ -1,9 +1,11 @@
 """Offline demo data: SFT examples, preference pairs, prompts, for one of two tasks.
 
-    python -m rlhf_ray.data.demo_data --out artifacts/demo_data [--task digits|compare] [--seed 0] [--sft N] ...
+    python -m rlhf_ray.data.demo_data --out artifacts/demo_data [--task digits|compare|tools] [--seed 0] [--sft N] ...
 
 ``--task compare`` ("which is larger", the main job's task, with a gold check and held-out
-prompts) is described in ``rlhf_ray.data.compare_task``. ``--task digits`` ("answer in digits",
+prompts) is described in ``rlhf_ray.data.compare_task``; ``--task tools`` ("multiply with a
+calculator", the tool-use main job's: SFT demonstrations, prompts with their answers, held-out
+prompts; no preference pairs) in ``rlhf_ray.data.tool_task``. ``--task digits`` ("answer in digits",
 the default of the one-stage configs) writes three JSONL files into ``--out``, deterministically
 for a seed, with no download:
 
@@ -36,11 +38,13 @@ _ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 _TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 
 TASK_FILES = {"digits": ("sft.jsonl", "preference.jsonl", "prompts.jsonl"),
-              "compare": ("sft.jsonl", "preference.jsonl", "prompts.jsonl", "eval_prompts.jsonl")}
+              "compare": ("sft.jsonl", "preference.jsonl", "prompts.jsonl", "eval_prompts.jsonl"),
+              "tools": ("sft.jsonl", "prompts.jsonl", "eval_prompts.jsonl")}
 FILES = TASK_FILES["compare"]  # every file name a demo set may have
 SIZES = {"digits": {"n_sft": 2000, "n_pairs": 2000, "n_prompts": 512},
-         "compare": {"n_sft": 4000, "n_pairs": 8000, "n_prompts": 2048, "n_eval": 200}}
-VERSION = {"digits": 1, "compare": 2}  # raised when a task's generator changes: ensure_demo_data rewrites
+         "compare": {"n_sft": 4000, "n_pairs": 8000, "n_prompts": 2048, "n_eval": 200},
+         "tools": {"n_sft": 4000, "n_prompts": 2048, "n_eval": 200}}
+VERSION = {"digits": 1, "compare": 2, "tools": 1}  # raised when a task's generator changes: ensure_demo_data rewrites
 SPEC_FILE = "demo_data.json"  # what was written (task, seed, sizes), written last
 
 
@@ -122,7 +126,7 @@ def _write_jsonl(path: str, records: list[dict]) -> None:
 def write_demo_data(out_dir: str, seed: int = 0, n_sft: int | None = None, n_pairs: int | None = None,
                     n_prompts: int | None = None, task: str = "digits", n_eval: int | None = None) -> dict[str, str]:
     """Write the task's files (``TASK_FILES[task]``) into ``out_dir``; returns their paths. Sizes
-    left None take ``SIZES[task]``; ``n_eval`` (held-out unordered pairs) is for ``compare`` only."""
+    left None take ``SIZES[task]``; ``n_eval`` (held-out unordered pairs) is for ``compare`` and ``tools``; ``n_pairs`` not for ``tools``."""
     if task not in TASK_FILES:
         raise ValueError(f"unknown demo task {task!r}; choose from {', '.join(TASK_FILES)}")
     given = {"n_sft": n_sft, "n_pairs": n_pairs, "n_prompts": n_prompts, "n_eval": n_eval}
@@ -131,6 +135,10 @@ def write_demo_data(out_dir: str, seed: int = 0, n_sft: int | None = None, n_pai
         from rlhf_ray.data.compare_task import task_records
 
         records = task_records(seed, **sizes)
+    elif task == "tools":
+        from rlhf_ray.data.tool_task import task_records as tool_records
+
+        records = tool_records(seed, **sizes)
     else:
         records = {"sft.jsonl": sft_records(sizes["n_sft"], seed),
                    "preference.jsonl": preference_records(sizes["n_pairs"], seed),
@@ -167,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sft", type=int, help="SFT examples (default: the task's size)")
     parser.add_argument("--pairs", type=int, help="preference pairs")
     parser.add_argument("--prompts", type=int, help="PPO prompts")
-    parser.add_argument("--eval-pairs", type=int, help="held-out number pairs (compare only; 2 prompts each)")
+    parser.add_argument("--eval-pairs", type=int, help="held-out number pairs (compare, tools; 2 prompts each)")
     args = parser.parse_args(argv)
     paths = write_demo_data(args.out, args.seed, args.sft, args.pairs, args.prompts, args.task, args.eval_pairs)
     for name, path in paths.items():

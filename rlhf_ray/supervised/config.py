@@ -253,8 +253,9 @@ class PipelineConfig:
     demo_data_dir: str | None = "artifacts/pipeline/data"
     """Write the offline demo data (sft.jsonl, preference.jsonl, prompts.jsonl, eval_prompts.jsonl) here first,
     unless it already holds demo_task's set; unset: skip (the stages' data paths must exist)."""
-    demo_task: Literal["compare", "digits"] = "compare"
-    """Which demo data to write: compare ("which is larger", with held-out prompts and a gold check) or digits."""
+    demo_task: Literal["compare", "digits", "tools"] = "compare"
+    """Which demo data to write: compare ("which is larger", with held-out prompts and a gold check), digits, or
+    tools ("multiply with a calculator": SFT episodes, prompts with answers, held-out prompts; no preference pairs)."""
     samples_shown: int = 8
     """After PPO: print this many held-out prompts with the SFT answer beside the final one (all go to samples.md)."""
     sft: SFTRunConfig = field(default_factory=SFTRunConfig)
@@ -264,7 +265,8 @@ class PipelineConfig:
 
 def validate_pipeline(cfg: PipelineConfig) -> None:
     """Each stage's own checks, plus the wiring: PPO starts from the SFT output and scores with the
-    RM output (written out in the config, never filled in behind the user's back)."""
+    RM output (written out in the config, never filled in behind the user's back). A pipeline
+    without an RM stage (the tool-use job: SFT -> PPO) may score with a reward function instead."""
     from rlhf_ray.config import validate
 
     errors = choice_errors(cfg, sections=False)  # demo_task; each stage's section checks its own below
@@ -285,9 +287,13 @@ def validate_pipeline(cfg: PipelineConfig) -> None:
         errors.append(f"--ppo.reference.path {cfg.ppo.reference.path!r}: unset it or set it to {sft_out!r}.")
     if cfg.ppo.model.build_tiny:
         errors.append("--ppo.model.build_tiny must be unset: PPO's model is the SFT output.")
-    if cfg.ppo.reward.kind != "model" or cfg.ppo.reward.model_path != rm_out:
+    if cfg.ppo.reward.kind == "model" and cfg.ppo.reward.model_path != rm_out:
+        errors.append(f"PPO must score with the trained reward model: set --ppo.reward.model_path {rm_out!r} "
+                      "(the --rm.train.output_dir).")
+    elif cfg.ppo.reward.kind != "model" and "rm" in cfg.stages:
         errors.append(f"PPO must score with the trained reward model: set --ppo.reward.kind model and "
-                      f"--ppo.reward.model_path {rm_out!r} (the --rm.train.output_dir).")
+                      f"--ppo.reward.model_path {rm_out!r} (the --rm.train.output_dir), or leave rm out of "
+                      "--stages to score with --ppo.reward.kind function.")
     if cfg.samples_shown < 0:
         errors.append("--samples_shown must be >= 0.")
     raise_if_any(errors)

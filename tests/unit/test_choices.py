@@ -164,4 +164,4 @@ def test_pipeline_demo_tasks_are_the_demo_data_sets_and_are_checked():
     assert set(_choices(PipelineConfig, "demo_task")) == set(TASK_FILES)
     with pytest.raises(ValueError) as err:
         validate_pipeline(PipelineConfig(demo_task="sums"))
-    assert "--demo_task is 'sums'; choose one of ['compare', 'digits']." in str(err.value)
+    assert "--demo_task is 'sums'; choose one of ['compare', 'digits', 'tools']." in str(err.value)

@@ -65,8 +65,8 @@ def test_rm_needs_a_held_out_set_and_two_fields():
 def test_pipeline_wiring_is_checked_not_rewritten():
     path = os.path.join(CONFIGS, "pipeline_cpu.yaml")
     with pytest.raises(ConfigError) as err:
-        load_config(path, {"sft.train.output_dir": "elsewhere", "ppo.reward.kind": "function", "stages": "[ppo, sft]"},
-                    cls=PipelineConfig, validator=validate_pipeline)
+        load_config(path, {"sft.train.output_dir": "elsewhere", "ppo.reward.kind": "function",
+                           "stages": "[ppo, rm, sft]"}, cls=PipelineConfig, validator=validate_pipeline)
     msg = str(err.value)
     assert "--ppo.model.path 'artifacts/pipeline/sft' is not the SFT output --sft.train.output_dir 'elsewhere'" in msg
     assert "--ppo.reward.kind model" in msg and "in that order" in msg
