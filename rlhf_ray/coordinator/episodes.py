@@ -36,7 +36,10 @@ from typing import Any, Callable, Sequence
 
 from rlhf_ray.backends.rollout import SamplingSpec
 from rlhf_ray.batch import Generation
-from rlhf_ray.envs.base import Environment, StepResult
+from rlhf_ray.config import Config
+from rlhf_ray.config.validate import episode_tokens
+from rlhf_ray.data.prompts import PromptSet
+from rlhf_ray.envs.base import Environment, StepResult, load_env_class
 from rlhf_ray.runtime.pending import Pending
 
 EngineCall = Callable[[list[list[int]], SamplingSpec], Pending[Generation]]
@@ -292,3 +295,22 @@ def episode_metrics(gen: Generation, prefix: str = "episode/") -> dict[str, floa
 
 FINISH_REASONS = ("stop", "max_turns", "max_episode_tokens", "env_error", "env_timeout")
 """How an episode ends: the environment said done; a limit; a broken environment."""
+
+
+def prompt_record(prompts: PromptSet, i: int) -> dict:
+    """Prompt ``i``'s record as an environment's ``reset`` gets it: its text under ``prompt`` and the
+    record's other fields."""
+    return {"prompt": prompts.texts[i], **(prompts.fields[i] if prompts.fields else {})}
+
+
+def episode_runner(cfg: Config, tokenizer) -> EpisodeRunner:
+    """The runner of rollout.env's episodes: observations encoded once, without special tokens; the
+    environment reads each turn decoded without them."""
+    if tokenizer is None:
+        raise ValueError("rollout.env needs the policy tokenizer (PPOCoordinator(..., tokenizer=...)) to encode "
+                         "observations and decode turns.")
+    r = cfg.rollout
+    cls, args = load_env_class(r.env), dict(r.env_args)
+    limits = EpisodeLimits(r.max_turns, r.max_new_tokens, episode_tokens(cfg), r.env_timeout_s, r.env_workers)
+    return EpisodeRunner(lambda: cls(**args), lambda text: tokenizer.encode(text, add_special_tokens=False),
+                         lambda ids: tokenizer.decode(ids, skip_special_tokens=True), limits)

@@ -27,9 +27,8 @@ from rlhf_ray.algorithms import (AdaptiveKLController, FixedKLController, Runnin
                                  clip_scores, kl_estimate, normalize_scores, overlong_penalty)
 from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate, pack_generation
 from rlhf_ray.config import Config, resolve
-from rlhf_ray.config.validate import episode_tokens
 from rlhf_ray.coordinator.advantages import estimate_advantages
-from rlhf_ray.coordinator.episodes import Background, EpisodeLimits, EpisodeRunner, episode_metrics
+from rlhf_ray.coordinator.episodes import Background, episode_metrics, episode_runner, prompt_record
 from rlhf_ray.data.prompts import PromptSampler, PromptSet
 from rlhf_ray.runtime.pending import Done, Pending, RemoteCallError
 from rlhf_ray.workers.rollout import SamplingSpec
@@ -434,23 +433,3 @@ class PPOCoordinator:
         self.pending_prompts = state.get("pending_prompts")
         self._pending = None
 
-
-def prompt_record(prompts: PromptSet, i: int) -> dict:
-    """Prompt ``i``'s record as an environment's ``reset`` gets it: its text under ``prompt`` and the
-    record's other fields."""
-    return {"prompt": prompts.texts[i], **(prompts.fields[i] if prompts.fields else {})}
-
-
-def episode_runner(cfg: Config, tokenizer) -> EpisodeRunner:
-    """The runner of rollout.env's episodes: observations encoded once, without special tokens; the
-    environment reads each turn decoded without them."""
-    from rlhf_ray.envs.base import load_env_class
-
-    if tokenizer is None:
-        raise ValueError("rollout.env needs the policy tokenizer (PPOCoordinator(..., tokenizer=...)) to encode "
-                         "observations and decode turns.")
-    r = cfg.rollout
-    cls, args = load_env_class(r.env), dict(r.env_args)
-    limits = EpisodeLimits(r.max_turns, r.max_new_tokens, episode_tokens(cfg), r.env_timeout_s, r.env_workers)
-    return EpisodeRunner(lambda: cls(**args), lambda text: tokenizer.encode(text, add_special_tokens=False),
-                         lambda ids: tokenizer.decode(ids, skip_special_tokens=True), limits)
