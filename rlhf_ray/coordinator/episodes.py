@@ -1,17 +1,19 @@
-"""Multi-turn episodes: the policy's turns on the rollout engines, the environment's steps in
-worker threads, all of one iteration's episodes at once.
+"""Multi-turn episodes: the policy's turns on the rollout engines, the environment's calls on the
+episodes' own threads, all of one iteration's episodes at once.
 
 ::
 
-    engine thread i (one per engine)            step workers (rollout.env_workers threads)
-    -------------------------------------       -------------------------------------------
-    take every episode whose turn is due   ->   for each sampled turn: env.step(text) with
-    one generate call on engine i (n = 1)       rollout.env_timeout_s; append the observation's
-    hand each turn to a step worker        <-   ids and queue the next turn, or end the episode
+    engine thread i (one per engine)            episode threads (one per episode)
+    -------------------------------------       ----------------------------------------------
+    take a share of the due episodes       ->   reset(record) first; then, for each sampled
+    one generate call on engine i (n = 1)       turn, env.step(text); at most rollout.env_workers
+    hand each turn to its episode's thread <-   calls at once, each within rollout.env_timeout_s;
+                                                append the observation's ids and queue the next
+                                                turn, or end the episode
 
 An engine never waits for a tool: while some episodes' tools run, it generates the turns of the
-others (whichever are due when it is free), so an iteration's time is not the sum of its tool
-latencies (``benchmarks/episodes.py`` measures it).
+others (whichever are due when it is free; idle engines split what is due), so an iteration's time
+is not the sum of its tool latencies (``benchmarks/episodes.py`` measures it).
 
 Token in, token out: an episode's context is its prompt ids followed by every sampled token as the
 engine returned it and every observation's ids; nothing is decoded and encoded again. The text an
@@ -20,17 +22,18 @@ is encoded once. What comes back is one :class:`~rlhf_ray.batch.Generation` samp
 with the episode lists set (which tokens are actions, the turn rewards, the counts).
 
 A broken environment ends only its own episode, with a counted finish reason: ``env_error`` (it
-raised, or answered something other than a ``StepResult``) or ``env_timeout`` (it overran;
-its thread cannot be stopped and is left to finish, daemonic). An engine that fails stops the
-whole call (the coordinator then redoes the iteration).
+raised, or answered something other than a ``StepResult``; a reset that fails or overruns: after
+the first turn) or ``env_timeout`` (a step overran; its thread cannot be stopped and is left to
+finish, no longer counted against the workers). An engine that fails stops the whole call (the
+coordinator then redoes the iteration).
 """
 
 from __future__ import annotations
 
 import collections
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
@@ -82,34 +85,16 @@ class Episode:
                 **({"error": self.broken} if self.broken else {})}
 
 
-def call_with_timeout(fn: Callable[[], Any], timeout_s: float) -> Any:
-    """``fn()`` in a daemon thread; TimeoutError if it has not returned within ``timeout_s`` (the
-    thread is left running: Python cannot stop it). Its exception is raised here."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            box["error"] = exc
-
-    worker = threading.Thread(target=run, daemon=True, name="env-step")
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
-        raise TimeoutError(f"no answer within {timeout_s:g} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 class EpisodeRunner:
     """Runs the episodes of one generate call over ``engines`` (one callable per rollout engine,
     each sending one generate call to its engine; :meth:`run`).
 
     ``make_env`` builds one environment (``rollout.env`` with ``rollout.env_args``); ``encode``
     turns an observation's text into ids (no special tokens), ``decode`` a turn's ids into the text
-    the environment reads."""
+    the environment reads. Each episode's environment lives on a thread of its own (its ``reset``
+    and every ``step`` run there, so thread-bound state such as a database connection works); at
+    most ``limits.workers`` of those calls run at once, and one that overruns ``limits.timeout_s``
+    is abandoned: its episode ends, its thread is left to finish and no longer counts."""
 
     def __init__(self, make_env: Callable[[], Environment], encode: Callable[[str], list[int]],
                  decode: Callable[[list[int]], str], limits: EpisodeLimits) -> None:
@@ -125,35 +110,45 @@ class EpisodeRunner:
             raise ValueError(f"{len(prompt_ids)} prompts but {len(records)} records")
         episodes = [Episode(i, list(ids), None) for i, ids in enumerate(prompt_ids) for _ in range(spec.n)]
         turn_spec = replace(spec, n=1, max_new_tokens=self.limits.max_new_tokens)
-        state = _Queue(len(episodes))
-        with ThreadPoolExecutor(max_workers=self.limits.workers, thread_name_prefix="env") as steps:
+        state = _Queue(len(episodes), len(engines))
+        calls = _EnvCalls(self.limits.workers, self.limits.timeout_s)
+        threads = [threading.Thread(target=self._engine_loop, args=(engine, turn_spec, state, calls), daemon=True,
+                                    name=f"episodes-engine-{i}") for i, engine in enumerate(engines)]
+        for t in threads:
+            t.start()
+        try:
             for ep in episodes:
-                self._reset(ep, records[ep.prompt_index])
-                state.put(ep)
-            threads = [threading.Thread(target=self._engine_loop, args=(engine, turn_spec, state, steps), daemon=True,
-                                        name=f"episodes-engine-{i}") for i, engine in enumerate(engines)]
-            for t in threads:
-                t.start()
+                calls.submit(ep, self._reset, ep, records[ep.prompt_index], state)
             for t in threads:
                 t.join()
-            if state.error is not None:
-                steps.shutdown(wait=False, cancel_futures=True)
-                raise state.error
+        finally:
+            calls.close()
+        if state.error is not None:
+            raise state.error
         return Generation(
             prompt_ids=[ep.prompt_ids for ep in episodes], response_ids=[ep.tokens for ep in episodes],
             logprobs=[ep.logprobs for ep in episodes], finish_reasons=[ep.finish or "stop" for ep in episodes],
             prompt_index=[ep.prompt_index for ep in episodes], action_masks=[ep.actions for ep in episodes],
             turn_rewards=[ep.rewards for ep in episodes], episodes=[ep.info() for ep in episodes])
 
-    # ------------------------------------------------------------------ the two kinds of threads
-    def _reset(self, ep: Episode, record: dict) -> None:
+    # ------------------------------------------------------------------ engine threads and environment threads
+    def _reset(self, ep: Episode, record: dict, state: "_Queue", calls: "_EnvCalls") -> None:
+        """Build the episode's environment and reset it; the episode's first turn is then due. A
+        reset that fails or overruns leaves it broken: the first turn runs, then it ends (env_error)."""
+        def overran() -> None:
+            ep.broken = f"reset: no answer within {self.limits.timeout_s:g} s"
+            state.put([ep])
+
         try:
             ep.env = self.make_env()
-            call_with_timeout(lambda: ep.env.reset(dict(record)), self.limits.timeout_s)
+            calls.timed(ep, lambda: ep.env.reset(dict(record)), overran)
+        except _Abandoned:
+            return  # ``overran`` queued the episode
         except Exception as exc:  # noqa: BLE001 - the episode ends with env_error after its first turn
             ep.broken = f"reset: {type(exc).__name__}: {exc}"
+        state.put([ep])
 
-    def _engine_loop(self, engine: EngineCall, spec: SamplingSpec, state: "_Queue", steps: ThreadPoolExecutor) -> None:
+    def _engine_loop(self, engine: EngineCall, spec: SamplingSpec, state: "_Queue", calls: "_EnvCalls") -> None:
         while True:
             due = state.take()
             if not due:
@@ -173,30 +168,27 @@ class EpisodeRunner:
                 ep.rewards += [0.0] * len(tokens)
                 ep.turns += 1
                 ep.last_turn = (tokens, "max_episode_tokens" if cut else reason)
-                steps.submit(self._after_turn, ep, state)
+                if ep.broken:  # its environment is unusable (its thread may still be stuck in reset)
+                    state.finish(ep, "env_error")
+                else:
+                    calls.submit(ep, self._after_turn, ep, state)
 
-    def _after_turn(self, ep: Episode, state: "_Queue") -> None:
+    def _after_turn(self, ep: Episode, state: "_Queue", calls: "_EnvCalls") -> None:
         """The environment's answer to the turn just sampled; the episode is queued again or ends."""
         tokens, reason = ep.last_turn
-        if ep.broken:
-            return state.finish(ep, "env_error")
-        t0 = time.perf_counter()
         try:
-            result = call_with_timeout(lambda: ep.env.step(self.decode(tokens)), self.limits.timeout_s)
+            result = calls.timed(ep, lambda: ep.env.step(self.decode(tokens)), lambda: state.finish(ep, "env_timeout"))
             if not isinstance(result, StepResult):
                 raise TypeError(f"step returned {type(result).__name__}, not a StepResult")
             observation = result.observation
             ids = self.encode(observation) if isinstance(observation, str) else list(observation)
             if not all(isinstance(i, int) for i in ids):
                 raise TypeError("an observation must be text or a list of token ids")
-        except TimeoutError:
-            ep.env_seconds += time.perf_counter() - t0
-            return state.finish(ep, "env_timeout")
+        except _Abandoned:
+            return  # the watchdog ended the episode (env_timeout)
         except Exception as exc:  # noqa: BLE001 - contained: this episode ends, the run goes on
-            ep.env_seconds += time.perf_counter() - t0
             ep.broken = f"step: {type(exc).__name__}: {exc}"
             return state.finish(ep, "env_error")
-        ep.env_seconds += time.perf_counter() - t0
         ep.tool_calls += int(result.info.get("tool_calls", 0))
         ep.tool_errors += int(result.info.get("tool_errors", 0))
         if tokens:
@@ -211,25 +203,113 @@ class EpisodeRunner:
         ep.logprobs += [0.0] * len(ids)
         ep.actions += [False] * len(ids)
         ep.rewards += [0.0] * len(ids)
-        state.put(ep)
+        state.put([ep])
+
+
+class _Abandoned(Exception):
+    """An environment call overran its timeout; its episode was ended for it (env_timeout)."""
+
+
+class _EnvCalls:
+    """One thread per episode for its environment's calls, at most ``workers`` calls at once, and
+    a watchdog for calls that overrun ``timeout_s``.
+
+    A call's slot is taken before it starts and given back when it returns. When a call overruns,
+    the watchdog gives its slot back and runs the call's ``on_timeout`` (which ends or queues the
+    episode); the call's thread, which Python cannot stop, finishes on its own, finds itself
+    abandoned and takes no further call of that episode."""
+
+    def __init__(self, workers: int, timeout_s: float) -> None:
+        self.slots = threading.Semaphore(workers)
+        self.timeout_s = timeout_s
+        self.inboxes: dict[int, queue.SimpleQueue] = {}
+        self.running: dict[int, tuple[float, Callable[[], None]]] = {}  # id(episode) -> (deadline, on_timeout)
+        self.expired: set[int] = set()
+        self.cond = threading.Condition()
+        self.closed = False
+        threading.Thread(target=self._watch, daemon=True, name="env-watchdog").start()
+
+    def submit(self, ep: Episode, fn: Callable[..., None], *args) -> None:
+        """Run ``fn(*args, self)`` on ``ep``'s thread (started on first use), after its earlier calls."""
+        key = id(ep)
+        if key not in self.inboxes:
+            self.inboxes[key] = queue.SimpleQueue()
+            threading.Thread(target=self._serve, args=(self.inboxes[key],), daemon=True, name="env").start()
+        self.inboxes[key].put((fn, args))
+
+    def _serve(self, inbox: queue.SimpleQueue) -> None:
+        while (job := inbox.get()) is not None:
+            fn, args = job
+            fn(*args, self)
+
+    def timed(self, ep: Episode, call: Callable[[], Any], on_timeout: Callable[[], None]) -> Any:
+        """``call()`` within a slot and the timeout (its seconds added to ``ep.env_seconds``); raises
+        :class:`_Abandoned` if it overran (``on_timeout`` has then run)."""
+        key = id(ep)
+        self.slots.acquire()
+        with self.cond:
+            self.running[key] = (time.monotonic() + self.timeout_s, on_timeout)
+            self.cond.notify()
+        t0 = time.perf_counter()
+        try:
+            return call()
+        finally:
+            ep.env_seconds += time.perf_counter() - t0
+            with self.cond:
+                abandoned = key in self.expired
+                if not abandoned:
+                    del self.running[key]
+                    self.slots.release()
+            if abandoned:
+                raise _Abandoned()
+
+    def _watch(self) -> None:
+        while True:
+            with self.cond:
+                if self.closed:
+                    return
+                now, fired = time.monotonic(), []
+                for key, (deadline, on_timeout) in list(self.running.items()):
+                    if deadline <= now:
+                        del self.running[key]
+                        self.expired.add(key)
+                        self.slots.release()
+                        fired.append(on_timeout)
+                if not fired:
+                    deadlines = [d for d, _ in self.running.values()]
+                    self.cond.wait(max(0.0, min(deadlines) - now) if deadlines else None)
+            for on_timeout in fired:  # outside the lock: they take the episode queue's
+                on_timeout()
+
+    def close(self) -> None:
+        """Stop every episode's thread after its current call, and the watchdog."""
+        for inbox in self.inboxes.values():
+            inbox.put(None)
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
 
 
 class _Queue:
     """The episodes whose turn is due, how many are still running, and the first engine failure."""
 
-    def __init__(self, running: int) -> None:
+    def __init__(self, running: int, engines: int) -> None:
         self.due: collections.deque[Episode] = collections.deque()
         self.running = running
+        self.engines = engines
+        self.waiting = 0  # engine threads waiting for due episodes
         self.error: BaseException | None = None
         self.cond = threading.Condition()
 
-    def put(self, ep: Episode) -> None:
+    def put(self, episodes: list[Episode]) -> None:
         with self.cond:
-            self.due.append(ep)
+            self.due.extend(episodes)
             self.cond.notify()
 
     def finish(self, ep: Episode, reason: str) -> None:
         with self.cond:
+            if ep.finish is not None:
+                return
             ep.finish = reason
             self.running -= 1
             self.cond.notify_all()
@@ -241,14 +321,20 @@ class _Queue:
             self.cond.notify_all()
 
     def take(self) -> list[Episode]:
-        """Every due episode (waiting until one is due); [] once all ended or an engine failed."""
+        """A share of the due episodes (waiting until one is due): all of them when no other engine
+        is idle, else an even split with the idle ones (woken for the rest); [] once every episode
+        ended or an engine failed."""
         with self.cond:
+            self.waiting += 1
             while not self.due and self.running > 0 and self.error is None:
                 self.cond.wait()
+            self.waiting -= 1
             if self.error is not None or self.running == 0:
                 return []
-            due = list(self.due)
-            self.due.clear()
+            share = -(-len(self.due) // (self.waiting + 1))
+            due = [self.due.popleft() for _ in range(share)]
+            if self.due:
+                self.cond.notify()
             return due
 
 

@@ -412,13 +412,16 @@ def test_an_engine_lost_mid_episode_redoes_the_iteration_with_nothing_lost_or_do
     class DiesOnce(EpisodeRollout):
         def __init__(self) -> None:
             super().__init__()
-            self.calls = 0
+            self.died = False
 
         def generate(self, prompt_ids, spec):
-            self.calls += 1
-            if self.calls == 2:  # the second turn's call: every episode is mid-way
+            if not self.died and any("=" in decode(ctx) for ctx in prompt_ids):  # a second turn: mid-episode
+                self.died = True
                 raise RemoteCallError("rollout engine 0 died", "died", ("rollout", 0), "generate")
             return super().generate(prompt_ids, spec)
+
+        def first_turns(self) -> list[list[int]]:
+            return [ctx for ctx in self.engine.contexts if "=" not in decode(ctx)]
 
     cfg = config_from_dict({"seed": 3, "rollout": {"prompts_per_iteration": 2, "samples_per_prompt": 2,
                                                    "max_new_tokens": 8, "max_turns": 3,
@@ -430,10 +433,11 @@ def test_an_engine_lost_mid_episode_redoes_the_iteration_with_nothing_lost_or_do
     with pytest.raises(RemoteCallError) as failed:
         coord.step()
     assert failed.value.phase == "generate" and coord.iteration == 0 and not learners.train_calls
-    first_prompts = rollout.engine.contexts[:4]
+    first_attempt = rollout.first_turns()  # the first turns sampled before the engine died
     m = coord.step()
     assert m["iteration"] == 0 and len(learners.train_calls) == 1  # redone once, trained once
-    assert rollout.engine.contexts[4:8] == first_prompts  # the same prompts, each episode from its start
+    redone = rollout.first_turns()[len(first_attempt):]
+    assert len(redone) == 4 and all(ctx in redone for ctx in first_attempt)  # the same prompts, from their start
     assert m["episode/finish_stop"] == 4.0 and coord.last_batch.action_mask.shape[0] == 4
 
 
@@ -458,3 +462,40 @@ def test_an_environment_that_cannot_be_built_stops_before_any_role(tmp_path):
     cfg = load_config(None, {"model.path": model, "eval.every": 0, "rollout.env": f"{env}:Needs"})
     with pytest.raises(EnvError, match=r"Needs\(\*\*\{\}\) failed \(TypeError: .*tools.*fix rollout.env_args"):
         prepare_inputs(cfg)
+
+
+def test_an_environment_stays_on_one_thread_and_resets_run_at_once():
+    """reset and every step of one episode run on the same thread (thread-bound state such as a
+    database connection works); the resets of different episodes run together (a barrier of 4)."""
+    barrier = threading.Barrier(4, timeout=5)
+
+    class Bound(Calc):
+        def reset(self, record):
+            barrier.wait()
+            self.threads = {threading.get_ident()}
+
+        def step(self, text):
+            self.threads.add(threading.get_ident())
+            if len(self.threads) > 1:
+                raise RuntimeError("called from another thread")
+            return super().step(text)
+
+    gen = _runner(env=Bound).run([ScriptedEngine(["<ab>", "<c>", "ok"])], [encode("a"), encode("b")], [{}, {}],
+                                 SamplingSpec(n=2, max_new_tokens=8))
+    assert gen.finish_reasons == ["stop"] * 4 and all(e["turns"] == 3 for e in gen.episodes)
+
+
+def test_due_episodes_are_shared_between_idle_engines():
+    from rlhf_ray.coordinator.episodes import Episode, _Queue
+
+    q = _Queue(running=8, engines=2)
+    taken: list[int] = []
+    threads = [threading.Thread(target=lambda: taken.append(len(q.take()))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    while q.waiting < 2:
+        threading.Event().wait(0.001)
+    q.put([Episode(i, [1], None) for i in range(8)])
+    for t in threads:
+        t.join(5)
+    assert sorted(taken) == [4, 4]
