@@ -178,7 +178,8 @@ def main() -> None:
                    "response_tokens": sum(len(r) for r in gen.response_ids),
                    "observation_token_share": metrics["episode/observation_token_share"]}
             print(f"round {rep}{' (warm-up)' if rep == 0 else ''} {name}: {wall:.2f} s, tools "
-                  f"{run['tool_sum_s']:.2f} s, engine {run['engine_s']:.2f} s in {run['generate_calls']} calls", flush=True)
+                  f"{run['tool_sum_s']:.2f} s, engine {run['engine_s']:.2f} s in {run['generate_calls']} calls",
+                  flush=True)
             if rep > 0:
                 runs[name].append(run)
 
