@@ -36,6 +36,7 @@ weight_sync
 async_correction
 train_engines
 frozen_scaleout
+episodes --repeats 5
 RUNS
 # Rows whose benchmarks compare inside one invocation and take no --quiet-wait.
 for bench in packing estimators vs_trl_grpo; do
