@@ -51,7 +51,6 @@ EngineCall = Callable[[list[list[int]], SamplingSpec], Pending[Generation]]
 @dataclass(frozen=True)
 class EpisodeLimits:
     max_turns: int  # policy turns at most
-    max_new_tokens: int  # tokens of one turn at most
     max_episode_tokens: int  # tokens after the prompt (turns and observations) at most
     timeout_s: float  # one environment step at most
     workers: int  # environment steps at once
@@ -105,11 +104,11 @@ class EpisodeRunner:
         """``spec.n`` episodes per prompt (``records[i]`` is prompt i's record, given to ``reset``),
         grouped by prompt in prompt order like a single-turn generate: ``prompt_index`` is the
         prompt's position in ``prompt_ids``. Each turn samples with ``spec`` (n = 1, at most
-        ``max_new_tokens`` tokens, its stop strings). Raises the first engine failure."""
+        ``spec.max_new_tokens`` tokens, its stop strings). Raises the first engine failure."""
         if len(records) != len(prompt_ids):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(records)} records")
         episodes = [Episode(i, list(ids), None) for i, ids in enumerate(prompt_ids) for _ in range(spec.n)]
-        turn_spec = replace(spec, n=1, max_new_tokens=self.limits.max_new_tokens)
+        turn_spec = replace(spec, n=1)
         state = _Queue(len(episodes), len(engines))
         calls = _EnvCalls(self.limits.workers, self.limits.timeout_s)
         threads = [threading.Thread(target=self._engine_loop, args=(engine, turn_spec, state, calls), daemon=True,
@@ -397,6 +396,6 @@ def episode_runner(cfg: Config, tokenizer) -> EpisodeRunner:
                          "observations and decode turns.")
     r = cfg.rollout
     cls, args = load_env_class(r.env), dict(r.env_args)
-    limits = EpisodeLimits(r.max_turns, r.max_new_tokens, episode_tokens(cfg), r.env_timeout_s, r.env_workers)
+    limits = EpisodeLimits(r.max_turns, episode_tokens(cfg), r.env_timeout_s, r.env_workers)
     return EpisodeRunner(lambda: cls(**args), lambda text: tokenizer.encode(text, add_special_tokens=False),
                          lambda ids: tokenizer.decode(ids, skip_special_tokens=True), limits)

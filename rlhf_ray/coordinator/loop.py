@@ -78,7 +78,8 @@ class PPOCoordinator:
         ev = cfg.eval
         self.eval_prompts = eval_prompts
         self.eval_spec = SamplingSpec(ev.samples_per_prompt, ev.max_new_tokens or cfg.rollout.max_new_tokens,
-                                      ev.temperature, 1.0, -1, tuple(cfg.rollout.stop_token_ids), logprobs=False)
+                                      ev.temperature, 1.0, -1, tuple(cfg.rollout.stop_token_ids), logprobs=False,
+                                      stop=tuple(cfg.rollout.stop))
         self.sampler = PromptSampler(len(prompts.token_ids), cfg.seed, cfg.data.shuffle)
         p = cfg.ppo
         self.kl_ctl = (AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target

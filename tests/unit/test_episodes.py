@@ -71,8 +71,8 @@ class Calc:
         return StepResult("", reward=0.0, done=True)
 
 
-def _runner(env=Calc, turns=3, budget=64, timeout=5.0, workers=4, max_new=8):
-    return EpisodeRunner(env, encode, decode, EpisodeLimits(turns, max_new, budget, timeout, workers))
+def _runner(env=Calc, turns=3, budget=64, timeout=5.0, workers=4):
+    return EpisodeRunner(env, encode, decode, EpisodeLimits(turns, budget, timeout, workers))
 
 
 SPEC = SamplingSpec(n=2, max_new_tokens=8)
@@ -499,3 +499,28 @@ def test_due_episodes_are_shared_between_idle_engines():
     for t in threads:
         t.join(5)
     assert sorted(taken) == [4, 4]
+
+
+def test_evaluation_turns_end_at_the_stop_strings_too():
+    from tests.unit.test_coordinator import PAD, FakeLearners, FakeReference, FakeReward, FakeSync, _prompts, _put
+
+    from rlhf_ray.coordinator.loop import PPOCoordinator
+
+    class Recording(EpisodeRollout):
+        specs: list = []
+
+        def generate(self, prompt_ids, spec):
+            self.specs.append(spec)
+            return super().generate(prompt_ids, spec)
+
+    cfg = config_from_dict({"rollout": {"prompts_per_iteration": 2, "samples_per_prompt": 2, "stop": ["</calc>"],
+                                        "env": "tests.unit.test_episodes:Calc"},
+                            "ppo": {"mini_batches": 1}, "learner": {"num_ranks": 1, "micro_batch_size": 4},
+                            "eval": {"every": 1, "max_new_tokens": 5}})
+    rollout = Recording()
+    coord = PPOCoordinator(cfg, _prompts(), PAD, [EOS], rollout, FakeReference(), FakeReward(),
+                           FakeLearners(), FakeSync(), put=_put, eval_prompts=_prompts(2), tokenizer=CharTokenizer())
+    coord.evaluate()
+    assert rollout.specs and all(s.stop == ("</calc>",) and s.max_new_tokens == 5 and s.n == 1 for s in rollout.specs)
+    coord.step()
+    assert rollout.specs[-1].stop == ("</calc>",) and rollout.specs[-1].max_new_tokens == 16
