@@ -183,7 +183,7 @@ def format_summary(s: dict) -> str:
         how = "greedy" if not ba.get("temperature") else f"sampled at temperature {ba['temperature']:g}"
         lines.append(f"held-out answers, iteration {ba['first_iteration']} (the SFT model) -> "
                      f"{ba['last_iteration']} (after PPO), {how}:")
-        lines += format_rows(ba["rows"])
+        lines += format_rows(ba["rows"], "RM" if s.get("ppo", {}).get("reward_kind", "model") == "model" else "reward")
         if ba.get("samples_md"):
             lines.append(f"  (all of them: {ba['samples_md']})")
     if ba:

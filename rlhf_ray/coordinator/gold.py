@@ -113,10 +113,11 @@ def _cell(x: dict) -> tuple[str, str, str]:
     return repr(x["response"]), reward, _verdict(x["gold"])
 
 
-def format_rows(rows: list[dict]) -> list[str]:
-    """One terminal line per row: prompt, then before -> after with reward and gold verdict."""
+def format_rows(rows: list[dict], reward_name: str = "RM") -> list[str]:
+    """One terminal line per row: prompt, then before -> after with reward (named ``reward_name``:
+    "RM" for a reward model) and gold verdict."""
     def side(response: str, reward: str, gold: str) -> str:
-        return f"{response} (RM {reward}{', ' + gold if gold else ''})"
+        return f"{response} ({reward_name} {reward}{', ' + gold if gold else ''})"
 
     return [f"  {r['prompt']!r}: {side(*_cell(r['before']))} -> {side(*_cell(r['after']))}" for r in rows]
 

@@ -40,3 +40,10 @@ def test_summary_shows_each_stage_and_the_answers_side_by_side():
 def test_verdict_without_a_gold_check_or_a_greedy_evaluation():
     ba = {**_summary()["before_after"], "gold": [None, None], "temperature": 0.0, "kl_end": None}
     assert verdict(ba) == "VERDICT: held-out RM reward 0.374 -> 1.254; final KL n/a"
+
+
+def test_a_function_reward_is_not_called_rm_in_the_answers():
+    s = _summary()
+    s["ppo"]["reward_kind"] = "function"
+    text = format_summary(s)
+    assert "' 47' (reward -1.25, wrong) -> ' 52' (reward 1.50, right)" in text and "(RM " not in text
