@@ -4,12 +4,11 @@ environment, the verifiable reward, and the held-out check before -> after.
 
 The SFT stage is the config's own (its numbers are checked offline by
 ``benchmarks/tool_policy_check.py``: held-out accuracy ~0.5 sampled, tool-call rate ~0.8); PPO is
-cut to 50 iterations. Needs the episode runner (``rollout.env``); skipped without it.
+cut to 50 iterations.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -21,13 +20,11 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 
 
 def test_tool_job_sft_then_ppo_on_calculator_episodes(ray_cluster, tmp_path):
-    from rlhf_ray.config import Config, load_config
+    from rlhf_ray.config import load_config
     from rlhf_ray.envs.calculator import CalcError, evaluate, find_calls
     from rlhf_ray.pipeline import run_pipeline
     from rlhf_ray.supervised.config import PipelineConfig, validate_pipeline
 
-    if not any(f.name == "env" for f in dataclasses.fields(Config().rollout)):
-        pytest.skip("rollout.env (the episode runner, issue 23) is not in the config tree yet")
     d, sft = tmp_path / "data", str(tmp_path / "sft")
     overrides = {
         "demo_data_dir": str(d),
@@ -57,12 +54,12 @@ def test_tool_job_sft_then_ppo_on_calculator_episodes(ray_cluster, tmp_path):
                                                            "iter_000050.jsonl"))]
     called = [r for r in rows if find_calls(r["response"])]
     assert len(called) > len(rows) / 2, rows[:3]
-    # Each call is followed by the calculator's answer to it: the observation was appended after the turn
-    # that the stop string ended (the last call of that turn wins).
+    # Each call is followed by the calculator's answer to it, marked as an observation ([[ ]]: context,
+    # not trained on): it was appended after the turn that the stop string ended (the last call wins).
     for r in called:
         head, tail = r["response"].split("</calc>", 1)
         try:
-            expected = f" {evaluate(find_calls(head + '</calc>')[-1])}."
+            expected = f"[[ {evaluate(find_calls(head + '</calc>')[-1])}.]]"
         except CalcError:
-            expected = " error."
+            expected = "[[ error.]]"
         assert tail.startswith(expected), r
