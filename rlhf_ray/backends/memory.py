@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass, field
 
 from rlhf_ray.config import Config
-from rlhf_ray.config.validate import episode_tokens, reference_from_learner
+from rlhf_ray.config.validate import episode_tokens, reference_from_learner, reward_model_for_value
 
 GIB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
@@ -374,6 +374,7 @@ def role_estimates(cfg: Config, gpu_bytes: int | None = None, read=ModelShape.re
     if res.reward.num_gpus > 0:
         out.append(frozen_estimate(cfg, "reward", read(cfg.reward.model_path) if cfg.reward.kind == "model" else None))
     if res.learner.num_gpus > 0:
-        critic = read(cfg.model.critic_path or cfg.model.path) if cfg.model.separate_critic else None
+        critic_source = reward_model_for_value(cfg) or cfg.model.critic_path or cfg.model.path
+        critic = read(critic_source) if cfg.model.separate_critic else None
         out.append(learner_estimate(cfg, policy, critic, gpu_bytes))
     return out

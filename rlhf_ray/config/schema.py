@@ -73,6 +73,13 @@ class ModelConfig:
     """Use a critic with its own transformer body instead of the shared one (for A/B comparisons)."""
     critic_path: str | None = None
     """Checkpoint for the separate critic's body; defaults to model.path."""
+    value_init: Literal["policy", "reward_model"] = "policy"
+    """Where the critic starts. policy: the value head saved in model.path (value_head.safetensors) if there is
+    one, else a new head (model.value_head_init_std; zeros by default), and a separate critic's body from
+    model.critic_path or model.path. reward_model: from the reward model (reward.model_path, reward.kind model),
+    as InstructGPT did: with model.separate_critic the critic is the reward model (its body, its score head as the
+    value head); with the shared body the value head starts as the reward model's score head (the hidden sizes
+    must agree). Resuming a checkpoint keeps the checkpoint's critic."""
     gradient_checkpointing: bool | None = None
     """Recompute activations in the backward pass to save memory (~1/3 more step time). Unset (null):
     on only when one micro-batch's activations would not fit the GPU memory left after the model and

@@ -40,7 +40,8 @@ _NON_NEGATIVE = {
 def validate(cfg: Config) -> Sizes:
     """Check the whole config; raise one ConfigError listing every problem. Returns the sizes."""
     errors = [*_basic_errors(cfg), *_ppo_errors(cfg), *_learner_errors(cfg), *_rollout_errors(cfg),
-              *_reward_errors(cfg), *_eval_errors(cfg), *_resource_errors(cfg), *lora_errors(cfg)]
+              *_reward_errors(cfg), *_eval_errors(cfg), *_resource_errors(cfg), *lora_errors(cfg),
+              *_value_init_errors(cfg)]
     try:
         sizes = resolve(cfg)
     except ConfigError as exc:
@@ -190,6 +191,35 @@ def _learner_errors(cfg: Config) -> list[str]:
     if lrn.value_head_lr is not None and lrn.value_head_lr <= 0:
         errors.append(f"--learner.value_head_lr must be > 0 (got {lrn.value_head_lr}); unset it to use --learner.lr.")
     return errors + optimizer_errors(lrn)
+
+
+def reward_model_for_value(cfg: Config) -> str | None:
+    """The reward model checkpoint the critic starts from (model.value_init reward_model), else None."""
+    return cfg.reward.model_path if cfg.model.value_init == "reward_model" else None
+
+
+def _value_init_errors(cfg: Config) -> list[str]:
+    """model.value_init reward_model needs a reward model and a critic (the checkpoints' hidden sizes
+    and tokenizers are checked in the pre-flight, ``rlhf_ray.models.value_init.value_init_error``)."""
+    m, errors = cfg.model, []
+    if m.value_init != "reward_model":
+        return errors
+    if cfg.reward.kind != "model":
+        errors.append(f"--model.value_init reward_model starts the critic from the reward model (--reward.model_path "
+                      f"with --reward.kind model), but --reward.kind is {cfg.reward.kind!r}: there is no reward model "
+                      "to start from. Use --model.value_init policy, or score with --reward.kind model.")
+    if not cfg.ppo.uses_critic:
+        errors.append(f"--model.value_init reward_model with --ppo.estimator {cfg.ppo.estimator}: a critic-free "
+                      "estimator trains no value network; use --model.value_init policy or --ppo.estimator gae.")
+    if m.separate_critic and m.critic_path:
+        errors.append(f"--model.critic_path {m.critic_path} with --model.value_init reward_model: the separate critic "
+                      "starts as the reward model (--reward.model_path); drop --model.critic_path, or use "
+                      "--model.value_init policy to start the critic from it.")
+    if m.value_head_init_std > 0:
+        errors.append(f"--model.value_head_init_std {m.value_head_init_std} with --model.value_init reward_model: the "
+                      "value head starts as the reward model's score head, so the random init would never be used; "
+                      "set it to 0, or use --model.value_init policy.")
+    return errors
 
 
 def _rollout_errors(cfg: Config) -> list[str]:

@@ -62,6 +62,22 @@ def check_lora_targets(cfg: Config) -> None:
         raise ValueError(error)
 
 
+def check_value_init(cfg: Config) -> None:
+    """A critic that cannot start from the reward model (model.value_init reward_model) fails here,
+    from the checkpoints' configs, score head shape and tokenizers (no weights are read): see
+    :func:`rlhf_ray.models.value_init.value_init_error`."""
+    from rlhf_ray.config.validate import reward_model_for_value
+
+    reward_path = reward_model_for_value(cfg)
+    if reward_path is None:
+        return
+    from rlhf_ray.models.value_init import value_init_error
+
+    error = value_init_error(cfg.model.path, reward_path, cfg.model.separate_critic)
+    if error is not None:
+        raise ValueError(error)
+
+
 def probe_reward_function(spec: str, prompts: list[str], timeout_s: float,
                           fields: dict[str, list] | None = None) -> FieldParameters:
     """Load the reward function and call it once on real prompts with two made-up responses, so
@@ -124,6 +140,7 @@ def prepare_inputs(cfg: Config) -> Inputs:
         _check_model_dir(cfg.reference.path, "reference model", "--reference.path")
     if cfg.reward.kind == "model":
         _check_model_dir(cfg.reward.model_path or "", "reward model", "--reward.model_path")
+    check_value_init(cfg)
     check_memory(cfg)  # a role that cannot fit its GPU stops here, before Ray starts
     if cfg.rollout.env:
         from rlhf_ray.envs.base import check_env

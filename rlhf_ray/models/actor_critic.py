@@ -26,6 +26,7 @@ from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig, PreT
 
 from rlhf_ray.models.lora import LoraSpec, add_lora
 from rlhf_ray.models.value_head import ValueHead
+from rlhf_ray.models.value_init import reward_model_body, value_head_from_reward_model
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 CRITIC_SUBDIR = "critic"
@@ -324,10 +325,14 @@ class ActorCritic(nn.Module):
         torch_dtype: torch.dtype = torch.float32,
         lora: LoraSpec | None = None,
         attn_implementation: str | None = None,
+        value_from: str | Path | None = None,
     ) -> ActorCritic:
         """Load the policy from ``path``; the value head from ``path/value_head.safetensors``
         if present (else a fresh head); a separate critic body from ``critic_path``, else
         ``path/critic/`` if saved there, else ``path`` itself (policy weights, body only).
+        ``value_from``: a reward model's checkpoint the critic starts from instead (model.value_init
+        reward_model, ``rlhf_ray.models.value_init``): the value head is its score head, and a
+        separate critic's body is its body (then ``critic_path`` must be None).
         ``lora``: add fresh LoRA adapters to the policy (and its own to a separate critic body)
         and freeze the rest of the bodies (``rlhf_ray.models.lora``); the value head stays trainable.
         ``attn_implementation``: transformers' attention kernel for both bodies (None: its default).
@@ -336,7 +341,11 @@ class ActorCritic(nn.Module):
         attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
         policy = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, **attn)
         critic_body = None
-        if separate_critic or critic_path is not None:
+        if value_from is not None and critic_path is not None:
+            raise ValueError("pass critic_path or value_from, not both: the critic starts as the reward model")
+        if value_from is not None and separate_critic:
+            critic_body = reward_model_body(value_from, torch_dtype, **attn)
+        elif separate_critic or critic_path is not None:
             if critic_path is None:
                 saved = path / CRITIC_SUBDIR
                 critic_path = saved if (saved / "config.json").is_file() else path
@@ -347,7 +356,8 @@ class ActorCritic(nn.Module):
             value_grad_to_body=value_grad_to_body,
             critic_body=critic_body,
         )
-        head_sd = load_value_head(path)
+        hidden = model.value_head.hidden_size
+        head_sd = load_value_head(path) if value_from is None else value_head_from_reward_model(value_from, hidden)
         if head_sd is not None:
             model.value_head.load_state_dict(head_sd, strict=True)
         if lora is not None:

@@ -42,6 +42,7 @@ from rlhf_ray.backends.memory import needs_activation_checkpointing
 from rlhf_ray.backends.replicated import ReplicatedModule, replicate
 from rlhf_ray.batch import ExperienceBatch, TrainUpdate, plan_passes
 from rlhf_ray.config import Config, LearnerConfig, ModelConfig, PPOConfig, resolve
+from rlhf_ray.config.validate import reward_model_for_value
 from rlhf_ray.models.actor_critic import POLICY_PREFIX
 from rlhf_ray.models.lora import LoraSpec, adapters_disabled
 from rlhf_ray.weight_sync.plan import Bucket, TensorSpec
@@ -70,6 +71,7 @@ class LearnerSpec:
     save_hf_policy: bool  # checkpoint.save_hf_policy
     call_timeout_s: float  # resources.call_timeout_s: the group's collectives time out after it
     sync_timeout_s: float  # sync.timeout_s
+    value_from: str | None = None  # the reward model the critic starts from (model.value_init reward_model)
 
     @staticmethod
     def from_config(cfg: Config) -> "LearnerSpec":
@@ -77,7 +79,8 @@ class LearnerSpec:
         return LearnerSpec(cfg.model, cfg.learner, cfg.ppo, cfg.seed, cfg.resources.learner.threads,
                            cfg.rollout.temperature, cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens,
                            sizes.grad_accum_steps, cfg.ppo.iterations * sizes.optimizer_steps_per_iteration,
-                           cfg.checkpoint.save_hf_policy, cfg.resources.call_timeout_s, cfg.sync.timeout_s)
+                           cfg.checkpoint.save_hf_policy, cfg.resources.call_timeout_s, cfg.sync.timeout_s,
+                           reward_model_for_value(cfg))
 
 
 # How the ranks' ``train`` metrics combine into the group's: per-token means are weighted by
@@ -164,7 +167,7 @@ class Learner(RoleBase):
                 m.path, value_head_init_std=m.value_head_init_std, value_grad_to_body=m.value_grad_to_body,
                 separate_critic=m.separate_critic, critic_path=m.critic_path,
                 torch_dtype=torch.bfloat16 if m.dtype == "bfloat16" else torch.float32,
-                lora=LoraSpec.of(m.lora), attn_implementation=m.attn_implementation)
+                lora=LoraSpec.of(m.lora), attn_implementation=m.attn_implementation, value_from=spec.value_from)
             heads.append(model.detach_value_head())
             return model
 
