@@ -60,7 +60,7 @@ class PPOConfig:
     reference stays where it started and the KL controller does not adapt). Each runs ppo.epochs +
     ppo.critic_epochs value-only epochs. Shared body: the value head alone (the body IS the policy: no gradient
     reaches it and the engine takes no step, so the policy's learning-rate schedule starts with the first PPO
-    iteration). model.separate_critic: the critic body and head (with model.value_grad_to_body); the policy's
+    iteration). model.separate_critic: the critic's head and, with model.value_grad_to_body, its body; the policy's
     parameter group is held out of those steps (weights, Adam moments and step counts unchanged), but the one
     schedule both bodies share counts them. 0: off. gae only."""
     critic_epochs: int = 0
@@ -69,8 +69,8 @@ class PPOConfig:
     model.value_grad_to_body false, nothing (the head alone trains; the body takes no step); with
     model.separate_critic, nothing (the critic body and head train, the policy's parameter group is held
     exactly); with the shared body and value_grad_to_body true (the default), the policy moves: the body is
-    trained on the value loss alone, and the optimiser's momentum from the PPO epochs keeps moving every policy
-    weight (the LM head too) in those steps, which also advance the policy's learning-rate schedule. 0: off.
+    trained on the value loss alone, and AdamW's momentum from the PPO epochs (and weight decay) keep moving every
+    policy weight (the LM head too) in those steps, which also advance the policy's learning-rate schedule. 0: off.
     gae only."""
     kl_coef: float = 0.02
     """Initial coefficient of the per-token KL penalty to the reference."""
