@@ -167,6 +167,54 @@ def test_lora_warmup_keeps_the_adapters_and_the_base_unchanged(tiny_model):
         ip.release(learner)
 
 
+def _two_groups(optimizer: str = "adamw"):
+    from rlhf_ray.backends.engine import make_torch_optimizer
+    from rlhf_ray.config import LearnerConfig
+
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    lrn = LearnerConfig(optimizer=optimizer, lr=0.1, weight_decay=0.5)
+    opt = make_torch_optimizer([{"params": [a], "name": "policy"}, {"params": [b], "name": "critic"}], lrn,
+                               fused=False)
+    return a, b, opt
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_held_groups_leave_a_group_and_its_state_as_they_were(optimizer):
+    from rlhf_ray.backends.engine import held_groups
+
+    a, b, opt = _two_groups(optimizer)
+    for p in (a, b):
+        p.grad = torch.full_like(p, 0.3)
+    opt.step()  # a first step, so the held group has state (AdamW: moments, a step count) to keep
+    state = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[a].items()}
+    a_before, b_before = a.detach().clone(), b.detach().clone()
+    with held_groups(opt, ("policy",)):
+        opt.step()  # gradients still set on both
+        assert [len(g["params"]) for g in opt.param_groups] == [1, 1]  # emptied only during the step
+    assert torch.equal(a, a_before) and not torch.equal(b, b_before)
+    assert opt.state[a].keys() == state.keys()
+    assert all(torch.equal(opt.state[a][k], v) if torch.is_tensor(v) else opt.state[a][k] == v for k, v in state.items())
+    assert "step" not in vars(opt)  # the optimiser's own step is back
+    opt.step()
+    assert not torch.equal(a, a_before)
+
+
+def test_held_groups_follow_a_wrapper_that_steps_group_by_group():
+    # DeepSpeed's ZeRO-1/2 step swaps the optimiser's group list for one group at a time and steps.
+    from rlhf_ray.backends.engine import held_groups
+
+    a, b, opt = _two_groups()
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    a_before, b_before = a.detach().clone(), b.detach().clone()
+    groups = opt.param_groups
+    with held_groups(opt, ("policy",)):
+        for g in groups:
+            opt.param_groups = [g]
+            opt.step()
+        opt.param_groups = groups
+    assert torch.equal(a, a_before) and a not in opt.state and not torch.equal(b, b_before)
+
+
 # --------------------------------------------------------------------------- critic epochs
 
 
