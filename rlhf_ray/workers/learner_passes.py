@@ -8,7 +8,7 @@ a sharding engine gathers parameters collectively in each forward.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -84,14 +84,16 @@ class ForwardPasses:
         values = self.head.module(out.value_hidden)
         return _unpack(values, mask) if self.learner.packing else values
 
-    def _bodies(self, mb: ExperienceBatch, packing: bool):
-        """The engine's forward at the response positions, and the tokens those positions predict:
-        packed rows ((1, N) tokens in ``keep_index`` order) or padded ones ((B, R))."""
+    def _bodies(self, mb: ExperienceBatch, packing: bool) -> tuple[Any, torch.Tensor]:
+        """The engine's forward (an ``ActorCriticOutput``) at the response positions, and the tokens
+        those positions predict: packed rows ((1, N) tokens in ``keep_index`` order) or padded ones
+        ((B, R))."""
+        mask = mb.response_mask
         if packing:
             rows = pack_rows(mb)
             out = self.engine(rows.input_ids, None, rows.position_ids, keep_index=rows.keep_index)
-            return out, mb.response_ids[mb.response_mask].unsqueeze(0)
-        out = self.engine(mb.input_ids, mb.attention_mask.long(), mb.position_ids, response_len=mb.response_mask.shape[1])
+            return out, mb.response_ids[mask].unsqueeze(0)
+        out = self.engine(mb.input_ids, mb.attention_mask.long(), mb.position_ids, response_len=mask.shape[1])
         return out, mb.response_ids
 
     def _parts(self, batch: ExperienceBatch, max_tokens: int, max_rows: int) -> list[torch.Tensor | None]:

@@ -52,7 +52,8 @@ class EpochTally:
         if norms or not self.value_only:
             out["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
         if self.has_head:
-            out["value_head_grad_norm"] = float(torch.stack(self.head_norms).mean()) if self.head_norms else float("nan")
+            heads = self.head_norms
+            out["value_head_grad_norm"] = float(torch.stack(heads).mean()) if heads else float("nan")
         if not self.value_only:
             out["onpolicy_ratio_dev"] = float(self.first_dev) if self.first_dev is not None else float("nan")
         out["skipped_steps"] = float(self.skipped_steps)

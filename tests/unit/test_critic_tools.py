@@ -113,7 +113,8 @@ def test_separate_critic_warmup_trains_the_critic_and_holds_the_policy(tiny_mode
         assert not _identical(_part(engine0, "critic_body."), _part(engine1, "critic_body."))
         assert ip.max_abs_diff(head0, ip.value_head_state(learner)) > 0
         m = _iteration(learner, batch, 2)
-        assert "policy_loss" in m and not _identical(_part(engine1, "policy."), _part(_engine_state(learner), "policy."))
+        assert "policy_loss" in m
+        assert not _identical(_part(engine1, "policy."), _part(_engine_state(learner), "policy."))
     finally:
         ip.release(learner)
 
@@ -193,7 +194,8 @@ def test_held_groups_leave_a_group_and_its_state_as_they_were(optimizer):
         assert [len(g["params"]) for g in opt.param_groups] == [1, 1]  # emptied only during the step
     assert torch.equal(a, a_before) and not torch.equal(b, b_before)
     assert opt.state[a].keys() == state.keys()
-    assert all(torch.equal(opt.state[a][k], v) if torch.is_tensor(v) else opt.state[a][k] == v for k, v in state.items())
+    kept = opt.state[a]
+    assert all(torch.equal(kept[k], v) if torch.is_tensor(v) else kept[k] == v for k, v in state.items())
     assert "step" not in vars(opt)  # the optimiser's own step is back
     opt.step()
     assert not torch.equal(a, a_before)
