@@ -172,11 +172,13 @@ class TrainUpdate:
     response_mask: torch.Tensor  # (B, R) bool: the slice's mask with quarantined samples cleared
     ref_logprobs: torch.Tensor | None = None  # (B, R) float32, only with the KL penalty in the loss
     kl_coef: float = 0.0  # weight of the KL loss term (ppo.kl_in loss)
+    value_only: bool = False  # a critic warm-up iteration: the value trains alone, the policy stays as it is
 
     @staticmethod
-    def of(batch: ExperienceBatch, with_ref: bool = False, kl_coef: float = 0.0) -> "TrainUpdate":
+    def of(batch: ExperienceBatch, with_ref: bool = False, kl_coef: float = 0.0,
+           value_only: bool = False) -> "TrainUpdate":
         return TrainUpdate(batch.advantages, batch.returns, batch.response_mask,
-                           batch.ref_logprobs if with_ref else None, kl_coef)
+                           batch.ref_logprobs if with_ref else None, kl_coef, value_only)
 
     def split(self, parts: int) -> list["TrainUpdate"]:
         """``parts`` contiguous equal shards, matching ``ExperienceBatch.split``."""
@@ -189,7 +191,7 @@ class TrainUpdate:
             return None if t is None else t[i * size:(i + 1) * size]
 
         return [TrainUpdate(rows(self.advantages, i), rows(self.returns, i), rows(self.response_mask, i),
-                            rows(self.ref_logprobs, i), self.kl_coef) for i in range(parts)]
+                            rows(self.ref_logprobs, i), self.kl_coef, self.value_only) for i in range(parts)]
 
     def apply_to(self, shard: ExperienceBatch) -> ExperienceBatch:
         """``shard`` (with old logprobs and values) ready for the update: the new fields set, and

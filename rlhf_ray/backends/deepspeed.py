@@ -18,12 +18,12 @@ import contextlib
 import datetime
 import os
 import warnings
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import torch
 
-from rlhf_ray.backends.engine import (EngineSettings, StepOutcome, dist_backend, lr_scheduler, make_torch_optimizer,
-                                      nothing_to_gather, param_groups)
+from rlhf_ray.backends.engine import (EngineSettings, StepOutcome, dist_backend, held_groups, lr_scheduler,
+                                      make_torch_optimizer, nothing_to_gather, param_groups)
 from rlhf_ray.config import LearnerConfig
 
 
@@ -129,9 +129,11 @@ STATE_TAG = "state"
 class DeepSpeedEngine:
     """A DeepSpeed engine behind :class:`rlhf_ray.backends.engine.TrainEngine`."""
 
-    def __init__(self, engine: Any, optimizer: torch.optim.Optimizer, world_size: int, zero_stage: int) -> None:
+    def __init__(self, engine: Any, optimizer: torch.optim.Optimizer, world_size: int, zero_stage: int,
+                 base_optimizer: torch.optim.Optimizer | None = None) -> None:
         self._engine = engine
-        self.optimizer = optimizer
+        self.optimizer = optimizer  # DeepSpeed's (a ZeRO or bf16 wrapper, or the base itself)
+        self.base_optimizer = base_optimizer or optimizer  # the torch optimiser it steps (held_groups)
         self.module = engine.module
         self.device = engine.device  # cuda:0 of the GPU Ray assigned, or cpu
         self.world_size = world_size
@@ -159,7 +161,13 @@ class DeepSpeedEngine:
         if not last:
             self._engine.step()  # counts the micro-batch; applies nothing off the boundary
 
-    def step(self) -> StepOutcome:
+    def step(self, hold: Collection[str] = ()) -> StepOutcome:
+        # Every ZeRO stage and the bf16 wrapper end in the base optimiser's step (stage 1/2 and 3
+        # once per group or sub-group): held there, a group keeps its weights and state.
+        with held_groups(self.base_optimizer, hold):
+            return self._step()
+
+    def _step(self) -> StepOutcome:
         norm = self._engine.get_global_grad_norm()
         skip = False
         if norm is None:  # ZeRO-0 in float32: DeepSpeed neither keeps the norm nor skips
@@ -220,8 +228,16 @@ def build(load: Callable[[], torch.nn.Module], settings: EngineSettings) -> Deep
     conf = learner_ds_config(lrn, settings.grad_accum_steps, settings.dtype, settings.hidden_size)
     with zero3_loading(conf):
         model = load()
-    optimizer = build_optimizer(model, lrn)
-    scheduler = lr_scheduler(optimizer, lrn, settings.total_steps)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=conf)
-    return DeepSpeedEngine(engine, optimizer, dist.get_world_size(), lrn.zero_stage)
+    base = build_optimizer(model, lrn)
+    scheduler = lr_scheduler(base, lrn, settings.total_steps)
+    # ZeRO-0 in bf16 (DeepSpeed's unfused low-precision wrapper) creates the optimiser state with
+    # one zero-gradient step of the base optimiser, which with weight decay would shrink the float32
+    # master weights once behind the model's back (written into the model at the first real step,
+    # even into a group that step holds). Weight decay is off for that set-up step only.
+    decay = [g["weight_decay"] for g in base.param_groups]
+    for g in base.param_groups:
+        g["weight_decay"] = 0.0
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=base, lr_scheduler=scheduler, config=conf)
+    for g, wd in zip(base.param_groups, decay):
+        g["weight_decay"] = wd
+    return DeepSpeedEngine(engine, optimizer, dist.get_world_size(), lrn.zero_stage, base)

@@ -22,7 +22,7 @@ import contextlib
 import importlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterable, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, Collection, ContextManager, Iterable, Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -88,11 +88,15 @@ class TrainEngine(Protocol):
         Tensors outside the engine that ``loss`` depends on receive the gradient of
         ``loss x outside_grad_scale`` on this rank, unreduced."""
 
-    def step(self) -> StepOutcome:
+    def step(self, hold: Collection[str] = ()) -> StepOutcome:
         """The optimiser-step boundary, after ``backward(..., last=True)``: clip the global
         gradient norm to ``learner.max_grad_norm`` (0: no clipping), skip the step when that norm
         is not finite (gradients dropped; weights, optimiser state and schedule untouched), else
-        apply it and advance the learning-rate schedule; gradients are zero afterwards."""
+        apply it and advance the learning-rate schedule; gradients are zero afterwards.
+
+        ``hold``: names of parameter groups (:func:`param_groups`) this step leaves exactly as they
+        are, weights, Adam moments and step counts (:func:`held_groups`); their gradients, if any,
+        are dropped and still count in the clipped norm. The schedule advances all the same."""
 
     def lr(self) -> float:
         """The learning rate the next step applies (the first parameter group's)."""
@@ -172,16 +176,56 @@ def gather_full_state_dict(engine: TrainEngine, named_params: Iterable[tuple[str
 
 
 def param_groups(model: torch.nn.Module, lrn: LearnerConfig) -> list[dict]:
-    """The trainable parameters of ``model`` in two groups: ``value_head.*`` (a sequence-
+    """The trainable parameters of ``model`` in named groups: ``value_head.*`` (a sequence-
     classification head, or an actor-critic head left in the model) at learner.value_head_lr,
-    the rest at learner.lr. Empty groups are left out."""
-    head, rest = [], []
+    a separate critic's body (``critic_body.*``) and the rest ("policy") at learner.lr. The
+    critic body has a group of its own so that a step can train it and hold the policy
+    (``TrainEngine.step(hold=...)``: critic warm-up, critic epochs). Empty groups are left out."""
+    head, critic, rest = [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (head if name.startswith("value_head.") else rest).append(p)
+            (head if name.startswith("value_head.") else critic if name.startswith("critic_body.") else rest).append(p)
     groups = [{"params": rest, "lr": lrn.lr, "name": "policy"},
+              {"params": critic, "lr": lrn.lr, "name": "critic"},
               {"params": head, "lr": lrn.value_head_lr or lrn.lr, "name": "value_head"}]
     return [g for g in groups if g["params"]]
+
+
+@contextlib.contextmanager
+def held_groups(optimizer: torch.optim.Optimizer, names: Collection[str]) -> Iterator[None]:
+    """Inside the block, a step of ``optimizer`` (the torch optimiser :func:`param_groups` were
+    given to; a framework may wrap it and step it group by group) leaves the groups called
+    ``names`` exactly as they are: each such group's parameter list is empty while the optimiser
+    steps, so it updates no weight and no state there (no weight decay, no Adam moment, no step
+    count: the bias correction of the group's later steps is as if the held steps never happened).
+
+    Zero gradients would not do: Adam still moves a weight by its momentum, weight decay shrinks
+    it, and its step count (which the bias correction reads) advances."""
+    if not names:
+        yield
+        return
+    plain_step = optimizer.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        groups = [g for g in optimizer.param_groups if g.get("name") in names]
+        kept = [g["params"] for g in groups]
+        for g in groups:
+            g["params"] = []
+        try:
+            return plain_step(*args, **kwargs)
+        finally:
+            for g, params in zip(groups, kept):
+                g["params"] = params
+
+    own = vars(optimizer).get("step")  # a step set on the instance before, if any
+    optimizer.step = step  # an instance attribute, over the class's method
+    try:
+        yield
+    finally:
+        if own is None:
+            del optimizer.step
+        else:
+            optimizer.step = own
 
 
 def make_torch_optimizer(groups: list[dict], lrn: LearnerConfig, fused: bool | None = None) -> torch.optim.Optimizer:

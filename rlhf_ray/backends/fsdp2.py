@@ -39,7 +39,7 @@ import datetime
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -47,8 +47,8 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from rlhf_ray.backends.engine import (EngineSettings, StepOutcome, dist_backend, lr_scheduler, make_torch_optimizer,
-                                      param_groups)
+from rlhf_ray.backends.engine import (EngineSettings, StepOutcome, dist_backend, held_groups, lr_scheduler,
+                                      make_torch_optimizer, param_groups)
 
 STATE_DIR = "fsdp2"  # under the path save() is given: DCP's shard files and .metadata
 SCHEDULE_FILE = "lr_schedule.pt"  # beside them: the learning-rate schedule's state (rank-independent)
@@ -130,7 +130,7 @@ class FSDP2Engine:
         self.module.set_requires_gradient_sync(last)  # recursive: every sharded module
         loss.backward()
 
-    def step(self) -> StepOutcome:
+    def step(self, hold: Collection[str] = ()) -> StepOutcome:
         self._reshard()
         grads = [p.grad for p in self._trainable if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, 2.0)
@@ -141,7 +141,8 @@ class FSDP2Engine:
             return StepOutcome(False, norm)
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(self._trainable, self.max_grad_norm, norm)
-        self.optimizer.step()
+        with held_groups(self.optimizer, hold):
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepOutcome(True, norm)

@@ -54,6 +54,24 @@ class PPOConfig:
     """Length-adaptive advantage lambda per response, 1 - 1/(alpha x response length) clipped to [0, 1]
     (VAPO's alpha: 0.05; length 100 -> 0.8); replaces ppo.lam for the advantages, not for the value
     targets. Unset: ppo.lam for every response. gae only."""
+    critic_warmup_iterations: int = 0
+    """Critic warm-up: the first N iterations train only the critic, on fresh rollouts of the initial policy,
+    which stays exactly as it is (no policy loss, no optimiser step on it, no weight sync, the KL to the
+    reference stays where it started and the KL controller does not adapt). Each runs ppo.epochs +
+    ppo.critic_epochs value-only epochs. Shared body: the value head alone (the body IS the policy: no gradient
+    reaches it and the engine takes no step, so the policy's learning-rate schedule starts with the first PPO
+    iteration). model.separate_critic: the critic's head and, with model.value_grad_to_body, its body; the policy's
+    parameter group is held out of those steps (weights, Adam moments and step counts unchanged), but the one
+    schedule both bodies share counts them. 0: off. gae only."""
+    critic_epochs: int = 0
+    """Value-only epochs after the ppo.epochs of every iteration: the same mini-batches and micro-batches with
+    the value loss alone (ppo.vf_coef x the clipped value loss). What they do to the policy: with
+    model.value_grad_to_body false, nothing (the head alone trains; the body takes no step); with
+    model.separate_critic, nothing (the critic body and head train, the policy's parameter group is held
+    exactly); with the shared body and value_grad_to_body true (the default), the policy moves: the body is
+    trained on the value loss alone, and AdamW's momentum from the PPO epochs (and weight decay) keep moving every
+    policy weight (the LM head too) in those steps, which also advance the policy's learning-rate schedule. 0: off.
+    gae only."""
     kl_coef: float = 0.02
     """Initial coefficient of the per-token KL penalty to the reference."""
     kl_estimator: Literal["auto", "k1", "k2", "k3"] = "auto"

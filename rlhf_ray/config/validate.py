@@ -135,7 +135,25 @@ def _ppo_errors(cfg: Config) -> list[str]:
         errors.append(f"--ppo.kl_coef 0 with --ppo.kl_target {p.kl_target}: the adaptive controller multiplies the "
                       "coefficient, so it can never leave 0; start --ppo.kl_coef above 0 (e.g. 0.02) or unset "
                       "--ppo.kl_target for no KL penalty.")
-    return errors + _family_errors(cfg)
+    return errors + _critic_tool_errors(cfg) + _family_errors(cfg)
+
+
+def _critic_tool_errors(cfg: Config) -> list[str]:
+    """ppo.critic_warmup_iterations and ppo.critic_epochs: counts >= 0, a critic to train, a policy
+    that is trained at all."""
+    p, errors = cfg.ppo, []
+    for name in ("critic_warmup_iterations", "critic_epochs"):
+        n = getattr(p, name)
+        if n < 0:
+            errors.append(f"--ppo.{name} must be >= 0 (got {n}); 0 turns it off.")
+        elif n > 0 and not p.uses_critic:
+            errors.append(f"--ppo.{name} {n} trains the critic, but --ppo.estimator {p.estimator} trains no value "
+                          "network (a critic-free estimator): unset it, or use --ppo.estimator gae.")
+    if p.uses_critic and p.critic_warmup_iterations >= p.iterations > 0:
+        errors.append(f"--ppo.critic_warmup_iterations {p.critic_warmup_iterations} with --ppo.iterations "
+                      f"{p.iterations}: every iteration would warm the critic up and the policy would never be "
+                      "trained. Keep the warm-up below --ppo.iterations (a few iterations is usual).")
+    return errors
 
 
 def _family_errors(cfg: Config) -> list[str]:

@@ -134,6 +134,12 @@ class PPOCoordinator:
         fields = prompts.columns(rows)
         return self.reward.score(shared, fields) if fields else self.reward.score(shared)
 
+    def _critic_warmup(self) -> bool:
+        """Whether this iteration warms the critic up (ppo.critic_warmup_iterations): the value
+        trains alone and the policy stays as it is. A function of the iteration, which is
+        checkpointed, so a run resumed inside the warm-up goes on warming up."""
+        return self.iteration < self.cfg.ppo.critic_warmup_iterations
+
     def mark_weights_stale(self) -> None:
         """The engines must receive the learner's weights before the next generation (after a
         resume, or after the learner group was restarted from a checkpoint)."""
@@ -192,6 +198,7 @@ class PPOCoordinator:
             batch = self._score(batch, scores)
         with self._phase("advantages"):
             batch, adv_metrics = self._advantages(batch)
+        warmup = self._critic_warmup()
         if adv_metrics["skipped_samples"] == len(batch):
             train_metrics = {"skipped_update": 1.0}
         else:
@@ -200,9 +207,13 @@ class PPOCoordinator:
                 # With the KL in the loss the ranks also need the reference logprobs and this
                 # iteration's coefficient (the one the metrics report).
                 in_loss = self.cfg.ppo.kl_in == "loss"
-                update = TrainUpdate.of(batch, with_ref=in_loss, kl_coef=adv_metrics["kl_coef"] if in_loss else 0.0)
+                update = TrainUpdate.of(batch, with_ref=in_loss, kl_coef=adv_metrics["kl_coef"] if in_loss else 0.0,
+                                        value_only=warmup)
                 train_metrics = self.learners.train(update, self.iteration).result()
-            self.weights_stale = True
+            # A warm-up leaves the policy as it is: the engines already hold its weights.
+            self.weights_stale = self.weights_stale or not warmup
+        if self.cfg.ppo.critic_warmup_iterations:
+            train_metrics = {**train_metrics, "critic_warmup": float(warmup)}
         self._times["time/iteration"] = time.perf_counter() - t_start
         metrics = {"iteration": self.iteration, "prompt_indices": self._prompt_indices,
                    **self._batch_metrics(batch), **adv_metrics, **train_metrics, **sync_metrics, **sampling_metrics,
@@ -377,7 +388,7 @@ class PPOCoordinator:
         usable = valid if n_bad < len(batch) else torch.ones_like(valid)
         kl_per_seq = kl.sum(-1)[usable]
         kl_k2_per_seq = (kl_estimate(batch.old_logprobs, batch.ref_logprobs, "k2") * actions).sum(-1)[usable]
-        if n_bad < len(batch):
+        if n_bad < len(batch) and not self._critic_warmup():  # a warm-up leaves the policy (and its KL) alone
             self.kl_ctl.update(float(kl_per_seq.mean()), len(batch) - n_bad)
         metrics = {
             "kl_mean": float(kl_per_seq.mean()),

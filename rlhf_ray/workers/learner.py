@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from rlhf_ray.backends.engine import EngineSettings, TrainEngine, hidden_size_of, train_backend
+from rlhf_ray.backends.engine import EngineSettings, StepOutcome, TrainEngine, hidden_size_of, train_backend
 from rlhf_ray.backends.memory import needs_activation_checkpointing
 from rlhf_ray.backends.replicated import ReplicatedModule, replicate
 from rlhf_ray.batch import ExperienceBatch, TrainUpdate, plan_passes
@@ -51,7 +51,8 @@ from rlhf_ray.workers.base import RoleBase
 from rlhf_ray.workers.learner_checkpoint import LearnerCheckpoints
 from rlhf_ray.workers.learner_passes import Forward, ForwardPasses
 from rlhf_ray.workers.learner_sync import WeightSender, gather_export
-from rlhf_ray.workers.objective import ppo_objective
+from rlhf_ray.workers.learner_tally import EpochTally
+from rlhf_ray.workers.objective import ppo_objective, value_objective
 
 
 @dataclass(frozen=True)
@@ -67,20 +68,37 @@ class LearnerSpec:
     prompt_tokens: int  # data.max_prompt_tokens
     response_tokens: int  # rollout.max_new_tokens
     grad_accum_steps: int  # micro-batches per optimiser step per rank (nominal with a token budget)
-    total_steps: int  # optimiser steps over the run (the learning-rate schedule's horizon)
+    total_steps: int  # the engine's optimiser steps over the run (its learning-rate schedule's horizon)
     save_hf_policy: bool  # checkpoint.save_hf_policy
     call_timeout_s: float  # resources.call_timeout_s: the group's collectives time out after it
     sync_timeout_s: float  # sync.timeout_s
     value_from: str | None = None  # the reward model the critic starts from (model.value_init reward_model)
+    value_head_steps: int | None = None  # the value head's optimiser steps over the run (None: total_steps)
 
     @staticmethod
     def from_config(cfg: Config) -> "LearnerSpec":
         sizes = resolve(cfg)
+        engine_steps, head_steps = optimizer_steps(cfg.ppo, cfg.model)
         return LearnerSpec(cfg.model, cfg.learner, cfg.ppo, cfg.seed, cfg.resources.learner.threads,
                            cfg.rollout.temperature, cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens,
-                           sizes.grad_accum_steps, cfg.ppo.iterations * sizes.optimizer_steps_per_iteration,
-                           cfg.checkpoint.save_hf_policy, cfg.resources.call_timeout_s, cfg.sync.timeout_s,
-                           reward_model_for_value(cfg))
+                           sizes.grad_accum_steps, engine_steps, cfg.checkpoint.save_hf_policy,
+                           cfg.resources.call_timeout_s, cfg.sync.timeout_s, reward_model_for_value(cfg), head_steps)
+
+
+def optimizer_steps(p: PPOConfig, m: ModelConfig) -> tuple[int, int]:
+    """(engine, value head) optimiser steps over the run: the horizons of their learning-rate
+    schedules, each counted in the steps it takes. Per iteration ppo.mini_batches steps per epoch.
+    The head steps in every epoch: ppo.epochs + ppo.critic_epochs. The engine steps in the PPO
+    epochs, in the critic epochs when the value gradient reaches a body (model.value_grad_to_body),
+    and in a critic warm-up only with a separate critic (its body trains, the policy is held); with
+    the shared body it takes no step there. E.g. 10 iterations, 2 of them warm-up, 1 epoch + 1
+    critic epoch of 2 mini-batches, shared body: engine 8 x 4 = 32, head 10 x 4 = 40."""
+    per_epoch = p.mini_batches
+    warm = min(p.critic_warmup_iterations, p.iterations)
+    value_epochs = p.critic_epochs if m.value_grad_to_body else 0
+    warm_epochs = p.epochs + p.critic_epochs if m.separate_critic and m.value_grad_to_body else 0
+    engine = (p.iterations - warm) * (p.epochs + value_epochs) * per_epoch + warm * warm_epochs * per_epoch
+    return engine, p.iterations * (p.epochs + p.critic_epochs) * per_epoch
 
 
 # How the ranks' ``train`` metrics combine into the group's: per-token means are weighted by
@@ -175,7 +193,8 @@ class Learner(RoleBase):
         self.engine = backend.build(load, settings)
         self.device = self.engine.device  # cuda:0 of the GPU Ray assigned, or cpu
         # Critic-free estimators train no value network: the head is dropped, not trained.
-        self.head = (replicate(heads[0], lrn, spec.total_steps, self.device, self.world_size,
+        head_steps = spec.value_head_steps if spec.value_head_steps is not None else spec.total_steps
+        self.head = (replicate(heads[0], lrn, head_steps, self.device, self.world_size,
                                self.engine.outside_grad_scale) if spec.ppo.uses_critic else None)
         self.checkpoints = LearnerCheckpoints(self.engine, self.head, self.rank, m, spec.save_hf_policy)
         self.passes = ForwardPasses(self.engine, self.head, lrn, spec.temperature, self.world_size)
@@ -281,7 +300,10 @@ class Learner(RoleBase):
 
     def train(self, update: TrainUpdate, iteration: int) -> dict[str, float]:
         """One PPO update over the slice kept from ``compute_old`` with ``update``'s advantages,
-        returns and mask; returns this rank's metrics.
+        returns and mask: ppo.epochs, then ppo.critic_epochs value-only epochs (metrics
+        ``critic_epochs/*``); returns this rank's metrics. ``update.value_only`` (a critic warm-up
+        iteration): ppo.epochs + ppo.critic_epochs value-only epochs and nothing else, the policy
+        stays exactly as it is (no policy metrics).
 
         Metrics stay on the device until the end (no host sync per micro-batch); the only
         per-step sync is the value head's skip decision."""
@@ -291,56 +313,70 @@ class Learner(RoleBase):
         p = self.spec.ppo
         self.engine.train()
         gen = torch.Generator().manual_seed(self.spec.seed * 7919 + iteration * 31 + self.rank)
-        sums: dict[str, torch.Tensor] = {}
-        tokens = 0.0
-        pass_tokens = real_tokens = 0  # tokens through the body (padding included) / real tokens
-        grad_norms: list = []
-        head_norms: list[torch.Tensor] = []
-        first_dev = None
-        skipped_steps = nonfinite_steps = 0
         t0 = time.perf_counter()
-        for _ in range(p.epochs):
-            minis = shard.select(torch.randperm(len(shard), generator=gen)).split(p.mini_batches)
+        if update.value_only:
+            main = self._epochs(shard, gen, p.epochs + p.critic_epochs, update.kl_coef, value_only=True, warmup=True)
+            metrics = main.metrics()
+        else:
+            main = self._epochs(shard, gen, p.epochs, update.kl_coef, value_only=False)
+            metrics = main.metrics()
+            if p.critic_epochs:
+                extra = self._epochs(shard, gen, p.critic_epochs, 0.0, value_only=True)
+                metrics.update({f"critic_epochs/{k}": v for k, v in extra.metrics().items()})
+                main.add_passes(extra)
+        metrics["lr"] = self.engine.lr()
+        metrics["learner_tokens"] = float(main.pass_tokens)
+        metrics["learner_response_tokens"] = main.tokens  # the weight of this rank's per-token means
+        metrics["padding_fraction"] = 1.0 - main.real_tokens / max(main.pass_tokens, 1)
+        metrics["update_seconds"] = time.perf_counter() - t0
+        return metrics
+
+    def _epochs(self, shard: ExperienceBatch, gen: torch.Generator, epochs: int, kl_coef: float, value_only: bool,
+                warmup: bool = False) -> EpochTally:
+        """``epochs`` passes over ``shard`` in ppo.mini_batches optimiser steps each: PPO steps, or
+        value-only steps (``value_only``; ``warmup``: a critic warm-up's).
+
+        A value-only step trains the value head, and the body it reads when the value gradient
+        reaches one (:meth:`_value_reaches_body`): that body's step holds the policy's parameter
+        group with a separate critic (the policy stays exactly as it is); with the shared body
+        (critic epochs only) the body is the policy and steps. Where no gradient reaches a body,
+        the engine takes neither a backward nor a step: a step with zero gradients would still
+        move its weights (Adam's momentum, weight decay) and advance its schedule."""
+        lrn, tally = self.spec.learner, EpochTally(value_only, self.head is not None)
+        body_grad = not value_only or self._value_reaches_body(warmup)
+        hold = ("policy",) if value_only and self.spec.model.separate_critic else ()
+        for _ in range(epochs):
+            minis = shard.select(torch.randperm(len(shard), generator=gen)).split(self.spec.ppo.mini_batches)
             counts, plans = self._step_plan(minis)
             for mini, (count, sequences), parts in zip(minis, counts, plans):
                 if count == 0:  # all of this step's samples were quarantined, on every rank (the count is global)
-                    skipped_steps += 1
+                    tally.skipped_steps += 1
                     continue
                 for j, rows in enumerate(parts):
                     micro = mini.select(rows).trim()
                     n_tok = float(micro.num_response_tokens())  # on the host, before the copy
                     real = int(micro.attention_mask.sum())
-                    real_tokens += real
-                    pass_tokens += real if self.spec.learner.packing else micro.input_ids.numel()
-                    stats = self._micro_step(micro.to(self.device), count, sequences, update.kl_coef,
-                                             last=j == len(parts) - 1)
-                    dev = stats.pop("ratio_dev_max")
-                    first_dev = dev if first_dev is None else first_dev
-                    for k, v in stats.items():
-                        sums[k] = sums.get(k, 0.0) + v * n_tok
-                    tokens += n_tok
-                outcome = self.engine.step()
-                nonfinite_steps += int(not outcome.applied)
+                    tally.real_tokens += real
+                    tally.pass_tokens += real if lrn.packing else micro.input_ids.numel()
+                    last = j == len(parts) - 1
+                    if value_only:
+                        stats = self._value_micro_step(micro.to(self.device), count, last, body_grad)
+                    else:
+                        stats = self._micro_step(micro.to(self.device), count, sequences, kl_coef, last)
+                    tally.add(stats, n_tok)
+                outcome = self.engine.step(hold=hold) if body_grad else StepOutcome(True, None)
+                tally.nonfinite_steps += int(not outcome.applied)
                 if self.head is not None:
-                    head_norms.append(self.head.step(engine_stepped=outcome.applied))
+                    tally.head_norms.append(self.head.step(engine_stepped=outcome.applied))
                 if outcome.grad_norm is not None:
-                    grad_norms.append(outcome.grad_norm)
-        keys = list(sums)
-        values = torch.stack([sums[k].float() for k in keys]).cpu().tolist() if keys else []  # the one sync
-        metrics = {k: v / max(tokens, 1.0) for k, v in zip(keys, values)}
-        norms = [float(n) for n in grad_norms]
-        metrics["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
-        if self.head is not None:
-            metrics["value_head_grad_norm"] = float(torch.stack(head_norms).mean()) if head_norms else float("nan")
-        metrics["onpolicy_ratio_dev"] = float(first_dev) if first_dev is not None else float("nan")
-        metrics["lr"] = self.engine.lr()
-        metrics["skipped_steps"] = float(skipped_steps)
-        metrics["nonfinite_steps"] = float(nonfinite_steps)  # optimiser steps skipped for a non-finite gradient
-        metrics["learner_tokens"] = float(pass_tokens)
-        metrics["learner_response_tokens"] = tokens  # the weight of this rank's per-token means
-        metrics["padding_fraction"] = 1.0 - real_tokens / max(pass_tokens, 1)
-        metrics["update_seconds"] = time.perf_counter() - t0
-        return metrics
+                    tally.grad_norms.append(outcome.grad_norm)
+        return tally
+
+    def _value_reaches_body(self, warmup: bool) -> bool:
+        """Whether a value-only step trains a body: model.value_grad_to_body, except in a critic
+        warm-up with the shared body (the body is the policy, which a warm-up leaves as it is)."""
+        m = self.spec.model
+        return m.value_grad_to_body and (m.separate_critic or not warmup)
 
     def _micro_step(self, mb: ExperienceBatch, step_tokens: float, step_sequences: float,
                     kl_coef: float, last: bool) -> dict[str, torch.Tensor]:
@@ -353,6 +389,21 @@ class Learner(RoleBase):
         loss, stats = ppo_objective(p, mb, f.logprobs, f.values, f.entropy, step_tokens=step_tokens,
                                     step_sequences=step_sequences, kl_coef=kl_coef, max_len=self.spec.response_tokens)
         self.engine.backward(loss, last)
+        return stats
+
+    def _value_micro_step(self, mb: ExperienceBatch, step_tokens: float, last: bool,
+                          body_grad: bool) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro-batch of a value-only step: the value loss alone
+        (``value_objective``). With ``body_grad`` through the engine's backward (a body gets the
+        value gradient); without, the bodies ran with no graph and autograd reaches the value head
+        alone, scaled as the engine's backward would (``outside_grad_scale``) so the head's step
+        reads the same gradient either way."""
+        values = self.passes.values(mb, body_grad)
+        loss, stats = value_objective(self.spec.ppo, mb, values, step_tokens=step_tokens)
+        if body_grad:
+            self.engine.backward(loss, last)
+        else:
+            (loss * self.engine.outside_grad_scale).backward()
         return stats
 
     # ------------------------------------------------------------------ weight sync and checkpoints

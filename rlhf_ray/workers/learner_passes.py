@@ -8,7 +8,7 @@ a sharding engine gathers parameters collectively in each forward.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,11 @@ class Forward(NamedTuple):
 # Packed and padded logprobs agree to rounding; sequences that see each other differ by far more
 # (0.5 nats on the tiny test model, nats on real ones).
 PACKING_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
+
+
+def _unpack(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(1, N) at the packed response positions -> (B, R) of ``mask``'s shape, zeros at padding."""
+    return torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(mask, t)
 
 
 class ForwardPasses:
@@ -58,24 +63,38 @@ class ForwardPasses:
         or "none"."""
         mask = mb.response_mask
         packing = self.learner.packing if packing is None else packing
-        if packing:
-            rows = pack_rows(mb)
-            out = self.engine(rows.input_ids, None, rows.position_ids, keep_index=rows.keep_index)
-            tokens = mb.response_ids[mask].unsqueeze(0)  # (1, N), in keep_index order
-        else:
-            out = self.engine(mb.input_ids, mb.attention_mask.long(), mb.position_ids, response_len=mask.shape[1])
-            tokens = mb.response_ids
+        out, tokens = self._bodies(mb, packing)
         values = self.head.module(out.value_hidden) if self.head is not None else None
         logprobs, ent = chunked_logprobs_and_entropy(out.logits, tokens, self.temperature, entropy,
                                                      self.learner.logprob_chunk)
         if packing:  # (1, N) -> (B, R), zeros at padding
-            def unpack(t: torch.Tensor) -> torch.Tensor:
-                return torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(mask, t)
-
-            logprobs = unpack(logprobs)
-            values = unpack(values) if values is not None else None
-            ent = unpack(ent) if ent is not None else None
+            logprobs = _unpack(logprobs, mask)
+            values = _unpack(values, mask) if values is not None else None
+            ent = _unpack(ent, mask) if ent is not None else None
         return Forward(logprobs, values, ent)
+
+    def values(self, mb: ExperienceBatch, body_grad: bool) -> torch.Tensor:
+        """Values (B, R) for a value-only pass (critic warm-up, critic epochs), no logprobs. The
+        head's forward keeps its graph; the bodies' only with ``body_grad``: without it they run
+        as a no-grad pass (no activations kept), so no gradient can reach a body, whatever
+        model.value_grad_to_body says."""
+        mask = mb.response_mask
+        with torch.set_grad_enabled(body_grad):
+            out, _ = self._bodies(mb, self.learner.packing)
+        values = self.head.module(out.value_hidden)
+        return _unpack(values, mask) if self.learner.packing else values
+
+    def _bodies(self, mb: ExperienceBatch, packing: bool) -> tuple[Any, torch.Tensor]:
+        """The engine's forward (an ``ActorCriticOutput``) at the response positions, and the tokens
+        those positions predict: packed rows ((1, N) tokens in ``keep_index`` order) or padded ones
+        ((B, R))."""
+        mask = mb.response_mask
+        if packing:
+            rows = pack_rows(mb)
+            out = self.engine(rows.input_ids, None, rows.position_ids, keep_index=rows.keep_index)
+            return out, mb.response_ids[mask].unsqueeze(0)
+        out = self.engine(mb.input_ids, mb.attention_mask.long(), mb.position_ids, response_len=mask.shape[1])
+        return out, mb.response_ids
 
     def _parts(self, batch: ExperienceBatch, max_tokens: int, max_rows: int) -> list[torch.Tensor | None]:
         """Row indices of ``batch``'s no-grad forward passes (``plan_passes``): by token budget

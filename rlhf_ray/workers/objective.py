@@ -1,7 +1,9 @@
 """The PPO learner's loss on one micro-batch, assembled from ``rlhf_ray.algorithms`` by the
 ``ppo`` section: the clipped surrogate (token or sequence ratio) with the off-policy correction,
 the KL term when the KL is in the loss, the entropy bonus, all aggregated by ``ppo.loss_agg``
-over the whole optimiser step's counts; plus the value loss when there is a critic.
+over the whole optimiser step's counts; plus the value loss when there is a critic
+(``value_objective``, which the value-only passes of a critic warm-up and of critic epochs train
+on alone).
 
 A function of tensors and the config section, kept apart from the engine so the learner reads
 as set-up, forward, update and sync.
@@ -49,8 +51,8 @@ def ppo_objective(p: PPOConfig, mb: ExperienceBatch, logprobs: torch.Tensor, val
 
     loss = agg(per_token) - p.entropy_coef * agg(entropy)
     if values is not None:
-        vl = value_loss(values, mb.old_values, mb.returns, mask, clip_range=p.value_clip, num_tokens=step_tokens)
-        loss = loss + p.vf_coef * vl.loss
+        value = value_objective(p, mb, values, step_tokens=step_tokens)
+        loss = loss + value.loss
     with torch.no_grad():
         def mean(x: torch.Tensor) -> torch.Tensor:
             return masked_sum(x.float(), mask) / mask.sum().clamp(min=1)
@@ -64,11 +66,24 @@ def ppo_objective(p: PPOConfig, mb: ExperienceBatch, logprobs: torch.Tensor, val
             "ratio_dev_max": ((logprobs - mb.old_logprobs).exp() - 1).abs().masked_fill(~mask, 0).max(),
         }
         if values is not None:
-            stats.update(value_loss=vl.loss.detach() * step_tokens / mask.sum().clamp(min=1),
-                         value_clip_fraction=vl.clip_fraction)
+            stats.update(value.stats)
         if kl is not None:
             stats["kl_loss"] = mean(kl.detach())
         if p.rollout_correction != "none":
             stats.update({"correction/weight_mean": corr.weight_mean, "correction/weight_max": corr.weight_max,
                           "correction/fraction": corr.corrected_fraction})
     return Objective(loss, stats)
+
+
+def value_objective(p: PPOConfig, mb: ExperienceBatch, values: torch.Tensor, *, step_tokens: float) -> Objective:
+    """The value part of the loss alone: ppo.vf_coef x the clipped value loss of ``values`` (B, R)
+    against ``mb``'s returns, summed over this micro-batch's tokens and divided by ``step_tokens``
+    (the whole step's count over all ranks). ``ppo_objective`` adds it to the policy loss; the
+    value-only passes (critic warm-up, critic epochs) train on it alone, so the value part of their
+    gradient is exactly that of a PPO step on the same batch."""
+    mask = mb.response_mask
+    vl = value_loss(values, mb.old_values, mb.returns, mask, clip_range=p.value_clip, num_tokens=step_tokens)
+    with torch.no_grad():
+        stats = {"value_loss": vl.loss.detach() * step_tokens / mask.sum().clamp(min=1),
+                 "value_clip_fraction": vl.clip_fraction}
+    return Objective(p.vf_coef * vl.loss, stats)

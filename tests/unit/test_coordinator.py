@@ -212,8 +212,9 @@ def test_train_batch_has_advantages_and_returns_zero_at_masked_positions():
     # Only what the advantages phase made travels to the ranks: they kept the rest from compute_old.
     assert isinstance(batch, TrainUpdate)
     assert sorted(f.name for f in dataclasses.fields(batch)) == ["advantages", "kl_coef", "ref_logprobs",
-                                                                 "response_mask", "returns"]
+                                                                 "response_mask", "returns", "value_only"]
     assert batch.ref_logprobs is None and batch.kl_coef == 0.0  # KL in the reward: nothing more travels
+    assert batch.value_only is False  # no critic warm-up: a full PPO update
     assert learners.old_calls[0].response_mask.shape == (B, R)
     assert batch.advantages.shape == batch.returns.shape == (B, R)
     assert (batch.advantages[~mask] == 0).all()
