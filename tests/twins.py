@@ -118,6 +118,10 @@ TWINS: dict[str, Twin] = {
         entry="pipeline",
         run_by="tests/integration/test_train_entrypoints.py::test_pipeline_sft_rm_ppo",
     ),
+    "tools_cpu.yaml": Twin(
+        entry="pipeline",
+        run_by="tests/integration/test_tool_job.py::test_tool_job_sft_then_ppo_on_calculator_episodes",
+    ),
 }
 
 
