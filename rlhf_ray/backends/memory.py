@@ -26,7 +26,9 @@ import os
 from dataclasses import dataclass, field
 
 from rlhf_ray.config import Config
-from rlhf_ray.config.validate import episode_tokens, reference_from_learner, reward_model_for_value
+from rlhf_ray.config.critic import reward_model_for_value
+from rlhf_ray.config.episodes import episode_tokens
+from rlhf_ray.config.validate import reference_from_learner
 
 GIB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from rlhf_ray.backends.memory import CUDA_GRAPHS, GIB, ModelShape, RoleEstimate, role_estimates
 from rlhf_ray.config import Config, ConfigError, resolve
-from rlhf_ray.config.validate import episode_tokens
+from rlhf_ray.config.episodes import episode_tokens
 
 
 class MemoryPlanError(ValueError):

@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from rlhf_ray.config.choices import choice_errors
+from rlhf_ray.config.critic import critic_tool_errors, value_init_errors
+from rlhf_ray.config.episodes import episode_errors
 from rlhf_ray.config.schema import Config, ConfigError, LearnerConfig, RoleResources, get_path
 from rlhf_ray.config.sizes import Sizes, resolve
 
@@ -41,7 +43,7 @@ def validate(cfg: Config) -> Sizes:
     """Check the whole config; raise one ConfigError listing every problem. Returns the sizes."""
     errors = [*_basic_errors(cfg), *_ppo_errors(cfg), *_learner_errors(cfg), *_rollout_errors(cfg),
               *_reward_errors(cfg), *_eval_errors(cfg), *_resource_errors(cfg), *lora_errors(cfg),
-              *_value_init_errors(cfg)]
+              *value_init_errors(cfg)]
     try:
         sizes = resolve(cfg)
     except ConfigError as exc:
@@ -135,25 +137,7 @@ def _ppo_errors(cfg: Config) -> list[str]:
         errors.append(f"--ppo.kl_coef 0 with --ppo.kl_target {p.kl_target}: the adaptive controller multiplies the "
                       "coefficient, so it can never leave 0; start --ppo.kl_coef above 0 (e.g. 0.02) or unset "
                       "--ppo.kl_target for no KL penalty.")
-    return errors + _critic_tool_errors(cfg) + _family_errors(cfg)
-
-
-def _critic_tool_errors(cfg: Config) -> list[str]:
-    """ppo.critic_warmup_iterations and ppo.critic_epochs: counts >= 0, a critic to train, a policy
-    that is trained at all."""
-    p, errors = cfg.ppo, []
-    for name in ("critic_warmup_iterations", "critic_epochs"):
-        n = getattr(p, name)
-        if n < 0:
-            errors.append(f"--ppo.{name} must be >= 0 (got {n}); 0 turns it off.")
-        elif n > 0 and not p.uses_critic:
-            errors.append(f"--ppo.{name} {n} trains the critic, but --ppo.estimator {p.estimator} trains no value "
-                          "network (a critic-free estimator): unset it, or use --ppo.estimator gae.")
-    if p.uses_critic and p.critic_warmup_iterations >= p.iterations > 0:
-        errors.append(f"--ppo.critic_warmup_iterations {p.critic_warmup_iterations} with --ppo.iterations "
-                      f"{p.iterations}: every iteration would warm the critic up and the policy would never be "
-                      "trained. Keep the warm-up below --ppo.iterations (a few iterations is usual).")
-    return errors
+    return errors + critic_tool_errors(cfg) + _family_errors(cfg)
 
 
 def _family_errors(cfg: Config) -> list[str]:
@@ -211,35 +195,6 @@ def _learner_errors(cfg: Config) -> list[str]:
     return errors + optimizer_errors(lrn)
 
 
-def reward_model_for_value(cfg: Config) -> str | None:
-    """The reward model checkpoint the critic starts from (model.value_init reward_model), else None."""
-    return cfg.reward.model_path if cfg.model.value_init == "reward_model" else None
-
-
-def _value_init_errors(cfg: Config) -> list[str]:
-    """model.value_init reward_model needs a reward model and a critic (the checkpoints' hidden sizes
-    and tokenizers are checked in the pre-flight, ``rlhf_ray.models.value_init.value_init_error``)."""
-    m, errors = cfg.model, []
-    if m.value_init != "reward_model":
-        return errors
-    if cfg.reward.kind != "model":
-        errors.append(f"--model.value_init reward_model starts the critic from the reward model (--reward.model_path "
-                      f"with --reward.kind model), but --reward.kind is {cfg.reward.kind!r}: there is no reward model "
-                      "to start from. Use --model.value_init policy, or score with --reward.kind model.")
-    if not cfg.ppo.uses_critic:
-        errors.append(f"--model.value_init reward_model with --ppo.estimator {cfg.ppo.estimator}: a critic-free "
-                      "estimator trains no value network; use --model.value_init policy or --ppo.estimator gae.")
-    if m.separate_critic and m.critic_path:
-        errors.append(f"--model.critic_path {m.critic_path} with --model.value_init reward_model: the separate critic "
-                      "starts as the reward model (--reward.model_path); drop --model.critic_path, or use "
-                      "--model.value_init policy to start the critic from it.")
-    if m.value_head_init_std > 0:
-        errors.append(f"--model.value_head_init_std {m.value_head_init_std} with --model.value_init reward_model: the "
-                      "value head starts as the reward model's score head, so the random init would never be used; "
-                      "set it to 0, or use --model.value_init policy.")
-    return errors
-
-
 def _rollout_errors(cfg: Config) -> list[str]:
     """Sampling settings an engine would refuse, the context length, tensor parallelism with the
     sync transport, the engine-vs-learner logprob check, and the backend's own subsection."""
@@ -256,7 +211,7 @@ def _rollout_errors(cfg: Config) -> list[str]:
             f"--rollout.max_model_len {r.max_model_len} cannot hold --data.max_prompt_tokens "
             f"{cfg.data.max_prompt_tokens} + --rollout.max_new_tokens {r.max_new_tokens}; "
             f"raise it to at least {need} or shorten prompts/responses.")
-    errors += _episode_errors(cfg)
+    errors += episode_errors(cfg)
     if r.tensor_parallel_size > 1 and cfg.sync.transport == "collective":
         errors.append(f"--rollout.tensor_parallel_size {r.tensor_parallel_size} with --sync.transport collective: "
                       "every tensor-parallel worker of an engine would join the broadcast group with the engine's "
@@ -337,40 +292,6 @@ def _eval_errors(cfg: Config) -> list[str]:
         errors.append(f"--rollout.max_model_len {room} cannot hold --data.max_prompt_tokens {prompt} + "
                       f"--eval.max_new_tokens {tokens}; raise it to at least {prompt + tokens} or shorten the "
                       "evaluation responses.")
-    return errors
-
-
-def episode_tokens(cfg: Config) -> int:
-    """Tokens after the prompt one sample may hold: rollout.max_new_tokens, or with rollout.env the
-    episode's budget (rollout.max_episode_tokens, else what the engines' context holds after the
-    longest prompt)."""
-    r = cfg.rollout
-    if r.env is None:
-        return r.max_new_tokens
-    return r.max_episode_tokens if r.max_episode_tokens is not None else r.max_model_len - cfg.data.max_prompt_tokens
-
-
-def _episode_errors(cfg: Config) -> list[str]:
-    """Multi-turn settings: positive limits, and an episode that fits the engines' context."""
-    r, errors = cfg.rollout, []
-    if r.env is None:
-        return errors
-    if r.max_turns < 1:
-        errors.append(f"--rollout.max_turns must be >= 1 (got {r.max_turns}).")
-    if r.env_timeout_s <= 0 or r.env_workers < 1:
-        errors.append(f"--rollout.env_timeout_s must be > 0 and --rollout.env_workers >= 1 (got {r.env_timeout_s} "
-                      f"and {r.env_workers}).")
-    if r.max_episode_tokens is not None and r.max_episode_tokens < 1:
-        errors.append(f"--rollout.max_episode_tokens must be >= 1 (got {r.max_episode_tokens}).")
-    need = cfg.data.max_prompt_tokens + episode_tokens(cfg)
-    if episode_tokens(cfg) < r.max_new_tokens:
-        errors.append(f"an episode must hold at least one turn of --rollout.max_new_tokens {r.max_new_tokens}, but "
-                      f"its budget is {episode_tokens(cfg)} tokens (--rollout.max_episode_tokens, else "
-                      "--rollout.max_model_len - --data.max_prompt_tokens); raise it.")
-    elif need > r.max_model_len:
-        errors.append(f"--rollout.max_model_len {r.max_model_len} cannot hold --data.max_prompt_tokens "
-                      f"{cfg.data.max_prompt_tokens} + an episode of --rollout.max_episode_tokens "
-                      f"{episode_tokens(cfg)}; raise it to at least {need} or lower the episode budget.")
     return errors
 
 

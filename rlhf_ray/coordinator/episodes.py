@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 from rlhf_ray.backends.rollout import SamplingSpec
 from rlhf_ray.batch import Generation
 from rlhf_ray.config import Config
-from rlhf_ray.config.validate import episode_tokens
+from rlhf_ray.config.episodes import episode_tokens
 from rlhf_ray.data.prompts import PromptSet
 from rlhf_ray.envs.base import Environment, StepResult, load_env_class
 from rlhf_ray.runtime.pending import Pending

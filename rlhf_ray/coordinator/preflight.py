@@ -66,7 +66,7 @@ def check_value_init(cfg: Config) -> None:
     """A critic that cannot start from the reward model (model.value_init reward_model) fails here,
     from the checkpoints' configs, score head shape and tokenizers (no weights are read): see
     :func:`rlhf_ray.models.value_init.value_init_error`."""
-    from rlhf_ray.config.validate import reward_model_for_value
+    from rlhf_ray.config.critic import reward_model_for_value
 
     reward_path = reward_model_for_value(cfg)
     if reward_path is None:

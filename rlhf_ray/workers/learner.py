@@ -42,7 +42,7 @@ from rlhf_ray.backends.memory import needs_activation_checkpointing
 from rlhf_ray.backends.replicated import ReplicatedModule, replicate
 from rlhf_ray.batch import ExperienceBatch, TrainUpdate, plan_passes
 from rlhf_ray.config import Config, LearnerConfig, ModelConfig, PPOConfig, resolve
-from rlhf_ray.config.validate import reward_model_for_value
+from rlhf_ray.config.critic import reward_model_for_value
 from rlhf_ray.models.actor_critic import POLICY_PREFIX
 from rlhf_ray.models.lora import LoraSpec, adapters_disabled
 from rlhf_ray.weight_sync.plan import Bucket, TensorSpec
