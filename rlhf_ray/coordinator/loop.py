@@ -35,9 +35,12 @@ from rlhf_ray.workers.rollout import SamplingSpec
 
 
 class Rollout(Protocol):
+    """The rollout engines as one: ``generate`` shares the prompts out over them. For multi-turn
+    episodes a rollout may also offer ``engine_calls() -> list[EngineCall]`` (one generate callable
+    per engine, ``runtime.groups.RolloutGroup``), so that episodes spread over the engines turn by
+    turn; without it ``generate`` serves as one engine."""
+
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> Pending: ...
-    # Optional, for multi-turn episodes: one generate callable per engine (else ``generate`` serves as one).
-    # def engine_calls(self) -> list[Callable[[list[list[int]], SamplingSpec], Pending]]: ...
 
 
 class Reference(Protocol):
