@@ -44,6 +44,12 @@ every 50 iterations), no TensorBoard. ``--iterations`` below the main job's 150 
 setting alike (``--deadline`` picks it from the first run's time: the JSON says which was used).
 The s/it figures are this shared 2-core VM's at the time: compare them within one invocation only.
 
+Measured (benchmarks/results/critic.json, 2026-12-07): the compare task only, 100 iterations per run
+for every setting, not the main job's 150 (``--deadline``: the 150-iteration first run took 87 s
+and 30 of them would not have ended in time; that run, which reproduced the main job's held-out
+evaluations exactly, is kept in the JSON as "probe"); 30 runs in 36 minutes. The words task
+(``--tasks words``) is written but was not run.
+
 Run (repository root; ~75-100 s per run on 2 cores, 30 runs per task):
     .venv/bin/python -m benchmarks.critic --deadline 23:05
     .venv/bin/python -m benchmarks.critic --tasks words --name critic_words
