@@ -241,10 +241,10 @@ class PPOCoordinator:
         waited = self._await_pending_generation()
         t0 = time.perf_counter()
         self._sync_if_stale()
-        rows = list(range(len(self.eval_prompts.token_ids)))
-        gen = self._generate(self.eval_prompts, rows, self.eval_spec).result()
+        gen = self._generate(self.eval_prompts, list(range(len(self.eval_prompts.token_ids))), self.eval_spec).result()
         batch = pack_generation(gen, self.pad_id, self.eos_ids)
-        scores = self._reward_score(self.put(batch), self.eval_prompts, [rows[g] for g in gen.prompt_index]).result()
+        # every evaluation prompt once, in order: a row's group id is its prompt's index
+        scores = self._reward_score(self.put(batch), self.eval_prompts, list(gen.prompt_index)).result()
         finite = torch.isfinite(scores)
         good = scores[finite]
         metrics = {

@@ -198,7 +198,9 @@ class Run:
         """Record one iteration: files, progress bar, and every logging.log_every a full line."""
         metrics.update(self.recovery.counters())
         if self.inputs.gold is not None:
-            metrics["gold_mean"] = self.inputs.gold.mean(self.coord.last_batch, self._gold_fields(metrics))
+            # the fields of each row's prompt (the coordinator keeps them through dynamic sampling's renumbering)
+            fields = self.inputs.prompts.columns(self.coord.row_prompts)
+            metrics["gold_mean"] = self.inputs.gold.mean(self.coord.last_batch, fields)
         self.records.add(metrics)
         self.dumper.maybe_dump(int(metrics["iteration"]), self.coord.last_batch)
         drawn = self._bar_drawn
@@ -213,11 +215,6 @@ class Run:
             self._say(format_line(metrics) + progress)
             for line in sample_lines(self.coord.last_batch, self.inputs.tokenizer, self.cfg.logging.print_samples):
                 self._say(line)
-
-    def _gold_fields(self, metrics: dict) -> dict[str, list]:
-        """The prompt fields of each row of the last batch, for the gold check (the coordinator
-        keeps each row's prompt, through dynamic sampling's renumbering too)."""
-        return self.inputs.prompts.columns(self.coord.row_prompts)
 
     def checkpoint(self) -> str | None:
         """Save the learner and coordinator state at the current iteration (once per iteration)."""
