@@ -38,6 +38,8 @@ class Generation:
     action_masks: list[list[bool]] | None = None  # episodes: per response token, True = sampled by the policy
     turn_rewards: list[list[float]] | None = None  # episodes: the environment's reward on each turn's last token
     episodes: list[dict] | None = None  # episodes: turns, tool_calls, tool_errors, observation_tokens
+    versions: list[list[int]] | None = None  # per response token: the policy version of the weights that sampled
+    # it (an observation: its turn's); set by the coordinator, which knows which version the engines hold
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -49,13 +51,13 @@ class Generation:
 
     @staticmethod
     def concat(parts: Sequence["Generation"]) -> "Generation":
-        """Samples of ``parts`` in order; the episode lists are kept when every part has them."""
-        out = Generation([], [], [], [], [], [], [], [])
+        """Samples of ``parts`` in order; the optional lists are kept when every part has them."""
+        out = Generation(*([] for _ in dataclasses.fields(Generation)))
         for f in dataclasses.fields(Generation):
             values = [getattr(part, f.name) for part in parts]
             if any(v is None for v in values):
                 if not all(v is None for v in values):
-                    raise ValueError(f"cannot concat episodes with single responses ({f.name} missing in some parts)")
+                    raise ValueError(f"cannot concat parts with and without {f.name}")
                 setattr(out, f.name, None)
             else:
                 for v in values:

@@ -112,8 +112,8 @@ class PPOConfig:
     w = exp(old - rollout logprob) of each token: none, tis (the policy loss of each token weighted by
     min(w, ppo.correction_cap)) or icepop (weighted by w where w is within [ppo.correction_low,
     ppo.correction_high], left out of the policy loss elsewhere). On, the engines return logprobs every
-    iteration. auto: tis with rollout.async_generation, else none; none with async generation trains on
-    the previous weights' samples uncorrected."""
+    iteration. auto: tis with rollout.max_staleness >= 1 (or async_generation), else none; none there trains
+    on older weights' samples uncorrected."""
     correction_cap: float = 2.0
     """tis: cap C of the truncated importance weight."""
     correction_low: float = 0.5
@@ -132,17 +132,17 @@ class PPOConfig:
     overlong_penalty: float = 1.0
     """The overlong soft penalty at rollout.max_new_tokens tokens."""
 
-    def resolved(self, async_generation: bool) -> "PPOConfig":
+    def resolved(self, staleness: int) -> "PPOConfig":
         """This section with each ``auto`` choice filled in from the settings it depends on, as the
         fields' docs say; a choice that was given is kept as it is (validation refuses what cannot work).
-        ``async_generation``: rollout.async_generation."""
+        ``staleness``: the staleness bound that runs (``RolloutConfig.staleness``)."""
         derived = {
             # k1's expected gradient as a loss is zero; k3 is the usual GRPO loss term (Schulman 2020).
             "kl_estimator": "k3" if self.kl_in == "loss" else "k1",
             # GSPO (arXiv:2507.18071) averages one clipped term per sequence.
             "loss_agg": "seq_mean_token_mean" if self.ratio == "sequence" else "token_mean",
-            # Async batches come from the weights before the last update: correct toward them.
-            "rollout_correction": "tis" if async_generation else "none",
+            # Pipelined batches come from older weights than the learner's: correct toward them.
+            "rollout_correction": "tis" if staleness > 0 else "none",
         }
         unset = {name: value for name, value in derived.items() if getattr(self, name) == AUTO}
         return dataclasses.replace(self, **unset) if unset else self

@@ -52,9 +52,19 @@ class RolloutConfig:
     sync.transport object_store (every worker of an engine then loads its shard of the full weights); with the
     collective transport all the workers of an engine would claim its one rank in the broadcast group (refused)."""
     async_generation: bool = False
-    """Generate the next batch while this one is scored and trained (one step off-policy): an iteration
-    then takes about max(generation, training) instead of their sum. ppo.rollout_correction auto (the
-    default) then corrects toward the weights that sampled the batch (tis)."""
+    """Generate the next batch while this one is trained (one step off-policy): the same as
+    rollout.max_staleness 1, the setting to use."""
+    max_staleness: int | None = None
+    """Policy versions a trained token may lag the weights that sampled it, at most. 0: on-policy, the phases of
+    an iteration one after another. k >= 1: a pipeline (coordinator/pipeline.py): batches are generated and
+    scored (reference, reward) on threads of their own while the learners train, up to k batches ahead, each
+    sample tagged with the policy version of every token; ppo.rollout_correction auto (the default) then
+    corrects toward the weights that sampled each token (tis). Unset: 1 with rollout.async_generation, else 0."""
+    partial_rollout_tokens: int = 0
+    """In-flight weight updates (rollout.max_staleness >= 1): generate each batch this many tokens at a time, so
+    that a weight sync which comes while a batch generates is loaded between two segments; the responses in
+    flight go on with the new weights (their later tokens tagged with the new version) and the sync waits for
+    one segment, not the whole batch. Costs one prefill per segment. 0: whole responses per call."""
     stop: tuple[str, ...] = ()
     """Strings that end a turn (e.g. a tool call's closing tag "</calc>"); the tokens that complete the string
     are kept, so the turn's tokens are exactly the sampled ones."""
@@ -79,6 +89,11 @@ class RolloutConfig:
     meanwhile."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     """Settings only the vllm backend reads."""
+
+    @property
+    def staleness(self) -> int:
+        """The staleness bound that runs: rollout.max_staleness, or when unset 1 with async_generation, else 0."""
+        return self.max_staleness if self.max_staleness is not None else int(self.async_generation)
 
 
 @dataclass(frozen=True)

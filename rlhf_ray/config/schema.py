@@ -332,7 +332,7 @@ class Config:
     def __post_init__(self) -> None:
         # The ppo choices left at auto, which depend on other settings, are filled in here, once, so
         # every role (and config.json) reads what runs; a choice that was given is never changed.
-        object.__setattr__(self, "ppo", self.ppo.resolved(self.rollout.async_generation))
+        object.__setattr__(self, "ppo", self.ppo.resolved(self.rollout.staleness))
 
 
 def get_path(cfg: Any, dotted: str) -> Any:

@@ -16,6 +16,7 @@ from typing import Any
 from rlhf_ray.config.choices import choice_errors
 from rlhf_ray.config.critic import critic_tool_errors, value_init_errors
 from rlhf_ray.config.episodes import episode_errors
+from rlhf_ray.config.staleness import staleness_errors
 from rlhf_ray.config.schema import Config, ConfigError, LearnerConfig, RoleResources, get_path
 from rlhf_ray.config.sizes import Sizes, resolve
 
@@ -169,9 +170,6 @@ def _family_errors(cfg: Config) -> list[str]:
                       f"(got {p.correction_cap}, {p.correction_low}, {p.correction_high}).")
     if p.max_extra_generations < 0:
         errors.append(f"--ppo.max_extra_generations must be >= 0 (got {p.max_extra_generations}).")
-    if p.dynamic_sampling and r.async_generation:
-        errors.append("--ppo.dynamic_sampling with --rollout.async_generation: the extra generations would race "
-                      "the batch in flight; use one of them.")
     if not 0 <= p.overlong_buffer <= r.max_new_tokens:
         errors.append(f"--ppo.overlong_buffer must be in [0, --rollout.max_new_tokens {r.max_new_tokens}] "
                       f"(got {p.overlong_buffer}); 0 turns the overlong penalty off.")
@@ -212,6 +210,7 @@ def _rollout_errors(cfg: Config) -> list[str]:
             f"{cfg.data.max_prompt_tokens} + --rollout.max_new_tokens {r.max_new_tokens}; "
             f"raise it to at least {need} or shorten prompts/responses.")
     errors += episode_errors(cfg)
+    errors += staleness_errors(cfg)
     if r.tensor_parallel_size > 1 and cfg.sync.transport == "collective":
         errors.append(f"--rollout.tensor_parallel_size {r.tensor_parallel_size} with --sync.transport collective: "
                       "every tensor-parallel worker of an engine would join the broadcast group with the engine's "

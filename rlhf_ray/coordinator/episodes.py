@@ -67,6 +67,7 @@ class Episode:
     logprobs: list[float] = field(default_factory=list)
     actions: list[bool] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
+    versions: list[int] | None = field(default_factory=list)  # per token (None once a turn came untagged)
     turns: int = 0
     tool_calls: int = 0
     tool_errors: int = 0
@@ -128,7 +129,8 @@ class EpisodeRunner:
             prompt_ids=[ep.prompt_ids for ep in episodes], response_ids=[ep.tokens for ep in episodes],
             logprobs=[ep.logprobs for ep in episodes], finish_reasons=[ep.finish or "stop" for ep in episodes],
             prompt_index=[ep.prompt_index for ep in episodes], action_masks=[ep.actions for ep in episodes],
-            turn_rewards=[ep.rewards for ep in episodes], episodes=[ep.info() for ep in episodes])
+            turn_rewards=[ep.rewards for ep in episodes], episodes=[ep.info() for ep in episodes],
+            versions=None if any(ep.versions is None for ep in episodes) else [ep.versions for ep in episodes])
 
     # ------------------------------------------------------------------ engine threads and environment threads
     def _reset(self, ep: Episode, record: dict, state: "_Queue", calls: "_EnvCalls") -> None:
@@ -157,10 +159,14 @@ class EpisodeRunner:
             except BaseException as exc:  # noqa: BLE001 - raised by run()
                 state.fail(exc)
                 return
-            for ep, tokens, logprobs, reason in zip(due, gen.response_ids, gen.logprobs, gen.finish_reasons):
+            versions = gen.versions or [None] * len(due)  # tagged by the coordinator's pipeline
+            for ep, tokens, logprobs, reason, tags in zip(due, gen.response_ids, gen.logprobs, gen.finish_reasons,
+                                                          versions):
                 room = self.limits.max_episode_tokens - len(ep.tokens)
                 cut = len(tokens) > room
                 tokens, logprobs = list(tokens[:room]), list(logprobs[:room])
+                if ep.versions is not None:
+                    ep.versions = None if tags is None else ep.versions + list(tags[:room])
                 ep.tokens += tokens
                 ep.logprobs += logprobs
                 ep.actions += [True] * len(tokens)
@@ -199,6 +205,8 @@ class EpisodeRunner:
         if ep.turns >= self.limits.max_turns:
             return state.finish(ep, "max_turns")
         ep.tokens += ids
+        if ep.versions is not None:  # an observation: its turn's version (it is not trained on)
+            ep.versions += (ep.versions[-1:] or [-1]) * len(ids)
         ep.logprobs += [0.0] * len(ids)
         ep.actions += [False] * len(ids)
         ep.rewards += [0.0] * len(ids)

@@ -1,13 +1,17 @@
 """The PPO loop as a list of timed phases.
 
-One iteration (``rollout.async_generation`` overlaps the next batch's generation with this
-batch's score and update, one step off-policy)::
+One iteration, on-policy (``rollout.max_staleness`` 0)::
 
+    sync      (policy weights learner rank 0 -> engines, when the last update changed them)
     prompts   -> generate (rollout engines)
               -> score    (reference logprobs | reward | learner old logprobs + values, in parallel)
               -> advantages (KL-shaped rewards, GAE, whitening: pure functions, here)
               -> update   (learner ranks, each on its own slice)
-              -> sync     (policy weights learner rank 0 -> engines)
+
+With ``rollout.max_staleness`` k >= 1 the generation and the frozen roles' scoring run ahead on
+threads of their own (``coordinator/pipeline.py``), up to k policy versions ahead, and an
+iteration is the learner stage: sync, wait_batch (the next scored batch), old_logprobs,
+advantages, update.
 
 The coordinator talks to roles through the small Protocols below, so tests can drive it
 with in-process fakes. It owns everything that must be global: the prompt order, the KL
@@ -17,6 +21,7 @@ controller, score normalisation, advantage whitening and the metrics.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator, Protocol
@@ -27,10 +32,12 @@ from rlhf_ray.algorithms import (AdaptiveKLController, FixedKLController, Runnin
                                  clip_scores, kl_estimate, normalize_scores, overlong_penalty)
 from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate, pack_generation
 from rlhf_ray.config import Config, resolve
+from rlhf_ray.config.validate import reference_from_learner
 from rlhf_ray.coordinator.advantages import estimate_advantages
 from rlhf_ray.coordinator.episodes import Background, episode_metrics, episode_runner, prompt_record
+from rlhf_ray.coordinator.pipeline import BatchPipeline, EngineVersion, Slot, generate_in_segments, staleness_metrics
 from rlhf_ray.data.prompts import PromptSampler, PromptSet
-from rlhf_ray.runtime.pending import Done, Pending, RemoteCallError
+from rlhf_ray.runtime.pending import Pending, RemoteCallError
 from rlhf_ray.workers.rollout import SamplingSpec
 
 
@@ -92,23 +99,41 @@ class PPOCoordinator:
         self.bad_iterations = 0
         self.weights_stale = False
         self.last_batch: ExperienceBatch | None = None
-        # async_generation: prompts drawn for the next batch, and its generation in flight
-        self.pending_prompts: list[int] | None = None
-        self._pending: Pending | None = None
         self._times: dict[str, float] = {}
+        self._events: list[list] = []  # this iteration's [lane, phase, start, end], seconds since t0
+        self.t0 = time.perf_counter()
         self._prompt_indices: list[int] = []
         self.row_prompts: list[int] = []  # the prompt (index into ``prompts``) of each sample of the batch
         self.episodes = episode_runner(cfg, tokenizer) if cfg.rollout.env else None
+        # Versions: the updates that changed the policy; the engines' version tags every sampled token.
+        self.policy_version = 0
+        self.engines = EngineVersion()
+        self.staleness = cfg.rollout.staleness
+        self._lock = threading.RLock()  # the prompt sampler and the pipeline's prompts, read and drawn as one
+        self._pending_prompts: list[list[int]] = []  # drawn, not trained: generated first when the pipeline starts
+        self._frozen_reference = not reference_from_learner(cfg)  # else the learners compute it, on this thread
+        self.pipeline = None if self.staleness == 0 else BatchPipeline(
+            self.staleness, self.engines, self._draw, self._generate_ahead, self._score_ahead, self._lock, self.t0)
 
     @contextmanager
     def _phase(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
-        try:
+        with _named(name):
             yield
-        except RemoteCallError as exc:
-            exc.phase = exc.phase or name
-            raise
-        self._times[f"time/{name}"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self._times[f"time/{name}"] = t1 - t0
+        self._events.append([_LANES.get(name, "coordinator"), name, t0 - self.t0, t1 - self.t0])
+
+    @property
+    def pending_prompts(self) -> list[list[int]]:
+        """The prompts of the batches drawn and not trained yet, in order (the pipeline's; [] on-policy)."""
+        with self._lock:
+            running = self.pipeline is not None and self.pipeline.running
+            return [list(p) for p in (self.pipeline.pending if running else self._pending_prompts)]
+
+    def _draw(self) -> list[int]:
+        with self._lock:
+            return self.sampler.next(self.cfg.rollout.prompts_per_iteration)
 
     def _checks_logprobs(self, iteration: int) -> bool:
         """Whether the batch of ``iteration`` carries the engines' logprobs: every iteration with an
@@ -121,15 +146,41 @@ class PPOCoordinator:
     def _spec(self, iteration: int) -> SamplingSpec:
         return dataclasses.replace(self.spec, logprobs=self._checks_logprobs(iteration))
 
-    def _generate(self, prompts: PromptSet, idx: list[int], spec: SamplingSpec) -> Pending:
+    def _generate(self, prompts: PromptSet, idx: list[int], spec: SamplingSpec, segment: int = 0) -> Pending:
         """Samples for the prompts ``idx`` of ``prompts``: one response each, or with rollout.env an
-        episode each (run in a background thread, the engines shared out turn by turn)."""
+        episode each (run in a background thread, the engines shared out turn by turn); every token
+        tagged with the engines' version. ``segment`` > 0: responses sampled that many tokens at a
+        time (partial rollouts, :func:`generate_in_segments`)."""
         ids = [prompts.token_ids[i] for i in idx]
+        tagged = self.engines.tagged
         if self.episodes is None:
-            return self.rollout.generate(ids, spec)
+            if segment:
+                return Background(lambda: generate_in_segments(tagged(self.rollout.generate), ids, spec, segment))
+            return tagged(self.rollout.generate)(ids, spec)
         calls = self.rollout.engine_calls() if hasattr(self.rollout, "engine_calls") else [self.rollout.generate]
         records = [prompt_record(prompts, i) for i in idx]
-        return Background(lambda: self.episodes.run(calls, ids, records, spec))
+        return Background(lambda: self.episodes.run([tagged(c) for c in calls], ids, records, spec))
+
+    def _generate_ahead(self, idx: list[int], iteration: int):
+        """The pipeline's generation stage: the batch of prompts ``idx``, trained at ``iteration``."""
+        with _named("generate"):
+            return self._generate(self.prompts, idx, self._spec(iteration),
+                                  self.cfg.rollout.partial_rollout_tokens).result()
+
+    def _score_ahead(self, slot: Slot):
+        """The pipeline's scoring stage: the frozen roles' part of :meth:`_score` (reference logprobs,
+        unless the learners compute them, and the reward, both in flight at once). With dynamic
+        sampling only the scores: the learner stage picks the groups, then scores what it kept."""
+        gen = slot.gen
+        batch = pack_generation(gen, self.pad_id, self.eos_ids)
+        with _named("score"):
+            shared = self.put(batch)
+            ref = (self.reference.logprobs(shared, self.cfg.rollout.temperature)
+                   if self._frozen_reference and not self.cfg.ppo.dynamic_sampling else None)
+            scores = self._reward_score(shared, self.prompts, [slot.prompts[g] for g in gen.prompt_index]).result()
+            if self.cfg.ppo.dynamic_sampling:
+                return scores
+            return batch.replace(scores=scores, ref_logprobs=ref.result() if ref is not None else None)
 
     def _reward_score(self, shared, prompts: PromptSet, rows: list[int]) -> Pending:
         """The reward of a batch whose row j answers prompt ``rows[j]`` of ``prompts``: with the
@@ -163,45 +214,36 @@ class PPOCoordinator:
             raise
 
     def _sync_if_stale(self) -> dict[str, float]:
+        if not self.weights_stale:
+            return {}
         with self._phase("sync"):
-            if not self.weights_stale:
-                return {}
-            out = self.weight_sync.sync()
-            self.weights_stale = False
-            return out
+            out = self.engines.sync(self.weight_sync.sync, self.policy_version)
+        self.weights_stale = False
+        return out
 
     def _step(self) -> dict[str, float]:
-        self._times = {"time/sync": 0.0}
+        self._times, self._events = {"time/sync": 0.0}, []
         t_start = time.perf_counter()
-        if not self.cfg.rollout.async_generation or self._pending is None:
-            # On-policy (or the first async step): engines get the latest weights, then generate.
-            sync_metrics = self._sync_if_stale()
-            idx = self.pending_prompts or self.sampler.next(self.cfg.rollout.prompts_per_iteration)
-            with self._phase("generate"):
-                gen = self._generate(self.prompts, idx, self._spec(self.iteration)).result()
-        else:
-            # One step off-policy: this batch was generated during the previous update.
-            idx = self.pending_prompts
-            with self._phase("generate"):
-                gen = self._pending.result()
-            sync_metrics = {}
-        self._pending, self.pending_prompts, self._prompt_indices = None, None, idx
-        self.row_prompts = [idx[g] for g in gen.prompt_index]
+        # The engines get the last update's weights first (on-policy: before they generate this batch).
+        sync_metrics = self._sync_if_stale()
+        gen, ahead, pipeline_metrics = self._next_generation()
+        self.row_prompts = [self._prompt_indices[g] for g in gen.prompt_index]
         scores, sampling_metrics = None, {}
         if self.cfg.ppo.dynamic_sampling:
             with self._phase("dynamic_sampling"):
-                gen, scores, sampling_metrics = self._varied_groups(gen)
-        batch = pack_generation(gen, self.pad_id, self.eos_ids)
+                gen, scores, sampling_metrics = self._varied_groups(gen, ahead)
+            ahead = None
+        batch = ahead if ahead is not None else pack_generation(gen, self.pad_id, self.eos_ids)
         sampling_metrics.update(episode_metrics(gen))
-        if self.cfg.rollout.async_generation:
-            sync_metrics = sync_metrics or self._sync_if_stale()
-            self.pending_prompts = self.sampler.next(self.cfg.rollout.prompts_per_iteration)
-            self._pending = self._generate(self.prompts, self.pending_prompts, self._spec(self.iteration + 1))
-        with self._phase("score"):
+        if gen.versions is not None and self.pipeline is not None:
+            sampling_metrics.update(staleness_metrics(gen.versions, gen.action_masks, self.policy_version,
+                                                      self.staleness))
+        with self._phase("score" if self.pipeline is None else "old_logprobs"):
             batch = self._score(batch, scores)
         with self._phase("advantages"):
             batch, adv_metrics = self._advantages(batch)
         warmup = self._critic_warmup()
+        changed = False
         if adv_metrics["skipped_samples"] == len(batch):
             train_metrics = {"skipped_update": 1.0}
         else:
@@ -214,20 +256,51 @@ class PPOCoordinator:
                                         value_only=warmup)
                 train_metrics = self.learners.train(update, self.iteration).result()
             # A warm-up leaves the policy as it is: the engines already hold its weights.
-            self.weights_stale = self.weights_stale or not warmup
+            changed = not warmup
         if self.cfg.ppo.critic_warmup_iterations:
             train_metrics = {**train_metrics, "critic_warmup": float(warmup)}
         self._times["time/iteration"] = time.perf_counter() - t_start
-        metrics = {"iteration": self.iteration, "prompt_indices": self._prompt_indices,
+        metrics = {"iteration": self.iteration, "prompt_indices": self._prompt_indices, "policy_version": self.policy_version,
                    **self._batch_metrics(batch), **adv_metrics, **train_metrics, **sync_metrics, **sampling_metrics,
-                   **self._times}
+                   **pipeline_metrics, **self._times, "timeline": self._events}
         self._check_sync(metrics)
         metrics["tokens_per_second"] = metrics["response_tokens"] / self._times["time/iteration"]
         metrics["samples_per_second"] = len(batch) / self._times["time/iteration"]
         metrics["generate_tokens_per_second"] = metrics["response_tokens"] / max(self._times["time/generate"], 1e-9)
         self.last_batch = batch
+        self.weights_stale = self.weights_stale or changed
+        self.policy_version += int(changed)
+        if self.pipeline is not None:
+            self.pipeline.trained(changed)
         self.iteration += 1
         return metrics
+
+    def _next_generation(self) -> tuple[Generation, ExperienceBatch | torch.Tensor | None, dict]:
+        """This iteration's samples. On-policy: prompts drawn and generated now. In the pipeline: the
+        next batch it generated and scored ahead (started first if it is not running), with what
+        the scoring stage made of it (a packed batch with its reference logprobs and scores, or with
+        dynamic sampling the scores), and its stages' times and events."""
+        if self.pipeline is None:  # (prompts pending from a pipeline's checkpoint first)
+            self._prompt_indices = self._pending_prompts.pop(0) if self._pending_prompts else self._draw()
+            with self._phase("generate"):
+                return self._generate(self.prompts, self._prompt_indices, self._spec(self.iteration)).result(), None, {}
+        if not self.pipeline.running:
+            with self._lock:
+                self.pipeline.start(self.iteration, self.policy_version, self._pending_prompts)
+        t0 = time.perf_counter()
+        slot, metrics = self.pipeline.take()
+        self._events.append(["coordinator", "wait_batch", t0 - self.t0, time.perf_counter() - self.t0])
+        self._events += slot.events
+        self._times.update(slot.times)
+        self._prompt_indices = slot.prompts
+        return slot.gen, slot.scored, metrics
+
+    def close(self) -> None:
+        """Stop the pipeline's threads (the batches in flight are dropped; their prompts stay pending)."""
+        if self.pipeline is not None:
+            with self._lock:
+                self._pending_prompts = self.pending_prompts
+            self.pipeline.stop()
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> tuple[dict[str, float], ExperienceBatch]:
@@ -238,7 +311,16 @@ class PPOCoordinator:
         next step (see ``_await_pending_generation``). Returns (metrics, the scored batch)."""
         if self.eval_prompts is None:
             raise ValueError("this coordinator has no evaluation prompts; set --eval.every > 0.")
-        waited = self._await_pending_generation()
+        try:
+            return self._evaluate(self._pause_pipeline())
+        except BaseException:
+            self.close()  # a role failed: the next step starts the pipeline again, from the prompts pending
+            raise
+        finally:
+            if self.pipeline is not None:
+                self.pipeline.resume()
+
+    def _evaluate(self, waited: float) -> tuple[dict[str, float], ExperienceBatch]:
         t0 = time.perf_counter()
         self._sync_if_stale()
         gen = self._generate(self.eval_prompts, list(range(len(self.eval_prompts.token_ids))), self.eval_spec).result()
@@ -256,68 +338,66 @@ class PPOCoordinator:
             "eval/samples": float(len(batch)),
             "eval/nonfinite_scores": float((~finite).sum()),
             "time/eval": time.perf_counter() - t0,
-            "time/eval_wait_generation": waited,  # the next step's batch, awaited before the sync
+            "time/eval_wait_generation": waited,  # the pipeline's generation call, awaited before the sync
             **episode_metrics(gen, "eval/episode/"),
         }
         return metrics, batch.replace(scores=scores)
 
-    def _await_pending_generation(self) -> float:
-        """Async generation: wait for the batch in flight and keep its result for the next step,
-        which trains on it as if evaluation had not happened. Otherwise the evaluation's weight
-        sync would queue behind that generation on the engines (an actor runs one call at a
-        time) while learner rank 0 already waits in the broadcast, so the generation's time would
-        count against sync.timeout_s. Returns the seconds waited (0 without a batch in flight).
-
-        If the generation failed, the next step generates the same prompts again (as after a
-        rollback): ``pending_prompts`` is kept, the failed call is dropped."""
-        if self._pending is None:
+    def _pause_pipeline(self) -> float:
+        """The pipeline starts no new batch and its generation call in flight ends; what it generated
+        stays for the next steps, which train on it as if evaluation had not happened. Otherwise the
+        evaluation's weight sync would queue behind that generation on the engines (an actor runs
+        one call at a time) while learner rank 0 already waits in the broadcast, so the
+        generation's time would count against sync.timeout_s. Returns the seconds waited."""
+        if self.pipeline is None or not self.pipeline.running:
             return 0.0
         t0 = time.perf_counter()
-        try:
-            with self._phase("generate"):
-                gen = self._pending.result()
-        except BaseException:
-            self._pending = None
-            raise
-        self._pending = Done(gen)
+        self.pipeline.pause()
         return time.perf_counter() - t0
 
     def _check_sync(self, metrics: dict) -> None:
         limit = self.cfg.sync.max_logprob_mismatch
-        # With async generation the batch comes from the weights before the last update, so the
-        # mismatch measures that policy lag, not the sync: no limit applies.
+        # In the pipeline the batch comes from older weights than the learner's, so the mismatch
+        # measures that policy lag, not the sync: no limit applies.
         mismatch = metrics.get("logprob_mismatch_mean")  # absent on iterations that do not check
-        if limit is not None and mismatch is not None and not self.cfg.rollout.async_generation and mismatch > limit:
+        if limit is not None and mismatch is not None and self.staleness == 0 and mismatch > limit:
             raise SyncMismatchError(
                 f"iteration {self.iteration}: mean |rollout - learner| logprob {mismatch:.3g} "
                 f"exceeds --sync.max_logprob_mismatch {limit}: the engines are not running the learner's weights "
                 "(or sample at a different temperature). Check the sync transport, or unset the limit to only report.")
 
     def _score(self, batch: ExperienceBatch, scores: torch.Tensor | None = None) -> ExperienceBatch:
-        """Reference logprobs, reward and old logprobs/values, all three in flight at once (the
-        reward is not asked again when dynamic sampling already scored the batch)."""
-        shared = self.put(batch)
-        ref = self.reference.logprobs(shared, self.cfg.rollout.temperature)
+        """Reference logprobs, reward and old logprobs/values, all three in flight at once; the
+        reference and the reward only where the batch lacks them (the pipeline's scoring stage, or
+        dynamic sampling (``scores``), got them already)."""
+        scores = batch.scores if scores is None else scores
+        need_ref = batch.ref_logprobs is None
+        shared = self.put(batch) if need_ref or scores is None else None
+        ref = self.reference.logprobs(shared, self.cfg.rollout.temperature) if need_ref else None
         rew = self._reward_score(shared, self.prompts, self.row_prompts) if scores is None else None
         old = self.learners.compute_old(batch)
         old_logprobs, old_values = old.result()
-        return batch.replace(ref_logprobs=ref.result(), scores=rew.result() if rew is not None else scores,
+        return batch.replace(ref_logprobs=ref.result() if ref is not None else batch.ref_logprobs,
+                             scores=rew.result() if rew is not None else scores,
                              old_logprobs=old_logprobs, old_values=old_values)
 
-    def _varied_groups(self, gen: Generation) -> tuple[Generation, torch.Tensor, dict[str, float]]:
+    def _varied_groups(self, gen: Generation, scores: torch.Tensor | None = None
+                       ) -> tuple[Generation, torch.Tensor, dict[str, float]]:
         """DAPO's dynamic sampling: keep the prompt groups whose samples got different scores
         (a group of equal scores has zero group-relative advantage everywhere), generating more
         prompts (at most ppo.max_extra_generations rounds) until rollout.prompts_per_iteration
-        groups are kept; a batch still short is filled with dropped groups, in order. Returns the
-        batch's samples with group ids renumbered 0..P-1, their scores, and the counts."""
+        groups are kept; a batch still short is filled with dropped groups, in order. ``scores``:
+        the first round's, if the pipeline scored it already. Returns the batch's samples with
+        group ids renumbered 0..P-1, their scores, and the counts."""
         P, spec = self.cfg.rollout.prompts_per_iteration, self._spec(self.iteration)
         kept: list[tuple[Generation, torch.Tensor, int]] = []  # a group's samples, their scores, its prompt
         dropped: list[tuple[Generation, torch.Tensor, int]] = []
         rounds = 0
         idx = self._prompt_indices
         while True:
-            shared = self.put(pack_generation(gen, self.pad_id, self.eos_ids))
-            scores = self._reward_score(shared, self.prompts, [idx[g] for g in gen.prompt_index]).result()
+            if scores is None:
+                shared = self.put(pack_generation(gen, self.pad_id, self.eos_ids))
+                scores = self._reward_score(shared, self.prompts, [idx[g] for g in gen.prompt_index]).result()
             for group in dict.fromkeys(gen.prompt_index):  # groups in order of appearance
                 rows = [i for i, g in enumerate(gen.prompt_index) if g == group]
                 s = scores[rows]
@@ -326,9 +406,10 @@ class PPOCoordinator:
             if len(kept) >= P or rounds >= self.cfg.ppo.max_extra_generations:
                 break
             rounds += 1
-            idx = self.sampler.next(P)
+            idx = self._draw()  # in the pipeline: between its batches' draws, on the newest weights
             self._prompt_indices = list(self._prompt_indices) + list(idx)
-            gen = self._generate(self.prompts, idx, spec).result()
+            gen = self._generate(self.prompts, idx, spec, self.cfg.rollout.partial_rollout_tokens).result()
+            scores = None
         chosen = (kept + dropped)[:P]
         self.row_prompts = [prompt for g, _, prompt in chosen for _ in range(len(g))]
         for new_id, (g, _, _) in enumerate(chosen):
@@ -433,9 +514,11 @@ class PPOCoordinator:
 
     # ------------------------------------------------------------------ state for checkpoints
     def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "sampler": self.sampler.state_dict(),
-                "kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict(),
-                "bad_iterations": self.bad_iterations, "pending_prompts": self.pending_prompts}
+        with self._lock:  # the sampler and the prompts it gave the pipeline, as one
+            return {"iteration": self.iteration, "sampler": self.sampler.state_dict(),
+                    "kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict(),
+                    "bad_iterations": self.bad_iterations, "pending_prompts": self.pending_prompts,
+                    "policy_version": self.policy_version}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
@@ -443,8 +526,32 @@ class PPOCoordinator:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.score_moments.load_state_dict(state["score_moments"])
         self.bad_iterations = int(state.get("bad_iterations", 0))
-        # A generation in flight is not part of the state: after a rollback or a resume the
-        # pending prompts are generated again, synchronously, on the current weights.
-        self.pending_prompts = state.get("pending_prompts")
-        self._pending = None
+        # What the pipeline had in flight is not part of the state: after a rollback or a resume the
+        # pending prompts are generated again, first and in order, on the current weights.
+        self.close()
+        with self._lock:
+            self._pending_prompts = _prompt_lists(state.get("pending_prompts"))
+        self.policy_version = int(state.get("policy_version", max(
+            0, self.iteration - self.cfg.ppo.critic_warmup_iterations)))  # before versions were saved
+
+
+def _prompt_lists(saved) -> list[list[int]]:
+    """Pending prompts as saved: a list of prompt lists; one list or None before the pipeline."""
+    if not saved:
+        return []
+    return [list(saved)] if isinstance(saved[0], int) else [list(p) for p in saved]
+
+
+_LANES = {"generate": "engines", "dynamic_sampling": "engines", "score": "reference+reward",
+          "old_logprobs": "learner", "update": "learner", "sync": "sync"}  # the timeline's rows
+
+
+@contextmanager
+def _named(phase: str) -> Iterator[None]:
+    """A role's failure inside says in which phase it came."""
+    try:
+        yield
+    except RemoteCallError as exc:
+        exc.phase = exc.phase or phase
+        raise
 

@@ -283,6 +283,7 @@ class Run:
                 self.bar.refresh()
             self.iterate()
         finally:
+            self.coord.close()  # the pipeline's threads end before the roles do
             self.bar.close()
             self.bar = None
             summary = self.finish()

@@ -234,7 +234,6 @@ def test_validate_rejects_exactly_what_the_ppo_math_rejects(overrides):
         (["--ppo.dynamic_sampling", "true", "--rollout.samples_per_prompt", "1",
           "--rollout.prompts_per_iteration", "64"], "--ppo.dynamic_sampling compares"),
         (["--ppo.estimator", "grpo", "--model.separate_critic", "true"], "a critic-free estimator trains no value"),
-        (["--ppo.dynamic_sampling", "true", "--rollout.async_generation", "true"], "would race the batch in flight"),
         (["--ppo.overlong_buffer", "99"], "--ppo.overlong_buffer must be in [0, --rollout.max_new_tokens"),
         (["--ppo.correction_low", "1.5"], "--ppo.correction_low < 1 < --ppo.correction_high"),
         (["--rollout.top_p", "0.9"], "the learner and the reference score the full softmax"),
@@ -269,6 +268,8 @@ def test_every_estimator_loads_with_groups(estimator):
         (["--ppo.ratio", "sequence"], "loss_agg", "seq_mean_token_mean"),  # GSPO
         ([], "rollout_correction", "none"),
         (["--rollout.async_generation", "true"], "rollout_correction", "tis"),  # one step off-policy
+        (["--rollout.max_staleness", "3"], "rollout_correction", "tis"),  # the pipeline, 3 versions behind at most
+        (["--rollout.max_staleness", "0"], "rollout_correction", "none"),
     ],
 )
 def test_unset_choices_follow_the_settings_they_depend_on(overrides, field, expected):

@@ -437,44 +437,6 @@ def test_fixed_kl_controller_state():
 # ---- async generation (one step off-policy) ------------------------------------------------
 
 
-class OrderLog:
-    """Records the order of generate / sync / train calls across the fakes."""
-
-    def __init__(self) -> None:
-        self.events: list[str] = []
-
-
-def _logged(log: OrderLog, fake, method: str, tag: str):
-    inner = getattr(fake, method)
-
-    def wrapper(*args, **kwargs):
-        log.events.append(tag)
-        return inner(*args, **kwargs)
-
-    setattr(fake, method, wrapper)
-    return fake
-
-
-def test_async_generation_overlaps_next_batch_with_the_update():
-    log, rollout, learners, sync = OrderLog(), FakeRollout(), FakeLearners(), FakeSync()
-    _logged(log, rollout, "generate", "gen")
-    _logged(log, learners, "train", "train")
-    _logged(log, sync, "sync", "sync")
-    cfg = _config(rollout={"prompts_per_iteration": B, "samples_per_prompt": 1, "max_new_tokens": R,
-                           "num_engines": 1, "async_generation": True})
-    coord = _coordinator(cfg, rollout=rollout, learners=learners, weight_sync=sync)
-    coord.step()
-    coord.step()
-    # step 0: generate batch 0, submit batch 1 before training on batch 0; step 1: batch 1 is
-    # already there, the engines get the new weights, then batch 2 is submitted before training.
-    assert log.events == ["gen", "gen", "train", "sync", "gen", "train"]
-    fresh = PromptSampler(7, seed=3)
-    drawn = [fresh.next(B) for _ in range(3)]
-    assert [p for p, _ in rollout.calls] == [[_prompts().token_ids[i] for i in d] for d in drawn]
-    assert coord.pending_prompts == drawn[2]
-    assert coord.state_dict()["pending_prompts"] == drawn[2]
-
-
 def test_async_rollback_regenerates_the_pending_prompts():
     class FailingLearners(FakeLearners):
         def train(self, batch, iteration):
@@ -488,12 +450,14 @@ def test_async_rollback_regenerates_the_pending_prompts():
                            "num_engines": 1, "async_generation": True})
     coord = _coordinator(cfg, rollout=rollout, learners=learners)
     coord.step()
-    pending = list(coord.pending_prompts)
     with pytest.raises(RemoteCallError):
         coord.step()
-    assert coord.iteration == 1 and coord.pending_prompts == pending  # rolled back
+    fresh = PromptSampler(7, seed=3)
+    drawn = [fresh.next(B) for _ in range(2)]
+    assert coord.iteration == 1 and coord.pending_prompts[0] == drawn[1]  # rolled back
     m = coord.step()  # regenerates the same prompts, trains on them
-    assert m["prompt_indices"] == pending and coord.iteration == 2
+    coord.close()
+    assert m["prompt_indices"] == drawn[1] and coord.iteration == 2
 
 
 # ---- held-out evaluation -----------------------------------------------------------------
@@ -563,12 +527,13 @@ def test_evaluate_between_async_steps_leaves_the_batch_in_flight_alone():
                            "num_engines": 1, "async_generation": True}, eval={"every": 1})
     coord = _coordinator(cfg, rollout=rollout, weight_sync=sync, eval_prompts=_eval_prompts())
     coord.step()
-    pending = list(coord.pending_prompts)
     m_eval, _ = coord.evaluate()
     assert sync.calls == 1 and m_eval["iteration"] == 1  # the update of step 0 reached the engines first
     m = coord.step()
-    assert m["prompt_indices"] == pending  # the batch generated during step 0 is the one trained on
+    coord.close()
+    fresh = PromptSampler(7, seed=3)
+    assert m["prompt_indices"] == [fresh.next(B) for _ in range(2)][1]  # generated during step 0, trained now
     assert sync.calls == 1  # not synced twice
-    # generate calls: batch 0, batch 1 (in flight), the evaluation, batch 2 (in flight)
+    # generate calls: batch 0, batch 1 (ahead), the evaluation, then batch 2 (ahead) may have started
     assert [p for p, _ in rollout.calls][2] == _eval_prompts().token_ids
-    assert [spec.temperature for _, spec in rollout.calls] == [1.0, 1.0, 0.0, 1.0]
+    assert [spec.temperature for _, spec in rollout.calls][:3] == [1.0, 1.0, 0.0]
