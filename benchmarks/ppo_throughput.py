@@ -173,7 +173,10 @@ def coordinator_steps(cfg, iterations: int) -> list[dict]:
     try:
         coord = PPOCoordinator(cfg, inputs.prompts, inputs.pad_id, inputs.eos_ids, roles.rollout, roles.reference,
                                roles.reward, roles.learners, roles.weight_sync, put=SharedBatch)
-        return [coord.step() for _ in range(iterations)]
+        try:
+            return [coord.step() for _ in range(iterations)]
+        finally:
+            coord.close()  # the pipeline's threads (rollout.max_staleness >= 1) stop before the roles
     finally:
         roles.shutdown()
 

@@ -86,8 +86,9 @@ DIFFERENCES = {
 # --------------------------------------------------------------------------- ours
 
 
-def ours_config(model: str, args):
-    """Our side's config (the demo config with the settings held equal), checked without
+def ours_config(model: str, args, staleness: int = 0):
+    """Our side's config (the demo config with the settings held equal; ``staleness``:
+    rollout.max_staleness, with --partial as rollout.partial_rollout_tokens), checked without
     starting anything: a ValueError (ConfigError among them) says what is refused."""
     s = SHARED
     max_positions = json.loads((Path(model) / "config.json").read_text())["max_position_embeddings"]
@@ -107,6 +108,8 @@ def ours_config(model: str, args):
         "learner.lr_schedule": "constant", "learner.warmup_steps": 0, "learner.max_grad_norm": s["max_grad_norm"],
         "learner.num_ranks": args.ranks, "learner.zero_stage": 2,
         "learner.micro_batch_size": PROMPTS * SAMPLES // s["mini_batches"] // args.ranks,
+        "rollout.max_staleness": staleness,
+        "rollout.partial_rollout_tokens": args.partial if staleness else 0,
     })
 
 
@@ -116,13 +119,21 @@ def run_ours(cfg, args) -> dict[str, Any]:
     rows = coordinator_steps(cfg, args.iters)
     timed = rows[args.warmup:]
     it = _env.mean([r["time/iteration"] for r in timed])
+    k = cfg.rollout.staleness
     return {
-        "system": f"rlhf_ray, ppo.estimator grpo ({args.ranks} learner rank{'s' if args.ranks > 1 else ''})",
+        "system": f"rlhf_ray, ppo.estimator grpo ({args.ranks} learner rank{'s' if args.ranks > 1 else ''}"
+                  + (f", pipeline max_staleness {k}" + (f", partial rollouts of {cfg.rollout.partial_rollout_tokens}"
+                                                       if cfg.rollout.partial_rollout_tokens else "") if k else "")
+                  + ")",
+        "max_staleness": k,
         "seconds_per_iteration": it,
         "samples_per_s": _env.mean([r["samples"] for r in timed]) / it,
         "response_tokens_per_iteration": _env.mean([r["response_tokens"] for r in timed]),
-        "phases_s": {k[len("time/"):]: _env.mean([r.get(k, 0.0) for r in timed])
-                     for k in ("time/generate", "time/score", "time/advantages", "time/update", "time/sync")},
+        # on-policy the phases add up to the iteration; in the pipeline generate and score run on
+        # their own threads, and the iteration is the learner stage (wait_batch ... sync)
+        "phases_s": {name[len("time/"):]: _env.mean([r.get(name, 0.0) for r in timed])
+                     for name in ("time/generate", "time/score", "time/wait_batch", "time/old_logprobs",
+                                  "time/advantages", "time/update", "time/sync")},
         "reward_curve": [r["reward_mean"] for r in rows],
         "kl_loss_curve": [r.get("kl_loss", float("nan")) for r in rows],
         "kl_seq_k1_curve": [r["kl_mean"] for r in rows],
@@ -260,14 +271,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ranks", type=int, default=2, choices=(1, 2), help="our learner ranks (2: the demo config)")
     ap.add_argument("--trl-runs", type=int, choices=(1, 2), default=2,
                     help="2: TRL before and after ours, its rate pooled over both; 1: once, before ours")
+    ap.add_argument("--staleness", default="0",
+                    help="comma list of rollout.max_staleness for our runs (one run each; 0: on-policy)")
+    ap.add_argument("--partial", type=int, default=0,
+                    help="rollout.partial_rollout_tokens of our runs with staleness >= 1 (0: whole responses)")
     ap.add_argument("--quiet-wait", type=float, default=30.0)
     ap.add_argument("--name", default="vs_trl_grpo")
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
     model = _env.tiny_model()
-    try:
-        cfg = ours_config(model, args)  # refused settings stop here, before minutes of TRL
+    try:  # refused settings stop here, before minutes of TRL
+        cfgs = {int(k): ours_config(model, args, int(k)) for k in args.staleness.split(",")}
     except ValueError as exc:  # ConfigError included
         ap.error(str(exc))
     _env.set_threads(1)
@@ -289,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{result['wall_s']:.0f} s in all", flush=True)
 
     timed_run("TRL (before ours)", run_trl, model, args)
-    timed_run("ours", run_ours, cfg, args)
+    for k, cfg in cfgs.items():
+        timed_run("ours" if k == 0 else f"ours k={k}", run_ours, cfg, args)
     import ray
 
     ray.shutdown()
@@ -300,8 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     total_s = time.perf_counter() - t_start
 
     for r in runs:
-        r["name"] = r["system"] + (f" [{r['label']}]" if r["label"] != "ours" else "")
-    ours = next((r for r in runs if r["label"] == "ours"), None)
+        r["name"] = r["system"] + (f" [{r['label']}]" if r["label"].startswith("TRL") else "")
+    ours_runs = [r for r in runs if r["label"].startswith("ours")]
+    ours = max(ours_runs, key=lambda r: r["samples_per_s"]) if ours_runs else None  # the fastest setting
     trls = [r for r in runs if r["label"].startswith("TRL")]
     trl_rate = (sum(r["samples_per_s"] * r["seconds_per_iteration"] for r in trls)
                 / sum(r["seconds_per_iteration"] for r in trls)) if trls else float("nan")
@@ -319,8 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     step = max(1, args.iters // 10)
     _env.print_table(curve_rows[::step] + ([curve_rows[-1]] if (args.iters - 1) % step else []),
                      title="\nreward (mean score per iteration), every few iterations")
-    if ours:
-        print("\nours, mean seconds per phase: " + ", ".join(f"{k} {v:.3f}" for k, v in ours["phases_s"].items()))
+    for r in ours_runs:
+        print(f"\n{r['label']}, mean seconds per phase: " + ", ".join(f"{k} {v:.3f}" for k, v in r["phases_s"].items()))
     for e in errors:
         print(f"\nfailed: {e}")
     if errors:  # a partial run would replace the last complete results
@@ -330,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     png = plot(runs, str(_env.RESULTS_DIR / f"{args.name}.png")) if runs else None
     key: dict[str, Any] = {"total_minutes": round(total_s / 60, 1)}
     if ours:
+        key["ours_fastest"] = ours["label"]
         key["ours_samples_per_s"] = round(ours["samples_per_s"], 2)
         key["ours_reward_last10"] = round(_env.mean(ours["reward_curve"][-10:]), 4)
     if trls:
@@ -338,6 +356,7 @@ def main(argv: list[str] | None = None) -> None:
                    trl_reward_last10=[round(_env.mean(r["reward_curve"][-10:]), 4) for r in trls])
     if ours and trls:
         key["ours_over_trl"] = round(ours["samples_per_s"] / trl_rate, 3)
+        key["ours_over_trl_by_label"] = {r["label"]: round(r["samples_per_s"] / trl_rate, 3) for r in ours_runs}
     _env.save_results(args.name, {
         "args": vars(args), "settings": SHARED, "batch": f"{PROMPTS} prompts x {SAMPLES} samples, both",
         "differences": DIFFERENCES, "load": {**quiet, **load}, "total_seconds": total_s,

@@ -52,8 +52,8 @@ class RolloutConfig:
     sync.transport object_store (every worker of an engine then loads its shard of the full weights); with the
     collective transport all the workers of an engine would claim its one rank in the broadcast group (refused)."""
     async_generation: bool = False
-    """Generate the next batch while this one is trained (one step off-policy): the same as
-    rollout.max_staleness 1, the setting to use."""
+    """Generate the next batch while this one is trained (one step off-policy): kept for existing configs, the same
+    as rollout.max_staleness 1."""
     max_staleness: int | None = None
     """Policy versions a trained token may lag the weights that sampled it, at most. 0: on-policy, the phases of
     an iteration one after another. k >= 1: a pipeline (coordinator/pipeline.py): batches are generated and

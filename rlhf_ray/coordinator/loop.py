@@ -235,9 +235,13 @@ class PPOCoordinator:
             ahead = None
         batch = ahead if ahead is not None else pack_generation(gen, self.pad_id, self.eos_ids)
         sampling_metrics.update(episode_metrics(gen))
+        fresh = None  # tokens sampled by the weights the learner holds now
         if gen.versions is not None and self.pipeline is not None:
             sampling_metrics.update(staleness_metrics(gen.versions, gen.action_masks, self.policy_version,
                                                       self.staleness))
+            fresh = torch.zeros(batch.response_mask.shape, dtype=torch.bool)
+            for j, vs in enumerate(gen.versions):
+                fresh[j, :len(vs)] = torch.tensor(vs) == self.policy_version
         with self._phase("score" if self.pipeline is None else "old_logprobs"):
             batch = self._score(batch, scores)
         with self._phase("advantages"):
@@ -261,7 +265,7 @@ class PPOCoordinator:
             train_metrics = {**train_metrics, "critic_warmup": float(warmup)}
         self._times["time/iteration"] = time.perf_counter() - t_start
         metrics = {"iteration": self.iteration, "prompt_indices": self._prompt_indices, "policy_version": self.policy_version,
-                   **self._batch_metrics(batch), **adv_metrics, **train_metrics, **sync_metrics, **sampling_metrics,
+                   **self._batch_metrics(batch, fresh), **adv_metrics, **train_metrics, **sync_metrics, **sampling_metrics,
                    **pipeline_metrics, **self._times, "timeline": self._events}
         self._check_sync(metrics)
         metrics["tokens_per_second"] = metrics["response_tokens"] / self._times["time/iteration"]
@@ -488,9 +492,11 @@ class PPOCoordinator:
         good = actions & valid[:, None]
         return batch.replace(advantages=out.advantages, returns=out.returns, response_mask=good), metrics
 
-    def _batch_metrics(self, batch: ExperienceBatch) -> dict[str, float]:
+    def _batch_metrics(self, batch: ExperienceBatch, fresh: torch.Tensor | None = None) -> dict[str, float]:
         """Metrics over the usable samples (quarantined NaN/inf samples are counted separately).
-        logprob_mismatch_* only on the iterations whose batch carries the engines' logprobs."""
+        logprob_mismatch_* only on the iterations whose batch carries the engines' logprobs; in the
+        pipeline (``fresh``: (B, R) bool, the tokens sampled by the learner's current version) also
+        over those tokens alone, where engine and learner must agree as on-policy."""
         mask = batch.response_mask
         good = ~batch.bad_rows if batch.bad_rows is not None else torch.ones(len(batch), dtype=torch.bool)
         if not good.any():
@@ -510,6 +516,8 @@ class PPOCoordinator:
             diff = (batch.rollout_logprobs - batch.old_logprobs).abs().masked_fill(~mask, 0)
             metrics["logprob_mismatch_mean"] = float(diff.sum() / mask.sum().clamp(min=1))
             metrics["logprob_mismatch_max"] = float(diff.max())
+            if fresh is not None and bool((fresh & mask).any()):
+                metrics["logprob_mismatch_fresh_max"] = float(diff[fresh & mask].max())
         return metrics
 
     # ------------------------------------------------------------------ state for checkpoints

@@ -133,6 +133,8 @@ def test_every_prompt_is_trained_once_in_order_and_no_token_lags_more_than_k(k):
     assert all(r["staleness/max"] <= k for r in rows)
     assert max(r["staleness/max"] for r in rows) == k  # the bound is reached, not just respected
     assert [r["policy_version"] for r in rows] == list(range(8))
+    # the tokens sampled by the learner's own version are compared on their own (they must agree)
+    assert all(("logprob_mismatch_fresh_max" in r) == (r["staleness/share_0"] > 0) for r in rows)
     assert {"time/generate", "time/score", "time/old_logprobs", "time/wait_batch"} <= set(rows[-1])
     lanes = {e[0] for e in rows[-1]["timeline"]}
     assert {"engines", "reference+reward", "learner", "coordinator"} <= lanes
@@ -305,9 +307,10 @@ def test_a_generation_that_fails_while_an_evaluation_waits_for_it_is_generated_a
 
 
 def test_in_flight_update_with_partial_rollouts_spans_two_versions():
-    # batch 1 generates in segments of 2 tokens while batch 0 trains; its first segment ends only
-    # once the sync of batch 0's update has begun, so its responses go on with version 1.
-    synced = threading.Event()
+    # batch 1 generates in segments of 2 tokens while batch 0 trains (the update waits until batch
+    # 1 has begun); its first segment ends only once the sync of batch 0's update has begun, so its
+    # responses go on with version 1.
+    synced, started = threading.Event(), threading.Event()
 
     class Gated(FakeRollout):
         first_segments = 0
@@ -317,6 +320,7 @@ def test_in_flight_update_with_partial_rollouts_spans_two_versions():
             if len(prompt_ids) == B and all(len(p) < 4 for p in prompt_ids):  # a batch's first segment
                 self.first_segments += 1
                 if self.first_segments == 2:  # batch 1's
+                    started.set()
 
                     class Later:
                         def result(self_inner):
@@ -330,10 +334,15 @@ def test_in_flight_update_with_partial_rollouts_spans_two_versions():
             synced.set()
             return super().sync()
 
+    class WaitingLearners(FakeLearners):
+        def train(self, batch, iteration):
+            assert iteration > 0 or started.wait(WAIT)
+            return super().train(batch, iteration)
+
     rollout = Gated()
     cfg = _pipeline_config(1, partial_rollout_tokens=2)
     assert cfg.ppo.rollout_correction == "tis"
-    coord = _coordinator(cfg, rollout=rollout, weight_sync=SignallingSync())
+    coord = _coordinator(cfg, rollout=rollout, weight_sync=SignallingSync(), learners=WaitingLearners())
     rows = [coord.step() for _ in range(2)]
     coord.close()
     # batch 1's sample 0: 2 tokens at version 0, then 3 at version 1; trained at version 1
