@@ -34,6 +34,7 @@ from rlhf_ray.batch import ExperienceBatch, Generation, TrainUpdate, pack_genera
 from rlhf_ray.config import Config, resolve
 from rlhf_ray.config.validate import reference_from_learner
 from rlhf_ray.coordinator.advantages import estimate_advantages
+from rlhf_ray.coordinator.dynamic_sampling import varied_groups
 from rlhf_ray.coordinator.episodes import Background, episode_metrics, episode_runner, prompt_record
 from rlhf_ray.coordinator.pipeline import BatchPipeline, EngineVersion, Slot, generate_in_segments, staleness_metrics
 from rlhf_ray.data.prompts import PromptSampler, PromptSet
@@ -387,40 +388,25 @@ class PPOCoordinator:
 
     def _varied_groups(self, gen: Generation, scores: torch.Tensor | None = None
                        ) -> tuple[Generation, torch.Tensor, dict[str, float]]:
-        """DAPO's dynamic sampling: keep the prompt groups whose samples got different scores
-        (a group of equal scores has zero group-relative advantage everywhere), generating more
-        prompts (at most ppo.max_extra_generations rounds) until rollout.prompts_per_iteration
-        groups are kept; a batch still short is filled with dropped groups, in order. ``scores``:
-        the first round's, if the pipeline scored it already. Returns the batch's samples with
-        group ids renumbered 0..P-1, their scores, and the counts."""
-        P, spec = self.cfg.rollout.prompts_per_iteration, self._spec(self.iteration)
-        kept: list[tuple[Generation, torch.Tensor, int]] = []  # a group's samples, their scores, its prompt
-        dropped: list[tuple[Generation, torch.Tensor, int]] = []
-        rounds = 0
-        idx = self._prompt_indices
-        while True:
-            if scores is None:
-                shared = self.put(pack_generation(gen, self.pad_id, self.eos_ids))
-                scores = self._reward_score(shared, self.prompts, [idx[g] for g in gen.prompt_index]).result()
-            for group in dict.fromkeys(gen.prompt_index):  # groups in order of appearance
-                rows = [i for i, g in enumerate(gen.prompt_index) if g == group]
-                s = scores[rows]
-                varied = bool(torch.isfinite(s).all()) and float(s.max() - s.min()) > 0
-                (kept if varied else dropped).append((gen.rows(rows), s, idx[group]))
-            if len(kept) >= P or rounds >= self.cfg.ppo.max_extra_generations:
-                break
-            rounds += 1
-            idx = self._draw()  # in the pipeline: between its batches' draws, on the newest weights
-            self._prompt_indices = list(self._prompt_indices) + list(idx)
-            gen = self._generate(self.prompts, idx, spec, self.cfg.rollout.partial_rollout_tokens).result()
-            scores = None
-        chosen = (kept + dropped)[:P]
-        self.row_prompts = [prompt for g, _, prompt in chosen for _ in range(len(g))]
-        for new_id, (g, _, _) in enumerate(chosen):
-            g.prompt_index = [new_id] * len(g)
-        metrics = {"dynamic/extra_generations": float(rounds), "dynamic/dropped_groups": float(len(dropped)),
-                   "dynamic/filled_groups": float(max(0, P - len(kept)))}
-        return Generation.concat([g for g, _, _ in chosen]), torch.cat([s for _, s, _ in chosen]), metrics
+        """Dynamic sampling (``coordinator/dynamic_sampling.py``) over this iteration's samples;
+        ``scores``: the first round's, if the pipeline scored it already. The extra rounds draw
+        prompts (in the pipeline: between its batches' draws) and generate them on the newest
+        weights. Returns the kept samples (group ids 0..P-1), their scores and the counts."""
+        spec = self._spec(self.iteration)
+
+        def score(g: Generation, prompts: list[int]) -> torch.Tensor:
+            shared = self.put(pack_generation(g, self.pad_id, self.eos_ids))
+            return self._reward_score(shared, self.prompts, [prompts[i] for i in g.prompt_index]).result()
+
+        def more() -> tuple[list[int], Generation]:
+            idx = self._draw()
+            return idx, self._generate(self.prompts, idx, spec, self.cfg.rollout.partial_rollout_tokens).result()
+
+        out = varied_groups(gen, self._prompt_indices, self.cfg.rollout.prompts_per_iteration,
+                            self.cfg.ppo.max_extra_generations, score, more, scores)
+        self._prompt_indices = list(self._prompt_indices) + out.extra_prompts
+        self.row_prompts = out.row_prompts
+        return out.gen, out.scores, out.metrics
 
     def _quarantine(self, batch: ExperienceBatch) -> tuple[ExperienceBatch, int]:
         """Samples with NaN/inf in their score, reference/old logprobs or values are kept in the

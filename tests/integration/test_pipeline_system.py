@@ -1,6 +1,7 @@
 """The asynchronous pipeline on the real roles (vLLM CPU engine, DeepSpeed learners, reference and
 reward actors): rollout.max_staleness 2 with partial rollouts, an evaluation and checkpoints in
-the middle, and the engine and then a learner rank killed mid-pipeline.
+the middle, and the engine, the reward (the scoring stage's) and then a learner rank killed
+mid-pipeline.
 
 Here the learners are the slow stage (the generation waits for new versions), so the syncs come
 while the generation thread waits and no response spans two versions; tests/unit/test_pipeline.py
@@ -31,14 +32,14 @@ def test_pipeline_with_partial_rollouts_survives_kills_and_trains_every_prompt_o
         "eval.every": 4, "eval.holdout": 4, "checkpoint.every": 3, "sync.timeout_s": 60,
         "learner.lr": 5e-3})  # updates large enough that versions differ visibly
     assert cfg.ppo.rollout_correction == "tis"
-    killer = _kill_after(run_dir, [(2, "rollout engine 0"), (5, "learner rank 1")])
+    killer = _kill_after(run_dir, [(2, "rollout engine 0"), (3, "reward"), (5, "learner rank 1")])
     summary = run(cfg, run_dir)
     killer.join(timeout=5)
     assert summary["completed"]
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         rows = [json.loads(line) for line in fh]
     assert [r["iteration"] for r in rows] == list(range(8))  # nothing lost, nothing doubled
-    assert rows[-1]["faults/actor_restarts"] == 1 and rows[-1]["faults/learner_restarts"] == 1
+    assert rows[-1]["faults/actor_restarts"] == 2 and rows[-1]["faults/learner_restarts"] == 1
     # every prompt trained once, in the sampler's order, across the failures and the restart
     from rlhf_ray.coordinator.preflight import prepare_inputs
 
