@@ -193,14 +193,19 @@ class BatchPipeline:
         for t in self._threads:
             t.start()
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 10.0) -> None:
         """Drop every batch in flight; the threads end when their current call returns (a result
-        that comes later is thrown away). ``pending`` keeps the prompts to generate again."""
+        that comes later is thrown away), waited for up to ``wait_s`` seconds (a call to a hung
+        role returns only at its timeout: that thread is left to end on its own). ``pending``
+        keeps the prompts to generate again."""
         with self._cond:
             self._epoch += 1
             self._running = False
             self._cond.notify_all()
-        self._threads = []
+        threads, self._threads = self._threads, []
+        deadline = time.monotonic() + wait_s
+        for t in threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     # ------------------------------------------------------------------ the learner stage
     def take(self) -> tuple[Slot, dict[str, float]]:

@@ -13,7 +13,8 @@ from rlhf_ray.runtime.metrics import MetricsSink, read_records
 
 def format_line(m: dict[str, Any]) -> str:
     keys = [("reward_mean", "reward"), ("kl_mean", "kl"), ("policy_loss", "pg"), ("value_loss", "vf"),
-            ("clip_fraction", "clip"), ("response_length", "len"), ("time/iteration", "s/it")]
+            ("clip_fraction", "clip"), ("response_length", "len"), ("staleness/mean", "stale"),
+            ("time/iteration", "s/it")]
     parts = [f"it {m['iteration']}"]
     for k, short in keys:
         if k in m:

@@ -400,3 +400,34 @@ def test_staleness_settings_resolve_and_bad_ones_are_refused():
         with pytest.raises(ConfigError, match=message):
             validate(_pipeline_config(**{"k": rollout.pop("max_staleness"), **rollout}))
     validate(_pipeline_config(2, partial_rollout_tokens=2))
+
+
+def test_episodes_run_in_the_pipeline_with_every_token_tagged():
+    from rlhf_ray.config import config_from_dict
+    from rlhf_ray.coordinator.loop import PPOCoordinator
+    from tests.unit.test_coordinator import PAD, FakeReference, _prompts, _put
+    from tests.unit.test_episodes import CharTokenizer, EpisodeRollout, ObservationBlindLearners
+
+    cfg = config_from_dict({"seed": 3, "rollout": {"prompts_per_iteration": 2, "samples_per_prompt": 2,
+                                                   "max_new_tokens": 8, "num_engines": 1, "max_turns": 3,
+                                                   "env": "tests.unit.test_episodes:Calc", "max_staleness": 1},
+                            "ppo": {"mini_batches": 1}, "learner": {"num_ranks": 1, "micro_batch_size": 4}})
+    rollout = EpisodeRollout()
+
+    class Waiting(ObservationBlindLearners):
+        def train(self, update, iteration):  # the first update waits until batch 1's episodes began
+            deadline = time.monotonic() + WAIT
+            while iteration == 0 and len(rollout.engine.contexts) <= 4 * 2 and time.monotonic() < deadline:
+                time.sleep(0.005)  # batch 0: 4 episodes of 2 turns
+            return super().train(update, iteration)
+
+    coord = PPOCoordinator(cfg, _prompts(), PAD, [EOS], rollout, FakeReference(gap=0.5), FakeReward(),
+                           Waiting(), FakeSync(), put=_put, tokenizer=CharTokenizer())
+    rows = [coord.step() for _ in range(3)]
+    coord.close()
+    fresh = PromptSampler(7, seed=3)
+    assert [r["prompt_indices"] for r in rows] == [fresh.next(2) for _ in range(3)]
+    assert all(r["episode/turns_mean"] == 2.0 and r["staleness/max"] <= 1 for r in rows)
+    assert max(r["staleness/max"] for r in rows) == 1  # episodes were generated ahead
+    # the learner's logprobs are -7 at observations: the fresh-token check must leave them out
+    assert all(r.get("logprob_mismatch_fresh_max", 0.0) == 0.0 for r in rows)
