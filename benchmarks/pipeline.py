@@ -15,6 +15,8 @@ steps ``PPOCoordinator`` directly, no run directory):
   latency task is an iteration within 1.15x of the slowest phase at staleness >= 1. The timeline
   figure (``pipeline_timeline.png``) draws ``--timeline-iters`` iterations of the latency task at
   staleness 0 and 2 from the recorded phase events (``timeline`` in each iteration's metrics).
+  ``--tasks long`` (96 new tokens: generation the slowest phase) with ``--partial 0,24`` times
+  partial rollouts: each staleness >= 1 once per rollout.partial_rollout_tokens.
 * ``--part curves``: reward curves, ``--seeds`` seeds each, for staleness 0, 1, 2, 4 (the off-policy
   correction at its default, tis) and 4 with the correction off, on the demo task and on the words
   task (``rlhf_ray.rewards:word_count_target``); mean reward of the last 10 iterations per setting
@@ -25,9 +27,14 @@ beside it, a line in history.jsonl. This VM drifts by tens of percent and has 2 
 figures within one invocation only, and read the cpu task's as what overlapping CPU work on 2
 cores can give (little).
 
+Measured (benchmarks/results/pipeline.json, 2026-12-08 at a1e1fe7, throughput part, latency and
+cpu tasks): latency task 0.763 s/it on-policy -> 0.671 / 0.477 / 0.479 at staleness 1 / 2 / 4
+(1.00x the slowest phase at 2 and 4); cpu task 0.391 -> 0.335 / 0.303 / 0.292.
+
 Run (repository root):
     .venv/bin/python -m benchmarks.pipeline                         # ~8 runs, ~6 min
-    .venv/bin/python -m benchmarks.pipeline --part curves           # 30 runs, ~25 min
+    .venv/bin/python -m benchmarks.pipeline --part curves --iters 50  # 30 runs, ~35 min
+    .venv/bin/python -m benchmarks.pipeline --tasks long --staleness 0,2 --partial 0,24 --name pipeline_partial
     .venv/bin/python -m benchmarks.pipeline --iters 8 --staleness 0,2 --tasks latency --name pipeline_smoke
 """
 
@@ -45,6 +52,7 @@ JUDGE = str(_env.ROOT / "benchmarks" / "slow_judge.py") + ":judge"
 TASKS = {
     "latency": {"reward.function": JUDGE, "reward.samples_per_call": 4, "reward.concurrency": 2},
     "cpu": {},
+    "long": {"rollout.max_new_tokens": 96, "rollout.max_model_len": 160},  # generation-bound
     "digits": {},
     "words": {"reward.function": "rlhf_ray.rewards:word_count_target"},
 }
@@ -153,23 +161,27 @@ def run_throughput(args, model: str) -> None:
     out: list[dict] = []
     timelines: dict[str, list[list]] = {}
     errors = []
-    for task in args.tasks.split(","):
-        for k in [int(x) for x in args.staleness.split(",")]:
-            print(f"=== {task}, max_staleness {k}: {args.iters} iterations", flush=True)
-            rows, error = steps(config(model, task, {"rollout.max_staleness": k}, 0, args.iters), args.iters)
-            if error:
-                errors.append(f"{task} k={k}: {error}")
-                continue
-            row = throughput_row(task, k, rows, args.warmup)
-            out.append(row)
-            print(f"    {row['s_per_iteration']:.3f} s/it, {row['samples_per_s']:.1f} samples/s; phases sum "
-                  f"{row['phase_sum_s']:.3f} s, max {row['phase_max_s']:.3f} s ({row['slowest_phase']}); "
-                  f"iteration / slowest phase {row['iteration_over_slowest_phase']:.2f}", flush=True)
-            if task == "latency" and k in (0, 2):
-                first = min(len(rows) - args.timeline_iters, max(args.warmup, len(rows) // 2))
-                timelines[f"latency task, max_staleness {k}: iterations {first}..{first + args.timeline_iters - 1}"] = \
-                    timeline_events(rows, first, args.timeline_iters)
-    _env.print_table([{"task": r["task"], "k": r["max_staleness"], "s/it": r["s_per_iteration"],
+    partials = [int(x) for x in args.partial.split(",")]
+    runs = [(task, k, n) for task in args.tasks.split(",") for k in [int(x) for x in args.staleness.split(",")]
+            for n in (partials if k else [0])]
+    for task, k, n in runs:
+        print(f"=== {task}, max_staleness {k}, partial rollouts {n or 'off'}: {args.iters} iterations", flush=True)
+        rows, error = steps(config(model, task, {"rollout.max_staleness": k, "rollout.partial_rollout_tokens": n},
+                                   0, args.iters), args.iters)
+        if error:
+            errors.append(f"{task} k={k} partial {n}: {error}")
+            continue
+        row = {**throughput_row(task, k, rows, args.warmup), "partial_rollout_tokens": n}
+        out.append(row)
+        print(f"    {row['s_per_iteration']:.3f} s/it, {row['samples_per_s']:.1f} samples/s; phases sum "
+              f"{row['phase_sum_s']:.3f} s, max {row['phase_max_s']:.3f} s ({row['slowest_phase']}); "
+              f"iteration / slowest phase {row['iteration_over_slowest_phase']:.2f}", flush=True)
+        if task == "latency" and k in (0, 2) and n == 0:
+            first = min(len(rows) - args.timeline_iters, max(args.warmup, len(rows) // 2))
+            timelines[f"latency task, max_staleness {k}: iterations {first}..{first + args.timeline_iters - 1}"] = \
+                timeline_events(rows, first, args.timeline_iters)
+    _env.print_table([{"task": r["task"], "k": r["max_staleness"], "partial": r["partial_rollout_tokens"],
+                       "s/it": r["s_per_iteration"], "sync": r["phases_s"]["sync"],
                        "samples/s": r["samples_per_s"], "phase sum": r["phase_sum_s"], "phase max": r["phase_max_s"],
                        "slowest": r["slowest_phase"], "it/max": r["iteration_over_slowest_phase"],
                        "wait batch": r["wait_batch_s"], "staleness mean": r["staleness_mean"]} for r in out],
@@ -178,9 +190,10 @@ def run_throughput(args, model: str) -> None:
     if errors:
         print("\nnot saved: " + "\n".join(errors), flush=True)
         raise SystemExit(1)
-    key = {f"{r['task']}_k{r['max_staleness']}_s_per_it": round(r["s_per_iteration"], 3) for r in out}
-    key.update({f"{r['task']}_k{r['max_staleness']}_over_slowest": round(r["iteration_over_slowest_phase"], 2)
-                for r in out})
+    tag = lambda r: f"{r['task']}_k{r['max_staleness']}" + (f"_p{r['partial_rollout_tokens']}"  # noqa: E731
+                                                             if r["partial_rollout_tokens"] else "")
+    key = {f"{tag(r)}_s_per_it": round(r["s_per_iteration"], 3) for r in out}
+    key.update({f"{tag(r)}_over_slowest": round(r["iteration_over_slowest_phase"], 2) for r in out})
     _env.save_results(args.name, {"args": vars(args), "tasks": TASKS, "runs": out, "timelines": timelines,
                                   "figure": figure and figure.replace(str(_env.ROOT) + "/", "")}, key)
 
@@ -218,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--part", choices=("throughput", "curves"), default="throughput")
     ap.add_argument("--tasks", default=None, help="throughput: latency,cpu; curves: digits,words")
     ap.add_argument("--staleness", default="0,1,2,4", help="throughput: comma list of rollout.max_staleness")
+    ap.add_argument("--partial", default="0", help="throughput: comma list of rollout.partial_rollout_tokens, each "
+                                                   "run at every staleness >= 1 (0: whole responses)")
     ap.add_argument("--settings", default=",".join(SETTINGS), help="curves: comma list of " + ", ".join(SETTINGS))
     ap.add_argument("--seeds", default="0,1,2", help="curves")
     ap.add_argument("--iters", type=int, default=None, help="iterations per run (throughput 30, curves 60)")
