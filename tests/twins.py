@@ -87,7 +87,10 @@ TWINS: dict[str, Twin] = {
     ),
     "demo_cpu.yaml": Twin(
         entry="ppo", swapped=dict(_CPU_PPO),
-        scaled={"ppo.iterations": "3", "eval.every": "2", "checkpoint.every": "2", "logging.progress_bar": "false"},
+        # the engines' logprob check fires on every iteration, not every 10th: this run is also the
+        # test that the compiled engine runs the synced weights (tests/integration/test_ppo_system.py)
+        scaled={"ppo.iterations": "3", "eval.every": "2", "checkpoint.every": "2", "sync.check_logprobs_every": "1",
+                "logging.progress_bar": "false"},
     ),
     "demo_lora_cpu.yaml": Twin(
         entry="ppo", swapped=dict(_CPU_PPO),

@@ -92,23 +92,8 @@ def test_reward_endpoint_down_fails_before_ray(tiny_llama):
         prepare_inputs(cfg)
 
 
-def test_ppo_with_a_reward_endpoint(ray_cluster, tiny_llama, tmp_path):
-    import threading
-
-    from rlhf_ray.coordinator.run import run
-    from rlhf_ray.reward_server import make_server
-    from rlhf_ray.rewards import digit_fraction
-
-    srv = make_server(digit_fraction, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        cfg = small_config(tiny_llama, **{"reward.kind": "http", "ppo.iterations": 2,
-                                          "reward.url": f"http://127.0.0.1:{srv.server_address[1]}/score"})
-        summary = run(cfg, str(tmp_path / "run"))
-    finally:
-        srv.shutdown()
-        srv.server_close()
-    assert summary["completed"] and 0.0 <= summary["reward_start"] <= 1.0
+# PPO with a working reward endpoint: tests/integration/test_ppo_system.py (test_ppo_with_a_reward_endpoint,
+# one run with the held-out evaluation test).
 
 
 def test_tokenizer_without_eos(tiny_llama, tmp_path):

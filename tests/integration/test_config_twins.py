@@ -22,13 +22,6 @@ PPO_TWINS = sorted(name for name, twin in TWINS.items() if twin.entry == "ppo")
 
 
 @pytest.fixture(scope="module")
-def tiny_reward_model(tmp_path_factory) -> str:
-    from rlhf_ray.tiny_models import ensure_tiny_model
-
-    return str(ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny-rm", arch="llama", kind="reward", seed=1))
-
-
-@pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict[str, str]:
     from rlhf_ray.data.demo_data import write_demo_data
 
@@ -36,17 +29,12 @@ def demo(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("name", PPO_TWINS)
-def test_ppo_config_twin_runs(ray_cluster, tiny_llama, tiny_reward_model, tmp_path, name, capsys):
-    from rlhf_ray.config import load_config
-    from rlhf_ray.coordinator.run import run
-
-    twin = TWINS[name]
-    run_dir = str(tmp_path / "run")
-    cfg = load_config(str(CONFIGS / name), twin.overrides(policy=tiny_llama, reward_model=tiny_reward_model,
-                                                           run_dir=run_dir))
+def test_ppo_config_twin_runs(ppo_twin_run, name, capsys):
+    """Each twin runs once per session (tests/integration/conftest.py's ``ppo_twin_run``); the demo's
+    run is checked more closely, row by row, in tests/integration/test_ppo_system.py."""
     with capsys.disabled():
-        print(f"\n{name} twin, swapped:\n{twin.describe()}")
-    summary = run(cfg, run_dir)
+        print(f"\n{name} twin, swapped:\n{TWINS[name].describe()}")
+    cfg, summary, run_dir = ppo_twin_run(name)
     assert summary["completed"] and summary["iterations"] == cfg.ppo.iterations == 3
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [r["iteration"] for r in rows] == [0, 1, 2]

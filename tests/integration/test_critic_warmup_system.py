@@ -2,7 +2,8 @@
 learner ranks): the warm-up iterations leave the policy where it started (the engines keep the
 initial weights, no sync follows them, the KL to the reference stays 0), the first PPO update after
 them moves it. (A resume inside the warm-up is checked with in-process roles in
-tests/unit/test_critic_tools.py, which keeps this file to one run.)
+tests/unit/test_critic_tools.py.) The run is tests/integration/conftest.py's ``warmup_run``, which
+tests/integration/test_checkpoint_resume.py also resumes after its end: its roles start once.
 
 Run: RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p no:cacheprovider \
     tests/integration/test_critic_warmup_system.py
@@ -10,22 +11,13 @@ Run: RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import pytest
-
-from tests.integration.conftest import small_config
 
 pytestmark = pytest.mark.integration
 
 POLICY_METRICS = ("policy_loss", "clip_fraction", "onpolicy_ratio_dev")
-
-
-def _metrics(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
 
 
 def _check_warmup_rows(rows: list[dict]) -> None:
@@ -45,11 +37,7 @@ def _check_warmup_rows(rows: list[dict]) -> None:
     assert all(r["kl_k2_mean"] < 1e-9 for r in rows[:3]) and rows[3]["kl_k2_mean"] > 1e-6
 
 
-def test_critic_warmup_and_critic_epochs_end_to_end(ray_cluster, tiny_llama, tmp_path):
-    from rlhf_ray.coordinator.run import run
-
-    overrides = {"ppo.iterations": 4, "ppo.critic_warmup_iterations": 2, "ppo.critic_epochs": 1}
-    run_dir = str(tmp_path / "run")
-    summary = run(small_config(tiny_llama, **overrides), run_dir)
+def test_critic_warmup_and_critic_epochs_end_to_end(warmup_run):
+    summary, _, rows = warmup_run
     assert summary["completed"] and summary["iterations"] == 4
-    _check_warmup_rows(_metrics(run_dir))
+    _check_warmup_rows(rows)

@@ -1,7 +1,12 @@
 """Multi-turn episodes on the real system: vLLM engine, reference, reward function and DeepSpeed
 learner ranks on a local Ray cluster. Every episode has three turns and two observations
 (tests/integration/three_turns.py); the learner's logprobs must match the engine's on every token
-the policy sampled, in every turn, after each weight sync."""
+the policy sampled, in every turn, after each weight sync.
+
+The same run is the ZeRO-3 case of tests/integration/test_ppo_system.py (its checks, on a run of
+its own there before): ZeRO-3 learner ranks, the collective sync in 0.02 MiB buckets, which split
+every layer's q/k/v and gate/up across buckets (the engine's one streaming reload must still load
+each fused layer whole, with two buckets in flight), and a warm-up + cosine learning rate."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import os
 
 import pytest
 
-from tests.integration.conftest import small_config
+from tests.integration.conftest import LR_SCHEDULE, LR_SCHEDULE_VALUES, check_ppo_rows, small_config
 
 pytestmark = pytest.mark.integration
 
@@ -27,10 +32,15 @@ def test_three_turn_episodes_end_to_end(ray_cluster, tiny_llama, tmp_path):
     cfg = small_config(tiny_llama, **{"rollout.env": "tests.integration.three_turns:ThreeTurns",
                                       "rollout.max_turns": 3, "rollout.max_model_len": 128,
                                       "rollout.num_engines": 1, "eval.every": 2, "eval.holdout": 4,
-                                      "logging.dump_rollouts_every": 1})
+                                      "logging.dump_rollouts_every": 1, "learner.zero_stage": 3,
+                                      "sync.transport": "collective", "sync.bucket_mb": 0.02, **LR_SCHEDULE})
     summary = run(cfg, str(tmp_path / "run"))
     assert summary["completed"] and summary["iterations"] == 3
     rows = _rows(str(tmp_path / "run"), "metrics.jsonl")
+    check_ppo_rows(rows, 16, evaluated=(2,))  # the evaluation after iteration 1 syncs its update
+    assert [r["lr"] for r in rows] == pytest.approx(LR_SCHEDULE_VALUES, rel=1e-5)
+    assert os.listdir(tmp_path / "run" / "tensorboard")
+    assert summary["reward_start"] == pytest.approx(sum(r["reward_mean"] for r in rows) / 3)
     for r in rows:
         assert r["episode/turns_mean"] == 3.0 and r["episode/finish_stop"] == r["samples"] == 16
         assert r["episode/tool_calls_mean"] == 2.0 and 0 < r["episode/observation_token_share"] < 1

@@ -1,6 +1,9 @@
 """Fault injection on the local cluster: killed actors are replaced and the run completes with
 every iteration exactly once; NaN rewards are quarantined; a hung role times out instead of
-hanging the run."""
+hanging the run.
+
+Starting the roles costs most of each run, so tests that need the same roles and config share one
+run (a module-scoped fixture) and check it separately."""
 
 from __future__ import annotations
 
@@ -44,37 +47,36 @@ def _kill_after(run_dir: str, plan: list[tuple[int, str]]) -> threading.Thread:
     return thread
 
 
-def test_killed_engine_reference_and_reward_are_replaced(ray_cluster, tiny_llama, tmp_path):
+@pytest.fixture(scope="module")
+def killed_roles_run(ray_cluster, tiny_llama, tmp_path_factory) -> tuple[dict, list[dict]]:
+    """One run for the two tests below (the same roles, the same config): rollout engine 0, the
+    reference and the reward actor are killed once 1, 2 and 3 iterations are logged, learner rank 1
+    once 4 are (a checkpoint after every iteration). Returns the summary and the metrics rows."""
     from rlhf_ray.coordinator.run import run
 
-    run_dir = str(tmp_path / "run")
-    cfg = small_config(tiny_llama, **{"ppo.iterations": 5, "sync.timeout_s": 60})
+    run_dir = str(tmp_path_factory.mktemp("killed") / "run")
+    cfg = small_config(tiny_llama, **{"ppo.iterations": 6, "checkpoint.every": 1, "sync.timeout_s": 60,
+                                      "resources.call_timeout_s": 120})
     os.makedirs(run_dir)
-    killer = _kill_after(run_dir, [(1, "rollout engine 0"), (2, "reference"), (3, "reward")])
+    killer = _kill_after(run_dir, [(1, "rollout engine 0"), (2, "reference"), (3, "reward"), (4, "learner rank 1")])
     summary = run(cfg, run_dir)
     killer.join(timeout=5)
-    assert summary["completed"]
-    rows = _rows(run_dir)
-    assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4]  # each once: nothing lost or doubled
+    return summary, _rows(run_dir)
+
+
+def test_killed_engine_reference_and_reward_are_replaced(killed_roles_run):
+    summary, rows = killed_roles_run
+    assert summary["completed"] and summary["final_iteration"] == 6
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4, 5]  # each once: nothing lost or doubled
     assert all(r["samples"] == 16 for r in rows)
     assert rows[-1]["faults/actor_restarts"] == 3
     # the replacement engine received the current policy: vLLM and learner agree again
     assert all(r["logprob_mismatch_max"] < 2e-3 for r in rows)
 
 
-def test_killed_learner_restarts_group_from_checkpoint(ray_cluster, tiny_llama, tmp_path):
-    from rlhf_ray.coordinator.run import run
-
-    run_dir = str(tmp_path / "run")
-    cfg = small_config(tiny_llama, **{"ppo.iterations": 4, "checkpoint.every": 1, "sync.timeout_s": 60,
-                                      "resources.call_timeout_s": 120})
-    os.makedirs(run_dir)
-    killer = _kill_after(run_dir, [(2, "learner rank 1")])
-    summary = run(cfg, run_dir)
-    killer.join(timeout=5)
-    assert summary["completed"] and summary["final_iteration"] == 4
-    rows = _rows(run_dir)
-    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+def test_killed_learner_restarts_group_from_checkpoint(killed_roles_run):
+    summary, rows = killed_roles_run
+    assert summary["completed"]
     assert rows[-1]["faults/learner_restarts"] == 1
     assert all(r["logprob_mismatch_max"] < 2e-3 for r in rows)
     # The first iteration run by the restarted group already starts away from the reference
@@ -83,28 +85,53 @@ def test_killed_learner_restarts_group_from_checkpoint(ray_cluster, tiny_llama, 
     assert first_after["iteration"] >= 1 and first_after["kl_k2_mean"] > 1e-6
 
 
-def test_nan_rewards_are_quarantined_and_all_nan_stops(ray_cluster, tiny_llama, tmp_path):
-    from rlhf_ray.coordinator.loop import NonFiniteError
+@pytest.fixture(scope="module")
+def bad_rewards_run(ray_cluster, tiny_llama, tmp_path_factory) -> tuple[str, Exception | None]:
+    """One run for the two tests below: the reward function gives NaN for every 4th sample of the
+    first two batches (iterations 0 and 1), then inf for every sample, with
+    ppo.max_bad_iterations 2. Returns the run directory and what the run raised."""
     from rlhf_ray.coordinator.run import run
 
-    fn = tmp_path / "nan_reward.py"
+    tmp = tmp_path_factory.mktemp("bad_rewards")
+    fn = tmp / "nan_reward.py"
     fn.write_text("import math\n"
-                  "def some_nan(prompts, responses):\n"
-                  "    return [math.nan if i % 4 == 0 else 1.0 for i in range(len(responses))]\n"
-                  "def all_nan(prompts, responses):\n"
+                  "BATCHES = 0\n"
+                  "def nan_then_inf(prompts, responses):\n"
+                  "    global BATCHES\n"
+                  "    if len(responses) > 2:  # a batch, not the start-up probe's two responses\n"
+                  "        BATCHES += 1\n"
+                  "    if BATCHES <= 2:\n"
+                  "        return [math.nan if i % 4 == 0 else 1.0 for i in range(len(responses))]\n"
                   "    return [math.inf] * len(responses)\n")
-    summary = run(small_config(tiny_llama, **{"reward.function": f"{fn}:some_nan", "ppo.iterations": 2}),
-                  str(tmp_path / "some"))
-    assert summary["completed"]
-    for r in _rows(str(tmp_path / "some")):
+    run_dir = str(tmp / "run")
+    try:
+        run(small_config(tiny_llama, **{"reward.function": f"{fn}:nan_then_inf", "ppo.iterations": 5,
+                                        "ppo.max_bad_iterations": 2}), run_dir)
+    except Exception as exc:  # noqa: BLE001 - the test below checks what it was
+        return run_dir, exc
+    return run_dir, None
+
+
+def test_nan_rewards_are_quarantined(bad_rewards_run):
+    run_dir, _ = bad_rewards_run
+    rows = [r for r in _rows(run_dir) if r["iteration"] < 2]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    for r in rows:
         assert r["skipped_samples"] == 4
         assert r["reward_mean"] == 1.0  # the mean is over usable samples only
         assert math.isfinite(r["policy_loss"]) and math.isfinite(r["value_loss"])
-    with pytest.raises(NonFiniteError, match="2 consecutive iterations had no usable sample"):
-        run(small_config(tiny_llama, **{"reward.function": f"{fn}:all_nan", "ppo.iterations": 5,
-                                        "ppo.max_bad_iterations": 2}), str(tmp_path / "all"))
+
+
+def test_all_nan_rewards_stop_the_run(bad_rewards_run):
+    from rlhf_ray.coordinator.loop import NonFiniteError
+
+    run_dir, error = bad_rewards_run
+    # iterations 2 and 3 had no usable sample (a usable one in between would have reset the count)
+    assert isinstance(error, NonFiniteError), repr(error)
+    assert "2 consecutive iterations had no usable sample" in str(error)
     # The learner was never updated with a bad batch: the last completed iteration is saved first.
-    assert os.path.isfile(tmp_path / "all" / "checkpoints" / "iter_000001" / "COMPLETE")
+    assert os.path.isfile(os.path.join(run_dir, "checkpoints", "iter_000003", "COMPLETE"))
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints", "iter_000004"))
 
 
 def test_hung_reward_times_out_instead_of_hanging(ray_cluster, tiny_llama, tmp_path):
@@ -171,7 +198,7 @@ def test_engines_killed_or_hung_in_the_middle_of_a_sync_are_replaced(ray_cluster
     run_dir = str(tmp_path / "run")
     # checkpoint.every 1: the driver writes a checkpoint after each iteration's record and before
     # the next sync, the window in which an idle engine is frozen.
-    cfg = small_config(tiny_llama, **{"ppo.iterations": 6, "rollout.num_engines": 2, "checkpoint.every": 1,
+    cfg = small_config(tiny_llama, **{"ppo.iterations": 5, "rollout.num_engines": 2, "checkpoint.every": 1,
                                       "sync.timeout_s": 10, "resources.call_timeout_s": 120})
     os.makedirs(run_dir)
 
@@ -202,6 +229,6 @@ def test_engines_killed_or_hung_in_the_middle_of_a_sync_are_replaced(ray_cluster
     assert "rollout engine 1 timeout (phase sync); replacing it and redoing iteration 4" in out, out[-3000:]
     assert summary["completed"]
     rows = _rows(run_dir)
-    assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4]  # 4: the last, run by both new engines
     assert rows[-1]["faults/actor_restarts"] == 2 and rows[-1]["faults/learner_restarts"] == 0
     assert all(r["logprob_mismatch_max"] < 2e-3 for r in rows)  # the new engines got the current policy

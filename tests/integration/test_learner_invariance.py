@@ -35,28 +35,52 @@ def synthetic_batch(B: int = 8, P: int = 5, R: int = 6, vocab: int = 400, seed: 
         advantages=randn(), returns=randn())
 
 
-def _update(ray, model: str, ranks: int, batch: ExperienceBatch, **overrides) -> tuple[dict, dict]:
-    from rlhf_ray.batch import TrainUpdate
+def _groups(ray, cfgs: dict[int, object], timeout_s: float):
+    """A set-up learner group for each ``{ranks: config}``. Every actor is created before any group
+    is set up, so the groups' processes start together (a set-up is mostly process start and
+    imports) instead of one group after the other; each group has its own rendezvous."""
     from rlhf_ray.runtime.groups import LearnerGroup
     from rlhf_ray.workers.actors import LearnerActor
     from rlhf_ray.workers.learner import LearnerSpec
 
-    cfg = small_config(model, **{
+    actors = {ranks: [LearnerActor.options(num_cpus=0.5).remote(LearnerSpec.from_config(cfg), r) for r in range(ranks)]
+              for ranks, cfg in cfgs.items()}
+    groups = {ranks: LearnerGroup(group, timeout_s=timeout_s) for ranks, group in actors.items()}
+    try:
+        for pending in [group.setup() for group in groups.values()]:
+            pending.result()
+    except BaseException:
+        _kill(ray, groups)
+        raise
+    return groups
+
+
+def _kill(ray, groups: dict) -> None:
+    for group in groups.values():
+        for a in group.actors:
+            ray.kill(a)
+
+
+def _updates(ray, model: str, batch: ExperienceBatch, **overrides) -> dict[int, tuple[dict, dict]]:
+    """One update of ``batch`` on one rank and on two ranks: ``{ranks: (metrics, policy weights)}``."""
+    from rlhf_ray.batch import TrainUpdate
+
+    cfgs = {ranks: small_config(model, **{
         "learner.num_ranks": ranks, "learner.optimizer": "sgd", "learner.lr": 0.5, "learner.max_grad_norm": 0,
         "learner.micro_batch_size": 2, "ppo.mini_batches": 1, "ppo.epochs": 1, "rollout.prompts_per_iteration": 2,
-        "rollout.samples_per_prompt": 4, "ppo.entropy_coef": 0.01, **overrides})
-    actors = [LearnerActor.options(num_cpus=0.5).remote(LearnerSpec.from_config(cfg), r) for r in range(ranks)]
-    group = LearnerGroup(actors, timeout_s=300)
+        "rollout.samples_per_prompt": 4, "ppo.entropy_coef": 0.01, **overrides}) for ranks in (1, 2)}
+    groups = _groups(ray, cfgs, timeout_s=300)
     try:
-        group.setup().result()
         # old logprobs from the learner itself (each rank keeps its slice), so the first ratio is exactly 1
-        group.compute_old(batch).result()
-        metrics = group.train(TrainUpdate.of(batch), iteration=0).result()
-        weights = group.policy_state_dict().result()
+        olds = {ranks: group.compute_old(batch) for ranks, group in groups.items()}
+        for pending in olds.values():
+            pending.result()
+        trains = {ranks: group.train(TrainUpdate.of(batch), iteration=0) for ranks, group in groups.items()}
+        metrics = {ranks: pending.result() for ranks, pending in trains.items()}
+        states = {ranks: group.policy_state_dict() for ranks, group in groups.items()}
+        return {ranks: (metrics[ranks], pending.result()) for ranks, pending in states.items()}
     finally:
-        for a in actors:
-            ray.kill(a)
-    return metrics, weights
+        _kill(ray, groups)
 
 
 # FSDP2 at reshard 3 and the other loss aggregations: tests/unit/test_train_engines.py (the engine's
@@ -66,8 +90,8 @@ def _update(ray, model: str, ranks: int, batch: ExperienceBatch, **overrides) ->
     ids=["token_mean-gae", "dr_grpo", "fsdp2-gae"])
 def test_one_rank_and_two_ranks_make_the_same_update(ray_cluster, tiny_llama, overrides):
     batch = synthetic_batch()
-    m1, w1 = _update(ray_cluster, tiny_llama, 1, batch, **overrides)
-    m2, w2 = _update(ray_cluster, tiny_llama, 2, batch, **overrides)
+    updates = _updates(ray_cluster, tiny_llama, batch, **overrides)
+    (m1, w1), (m2, w2) = updates[1], updates[2]
     assert m1["grad_norm"] > 0
     assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4)
     if "value_head_grad_norm" in m1:  # the head beside the engine gets the full-batch gradient too
@@ -110,31 +134,22 @@ def test_zero3_no_grad_passes_agree_their_count_over_ranks(ray_cluster, tiny_lla
     slice (four 3-token rows) fits one pass and rank 1's (four 11-token rows) needs four: without
     agreement rank 1 waits in a gather that rank 0 never enters (issue: configs/gpu_8x.yaml hung).
     The results must equal one rank's over the whole batch without a budget."""
-    from rlhf_ray.runtime.groups import LearnerGroup
-    from rlhf_ray.workers.actors import LearnerActor
-    from rlhf_ray.workers.learner import LearnerSpec
-
     batch = _batch_of_lengths([3, 3, 3, 3, 11, 11, 11, 11])
-
-    def run(ranks: int, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        cfg = small_config(tiny_llama, **{
-            "learner.num_ranks": ranks, "learner.zero_stage": 3, "learner.forward_max_tokens": budget,
-            "model.lora.rank": 4, "rollout.prompts_per_iteration": 2, "rollout.samples_per_prompt": 4,
-            "ppo.mini_batches": 1, "rollout.max_new_tokens": 9, "resources.call_timeout_s": 90,
-            "model.value_head_init_std": 0.02})
-        actors = [LearnerActor.options(num_cpus=0.5).remote(LearnerSpec.from_config(cfg), r) for r in range(ranks)]
-        group = LearnerGroup(actors, timeout_s=120)
-        try:
-            group.setup().result()
-            logprobs, values = group.compute_old(batch).result()
-            ref = torch.cat(ray_cluster.get([a.reference_logprobs.remote(batch, 1.0) for a in actors], timeout=120))
-        finally:
-            for a in actors:
-                ray_cluster.kill(a)
-        return logprobs, values, ref
-
-    lp2, v2, ref2 = run(2, budget=12)
-    lp1, v1, ref1 = run(1, budget=0)
+    budgets = {2: 12, 1: 0}
+    cfgs = {ranks: small_config(tiny_llama, **{
+        "learner.num_ranks": ranks, "learner.zero_stage": 3, "learner.forward_max_tokens": budget,
+        "model.lora.rank": 4, "rollout.prompts_per_iteration": 2, "rollout.samples_per_prompt": 4,
+        "ppo.mini_batches": 1, "rollout.max_new_tokens": 9, "resources.call_timeout_s": 90,
+        "model.value_head_init_std": 0.02}) for ranks, budget in budgets.items()}
+    groups = _groups(ray_cluster, cfgs, timeout_s=120)
+    try:
+        olds = {ranks: group.compute_old(batch) for ranks, group in groups.items()}
+        refs = {ranks: [a.reference_logprobs.remote(batch, 1.0) for a in group.actors]
+                for ranks, group in groups.items()}
+        (lp1, v1), (lp2, v2) = olds[1].result(), olds[2].result()
+        ref1, ref2 = (torch.cat(ray_cluster.get(refs[ranks], timeout=120)) for ranks in (1, 2))
+    finally:
+        _kill(ray_cluster, groups)
     mask = batch.response_mask
     assert bool((lp1[mask] < 0).all()) and bool((v1[mask] != 0).any())
     torch.testing.assert_close(lp2, lp1, atol=1e-5, rtol=0)

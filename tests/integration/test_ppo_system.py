@@ -1,16 +1,15 @@
 """The full system on a local Ray cluster: vLLM CPU engine, reference, reward function and
 DeepSpeed learner ranks, for a few PPO iterations, under ZeRO-2 and ZeRO-3 and both weight-sync
-transports."""
+transports; one step off-policy; held-out evaluation, with the reward served over HTTP."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import pytest
 
-from tests.integration.conftest import small_config
+from tests.integration.conftest import LR_SCHEDULE, LR_SCHEDULE_VALUES, check_ppo_rows, small_config
 
 pytestmark = pytest.mark.integration
 
@@ -24,46 +23,38 @@ def _read_metrics(run_dir: str) -> list[dict]:
     return _read_metrics_file(os.path.join(run_dir, "metrics.jsonl"))
 
 
-# 0.02 MiB buckets split every layer's q/k/v and gate/up across buckets: the engine's one
-# streaming reload must still load each fused layer whole, with two buckets in flight.
-# The first case is the demo's set-up, with its torch.compile'd engine (enforce_eager false): the
-# synced weights must reach the compiled graph, not only the module's parameters.
-@pytest.mark.parametrize("zero_stage,transport,separate_critic,bucket_mb,eager", [
-    (2, "collective", False, 16.0, False),
-    (3, "collective", False, 0.02, True),
-    (3, "object_store", True, 16.0, True)])
-def test_ppo_iterations_end_to_end(ray_cluster, tiny_llama, tmp_path, zero_stage, transport, separate_critic,
-                                   bucket_mb, eager):
+def test_the_demo_config_end_to_end(ppo_twin_run):
+    """The demo's own set-up: configs/demo_cpu.yaml's CPU twin (tests/twins.py), run once per session
+    and shared with tests/integration/test_config_twins.py, which checks it as a config. ZeRO-2,
+    the collective sync in 16 MiB buckets, a shared-body critic, and the torch.compile'd engine
+    (enforce_eager false): the synced weights must reach the compiled graph, not only the module's
+    parameters."""
+    cfg, summary, run_dir = ppo_twin_run("demo_cpu.yaml")
+    assert (cfg.learner.zero_stage, cfg.sync.transport, cfg.sync.bucket_mb, cfg.model.separate_critic,
+            cfg.rollout.vllm.enforce_eager, cfg.sync.check_logprobs_every) == (2, "collective", 16.0, False, False, 1)
+    assert summary["completed"] and summary["iterations"] == 3
+    rows = _read_metrics(run_dir)
+    check_ppo_rows(rows, cfg.rollout.prompts_per_iteration * cfg.rollout.samples_per_prompt,
+                   evaluated=(cfg.eval.every,))  # the evaluation after iteration 1 syncs its update
+    # The demo's constant learning rate (a warm-up and a decay: the ZeRO-3 runs, tests/unit/test_lr_schedule.py).
+    assert [r["lr"] for r in rows] == pytest.approx([cfg.learner.lr] * 3, rel=1e-6)
+    assert os.listdir(os.path.join(run_dir, "tensorboard"))
+    assert summary["reward_start"] == pytest.approx(sum(r["reward_mean"] for r in rows) / 3)
+
+
+# The ZeRO-3 case with the collective sync in 0.02 MiB buckets runs with 3-turn episodes:
+# tests/integration/test_episodes_system.py. The demo's own set-up (ZeRO-2, 16 MiB buckets, the
+# compiled engine) is the test above.
+def test_zero3_object_store_and_a_separate_critic_end_to_end(ray_cluster, tiny_llama, tmp_path):
     from rlhf_ray.coordinator.run import run
 
-    cfg = small_config(tiny_llama, **{"learner.zero_stage": zero_stage, "sync.transport": transport,
-                                      "model.separate_critic": separate_critic, "sync.bucket_mb": bucket_mb,
-                                      "rollout.vllm.enforce_eager": eager,
-                                      "learner.warmup_steps": 1, "learner.lr_schedule": "cosine",
-                                      "learner.min_lr_ratio": 0.1})
+    cfg = small_config(tiny_llama, **{"learner.zero_stage": 3, "sync.transport": "object_store",
+                                      "model.separate_critic": True, "sync.bucket_mb": 16.0, **LR_SCHEDULE})
     summary = run(cfg, str(tmp_path / "run"))
     assert summary["completed"] and summary["iterations"] == 3
     rows = _read_metrics(str(tmp_path / "run"))
-    assert [r["iteration"] for r in rows] == [0, 1, 2]
-    for r in rows:
-        assert r["samples"] == 16
-        # First PPO mini-batch after a rollout is on-policy: ratio 1 (within float tolerance).
-        assert r["onpolicy_ratio_dev"] < 1e-4, r["onpolicy_ratio_dev"]
-        # Rollout (vLLM) and learner logprobs on the same tokens agree: weights are in sync.
-        assert r["logprob_mismatch_max"] < 2e-3, r["logprob_mismatch_max"]
-        for key in ("policy_loss", "value_loss", "entropy", "grad_norm", "kl_mean", "explained_variance"):
-            assert math.isfinite(r[key]), key
-        for phase in ("generate", "score", "advantages", "update"):
-            assert r[f"time/{phase}"] > 0
-    for r in rows[1:]:  # the update of iteration k is synced before the generation of k+1
-        assert r["time/sync"] > 0 and r["sync_bytes"] > 0
-    # The policy moved away from the reference after the first update, and vLLM followed it
-    # (the mismatch check above ran on those moved weights).
-    assert rows[0]["kl_k2_mean"] < 1e-9  # before any update the policy is the reference
-    assert rows[1]["kl_k2_mean"] > 1e-6 and rows[2]["kl_k2_mean"] > 1e-6
-    # 2 optimiser steps per iteration, 6 in all, warm-up 1, cosine to 0.1 x 1e-3: after iteration k
-    # the optimiser holds the lr of step 2(k+1), 0.1 + 0.45 (1 + cos(pi (2k+1)/5)) x 1e-3.
-    assert [r["lr"] for r in rows] == pytest.approx([0.914058e-3, 0.410942e-3, 0.1e-3], rel=1e-5)
+    check_ppo_rows(rows, 16)
+    assert [r["lr"] for r in rows] == pytest.approx(LR_SCHEDULE_VALUES, rel=1e-5)
     assert os.listdir(tmp_path / "run" / "tensorboard")
     assert summary["reward_start"] == pytest.approx(sum(r["reward_mean"] for r in rows) / 3)
 
@@ -83,18 +74,54 @@ def test_async_generation_end_to_end(ray_cluster, tiny_llama, tmp_path):
     assert rows[2]["logprob_mismatch_mean"] > 1e-4 and rows[3]["logprob_mismatch_mean"] > 1e-4
 
 
-def test_held_out_evaluation_is_greedy_and_logged(ray_cluster, tiny_llama, tmp_path):
-    """eval.every 1 on 8 held-out prompts: evaluations before the first update, after each one and
-    at the end. A learning rate far below float32 resolution keeps the weights fixed, so greedy
-    decoding must give the same evaluation every time (sampling at temperature 1 would not)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+@pytest.fixture(scope="module")
+def fixed_policy_run(ray_cluster, tiny_llama, tmp_path_factory) -> tuple[dict, str, list[int]]:
+    """One run for the two tests below: the reward served over HTTP (rlhf_ray.reward_server with the
+    demo's function, scored in the reward actor through reward.kind http), eval.every 1 on 8
+    held-out prompts, and a learning rate far below float32 resolution, which keeps the weights
+    fixed. Returns the summary, the run directory and the size of each request the server got."""
+    import threading
 
     from rlhf_ray.coordinator.run import run
+    from rlhf_ray.reward_server import make_server
+    from rlhf_ray.rewards import digit_fraction
 
-    run_dir = tmp_path / "run"
-    summary = run(small_config(tiny_llama, **{"eval.every": 1, "eval.holdout": 8, "learner.lr": 1e-12}), str(run_dir))
+    requests: list[int] = []
+
+    def served(prompts, responses):
+        requests.append(len(responses))
+        return digit_fraction(prompts, responses)
+
+    srv = make_server(served, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    run_dir = str(tmp_path_factory.mktemp("fixed") / "run")
+    try:
+        cfg = small_config(tiny_llama, **{"reward.kind": "http", "eval.every": 1, "eval.holdout": 8,
+                                          "learner.lr": 1e-12,
+                                          "reward.url": f"http://127.0.0.1:{srv.server_address[1]}/score"})
+        summary = run(cfg, run_dir)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    return summary, run_dir, requests
+
+
+def test_ppo_with_a_reward_endpoint(fixed_policy_run):
+    summary, run_dir, requests = fixed_policy_run
+    assert summary["completed"] and 0.0 <= summary["reward_start"] <= 1.0
+    # every iteration's 16 samples were scored by the endpoint (beside the probe and the evaluations)
+    assert requests.count(16) >= 3, requests
+
+
+def test_held_out_evaluation_is_greedy_and_logged(fixed_policy_run):
+    """eval.every 1 on 8 held-out prompts: evaluations before the first update, after each one and
+    at the end. With the weights fixed, greedy decoding must give the same evaluation every time
+    (sampling at temperature 1 would not)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    summary, run_dir, _ = fixed_policy_run
     assert summary["completed"]
-    evals = _read_metrics_file(str(run_dir / "eval.jsonl"))
+    evals = _read_metrics_file(os.path.join(run_dir, "eval.jsonl"))
     assert [e["iteration"] for e in evals] == [0, 1, 2, 3]
     assert all(e["eval/samples"] == 8 and e["eval/nonfinite_scores"] == 0 for e in evals)
     keys = ("eval/reward_mean", "eval/response_length", "eval/truncation_rate")
@@ -102,8 +129,8 @@ def test_held_out_evaluation_is_greedy_and_logged(ray_cluster, tiny_llama, tmp_p
     assert summary["eval"]["first"]["iteration"] == 0 and summary["eval"]["last"]["iteration"] == 3
     assert summary["eval"]["prompts"] == 8
     tags = set()
-    for name in os.listdir(run_dir / "tensorboard"):
-        acc = EventAccumulator(str(run_dir / "tensorboard" / name))
+    for name in os.listdir(os.path.join(run_dir, "tensorboard")):
+        acc = EventAccumulator(os.path.join(run_dir, "tensorboard", name))
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
     assert {"eval/reward_mean", "reward_mean"} <= tags

@@ -4,7 +4,7 @@ environment, the verifiable reward, and the held-out check before -> after.
 
 The SFT stage is the config's own (its numbers are checked offline by
 ``benchmarks/tool_policy_check.py``: held-out accuracy ~0.5 sampled, tool-call rate ~0.8); PPO is
-cut to 30 iterations.
+cut to PPO_ITERATIONS (20; the full job's held-out accuracy was 0.484 -> 0.906 at iteration 25).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+PPO_ITERATIONS = 20
 
 
 def test_tool_job_sft_then_ppo_on_calculator_episodes(ray_cluster, tmp_path):
@@ -31,17 +32,17 @@ def test_tool_job_sft_then_ppo_on_calculator_episodes(ray_cluster, tmp_path):
         "sft.model.path": str(tmp_path / "tiny-llama"), "sft.data.train_path": str(d / "sft.jsonl"),
         "sft.train.output_dir": sft,
         "ppo.model.path": sft, "ppo.data.prompts": str(d / "prompts.jsonl"),
-        "ppo.eval.prompts": str(d / "eval_prompts.jsonl"), "ppo.eval.every": "30",
-        "ppo.ppo.iterations": "30", "ppo.checkpoint.save_on_stop": "false",
+        "ppo.eval.prompts": str(d / "eval_prompts.jsonl"), "ppo.eval.every": str(PPO_ITERATIONS),
+        "ppo.ppo.iterations": str(PPO_ITERATIONS), "ppo.checkpoint.save_on_stop": "false",
         "ppo.logging.run_dir": str(tmp_path / "ppo"), "ppo.logging.progress_bar": "false",
         "ppo.logging.tensorboard": "false",
     }
     cfg = load_config(os.path.join(CONFIGS, "tools_cpu.yaml"), overrides, cls=PipelineConfig,
                       validator=validate_pipeline)
     summary = run_pipeline(cfg)
-    assert "rm" not in summary and summary["ppo"]["completed"] and summary["ppo"]["iterations"] == 30
+    assert "rm" not in summary and summary["ppo"]["completed"] and summary["ppo"]["iterations"] == PPO_ITERATIONS
     ba = summary["before_after"]
-    assert (ba["first_iteration"], ba["last_iteration"]) == (0, 30)
+    assert (ba["first_iteration"], ba["last_iteration"]) == (0, PPO_ITERATIONS)
     gold_before, gold_after = ba["gold"]
     calls_before, calls_after = ba["tool_call_rate"]
     # The SFT policy (sampled) has learned the format but is noisy (offline check: ~0.5 right, ~0.8 calls).
@@ -51,7 +52,7 @@ def test_tool_job_sft_then_ppo_on_calculator_episodes(ray_cluster, tmp_path):
     assert ba["reward"] == pytest.approx(ba["gold"])  # the reward is the gold check
 
     rows = [json.loads(line) for line in open(os.path.join(summary["ppo"]["run_dir"], "eval_samples",
-                                                           "iter_000030.jsonl"))]
+                                                           f"iter_{PPO_ITERATIONS:06d}.jsonl"))]
     called = [r for r in rows if find_calls(r["response"])]
     assert len(called) > len(rows) / 2, rows[:3]
     # Each call is followed by the calculator's answer to it, marked as an observation ([[ ]]: context,

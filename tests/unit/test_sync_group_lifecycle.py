@@ -139,13 +139,27 @@ print("OK", host, port)
 """
 
 
+@pytest.fixture(scope="module")
+def masters():
+    """MASTER in a subprocess for each case, both started together (each spends seconds importing
+    torch). A subprocess: the default process group is global to a process."""
+    started = {loopback: subprocess.Popen([sys.executable, "-c", MASTER, "1" if loopback else "0"], cwd=REPO_ROOT,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for loopback in (True, False)}
+    yield started
+    for proc in started.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 @pytest.mark.parametrize("loopback", [True, False])
-def test_master_address_serves_the_learner_group_store_on_a_reserved_port(loopback):
-    # A subprocess: the default process group is global to a process. With every rank on one
-    # machine (loopback) the store listens on 127.0.0.1 only; else on the node's address only.
-    proc = subprocess.run([sys.executable, "-c", MASTER, "1" if loopback else "0"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+def test_master_address_serves_the_learner_group_store_on_a_reserved_port(masters, loopback):
+    # With every rank on one machine (loopback) the store listens on 127.0.0.1 only; else on the
+    # node's address only.
+    proc = masters[loopback]
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "OK" in out, out[-2000:] + err[-3000:]
 
 
 # ---- item: rebuilding aborts and frees the old group first ----------------------------------
