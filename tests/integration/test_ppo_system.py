@@ -59,6 +59,7 @@ def test_zero3_object_store_and_a_separate_critic_end_to_end(ray_cluster, tiny_l
     assert summary["reward_start"] == pytest.approx(sum(r["reward_mean"] for r in rows) / 3)
 
 
+@pytest.fixture(scope="module")
 def fixed_policy_run(ray_cluster, tiny_llama, tmp_path_factory) -> tuple[dict, str, list[int]]:
     """One run for the two tests below: the reward served over HTTP (rlhf_ray.reward_server with the
     demo's function, scored in the reward actor through reward.kind http), eval.every 1 on 8
