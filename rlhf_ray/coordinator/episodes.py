@@ -347,7 +347,7 @@ class _Queue:
 
 class Background:
     """A call run in a thread of its own, as a ``Pending``: ``result()`` waits and returns its value
-    or raises its exception (a multi-turn generate in flight during an update, with async generation)."""
+    or raises its exception (a multi-turn generate in flight, e.g. on the pipeline's generation thread)."""
 
     def __init__(self, fn: Callable[[], Any]) -> None:
         self._box: dict[str, Any] = {}

@@ -312,8 +312,9 @@ class PPOCoordinator:
         """The policy after ``self.iteration`` updates on the evaluation prompts: the engines get the
         latest weights, generate with eval's sampling settings (greedy by default), and the reward
         role scores the responses. Training state (prompt order, KL controller, score moments) is
-        not touched. With async generation the batch in flight is awaited first and kept for the
-        next step (see ``_await_pending_generation``). Returns (metrics, the scored batch)."""
+        not touched. In the pipeline its generation call in flight ends first and what it generated
+        is kept for the next steps (see ``_pause_pipeline``); if a role fails here, the pipeline is
+        stopped and starts again from the prompts pending. Returns (metrics, the scored batch)."""
         if self.eval_prompts is None:
             raise ValueError("this coordinator has no evaluation prompts; set --eval.every > 0.")
         try:

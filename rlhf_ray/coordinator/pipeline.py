@@ -40,9 +40,8 @@ from typing import Any, Callable
 
 from rlhf_ray.backends.rollout import SamplingSpec
 from rlhf_ray.batch import Generation
+from rlhf_ray.coordinator.episodes import EngineCall
 from rlhf_ray.runtime.pending import Pending
-
-EngineCall = Callable[[list[list[int]], SamplingSpec], Pending[Generation]]
 
 
 class _Stopped(Exception):

@@ -439,15 +439,22 @@ def test_fixed_kl_controller_state():
 # ---- async generation (one step off-policy) ------------------------------------------------
 
 
-def test_async_rollback_regenerates_the_pending_prompts():
-    class FailingLearners(FakeLearners):
-        def train(self, batch, iteration):
-            if iteration == 1 and not getattr(self, "failed", False):
-                self.failed = True
-                raise RemoteCallError("learner died", "died", ("learner", 0), "PPO update")
-            return super().train(batch, iteration)
+class LearnersFailingOnce(FakeLearners):
+    """The update of iteration ``at`` fails once, as if the learner died."""
 
-    rollout, learners = FakeRollout(), FailingLearners()
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at, self.failed = at, False
+
+    def train(self, batch, iteration):
+        if iteration == self.at and not self.failed:
+            self.failed = True
+            raise RemoteCallError("learner died", "died", ("learner", 0), "PPO update")
+        return super().train(batch, iteration)
+
+
+def test_async_rollback_regenerates_the_pending_prompts():
+    rollout, learners = FakeRollout(), LearnersFailingOnce(at=1)
     cfg = _config(rollout={"prompts_per_iteration": B, "samples_per_prompt": 1, "max_new_tokens": R,
                            "num_engines": 1, "async_generation": True})
     coord = _coordinator(cfg, rollout=rollout, learners=learners)

@@ -11,7 +11,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from rlhf_ray.backends.rollout import SamplingSpec
 from rlhf_ray.batch import Generation
@@ -19,8 +18,8 @@ from rlhf_ray.config import ConfigError, validate
 from rlhf_ray.coordinator.pipeline import EngineVersion, generate_in_segments, staleness_metrics
 from rlhf_ray.data.prompts import PromptSampler
 from rlhf_ray.runtime.pending import Done, RemoteCallError
-from tests.unit.test_coordinator import (B, EOS, R, FakeLearners, FakeReward, FakeRollout, FakeSync, _config,
-                                         _coordinator, _eval_prompts, _prompts)
+from tests.unit.test_coordinator import (B, EOS, R, FakeLearners, FakeReward, FakeRollout, FakeSync,
+                                         LearnersFailingOnce, _config, _coordinator, _eval_prompts, _prompts)
 
 WAIT = 10.0  # seconds a fake waits for the event a test needs before it gives up
 
@@ -169,14 +168,7 @@ def test_on_policy_generates_only_while_the_learner_is_idle_and_the_pipeline_doe
 
 
 def test_a_failed_update_rolls_back_and_the_same_prompts_are_trained_next():
-    class FailingLearners(FakeLearners):
-        def train(self, batch, iteration):
-            if iteration == 2 and not getattr(self, "failed", False):
-                self.failed = True
-                raise RemoteCallError("learner died", "died", ("learner", 0), "PPO update")
-            return super().train(batch, iteration)
-
-    coord = _coordinator(_pipeline_config(2), learners=FailingLearners())
+    coord = _coordinator(_pipeline_config(2), learners=LearnersFailingOnce(at=2))
     trained = [coord.step()["prompt_indices"] for _ in range(2)]
     with pytest.raises(RemoteCallError):
         coord.step()
